@@ -1,0 +1,94 @@
+"""Training arguments of `DEELBoTrainer`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DEELBoTrainingArguments(TrainingArguments):
+    r"""
+    Configuration for [`DEELBoTrainer`], which fine-tunes with the data-emphasized ELBO and learns
+    the L2-SP strengths (λ for the pretrained backbone, τ for the new head) in the same run.
+
+    Every [`~transformers.TrainingArguments`] field is accepted. Overridden and enforced settings:
+    `restore_callback_states_from_checkpoint` is forced to `True` (λ, τ and ρ live in the
+    callback's state), and `weight_decay` must stay `0.0` (the learned prior replaces it). The
+    paper's recipe is `optim="sgd"`, `optim_args="momentum=0.9,nesterov=True"`,
+    `lr_scheduler_type="cosine"`, `max_grad_norm=1.0`, batch 128, with the learning rate chosen
+    from {0.1, 0.01, 0.001, 0.0001}.
+
+    Parameters:
+        kappa (`float`, *optional*, defaults to `None`):
+            Data emphasis κ: the prior term of the loss is KL / (κ N). `None` uses the DE ELBO's
+            κ = D/N (D trainable parameters, N training examples); `1.0` is the ordinary ELBO.
+        sigma_init (`float`, *optional*, defaults to `1e-4`):
+            Initial standard deviation σ of the posterior q(w) = N(m, σ²I), shared by all weights.
+        head_modules (`list[str]`, *optional*, defaults to `None`):
+            Module-name prefixes of the new classification head (prior N(0, τI)); every other
+            trainable parameter is backbone (prior N(μ, λI), μ = its pretrained value). `None`
+            detects the head: `classifier`/`score` in transformers models, `get_classifier()` in
+            timm models.
+        num_train_examples (`int`, *optional*, defaults to `None`):
+            N in the loss. `None` uses `len(train_dataset)`; required for datasets without a length.
+        bma_samples (`int`, *optional*, defaults to `0`):
+            Prediction and evaluation: `0` predicts with the posterior mean m; `S > 0` averages the
+            predictive distribution over S draws w̃ = m + σε (Bayesian model average).
+    """
+
+    kappa: float | None = field(
+        default=None,
+        metadata={"help": "Data emphasis κ; the prior term is KL/(κN). None means κ = D/N (DE ELBO); 1 is the plain ELBO."},
+    )
+    sigma_init: float = field(
+        default=1e-4,
+        metadata={"help": "Initial posterior standard deviation σ = softplus(ρ), shared by all weights."},
+    )
+    head_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module-name prefixes of the new head (prior N(0, τ)); the rest is backbone (prior N(μ, λ)). "
+            "Default: detected (classifier/score, or timm's get_classifier())."
+        },
+    )
+    num_train_examples: int | None = field(
+        default=None,
+        metadata={"help": "N, the training-set size in the loss. Default: len(train_dataset)."},
+    )
+    bma_samples: int = field(
+        default=0,
+        metadata={"help": "0: predict with the posterior mean. S > 0: average predictions over S posterior draws."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
+            raise ValueError(f"kappa must be > 0 or None (None means D/N); got {self.kappa}")
+        if not (math.isfinite(self.sigma_init) and self.sigma_init > 0):
+            raise ValueError(f"sigma_init must be a finite number > 0 (the paper uses 1e-4); got {self.sigma_init}")
+        if self.weight_decay != 0:
+            raise ValueError(
+                f"weight_decay must be 0 with DEELBoTrainer: the learned prior replaces it; got {self.weight_decay}"
+            )
+        if self.head_modules is not None:
+            if isinstance(self.head_modules, str):
+                self.head_modules = [self.head_modules]
+            if not self.head_modules or not all(isinstance(m, str) and m for m in self.head_modules):
+                raise ValueError(
+                    f"head_modules must be None (detect) or a non-empty list of module names; got {self.head_modules!r}"
+                )
+        if self.num_train_examples is not None and self.num_train_examples <= 0:
+            raise ValueError(
+                f"num_train_examples must be a positive int or None (len(train_dataset)); got {self.num_train_examples}"
+            )
+        if self.bma_samples < 0:
+            raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")
+        if not self.restore_callback_states_from_checkpoint:
+            logger.info("restore_callback_states_from_checkpoint is set to True: λ, τ and ρ live in callback state.")
+            self.restore_callback_states_from_checkpoint = True

@@ -1,0 +1,138 @@
+"""The Gaussian posterior q(w) = N(m, σ²I) over the trainable weights.
+
+m are the network's ordinary weights; one scalar σ = softplus(ρ) is shared by every coordinate.
+ρ is the only new trainable parameter; it stays in float32 whatever the model's precision.
+
+Sampling mechanism: each training forward pass runs the model through
+`torch.func.functional_call` with w̃ = m + σε substituted for the weights, and autograd carries
+the gradients to m (dL/dm = dL/dw̃) and to ρ (dL/dρ = Σ dL/dw̃ · ε · σ'(ρ)). The alternative,
+perturbing the weights in place and restoring them after backward, keeps no extra weight copy
+but (i) cannot restore the weights bit-exactly from m + σε − σε, so it needs a saved copy of m
+anyway, (ii) must compute dρ by hand per micro-batch under gradient accumulation, where the
+gradient buffer already holds earlier micro-batches. `benchmarks/sampling.py` measures both side
+by side on this machine (results in docs/benchmarks.md): the step-time difference is within a few
+percent, and the extra memory of functional_call is one weight-sized tensor (w̃) plus ε, which is
+small against activations in the activation-dominated regime we target. The simpler, exact
+mechanism wins. It must be called on the *wrapped* model: on the DDP wrapper the gradient
+all-reduce still happens (on the unwrapped module it is silently skipped).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .groups import ParameterGroups
+from .objective import gaussian_kl, optimal_prior_variance
+
+
+def inverse_softplus(y: float) -> float:
+    """ρ such that softplus(ρ) = y, stable for small y (softplus(ρ) ≈ e^ρ there)."""
+    return y + math.log(-math.expm1(-y))
+
+
+class IsotropicGaussianPosterior(nn.Module):
+    """q(w) = N(m, σ²I) with σ = softplus(ρ), plus the prior mean μ of the backbone.
+
+    Args:
+        model: the model being fine-tuned; its trainable parameters are m.
+        groups: backbone and head parameter names (`split_parameters`).
+        sigma_init: initial σ (the paper uses 1e-4).
+
+    The prior mean μ is a snapshot of the backbone weights taken here, so it stays the
+    pretrained weights when a checkpoint is later loaded into the model.
+    """
+
+    def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4):
+        super().__init__()
+        parameters = dict(model.named_parameters())
+        members = set(groups.backbone) | set(groups.head)
+        # Plain attributes, not registered: these are the model's own tensors, not the posterior's.
+        self.parameter_names = [name for name in parameters if name in members]
+        self._parameters_by_name = {name: parameters[name] for name in self.parameter_names}
+        self.backbone_names = list(groups.backbone)
+        self.head_names = list(groups.head)
+        self._backbone = [parameters[name] for name in self.backbone_names]
+        self._head = [parameters[name] for name in self.head_names]
+        self._prior_mean = [p.detach().clone() for p in self._backbone]
+        self.num_backbone_params = sum(p.numel() for p in self._backbone)
+        self.num_head_params = sum(p.numel() for p in self._head)
+        self.num_params = self.num_backbone_params + self.num_head_params
+        device = self._backbone[0].device
+        self.rho = nn.Parameter(torch.tensor(inverse_softplus(sigma_init), dtype=torch.float32, device=device))
+        self._wrapped_names: dict[int, list[str]] = {}
+
+    @property
+    def prior_mean(self) -> dict[str, torch.Tensor]:
+        """μ, the pretrained backbone weights, by parameter name."""
+        return dict(zip(self.backbone_names, self._prior_mean))
+
+    def sigma(self) -> torch.Tensor:
+        """σ = softplus(ρ), float32, differentiable."""
+        return F.softplus(self.rho)
+
+    def posterior_variance(self) -> torch.Tensor:
+        """σ², float64, differentiable."""
+        return F.softplus(self.rho.double()) ** 2
+
+    def squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars, differentiable with respect to m."""
+        backbone = sum((p - mu).pow(2).sum().double() for p, mu in zip(self._backbone, self._prior_mean))
+        head = sum(p.pow(2).sum().double() for p in self._head)
+        return backbone, head
+
+    def kl(self, backbone_prior_variance, head_prior_variance) -> torch.Tensor:
+        """KL(q ‖ p_{λ,τ}) = KL_b + KL_h (float64, differentiable w.r.t. m and ρ) at fixed λ, τ."""
+        backbone_sq, head_sq = self.squared_distances()
+        variance = self.posterior_variance()
+        return gaussian_kl(backbone_sq, self.num_backbone_params, variance, backbone_prior_variance) + gaussian_kl(
+            head_sq, self.num_head_params, variance, head_prior_variance
+        )
+
+    @torch.no_grad()
+    def optimal_prior_variances(self) -> tuple[float, float]:
+        """(λ*, τ*) = (‖m_b − μ‖²/D_b + σ², ‖m_h‖²/K + σ²), accumulated in float64."""
+        backbone_sq = sum(
+            (p.double() - mu.double()).pow(2).sum() for p, mu in zip(self._backbone, self._prior_mean)
+        )
+        head_sq = sum(p.double().pow(2).sum() for p in self._head)
+        variance = self.posterior_variance()
+        lam = optimal_prior_variance(backbone_sq, self.num_backbone_params, variance)
+        tau = optimal_prior_variance(head_sq, self.num_head_params, variance)
+        return float(lam), float(tau)
+
+    def _names_in(self, model: nn.Module) -> list[str]:
+        # Wrappers (DDP's `module.`, torch.compile's `_orig_mod.`) rename parameters; match by identity.
+        key = id(model)
+        if key not in self._wrapped_names:
+            by_identity = {id(p): name for name, p in model.named_parameters()}
+            try:
+                self._wrapped_names[key] = [by_identity[id(self._parameters_by_name[n])] for n in self.parameter_names]
+            except KeyError as error:
+                raise RuntimeError(
+                    "The posterior's parameters are not parameters of the model it is sampled for; "
+                    "was the model replaced or sharded (FSDP) after the trainer was built?"
+                ) from error
+        return self._wrapped_names[key]
+
+    def sample_parameters(
+        self, model: nn.Module, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One draw w̃ = m + σε for every trainable parameter, keyed by its name in `model`.
+
+        ε is one standard-normal vector of length D drawn with `torch.randn` (float32, from
+        `generator` or the global RNG, so Trainer's RNG checkpointing covers it), split over the
+        trainable parameters in `model.named_parameters()` order.
+        """
+        tensors = [self._parameters_by_name[n] for n in self.parameter_names]
+        noise = torch.randn(self.num_params, device=tensors[0].device, generator=generator)
+        sigma = self.sigma()
+        sampled, offset = {}, 0
+        for name, m in zip(self._names_in(model), tensors):
+            eps = noise[offset : offset + m.numel()].view_as(m)
+            offset += m.numel()
+            sampled[name] = m + (sigma * eps).to(m.dtype)
+        return sampled

@@ -1,0 +1,282 @@
+"""`DEELBoTrainer`: a `Trainer` that learns the L2-SP strengths with the data-emphasized ELBO."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import logging
+
+from .arguments import DEELBoTrainingArguments
+from .callback import DEELBoCallback
+from .groups import split_parameters
+from .hub import deelbo_config, save_timm_config, set_model_deelbo_config
+from .objective import deelbo_loss, resolve_kappa
+from .posterior import IsotropicGaussianPosterior
+
+logger = logging.get_logger(__name__)
+
+# Order of the values accumulated over a logging window (one row per training micro-batch).
+_WINDOW_METRICS = ("nll", "kl", "lambda", "tau", "sigma")
+
+
+class DEELBoTrainer(Trainer):
+    """Fine-tunes a classifier with the data-emphasized ELBO (DE ELBO).
+
+    Drop-in replacement for [`~transformers.Trainer`] taking [`DEELBoTrainingArguments`]. Each
+    training step minimises, on a minibatch B of a training set of N examples,
+
+        mean_{i∈B} CE(f(x_i; m + σε), y_i) + KL(q ‖ p_{λ,τ}) / (κ N),    ε ~ N(0, I)
+
+    over the weights m and ρ (σ = softplus(ρ)); after each optimizer step `DEELBoCallback` sets
+    the backbone and head prior variances λ, τ to their closed-form optimum. Evaluation and
+    prediction use the posterior mean m (`bma_samples=0`) or a Bayesian model average.
+
+    Works with transformers models (`model(**inputs).logits`) and raw timm / `nn.Module`
+    classifiers (`model(pixel_values)` returning logits). The learned values end up in
+    `model.config.deelbo` (timm: `config.json`'s `deelbo`) in every checkpoint and saved model.
+    """
+
+    # compute_loss returns a per-micro-batch mean, so Trainer must divide by the accumulation
+    # steps. Without this, models whose forward takes **kwargs (ResNet) get loss × GA.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: nn.Module | None = None, args: DEELBoTrainingArguments | None = None, **kwargs):
+        if model is None:
+            raise ValueError("DEELBoTrainer needs a model (model_init is not supported: μ is taken from the model).")
+        if args is None:
+            args = DEELBoTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, DEELBoTrainingArguments):
+            raise TypeError(
+                f"args must be DEELBoTrainingArguments, got {type(args).__name__}; "
+                "build it with DEELBoTrainingArguments(output_dir=..., ...)."
+            )
+        # Validate everything the method needs before Trainer does any work.
+        groups = split_parameters(model, args.head_modules)
+        num_train_examples = _resolve_num_train_examples(args, kwargs.get("train_dataset"))
+        super().__init__(model=model, args=args, **kwargs)
+
+        self.posterior = IsotropicGaussianPosterior(self.model, groups, args.sigma_init)
+        self.head_modules = groups.head_modules
+        self.num_train_examples = num_train_examples
+        self.kappa = (
+            resolve_kappa(args.kappa, self.posterior.num_params, num_train_examples) if num_train_examples else None
+        )
+        self.add_callback(DEELBoCallback())
+        self.deelbo_callback.bind(self.posterior)
+
+        self._is_transformers_model = isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel)
+        if not self.label_names:  # raw timm models have no `labels` argument to detect
+            self.label_names = ["labels"]
+        self._window = torch.zeros(len(_WINDOW_METRICS) + 1, dtype=torch.float64, device=self.args.device)
+        self._logged_constants = False
+        logger.info(
+            f"DE ELBO: D_b={self.posterior.num_backbone_params:,} backbone and K={self.posterior.num_head_params:,} "
+            f"head parameters (head: {self.head_modules}), N={num_train_examples}, kappa={self.kappa}"
+        )
+
+    # ---- wiring -------------------------------------------------------------------------------
+
+    @property
+    def deelbo_callback(self) -> DEELBoCallback:
+        """The installed `DEELBoCallback` (Trainer replaces the instance when resuming)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, DEELBoCallback):
+                return callback
+        raise RuntimeError("DEELBoCallback was removed from the trainer; DEELBoTrainer cannot train without it.")
+
+    def _load_callback_state(self) -> None:
+        super()._load_callback_state()
+        self.deelbo_callback.bind(self.posterior)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None and not self._is_transformers_model:
+            # timm's forward(x) names no dataset column; it is fed `pixel_values`.
+            self._signature_columns = ["pixel_values", "label", "label_ids", *self.label_names]
+        super()._set_signature_columns_if_needed()
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, plus a group for ρ (same learning rate, no weight decay)."""
+        optimizer = super().create_optimizer(model)
+        rho = self.posterior.rho
+        if not any(p is rho for group in optimizer.param_groups for p in group["params"]):
+            optimizer.add_param_group({"params": [rho], "weight_decay": 0.0})
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        # Trainer clips model.parameters() only; the method clips the joint gradient including ρ.
+        if self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        parameters = itertools.chain(model.parameters(), [self.posterior.rho])
+        return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        rho = self.posterior.rho
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and rho.grad is not None:
+            # ρ lives outside the DDP module, so its gradient is not all-reduced by DDP.
+            torch.distributed.all_reduce(rho.grad)
+            rho.grad /= self.accelerator.num_processes
+        return loss
+
+    # ---- the objective ------------------------------------------------------------------------
+
+    def _forward(self, model: nn.Module, inputs: dict, parameters: dict | None = None) -> torch.Tensor:
+        """Logits of `model` on `inputs`, at its own weights or at `parameters` (name → tensor)."""
+        features = {k: v for k, v in inputs.items() if k not in self.label_names}
+        if self._is_transformers_model:
+            args, kwargs = (), features
+        else:
+            args, kwargs = (features["pixel_values"],), {}
+        if parameters is None:
+            outputs = model(*args, **kwargs)
+        else:
+            outputs = functional_call(model, parameters, args, kwargs, strict=False)
+        if isinstance(outputs, torch.Tensor):
+            return outputs
+        return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """DE ELBO loss of one micro-batch, at one fresh draw w̃ = m + σε:
+
+            loss = mean_i CE(f(x_i; w̃), y_i) + KL(q ‖ p_{λ,τ}) / (κ N)
+
+        λ, τ are fixed here (set by `DEELBoCallback` after each optimizer step).
+        """
+        if self.num_train_examples is None:
+            raise ValueError(_MISSING_N_MESSAGE)
+        labels = inputs[self.label_names[0]]
+        logits = self._forward(model, inputs, self.posterior.sample_parameters(model))
+        nll = F.cross_entropy(logits.float(), labels)
+        callback = self.deelbo_callback
+        kl = self.posterior.kl(callback.backbone_prior_variance, callback.head_prior_variance)
+        loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
+        if model.training:
+            with torch.no_grad():
+                row = torch.stack([
+                    nll.detach().double(),
+                    kl.detach(),
+                    torch.tensor(callback.backbone_prior_variance, dtype=torch.float64, device=kl.device),
+                    torch.tensor(callback.head_prior_variance, dtype=torch.float64, device=kl.device),
+                    self.posterior.sigma().detach().double(),
+                    torch.ones((), dtype=torch.float64, device=kl.device),
+                ])
+                self._window += row.to(self._window.device)
+        return (loss, logits) if return_outputs else loss
+
+    # ---- prediction ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_log_probs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """Log predictive probabilities: log softmax f(x; m) at the posterior mean, or with
+        `bma_samples = S > 0` the log of (1/S) Σ_s softmax f(x; m + σε_s), drawn from a generator
+        seeded with `args.seed` so evaluation never consumes the training noise stream."""
+        samples = self.args.bma_samples
+        if samples == 0:
+            return F.log_softmax(self._forward(model, inputs).float(), dim=-1)
+        generator = torch.Generator(device=self.posterior.rho.device).manual_seed(self.args.seed)
+        draws = [
+            F.log_softmax(
+                self._forward(model, inputs, self.posterior.sample_parameters(model, generator)).float(), dim=-1
+            )
+            for _ in range(samples)
+        ]
+        return torch.logsumexp(torch.stack(draws), dim=0) - math.log(samples)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation at the posterior mean (or BMA); the loss is the mean NLL of the batch and the
+        returned logits are log predictive probabilities when averaging."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get(self.label_names[0])
+        with self.compute_loss_context_manager():
+            if self.args.bma_samples == 0:
+                with torch.no_grad():
+                    logits = self._forward(model, inputs).float()
+                log_probs = F.log_softmax(logits, dim=-1)
+            else:
+                logits = log_probs = self.predict_log_probs(model, inputs)
+        loss = F.nll_loss(log_probs, labels).detach() if labels is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits.detach(), labels
+
+    # ---- logging and saving -------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the window averages of `nll`, `kl`, `lambda`, `tau`, `sigma` to training logs, and
+        `kappa`, `num_backbone_params`, `num_head_params`, `num_train_examples` to the first one."""
+        if "loss" in logs:
+            window = self._window
+            if self.accelerator.num_processes > 1:
+                window = self.accelerator.reduce(window.clone(), reduction="sum")
+            count = float(window[-1])
+            if count > 0:
+                for name, value in zip(_WINDOW_METRICS, (window[:-1] / count).tolist()):
+                    logs[name] = value
+            self._window.zero_()
+            if not self._logged_constants:
+                logs.update(
+                    kappa=float(self.kappa),
+                    num_backbone_params=self.posterior.num_backbone_params,
+                    num_head_params=self.posterior.num_head_params,
+                    num_train_examples=self.num_train_examples,
+                )
+                self._logged_constants = True
+        super().log(logs, start_time)
+
+    def learned_hyperparameters(self) -> dict:
+        """The `config.deelbo` dict for the current state: λ, τ, σ, κ, N, D_b, K, α_eff, β_eff."""
+        callback = self.deelbo_callback
+        return deelbo_config(
+            backbone_prior_variance=callback.backbone_prior_variance,
+            head_prior_variance=callback.head_prior_variance,
+            sigma=float(self.posterior.sigma()),
+            kappa=self.kappa if self.kappa is not None else float("nan"),
+            num_train_examples=self.num_train_examples or 0,
+            num_backbone_params=self.posterior.num_backbone_params,
+            num_head_params=self.posterior.num_head_params,
+            head_modules=self.head_modules,
+        )
+
+    def _write_deelbo_config(self) -> None:
+        set_model_deelbo_config(self.accelerator.unwrap_model(self.model), self.learned_hyperparameters())
+
+    def train(self, *args, **kwargs):
+        if self.num_train_examples is None:
+            raise ValueError(_MISSING_N_MESSAGE)
+        output = super().train(*args, **kwargs)
+        self._write_deelbo_config()
+        return output
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        self._write_deelbo_config()
+        super()._save(output_dir, state_dict)
+        if not self._is_transformers_model and self.args.should_save:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
+                save_timm_config(unwrapped, output_dir if output_dir is not None else self.args.output_dir)
+
+
+_MISSING_N_MESSAGE = (
+    "The training set size N is unknown: train_dataset has no length. "
+    "Set DEELBoTrainingArguments(num_train_examples=N)."
+)
+
+
+def _resolve_num_train_examples(args: DEELBoTrainingArguments, train_dataset) -> int | None:
+    if args.num_train_examples is not None:
+        return args.num_train_examples
+    if train_dataset is None:
+        return None
+    try:
+        size = len(train_dataset)
+    except TypeError:
+        raise ValueError(_MISSING_N_MESSAGE) from None
+    if size == 0:
+        raise ValueError("train_dataset is empty (0 examples); DE ELBO needs N > 0 training examples.")
+    return size
