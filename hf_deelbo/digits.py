@@ -1,0 +1,100 @@
+"""An offline transfer task on real data that ships with scikit-learn: handwritten digits.
+
+A small backbone is pretrained on digits 0–4 and fine-tuned on a few images of digits 5–9, the
+situation DE ELBO is made for (D ≫ N). The images (1797 real 8×8 scans) travel as a
+`datasets.Dataset` with an `Image` feature, like any Hub image dataset, and are turned into
+`pixel_values` by `with_transform`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, Features, Image
+
+IMAGE_SIZE = 32
+SOURCE_CLASSES = (0, 1, 2, 3, 4)
+TARGET_CLASSES = (5, 6, 7, 8, 9)
+
+
+def digits_dataset(classes: tuple[int, ...]) -> Dataset:
+    """The scikit-learn digits of `classes` as a Dataset with columns `image` (PIL) and `label`
+    (0..len(classes)-1, named after the digit)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.isin(digits.target, classes)
+    images = (digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)
+    labels = [classes.index(int(t)) for t in digits.target[keep]]
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(c) for c in classes])})
+    return Dataset.from_dict({"image": list(images), "label": labels}, features=features)
+
+
+def split(dataset: Dataset, num_train: int | None, seed: int, test_fraction: float = 0.3) -> tuple[Dataset, Dataset]:
+    """Stratified train/test split; the train part is cut to `num_train` examples (stratified)."""
+    parts = dataset.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+    train, test = parts["train"], parts["test"]
+    if num_train is not None and num_train < len(train):
+        train = train.train_test_split(train_size=num_train, seed=seed, stratify_by_column="label")["train"]
+    return train, test
+
+
+def to_pixel_values(batch: dict) -> dict:
+    """`with_transform` function: PIL 8×8 grayscale → normalised 3×32×32 float tensors."""
+    arrays = np.stack([np.asarray(img.convert("L"), dtype=np.float32) / 255.0 for img in batch["image"]])
+    x = torch.from_numpy(arrays)[:, None]
+    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    return {"pixel_values": x, "labels": torch.as_tensor(batch["label"])}
+
+
+def with_pixel_values(dataset: Dataset) -> Dataset:
+    return dataset.with_transform(to_pixel_values)
+
+
+def tiny_timm_backbone(num_classes: int, seed: int = 0, architecture: str = "resnet10t"):
+    """A randomly initialised timm model sized for 32×32 digits."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+
+
+def pretrain(model: torch.nn.Module, dataset: Dataset, epochs: int = 3, batch_size: int = 64, lr: float = 3e-3, seed: int = 0):
+    """Plain supervised pretraining with Adam (the "upstream" model of the transfer task)."""
+    torch.manual_seed(seed)
+    data = with_pixel_values(dataset)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for batch in loader:
+            logits = model(batch["pixel_values"])
+            logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+            loss = F.cross_entropy(logits, batch["labels"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 10) -> dict:
+    """Accuracy, NLL and expected calibration error (equal-width confidence bins)."""
+    log_probs, labels = torch.as_tensor(log_probs).float(), torch.as_tensor(labels).long()
+    log_probs = log_probs.log_softmax(-1)
+    confidence, prediction = log_probs.exp().max(-1)
+    correct = (prediction == labels).float()
+    edges = torch.linspace(0, 1, num_bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+    return {
+        "accuracy": float(correct.mean()),
+        "nll": float(F.nll_loss(log_probs, labels)),
+        "ece": float(ece),
+    }
