@@ -53,7 +53,7 @@ class DEELBoCallback(TrainerCallback, ExportableState):
         self.update()
 
     def state(self) -> dict:
-        rho = float(self.posterior.rho) if self.posterior is not None else self.posterior_rho
+        rho = self.posterior.rho.item() if self.posterior is not None else self.posterior_rho
         return {
             "args": {},
             "attributes": {

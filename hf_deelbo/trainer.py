@@ -235,7 +235,7 @@ class DEELBoTrainer(Trainer):
         return deelbo_config(
             backbone_prior_variance=callback.backbone_prior_variance,
             head_prior_variance=callback.head_prior_variance,
-            sigma=float(self.posterior.sigma()),
+            sigma=self.posterior.sigma().item(),
             kappa=self.kappa if self.kappa is not None else float("nan"),
             num_train_examples=self.num_train_examples or 0,
             num_backbone_params=self.posterior.num_backbone_params,

@@ -1,0 +1,105 @@
+"""Offline, tiny, isolated: every model is built from a config, nothing reaches the network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from hf_deelbo import DEELBoTrainingArguments  # noqa: E402
+
+NUM_LABELS = 5
+IMAGE_SIZE = 32
+
+
+def build_model(kind: str, seed: int = 0):
+    """A tiny classifier of `kind`, and the head module names it must be detected with."""
+    import timm
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    vit_like = dict(
+        image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=NUM_LABELS,
+    )
+    if kind == "vit":
+        return tf.ViTForImageClassification(tf.ViTConfig(**vit_like)), ["classifier"]
+    if kind == "deit":
+        return tf.DeiTForImageClassification(tf.DeiTConfig(**vit_like)), ["classifier"]
+    if kind == "deit_distilled":
+        model = tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**vit_like))
+        return model, ["cls_classifier", "distillation_classifier"]
+    if kind == "beit":
+        return tf.BeitForImageClassification(tf.BeitConfig(**vit_like)), ["classifier"]
+    if kind == "swin":
+        config = tf.SwinConfig(
+            image_size=IMAGE_SIZE, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+            window_size=2, num_labels=NUM_LABELS,
+        )
+        return tf.SwinForImageClassification(config), ["classifier"]
+    if kind == "convnext":
+        config = tf.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
+        return tf.ConvNextForImageClassification(config), ["classifier"]
+    if kind == "resnet":
+        config = tf.ResNetConfig(
+            num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS
+        )
+        return tf.ResNetForImageClassification(config), ["classifier"]
+    if kind == "bert":
+        config = tf.BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32, num_labels=NUM_LABELS,
+        )
+        return tf.BertForSequenceClassification(config), ["classifier"]
+    if kind == "timm_wrapper":
+        config = tf.TimmWrapperConfig(architecture="test_resnet", num_labels=NUM_LABELS)
+        return tf.TimmWrapperForImageClassification(config), ["timm_model.fc"]
+    if kind == "timm":
+        return timm.create_model("test_resnet", pretrained=False, num_classes=NUM_LABELS), ["fc"]
+    if kind == "timm_vit":
+        return timm.create_model("test_vit", pretrained=False, num_classes=NUM_LABELS, img_size=IMAGE_SIZE), ["head"]
+    raise ValueError(kind)
+
+
+def image_dataset(num_examples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(num_examples, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, NUM_LABELS, (num_examples,), generator=generator)
+    return Dataset.from_dict({"pixel_values": pixel_values.numpy(), "labels": labels.numpy()}).with_format("torch")
+
+
+def text_dataset(num_examples: int = 16, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 64, (num_examples, 8), generator=generator)
+    labels = torch.randint(0, NUM_LABELS, (num_examples,), generator=generator)
+    return Dataset.from_dict(
+        {"input_ids": input_ids.numpy(), "attention_mask": torch.ones_like(input_ids).numpy(), "labels": labels.numpy()}
+    ).with_format("torch")
+
+
+def training_args(tmp_path, **overrides) -> DEELBoTrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=4,
+        learning_rate=0.01,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=2,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return DEELBoTrainingArguments(**values)
+
+
+@pytest.fixture
+def make_args(tmp_path):
+    return lambda **overrides: training_args(tmp_path, **overrides)

@@ -1,0 +1,94 @@
+"""Gradients of the training loss against a plain-autograd reference written independently:
+weights perturbed in place, the KL from torch.distributions, dρ from the chain rule by hand."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_model, image_dataset, text_dataset
+from torch.distributions import Normal, kl_divergence
+
+from hf_deelbo import DEELBoTrainer
+
+
+def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam, tau, kappa, n, seed):
+    """Returns (loss, {name: dL/dm}, dL/dρ) for the DE ELBO loss, without hf_deelbo's code."""
+    model = copy.deepcopy(model)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    d = sum(p.numel() for _, p in params)
+    torch.manual_seed(seed)
+    eps = torch.randn(d)  # the documented draw: one vector of length D, split in parameter order
+    sigma = F.softplus(rho.detach().float())
+    pieces, offset = [], 0
+    with torch.no_grad():
+        for _, p in params:
+            e = eps[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            pieces.append(e)
+            p.add_((sigma * e).to(p.dtype))  # w̃ = m + σε, in place
+    out = model(**inputs)
+    nll = F.cross_entropy(out.logits.float(), labels)
+    model.zero_grad()
+    nll.backward()
+    grads_at_sample = {name: p.grad.detach().clone() for name, p in params}
+
+    # KL part, at the unperturbed weights, via torch.distributions in float64.
+    ref_rho = rho.detach().double().clone().requires_grad_()
+    ref_sigma = F.softplus(ref_rho)
+    originals = {name: p.detach().double() - (sigma * e).double() for (name, p), e in zip(params, pieces)}
+    leaves = {name: v.clone().requires_grad_() for name, v in originals.items()}
+    kl = 0.0
+    for name, m in leaves.items():
+        if name in head_names:
+            mean, var = torch.zeros_like(m), tau
+        else:
+            mean, var = prior_mean[name].double(), lam
+        kl = kl + kl_divergence(Normal(m, ref_sigma.expand_as(m)), Normal(mean, torch.full_like(m, math.sqrt(var)))).sum()
+    prior_term = kl / (kappa * n)
+    prior_term.backward()
+    weight_grads = {name: grads_at_sample[name].double() + leaves[name].grad for name in leaves}
+    # dL/dρ = Σ dL/dw̃ · ε · σ'(ρ) + ∂(KL/κN)/∂ρ,  σ'(ρ) = sigmoid(ρ)
+    data_term = sum((grads_at_sample[name].double() * e.double()).sum() for (name, _), e in zip(params, pieces))
+    rho_grad = data_term * torch.sigmoid(rho.detach().double()) + ref_rho.grad
+    return nll.item() + prior_term.item(), weight_grads, rho_grad
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet", "bert"])
+def test_loss_gradients_match_reference(kind, make_args):
+    model, head = build_model(kind)
+    model = model.double()
+    dataset = text_dataset(8) if kind == "bert" else image_dataset(8)
+    trainer = DEELBoTrainer(model=model, args=make_args(sigma_init=0.01), train_dataset=dataset)
+    # Move the backbone away from μ so the backbone prior pulls, and refresh λ, τ.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    trainer.deelbo_callback.update()
+    prior_mean = {name: mu.clone() for name, mu in trainer.posterior.prior_mean.items()}
+    lam, tau = trainer.deelbo_callback.backbone_prior_variance, trainer.deelbo_callback.head_prior_variance
+
+    batch = dataset[:8]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if kind != "bert":
+        inputs["pixel_values"] = inputs["pixel_values"].double()
+    labels = batch["labels"]
+    head_names = set(trainer.posterior.head_names)
+    model.train()  # BatchNorm in the same mode in both computations
+    ref_loss, ref_weight_grads, ref_rho_grad = _reference_gradients(
+        model, inputs, labels, prior_mean, head_names, trainer.posterior.rho, lam, tau, trainer.kappa, 8, seed=123
+    )
+
+    torch.manual_seed(123)
+    loss = trainer.compute_loss(model, {**inputs, "labels": labels})
+    model.zero_grad()
+    trainer.posterior.rho.grad = None
+    loss.backward()
+
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), ref_weight_grads[name], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(trainer.posterior.rho.grad.double(), ref_rho_grad, rtol=1e-5, atol=0)
+    # The head and backbone both got a prior pull (otherwise the test would not see a wrong group).
+    assert any(n in head_names for n in ref_weight_grads) and len(head_names) < len(ref_weight_grads)
