@@ -98,3 +98,50 @@ def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor, num_bi
         "nll": float(F.nll_loss(log_probs, labels)),
         "ece": float(ece),
     }
+
+
+def default_cache_dir() -> str:
+    """Where the pretrained digits backbone is kept: `$HF_DEELBO_CACHE`, else `$HF_HOME/hf_deelbo`,
+    else `~/.cache/huggingface/hf_deelbo`."""
+    import os
+
+    if os.environ.get("HF_DEELBO_CACHE"):
+        return os.environ["HF_DEELBO_CACHE"]
+    hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    return os.path.join(hf_home, "hf_deelbo")
+
+
+def pretrained_backbone_path(
+    architecture: str = "resnet10t", cache_dir: str | None = None, epochs: int = 3, seed: int = 0
+) -> str:
+    """A timm model pretrained on digits 0–4, saved in timm's Hub format (config.json +
+    model.safetensors) and built once: later calls return the cached directory. Load it with
+    `timm.create_model(f"local-dir:{path}", pretrained=True)`, the same code path as a Hub id."""
+    import os
+    import shutil
+
+    from timm.models._hub import save_for_hf
+
+    path = os.path.join(cache_dir or default_cache_dir(), f"digits0-4-{architecture}-e{epochs}-s{seed}")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    source_train, _ = split(digits_dataset(SOURCE_CLASSES), None, seed)
+    model = pretrain(tiny_timm_backbone(len(SOURCE_CLASSES), seed, architecture), source_train, epochs=epochs, seed=seed)
+    # Written to a temporary directory and renamed, so a crash never leaves a half-written cache.
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_for_hf(model, tmp, safe_serialization=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_backbone_with_new_head(path: str, num_classes: int, seed: int = 0):
+    """The pretrained backbone with a freshly initialised head for `num_classes` new labels."""
+    import timm
+
+    model = timm.create_model(f"local-dir:{path}", pretrained=True)
+    torch.manual_seed(seed)
+    model.reset_classifier(num_classes)
+    return model

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
@@ -18,6 +16,7 @@ from .groups import split_parameters
 from .hub import deelbo_config, save_timm_config, set_model_deelbo_config
 from .objective import deelbo_loss, resolve_kappa
 from .posterior import IsotropicGaussianPosterior
+from .prediction import classifier_logits, predictive_log_probs
 
 logger = logging.get_logger(__name__)
 
@@ -127,19 +126,7 @@ class DEELBoTrainer(Trainer):
     # ---- the objective ------------------------------------------------------------------------
 
     def _forward(self, model: nn.Module, inputs: dict, parameters: dict | None = None) -> torch.Tensor:
-        """Logits of `model` on `inputs`, at its own weights or at `parameters` (name → tensor)."""
-        features = {k: v for k, v in inputs.items() if k not in self.label_names}
-        if self._is_transformers_model:
-            args, kwargs = (), features
-        else:
-            args, kwargs = (features["pixel_values"],), {}
-        if parameters is None:
-            outputs = model(*args, **kwargs)
-        else:
-            outputs = functional_call(model, parameters, args, kwargs, strict=False)
-        if isinstance(outputs, torch.Tensor):
-            return outputs
-        return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        return classifier_logits(model, inputs, parameters, self._is_transformers_model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DE ELBO loss of one micro-batch, at one fresh draw w̃ = m + σε:
@@ -171,35 +158,21 @@ class DEELBoTrainer(Trainer):
 
     # ---- prediction ---------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def predict_log_probs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """Log predictive probabilities: log softmax f(x; m) at the posterior mean, or with
-        `bma_samples = S > 0` the log of (1/S) Σ_s softmax f(x; m + σε_s), drawn from a generator
-        seeded with `args.seed` so evaluation never consumes the training noise stream."""
-        samples = self.args.bma_samples
-        if samples == 0:
-            return F.log_softmax(self._forward(model, inputs).float(), dim=-1)
-        generator = torch.Generator(device=self.posterior.rho.device).manual_seed(self.args.seed)
-        draws = [
-            F.log_softmax(
-                self._forward(model, inputs, self.posterior.sample_parameters(model, generator)).float(), dim=-1
-            )
-            for _ in range(samples)
-        ]
-        return torch.logsumexp(torch.stack(draws), dim=0) - math.log(samples)
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation at the posterior mean (or BMA); the loss is the mean NLL of the batch and the
         returned logits are log predictive probabilities when averaging."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get(self.label_names[0])
-        with self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager():
             if self.args.bma_samples == 0:
-                with torch.no_grad():
-                    logits = self._forward(model, inputs).float()
+                logits = self._forward(model, inputs).float()
                 log_probs = F.log_softmax(logits, dim=-1)
             else:
-                logits = log_probs = self.predict_log_probs(model, inputs)
+                # Draws from a generator seeded with args.seed: evaluation never consumes the
+                # training noise stream, and repeated evaluations agree.
+                logits = log_probs = predictive_log_probs(
+                    model, inputs, self.posterior, self.args.bma_samples, self.args.seed, self._is_transformers_model
+                )
         loss = F.nll_loss(log_probs, labels).detach() if labels is not None else None
         if prediction_loss_only:
             return loss, None, None
