@@ -1,0 +1,482 @@
+"""The `hf-deelbo` command.
+
+    hf-deelbo train      fine-tune with DE ELBO (no model/dataset: the embedded digits task, offline)
+    hf-deelbo evaluate   accuracy, NLL and ECE of a saved model, at the posterior mean or with --bma_samples
+    hf-deelbo push       upload an output directory to the Hub
+    hf-deelbo show       print the learned hyperparameters of a local directory or Hub repo
+
+`train` takes the flags of transformers' run_image_classification.py where they overlap
+(--model_name_or_path, --dataset_name, --train_dir, --validation_dir, --image_column_name,
+--label_column_name, --max_train_samples, --ignore_mismatched_sizes, ...), every
+DEELBoTrainingArguments / TrainingArguments flag, and --config_file (JSON or YAML).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger("hf_deelbo")
+
+# The embedded default: fine-tune a backbone pretrained on digits 0–4 on 100 images of 5–9, with
+# the paper's optimizer recipe, scaled to a run of a few minutes on 2 CPU cores.
+EMBEDDED_DEFAULTS = {
+    "output_dir": "deelbo-digits",
+    "max_steps": 150,
+    "learning_rate": 0.03,
+    "optim": "sgd",
+    "optim_args": "momentum=0.9,nesterov=True",
+    "lr_scheduler_type": "cosine",
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "remove_unused_columns": False,
+}
+EMBEDDED_MAX_TRAIN_SAMPLES = 100
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune (names as in run_image_classification.py)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub model id or local directory (transformers or timm format). "
+            "Default: the embedded backbone pretrained on digits 0-4."
+        },
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store models and datasets downloaded from the Hub."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor name or path, if not the model's."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom models defined on the Hub."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialise the head when the checkpoint's number of labels differs."}
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to fine-tune on (names as in run_image_classification.py)."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id. Default: scikit-learn's digits 5-9."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder with the training data (one sub-folder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder with the validation data."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction held out for evaluation when there is no validation split."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep this many training examples (stratified). Embedded default: 100."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep this many evaluation examples."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+
+
+@dataclass
+class RunArguments:
+    config_file: str | None = field(
+        default=None, metadata={"help": "JSON or YAML file with any of these flags; flags on the command line win."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace the content of output_dir if it already holds a run."}
+    )
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2, nothing written."""
+
+
+def _config_file_flags(path: str) -> list[str]:
+    """Turn a JSON/YAML config into command-line flags (placed before the real ones, which win)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as error:
+        raise UsageError(f"--config_file {path!r} cannot be read ({error.strerror}); pass a readable JSON or YAML file.")
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:  # noqa: BLE001 - any parse error is the user's file
+        raise UsageError(f"--config_file {path!r} is not valid JSON/YAML: {str(error).splitlines()[0]}")
+    if not isinstance(values, dict):
+        raise UsageError(f"--config_file {path!r} must hold a mapping of flag names to values.")
+    flags = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        flags.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            flags.extend(str(v) for v in value)
+        else:
+            flags.append(str(value))
+    return flags
+
+
+def _is_embedded(argv: list[str]) -> bool:
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return not given & {"--model_name_or_path", "--dataset_name", "--train_dir"}
+
+
+def parse_train_args(argv: list[str]):
+    """(model_args, data_args, training_args, run_args) from the command line and --config_file."""
+    from transformers import HfArgumentParser
+
+    from .arguments import DEELBoTrainingArguments
+
+    config_file = None
+    for i, arg in enumerate(argv):
+        if arg == "--config_file" and i + 1 < len(argv):
+            config_file = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            config_file = arg.split("=", 1)[1]
+    if config_file is not None:
+        argv = _config_file_flags(config_file) + argv
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, DEELBoTrainingArguments, RunArguments), prog="hf-deelbo train"
+    )
+    if _is_embedded(argv):
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # raised by __post_init__ validation
+        raise UsageError(str(error))
+
+
+def _check_output_dir(training_args, run_args) -> bool:
+    """True if output_dir already existed. Refuses a directory holding another run."""
+    path = training_args.output_dir
+    if os.path.isdir(path) and os.listdir(path):
+        if training_args.resume_from_checkpoint:
+            return True
+        if not run_args.overwrite_output_dir:
+            raise UsageError(
+                f"--output_dir {path!r} already holds files from another run; pass --overwrite_output_dir to "
+                "replace them, or choose another --output_dir."
+            )
+        return True
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output_dir {path!r} is a file, not a directory; choose another --output_dir.")
+    return os.path.isdir(path)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
+
+
+def load_pretrained_classifier(model_args, num_labels: int | None = None, id2label: dict | None = None):
+    """(model, image_processor, head_modules) for a Hub id or local directory.
+
+    transformers checkpoints load with `AutoModelForImageClassification` (timm Hub repos through
+    `TimmWrapperForImageClassification`); a local directory in timm's format (config.json with
+    `architecture`) loads as a raw timm model. The newly initialised parameters reported by the
+    loading info are the head.
+    """
+    name = model_args.model_name_or_path
+    if _looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(
+            f"--model_name_or_path {name!r} is not a directory; pass a saved model directory or a Hub model id."
+        )
+    local_config = os.path.join(os.path.expanduser(name), "config.json")
+    if os.path.isfile(local_config):
+        with open(local_config) as f:
+            config = json.load(f)
+        if "architecture" in config and "model_type" not in config:
+            import timm
+
+            model = timm.create_model(f"local-dir:{os.path.expanduser(name)}", pretrained=True)
+            if num_labels is not None and num_labels != model.num_classes:
+                model.reset_classifier(num_labels)
+                return model, None, [_module_name_of(model, model.get_classifier())]
+            return model, None, None
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    from .groups import head_modules_from_loading_info
+
+    common = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+                  trust_remote_code=model_args.trust_remote_code)
+    try:
+        config_kwargs = {}
+        if num_labels is not None:
+            config_kwargs = dict(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        config = AutoConfig.from_pretrained(model_args.config_name or name, finetuning_task="image-classification",
+                                            **config_kwargs, **common)
+        model, info = AutoModelForImageClassification.from_pretrained(
+            name, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            output_loading_info=True, **common,
+        )
+    except OSError as error:
+        raise UsageError(f"--model_name_or_path {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    except RuntimeError as error:
+        if "size mismatch" in str(error) or "mismatched" in str(error):
+            raise UsageError(
+                f"--model_name_or_path {name!r} has a head of another size; pass --ignore_mismatched_sizes true."
+            )
+        raise
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or name, **common)
+    except (OSError, ValueError):
+        processor = None
+    return model, processor, head_modules_from_loading_info(model, info)
+
+
+def _module_name_of(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _embedded_data_and_model(data_args, training_args):
+    from . import digits
+
+    print("Embedded default: a resnet10t pretrained on digits 0-4, fine-tuned on digits 5-9 (scikit-learn's digits).")
+    backbone = digits.pretrained_backbone_path(seed=0)
+    model = digits.load_backbone_with_new_head(backbone, len(digits.TARGET_CLASSES), seed=training_args.seed)
+    num_train = data_args.max_train_samples or EMBEDDED_MAX_TRAIN_SAMPLES
+    train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), num_train, seed=training_args.seed)
+    if data_args.max_eval_samples is not None:
+        test = test.select(range(min(data_args.max_eval_samples, len(test))))
+    return model, digits.with_pixel_values(train), digits.with_pixel_values(test), backbone, "digits 5-9 (scikit-learn)", None
+
+
+def _hub_data_and_model(model_args, data_args, training_args):
+    from . import data as data_lib
+
+    try:
+        datasets = data_lib.load_image_datasets(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.validation_dir,
+            cache_dir=model_args.cache_dir, token=model_args.token,
+        )
+    except FileNotFoundError as error:
+        raise UsageError(str(error))
+    if "train" not in datasets:
+        raise UsageError(f"The dataset has no 'train' split (splits: {list(datasets)}); pass --train_dir or another --dataset_name.")
+    data_lib.check_columns(datasets["train"], data_args.image_column_name, data_args.label_column_name)
+    names = data_lib.label_names(datasets["train"], data_args.label_column_name)
+    evaluation = datasets.get("validation")
+    train = datasets["train"]
+    if evaluation is None and data_args.train_val_split > 0:
+        parts = train.train_test_split(test_size=data_args.train_val_split, seed=training_args.seed)
+        train, evaluation = parts["train"], parts["test"]
+    if data_args.max_train_samples is not None:
+        train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.shuffle(seed=training_args.seed).select(range(min(data_args.max_eval_samples, len(evaluation))))
+    if model_args.model_name_or_path is None:
+        raise UsageError("--model_name_or_path is required with --dataset_name/--train_dir (e.g. google/vit-base-patch16-224-in21k).")
+    model, processor, head_modules = load_pretrained_classifier(model_args, len(names), dict(enumerate(names)))
+    train_tf, eval_tf = data_lib.image_transforms(model, processor)
+    cols = (data_args.image_column_name, data_args.label_column_name)
+    train = data_lib.with_pixel_values(train, train_tf, *cols)
+    evaluation = data_lib.with_pixel_values(evaluation, eval_tf, *cols) if evaluation is not None else None
+    if training_args.head_modules is None and head_modules is not None:
+        training_args.head_modules = head_modules
+    return model, train, evaluation, model_args.model_name_or_path, data_args.dataset_name, processor
+
+
+def train_command(argv: list[str]) -> int:
+    from transformers.trainer_utils import set_seed
+
+    from .digits import classification_metrics
+    from .plots import LOSS_PLOT, RELIABILITY_PLOT, plot_reliability, plot_training_loss
+    from .trainer import DEELBoTrainer
+
+    model_args, data_args, training_args, run_args = parse_train_args(argv)
+    existed = _check_output_dir(training_args, run_args)
+    set_seed(training_args.seed)
+    if _is_embedded(argv):
+        model, train, evaluation, base_model, dataset_name, processor = _embedded_data_and_model(data_args, training_args)
+    else:
+        model, train, evaluation, base_model, dataset_name, processor = _hub_data_and_model(model_args, data_args, training_args)
+    from .data import collate
+
+    trainer = DEELBoTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collate,
+        processing_class=processor,
+    )
+    output_dir = training_args.output_dir
+    if existed and run_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+        shutil.rmtree(output_dir)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.save_state()
+        metrics = {}
+        if evaluation is not None:
+            output = trainer.predict(evaluation)
+            metrics = classification_metrics(torch.tensor(output.predictions), torch.tensor(output.label_ids))
+            trainer.log({f"eval_{k}": v for k, v in metrics.items()} | {"eval_loss": metrics["nll"]})
+            plot_reliability(output.predictions, output.label_ids, os.path.join(output_dir, RELIABILITY_PLOT))
+        plot_training_loss(trainer.state.log_history, os.path.join(output_dir, LOSS_PLOT))
+        trainer.create_model_card(finetuned_from=base_model, dataset=dataset_name)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset=dataset_name, finetuned_from=base_model)
+    except BaseException:
+        if not existed:  # leave no half-written output directory behind
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    _print_summary(trainer.learned_hyperparameters(), metrics, output_dir)
+    return 0
+
+
+def _print_summary(deelbo: dict, metrics: dict, output_dir: str) -> None:
+    print("\nDE ELBO learned hyperparameters")
+    print(f"  lambda (backbone prior variance) {deelbo['lambda']:.4g}   alpha_eff = 1/(D lambda) = {deelbo['alpha_eff']:.4g}")
+    print(f"  tau    (head prior variance)     {deelbo['tau']:.4g}   beta_eff  = 1/(D tau)    = {deelbo['beta_eff']:.4g}")
+    print(f"  sigma  (posterior std)           {deelbo['sigma']:.4g}")
+    print(f"  kappa  (data emphasis)           {deelbo['kappa']:.4g}   (D = {deelbo['num_backbone_params'] + deelbo['num_head_params']:,}, N = {deelbo['num_train_examples']})")
+    if metrics:
+        print(f"Test accuracy {metrics['accuracy']:.4f}   NLL {metrics['nll']:.4f}   ECE {metrics['ece']:.4f}")
+    print(f"Model, config.json (with `deelbo`), model card and plots written to {os.path.abspath(output_dir)}")
+
+
+def _read_deelbo(path_or_repo: str, token: str | None = None, revision: str | None = None) -> dict:
+    if os.path.isdir(path_or_repo):
+        config_file = os.path.join(path_or_repo, "config.json")
+        if not os.path.isfile(config_file):
+            raise UsageError(f"{path_or_repo!r} has no config.json; pass a directory written by hf-deelbo train.")
+    else:
+        if _looks_like_local_path(path_or_repo):
+            raise UsageError(f"{path_or_repo!r} is not a directory; pass an output directory or a Hub repo id.")
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            config_file = hf_hub_download(path_or_repo, "config.json", token=token, revision=revision)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+            raise UsageError(f"Cannot read config.json of {path_or_repo!r} from the Hub: {str(error).splitlines()[0]}")
+    with open(config_file) as f:
+        config = json.load(f)
+    if "deelbo" not in config:
+        raise UsageError(f"{path_or_repo!r} has no `deelbo` entry in config.json: it was not trained by hf-deelbo.")
+    return config["deelbo"]
+
+
+def show_command(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="hf-deelbo show", description="Print the learned hyperparameters.")
+    parser.add_argument("path_or_repo_id", help="Output directory or Hub repo id.")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--json", action="store_true", help="Print config.deelbo as JSON.")
+    args = parser.parse_args(argv)
+    deelbo = _read_deelbo(args.path_or_repo_id, args.token, args.revision)
+    if args.json:
+        print(json.dumps(deelbo, indent=2, sort_keys=True))
+        return 0
+    width = max(len(k) for k in deelbo)
+    for key, value in sorted(deelbo.items()):
+        shown = f"{value:.6g}" if isinstance(value, float) and math.isfinite(value) else value
+        print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def push_command(argv: list[str]) -> int:
+    import argparse
+
+    from huggingface_hub import HfApi
+
+    parser = argparse.ArgumentParser(prog="hf-deelbo push", description="Upload an output directory to the Hub.")
+    parser.add_argument("output_dir", help="Directory written by hf-deelbo train.")
+    parser.add_argument("--repo_id", required=True, help="Target repo, 'namespace/name'.")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--commit_message", default="Upload model fine-tuned with DE ELBO")
+    args = parser.parse_args(argv)
+    _read_deelbo(args.output_dir)  # refuses directories that are not a finished run
+    api = HfApi(token=args.token)
+    url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        repo_id=args.repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
+        revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
+    )
+    print(f"Pushed {args.output_dir} to {url}")
+    return 0
+
+
+def evaluate_command(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from . import data as data_lib
+    from . import digits
+    from .prediction import posterior_from_config, predictive_log_probs
+
+    @dataclass
+    class EvaluateArguments:
+        model_name_or_path: str = field(metadata={"help": "Output directory or Hub repo of a model trained with hf-deelbo."})
+        bma_samples: int = field(default=0, metadata={"help": "0: posterior mean; S > 0: average over S posterior draws."})
+        batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
+        seed: int = field(default=0, metadata={"help": "Seed of the digits split and of the posterior draws."})
+        split: str = field(default="validation", metadata={"help": "Dataset split to evaluate."})
+
+    parser = HfArgumentParser((EvaluateArguments, DataTrainingArguments), prog="hf-deelbo evaluate")
+    eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    if eval_args.bma_samples < 0:
+        raise UsageError(f"--bma_samples must be >= 0 (0 predicts with the posterior mean); got {eval_args.bma_samples}")
+    margs = ModelArguments(model_name_or_path=eval_args.model_name_or_path)
+    model, processor, _ = load_pretrained_classifier(margs)
+    model.eval()
+    if data_args.dataset_name is None and data_args.validation_dir is None:
+        _, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), None, seed=eval_args.seed)
+        dataset = digits.with_pixel_values(test)
+    else:
+        datasets = data_lib.load_image_datasets(data_args.dataset_name, data_args.dataset_config_name, None,
+                                                data_args.validation_dir)
+        split = eval_args.split if eval_args.split in datasets else next(iter(datasets))
+        data_lib.check_columns(datasets[split], data_args.image_column_name, data_args.label_column_name)
+        _, eval_tf = data_lib.image_transforms(model, processor)
+        dataset = data_lib.with_pixel_values(datasets[split], eval_tf, data_args.image_column_name, data_args.label_column_name)
+    posterior = posterior_from_config(model) if eval_args.bma_samples else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=eval_args.batch_size, collate_fn=data_lib.collate)
+    log_probs, labels = [], []
+    for batch in loader:
+        log_probs.append(predictive_log_probs(model, {"pixel_values": batch["pixel_values"]}, posterior,
+                                              eval_args.bma_samples, eval_args.seed))
+        labels.append(batch["labels"])
+    metrics = digits.classification_metrics(torch.cat(log_probs), torch.cat(labels))
+    how = f"BMA over {eval_args.bma_samples} draws" if eval_args.bma_samples else "posterior mean"
+    print(f"{eval_args.model_name_or_path} ({how}, {len(dataset)} examples): "
+          f"accuracy {metrics['accuracy']:.4f}  NLL {metrics['nll']:.4f}  ECE {metrics['ece']:.4f}")
+    return 0
+
+
+COMMANDS = {"train": train_command, "evaluate": evaluate_command, "push": push_command, "show": show_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip().split("\n\n")[0] + "\n\n" + "\n".join(__doc__.strip().split("\n\n")[1:2]), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nhf-deelbo: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except UsageError as error:
+        print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        # Argument and data validation (DEELBoTrainingArguments, DEELBoTrainer, datasets).
+        print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
