@@ -2,11 +2,13 @@
 
 __version__ = "0.1.0"
 
+from . import digits
 from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
 from .groups import ParameterGroups, detect_head_modules, split_parameters
 from .hub import load_deelbo_config
 from .posterior import IsotropicGaussianPosterior
+from .prediction import posterior_from_config, predictive_log_probs
 from .trainer import DEELBoTrainer
 
 __all__ = [
@@ -16,6 +18,9 @@ __all__ = [
     "IsotropicGaussianPosterior",
     "ParameterGroups",
     "detect_head_modules",
+    "digits",
     "load_deelbo_config",
+    "posterior_from_config",
+    "predictive_log_probs",
     "split_parameters",
 ]

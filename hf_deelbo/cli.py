@@ -42,6 +42,8 @@ EMBEDDED_DEFAULTS = {
     "remove_unused_columns": False,
 }
 EMBEDDED_MAX_TRAIN_SAMPLES = 100
+# run_image_classification.py's default model, used when a dataset is given without a model.
+DEFAULT_HUB_MODEL = "google/vit-base-patch16-224-in21k"
 
 
 @dataclass
@@ -92,6 +94,9 @@ class RunArguments:
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace the content of output_dir if it already holds a run."}
+    )
+    push_to_hub_model_id: str | None = field(
+        default=None, metadata={"help": "Older name of --hub_model_id, accepted as in run_image_classification.py."}
     )
 
 
@@ -154,9 +159,14 @@ def parse_train_args(argv: list[str]):
     if _is_embedded(argv):
         parser.set_defaults(**EMBEDDED_DEFAULTS)
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args, run_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # raised by __post_init__ validation
         raise UsageError(str(error))
+    if run_args.push_to_hub_model_id is not None and training_args.hub_model_id is None:
+        training_args.hub_model_id = run_args.push_to_hub_model_id
+    if model_args.model_name_or_path is None and not _is_embedded(argv):
+        model_args.model_name_or_path = DEFAULT_HUB_MODEL
+    return model_args, data_args, training_args, run_args
 
 
 def _check_output_dir(training_args, run_args) -> bool:
@@ -180,6 +190,13 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
 
 
+def _check_model_path(name: str) -> None:
+    if _looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(
+            f"--model_name_or_path {name!r} is not a directory; pass a saved model directory or a Hub model id."
+        )
+
+
 def load_pretrained_classifier(model_args, num_labels: int | None = None, id2label: dict | None = None):
     """(model, image_processor, head_modules) for a Hub id or local directory.
 
@@ -189,18 +206,15 @@ def load_pretrained_classifier(model_args, num_labels: int | None = None, id2lab
     loading info are the head.
     """
     name = model_args.model_name_or_path
-    if _looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
-        raise UsageError(
-            f"--model_name_or_path {name!r} is not a directory; pass a saved model directory or a Hub model id."
-        )
+    _check_model_path(name)
     local_config = os.path.join(os.path.expanduser(name), "config.json")
     if os.path.isfile(local_config):
         with open(local_config) as f:
             config = json.load(f)
         if "architecture" in config and "model_type" not in config:
-            import timm
+            from .hub import load_timm_model
 
-            model = timm.create_model(f"local-dir:{os.path.expanduser(name)}", pretrained=True)
+            model = load_timm_model(os.path.expanduser(name))
             if num_labels is not None and num_labels != model.num_classes:
                 model.reset_classifier(num_labels)
                 return model, None, [_module_name_of(model, model.get_classifier())]
@@ -256,6 +270,7 @@ def _embedded_data_and_model(data_args, training_args):
 def _hub_data_and_model(model_args, data_args, training_args):
     from . import data as data_lib
 
+    _check_model_path(model_args.model_name_or_path)  # before any download or dataset build
     try:
         datasets = data_lib.load_image_datasets(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.validation_dir,
@@ -276,8 +291,6 @@ def _hub_data_and_model(model_args, data_args, training_args):
         train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.shuffle(seed=training_args.seed).select(range(min(data_args.max_eval_samples, len(evaluation))))
-    if model_args.model_name_or_path is None:
-        raise UsageError("--model_name_or_path is required with --dataset_name/--train_dir (e.g. google/vit-base-patch16-224-in21k).")
     model, processor, head_modules = load_pretrained_classifier(model_args, len(names), dict(enumerate(names)))
     train_tf, eval_tf = data_lib.image_transforms(model, processor)
     cols = (data_args.image_column_name, data_args.label_column_name)

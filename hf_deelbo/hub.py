@@ -84,3 +84,16 @@ def load_deelbo_config(path: str) -> dict:
     if DEELBO_CONFIG_KEY not in config:
         raise KeyError(f"{config_file} has no '{DEELBO_CONFIG_KEY}' entry: the model was not trained by DEELBoTrainer.")
     return config[DEELBO_CONFIG_KEY]
+
+
+def load_timm_model(path: str, **kwargs) -> nn.Module:
+    """A raw timm model from a directory in timm's format, with the learned hyperparameters of
+    its config.json (if any) as `model.deelbo_config`."""
+    import timm
+
+    model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    if DEELBO_CONFIG_KEY in config:
+        model.deelbo_config = config[DEELBO_CONFIG_KEY]
+    return model

@@ -100,6 +100,14 @@ def training_args(tmp_path, **overrides) -> DEELBoTrainingArguments:
     return DEELBoTrainingArguments(**values)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digits_backbone_cache(tmp_path_factory):
+    """One pretrained digits backbone per test session (the command line builds it on first use)."""
+    path = tmp_path_factory.mktemp("hf_deelbo_cache")
+    os.environ["HF_DEELBO_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture
 def make_args(tmp_path):
     return lambda **overrides: training_args(tmp_path, **overrides)

@@ -1,0 +1,157 @@
+"""The `hf-deelbo` command, run in-process through its entry point."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from hf_deelbo.cli import main, parse_train_args
+
+# From transformers' examples/pytorch/image-classification/README.md
+RUN_IMAGE_CLASSIFICATION_README = """
+    --dataset_name beans --output_dir ./beans_outputs/ --remove_unused_columns False --label_column_name labels
+    --do_train --do_eval --push_to_hub --push_to_hub_model_id vit-base-beans --learning_rate 2e-5
+    --num_train_epochs 1 --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --logging_strategy steps
+    --logging_steps 10 --eval_strategy epoch --save_strategy epoch --load_best_model_at_end True
+    --save_total_limit 3 --seed 1337
+"""
+
+
+def test_accepts_run_image_classification_flags():
+    model_args, data_args, training_args, _ = parse_train_args(RUN_IMAGE_CLASSIFICATION_README.split())
+    assert data_args.dataset_name == "beans" and data_args.label_column_name == "labels"
+    assert model_args.model_name_or_path == "google/vit-base-patch16-224-in21k"  # the script's default
+    assert training_args.hub_model_id == "vit-base-beans" and training_args.push_to_hub
+    assert training_args.learning_rate == 2e-5 and training_args.seed == 1337
+    assert training_args.load_best_model_at_end and training_args.save_total_limit == 3
+    assert str(training_args.eval_strategy.value) == "epoch"
+    _, data_args, training_args, _ = parse_train_args(
+        ["--model_name_or_path", "x/y", "--train_dir", "a", "--validation_dir", "b", "--image_column_name", "img",
+         "--max_train_samples", "10", "--ignore_mismatched_sizes", "true", "--output_dir", "o", "--kappa", "3"]
+    )
+    assert (data_args.train_dir, data_args.validation_dir, data_args.image_column_name) == ("a", "b", "img")
+    assert training_args.kappa == 3.0
+
+
+def test_config_file_values_and_command_line_precedence(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 0.5\nmax_steps: 7\nhead_modules: [fc, head]\noutput_dir: from_file\n")
+    _, _, training_args, _ = parse_train_args(["--config_file", str(config), "--max_steps", "9"])
+    assert training_args.learning_rate == 0.5 and training_args.max_steps == 9
+    assert training_args.head_modules == ["fc", "head"] and training_args.output_dir == "from_file"
+    # the embedded default keeps its own defaults for what the file does not set
+    assert training_args.lr_scheduler_type.value == "cosine"
+
+
+@pytest.mark.slow
+def test_main_job_on_the_embedded_default(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--output_dir", str(out), "--max_steps", "20", "--max_train_samples", "50",
+                 "--logging_steps", "5", "--disable_tqdm", "true"])
+    assert code == 0
+    for name in ("model.safetensors", "config.json", "README.md", "deelbo_hyperparameters.png",
+                 "training_loss.png", "reliability_diagram.png"):
+        assert (out / name).is_file(), name
+    deelbo = json.loads((out / "config.json").read_text())["deelbo"]
+    assert deelbo["num_train_examples"] == 50
+    assert f"{deelbo['lambda']:.4g}" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "deelbo" in card and f"{deelbo['tau']:.4g}" in card
+
+    # show prints the values the run logged last (λ after the final optimizer step)
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"{deelbo['lambda']:.6g}" in shown and f"{deelbo['tau']:.6g}" in shown
+
+    assert main(["evaluate", "--model_name_or_path", str(out)]) == 0
+    mean_line = capsys.readouterr().out
+    assert "accuracy" in mean_line and "posterior mean" in mean_line
+    assert main(["evaluate", "--model_name_or_path", str(out), "--bma_samples", "3"]) == 0
+    assert "BMA over 3 draws" in capsys.readouterr().out
+
+
+def _image_folder(root, classes=("5", "6", "7"), per_class=4):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        images = digits.images[digits.target == int(name)][:per_class]
+        for i, image in enumerate(images):
+            Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB").save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_vit_dir(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=2)
+    path = tmp_path / "tiny-vit"
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_train_on_an_image_folder_with_a_transformers_model(tmp_path, tiny_vit_dir, capsys):
+    folder = _image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    code = main(["train", "--model_name_or_path", str(tiny_vit_dir), "--train_dir", str(folder),
+                 "--ignore_mismatched_sizes", "true", "--output_dir", str(out), "--max_steps", "3",
+                 "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
+                 "--remove_unused_columns", "false"])
+    assert code == 0
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 3 and model.config.deelbo["head_modules"] == ["classifier"]
+    assert (out / "preprocessor_config.json").is_file()
+
+
+BAD_INPUTS = [
+    (["--model_name_or_path", "./no/such/model", "--train_dir", "IMAGES"], "--model_name_or_path './no/such/model' is not a directory"),
+    (["--model_name_or_path", "MODEL", "--train_dir", "IMAGES", "--image_column_name", "picture"], "--image_column_name 'picture' not found"),
+    (["--model_name_or_path", "MODEL", "--train_dir", "IMAGES", "--label_column_name", "class"], "--label_column_name 'class' not found"),
+    (["--kappa", "0"], "kappa must be > 0 or None (None means D/N); got 0.0"),
+    (["--kappa", "-3"], "kappa must be > 0 or None (None means D/N); got -3.0"),
+    (["--config_file", "MISSING.yaml"], "--config_file"),
+    (["--config_file", "BROKEN.json"], "is not valid JSON/YAML"),
+    (["--weight_decay", "0.1"], "weight_decay must be 0"),
+    (["--train_dir", "NOT_A_DIR", "--model_name_or_path", "MODEL"], "--train_dir"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS)
+def test_bad_input_exits_with_one_line(flags, message, tmp_path, tiny_vit_dir, capsys):
+    folder = _image_folder(tmp_path / "images", per_class=2)
+    (tmp_path / "broken.json").write_text("{not json")
+    replace = {"IMAGES": str(folder), "MODEL": str(tiny_vit_dir), "MISSING.yaml": str(tmp_path / "missing.yaml"),
+               "BROKEN.json": str(tmp_path / "broken.json"), "NOT_A_DIR": str(tmp_path / "nothing")}
+    out = tmp_path / "run"
+    argv = ["train", "--output_dir", str(out), "--max_steps", "1", *[replace.get(f, f) for f in flags]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hf-deelbo")]
+    assert len(errors) == 1 and errors[0].startswith("hf-deelbo train: error: ") and message in errors[0]
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_output_dir_is_protected(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_text("previous run")
+    assert main(["train", "--output_dir", str(out), "--max_steps", "1"]) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_text() == "previous run"
+
+
+def test_unknown_command_and_help(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
