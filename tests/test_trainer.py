@@ -198,7 +198,7 @@ def test_callback_state_survives_checkpoint(make_args, tmp_path):
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["DEELBoCallback"]["attributes"]
     assert saved["backbone_prior_variance"] == trainer.deelbo_callback.backbone_prior_variance
-    assert saved["posterior_rho"] == float(trainer.posterior.rho)
+    assert saved["posterior_rho"] == trainer.posterior.rho.item()
     assert json.loads((checkpoint / "config.json").read_text())["deelbo"]["lambda"] == saved["backbone_prior_variance"]
 
     fresh_model, _ = build_model("resnet", seed=1)
@@ -208,7 +208,7 @@ def test_callback_state_survives_checkpoint(make_args, tmp_path):
     callback = resumed.deelbo_callback
     assert callback is not old_callback and isinstance(callback, DEELBoCallback)
     assert callback.posterior is resumed.posterior
-    assert float(resumed.posterior.rho) == saved["posterior_rho"]
+    assert resumed.posterior.rho.item() == saved["posterior_rho"]
     assert callback.backbone_prior_variance == saved["backbone_prior_variance"]
     assert callback.head_prior_variance == saved["head_prior_variance"]
 

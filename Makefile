@@ -1,0 +1,28 @@
+# Set-up and the two commands of the README. Everything runs in a local virtual environment.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast install
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: the wheels timm and torchvision need (see docs/installation.md)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The main job on the embedded default: offline, a few minutes on 2 CPU cores.
+demo: $(BIN)/.installed
+	$(BIN)/hf-deelbo train
+
+# The whole test suite, slow tests included.
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -n 2 --durations=10
+
+# Without the slow tests.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -n 2 -m "not slow"
