@@ -14,7 +14,8 @@ class DEELBoCallback(TrainerCallback, ExportableState):
         λ* = ‖m_b − μ‖² / D_b + σ²        τ* = ‖m_h‖² / K + σ²
 
     The gradient step on (m, ρ) then runs at fixed λ, τ, which gives the same gradients as
-    profiling λ*, τ* inside the KL (envelope theorem).
+    profiling λ*, τ* inside the KL (envelope theorem). It also clears ρ's gradient, which
+    `Trainer`'s `model.zero_grad()` does not reach.
 
     State (JSON, stored in `trainer_state.json` with each checkpoint): λ, τ and ρ. `Trainer`
     rebuilds the callback from that state on resume, so `DEELBoTrainer` binds the posterior to
@@ -50,6 +51,9 @@ class DEELBoCallback(TrainerCallback, ExportableState):
         self.backbone_prior_variance, self.head_prior_variance = self.posterior.optimal_prior_variances()
 
     def on_step_end(self, args, state, control, **kwargs):
+        # Trainer clears gradients with model.zero_grad(), which does not reach ρ (it lives
+        # outside the model); without this its gradient would accumulate across steps.
+        self.posterior.rho.grad = None
         self.update()
 
     def state(self) -> dict:
