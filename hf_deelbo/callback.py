@@ -54,6 +54,7 @@ class DEELBoCallback(TrainerCallback, ExportableState):
         # Trainer clears gradients with model.zero_grad(), which does not reach ρ (it lives
         # outside the model); without this its gradient would accumulate across steps.
         self.posterior.rho.grad = None
+        self.posterior.clamp_sigma()
         self.update()
 
     def state(self) -> dict:

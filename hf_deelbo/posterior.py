@@ -48,6 +48,10 @@ class IsotropicGaussianPosterior(nn.Module):
     pretrained weights when a checkpoint is later loaded into the model.
     """
 
+    # σ never goes below this (ρ is projected after each step): σ² stays a normal float64, so the
+    # KL's log σ² and λ* = ‖m_b − μ‖²/D_b + σ² stay finite and positive.
+    min_sigma = 1e-30
+
     def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4):
         super().__init__()
         parameters = dict(model.named_parameters())
@@ -67,18 +71,23 @@ class IsotropicGaussianPosterior(nn.Module):
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(sigma_init), dtype=torch.float32, device=device))
         self._wrapped_names: dict[int, list[str]] = {}
 
+    @torch.no_grad()
+    def clamp_sigma(self) -> None:
+        """Project ρ so that σ ≥ `min_sigma`."""
+        self.rho.clamp_(min=inverse_softplus(self.min_sigma))
+
     @property
     def prior_mean(self) -> dict[str, torch.Tensor]:
         """μ, the pretrained backbone weights, by parameter name."""
         return dict(zip(self.backbone_names, self._prior_mean))
 
     def sigma(self) -> torch.Tensor:
-        """σ = softplus(ρ), float32, differentiable."""
-        return F.softplus(self.rho)
+        """σ = softplus(ρ) (at least `min_sigma`), float32, differentiable."""
+        return F.softplus(self.rho).clamp_min(self.min_sigma)
 
     def posterior_variance(self) -> torch.Tensor:
-        """σ², float64, differentiable."""
-        return F.softplus(self.rho.double()) ** 2
+        """σ² (σ at least `min_sigma`), float64, differentiable."""
+        return F.softplus(self.rho.double()).clamp_min(self.min_sigma) ** 2
 
     def squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars, differentiable with respect to m.

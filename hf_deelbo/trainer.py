@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
+
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+import safetensors.torch
+from transformers import PreTrainedModel, Trainer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils import logging
 
 from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
+from .checks import check_training_data
 from .groups import split_parameters
 from .hub import deelbo_config, save_timm_config, set_model_deelbo_config
 from .model_card import build_model_card
@@ -61,6 +67,8 @@ class DEELBoTrainer(Trainer):
         # Validate everything the method needs before Trainer does any work.
         groups = split_parameters(model, args.head_modules)
         num_train_examples = _resolve_num_train_examples(args, kwargs.get("train_dataset"))
+        if kwargs.get("train_dataset") is not None:
+            check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"))
         super().__init__(model=model, args=args, **kwargs)
 
         self.posterior = IsotropicGaussianPosterior(self.model, groups, args.sigma_init)
@@ -76,6 +84,7 @@ class DEELBoTrainer(Trainer):
         if not self.label_names:  # raw timm models have no `labels` argument to detect
             self.label_names = ["labels"]
         self._window = torch.zeros(len(_WINDOW_METRICS) + 1, dtype=torch.float64, device=self.args.device)
+        self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
         self._logged_constants = False
         logger.info(
             f"DE ELBO: D_b={self.posterior.num_backbone_params:,} backbone and K={self.posterior.num_head_params:,} "
@@ -95,6 +104,39 @@ class DEELBoTrainer(Trainer):
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
         self.deelbo_callback.bind(self.posterior)
+
+    def _restore_weights(self, checkpoint: str) -> bool:
+        """Load a checkpoint's weights into the model exactly (strict). False if not applicable."""
+        weights_file = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(weights_file):
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PreTrainedModel):
+            # save_pretrained may write legacy key names (ViT: `encoder.layer.0.attention.attention.query`)
+            # that Trainer's load_state_dict(strict=False) silently skips, so resuming would keep the
+            # fresh weights (transformers issue 43701). from_pretrained converts the names.
+            state_dict = type(model).from_pretrained(checkpoint, config=model.config).state_dict()
+        else:
+            state_dict = safetensors.torch.load_file(weights_file, device="cpu")
+        model.load_state_dict(state_dict, strict=True)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._restore_weights(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        checkpoint = self.state.best_model_checkpoint
+        if not self._restore_weights(checkpoint):
+            super()._load_best_model()
+            return
+        # The posterior and prior variances of the best checkpoint go with its weights.
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        saved = state.stateful_callbacks.get(DEELBoCallback.__name__, {}).get("attributes", {})
+        callback = self.deelbo_callback
+        for name, value in saved.items():
+            setattr(callback, name, value)
+        callback.bind(self.posterior)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and not self._is_transformers_model:
@@ -119,6 +161,7 @@ class DEELBoTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_loss |= ~torch.isfinite(loss)  # no device sync here; checked once per step
         rho = self.posterior.rho
         if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and rho.grad is not None:
             # ρ lives outside the DDP module, so its gradient is not all-reduced by DDP.
@@ -221,6 +264,19 @@ class DEELBoTrainer(Trainer):
 
     def _write_deelbo_config(self) -> None:
         set_model_deelbo_config(self.accelerator.unwrap_model(self.model), self.learned_hyperparameters())
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Runs after every optimizer step and before any checkpoint is written, so a diverged
+        # run stops before it can overwrite the last good checkpoint.
+        callback = self.deelbo_callback
+        values = (callback.backbone_prior_variance, callback.head_prior_variance)
+        if bool(self._nonfinite_loss) or not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(
+                f"DE ELBO diverged at step {self.state.global_step}: the loss or the weights are no longer finite "
+                f"(lambda={values[0]}, tau={values[1]}). Lower learning_rate (now {self._get_learning_rate()}), "
+                f"or check kappa ({self.kappa}) and the data. The last checkpoint saved before this step is intact."
+            )
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def train(self, *args, **kwargs):
         if self.num_train_examples is None:
