@@ -67,6 +67,15 @@ class DEELBoTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Before the parent: its DeepSpeed/FSDP set-up fails with unrelated messages (a missing
+        # package) before ours could say what to use instead.
+        if self.fsdp or self.deepspeed:
+            engine = "FSDP" if self.fsdp else "DeepSpeed"
+            raise ValueError(
+                f"{engine} is not supported by DEELBoTrainer: it shards the weights, while the posterior draws "
+                "w̃ = m + σε over whole parameters and the prior variances need sums over every shard. Train with "
+                "DDP instead (torchrun --nproc_per_node N, or accelerate launch --multi_gpu), which is supported."
+            )
         super().__post_init__()
         if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
             raise ValueError(f"kappa must be > 0 or None (None means D/N); got {self.kappa}")

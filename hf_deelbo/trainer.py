@@ -65,6 +65,11 @@ class DEELBoTrainer(Trainer):
                 "build it with DEELBoTrainingArguments(output_dir=..., ...)."
             )
         # Validate everything the method needs before Trainer does any work.
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise ValueError(
+                "The model's parameters are sharded (DTensor, e.g. by torch's fully_shard): DEELBoTrainer does not "
+                "support FSDP. Pass the unsharded model and train with DDP (torchrun or accelerate launch --multi_gpu)."
+            )
         groups = split_parameters(model, args.head_modules)
         num_train_examples = _resolve_num_train_examples(args, kwargs.get("train_dataset"))
         if kwargs.get("train_dataset") is not None:

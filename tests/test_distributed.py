@@ -1,0 +1,84 @@
+"""Multi-process training on CPU with gloo, through the real launchers (torchrun, accelerate)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_train.py")
+BIN = os.path.dirname(sys.executable)
+
+
+def _launch(command, tmp_path, name):
+    out = tmp_path / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command + [SCRIPT, str(out), "4" if "single" not in name else "8"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2 if "single" not in name else 1)]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    return _launch([sys.executable], tmp_path_factory.mktemp("single"), "single")[1][0]
+
+
+LAUNCHERS = {
+    "torchrun": [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29541"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_agree_with_each_other_and_with_one(launcher, tmp_path, single_process):
+    out, (rank0, rank1) = _launch(LAUNCHERS[launcher], tmp_path, launcher)
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    # identical on every rank: weights (checksum), λ, τ, σ and ρ
+    assert rank0["weights_sha"] == rank1["weights_sha"]
+    assert rank0["learned"] == rank1["learned"] and rank0["rho"] == rank1["rho"]
+    # the same run as one process with the same global batch (2 × 4 = 8): the noise draw is the
+    # same (same seed on every rank), so only the order of floating-point sums differs.
+    np.testing.assert_allclose(rank0["weights"], single_process["weights"], rtol=0, atol=1e-6)
+    for key in ("lambda", "tau", "sigma"):
+        assert rank0["learned"][key] == pytest.approx(single_process["learned"][key], rel=1e-5), key
+    # logged values are reduced over ranks: they equal the single process's
+    logged = [e["nll"] for e in rank0["log_history"] if "nll" in e]
+    single = [e["nll"] for e in single_process["log_history"] if "nll" in e]
+    np.testing.assert_allclose(logged, single, rtol=1e-5)
+    # the config is written once, by the main process, with the learned values
+    assert json.loads((out / "config.json").read_text())["deelbo"] == rank0["learned"]
+
+
+def test_fsdp_and_deepspeed_are_refused_with_what_works_instead(tmp_path):
+    with pytest.raises(ValueError, match=r"FSDP is not supported by DEELBoTrainer.*DDP instead"):
+        DEELBoTrainingArguments(output_dir=str(tmp_path / "o"), fsdp=True, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"DeepSpeed is not supported by DEELBoTrainer.*DDP instead"):
+        DEELBoTrainingArguments(output_dir=str(tmp_path / "o"), deepspeed={"train_batch_size": 8}, report_to="none")
+
+
+def test_models_sharded_with_fully_shard_are_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import build_model, image_dataset
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29577", rank=0, world_size=1)
+    try:
+        model, _ = build_model("resnet")
+        fully_shard(model)
+        args = DEELBoTrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True)
+        with pytest.raises(ValueError, match=r"sharded \(DTensor.*does not support FSDP.*DDP"):
+            DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(4))
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "o").exists()
