@@ -198,42 +198,17 @@ def _check_model_path(name: str) -> None:
 
 
 def load_pretrained_classifier(model_args, num_labels: int | None = None, id2label: dict | None = None):
-    """(model, image_processor, head_modules) for a Hub id or local directory.
+    """`hub.load_classifier` with the command line's arguments and one-line errors."""
+    from .hub import load_classifier
 
-    transformers checkpoints load with `AutoModelForImageClassification` (timm Hub repos through
-    `TimmWrapperForImageClassification`); a local directory in timm's format (config.json with
-    `architecture`) loads as a raw timm model. The newly initialised parameters reported by the
-    loading info are the head.
-    """
     name = model_args.model_name_or_path
     _check_model_path(name)
-    local_config = os.path.join(os.path.expanduser(name), "config.json")
-    if os.path.isfile(local_config):
-        with open(local_config) as f:
-            config = json.load(f)
-        if "architecture" in config and "model_type" not in config:
-            from .hub import load_timm_model
-
-            model = load_timm_model(os.path.expanduser(name))
-            if num_labels is not None and num_labels != model.num_classes:
-                model.reset_classifier(num_labels)
-                return model, None, [_module_name_of(model, model.get_classifier())]
-            return model, None, None
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-
-    from .groups import head_modules_from_loading_info
-
-    common = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-                  trust_remote_code=model_args.trust_remote_code)
     try:
-        config_kwargs = {}
-        if num_labels is not None:
-            config_kwargs = dict(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
-        config = AutoConfig.from_pretrained(model_args.config_name or name, finetuning_task="image-classification",
-                                            **config_kwargs, **common)
-        model, info = AutoModelForImageClassification.from_pretrained(
-            name, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            output_loading_info=True, **common,
+        return load_classifier(
+            name, num_labels, id2label, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            config_name=model_args.config_name, image_processor_name=model_args.image_processor_name,
+            cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
         )
     except OSError as error:
         raise UsageError(f"--model_name_or_path {name!r} could not be loaded: {str(error).splitlines()[0]}")
@@ -243,15 +218,6 @@ def load_pretrained_classifier(model_args, num_labels: int | None = None, id2lab
                 f"--model_name_or_path {name!r} has a head of another size; pass --ignore_mismatched_sizes true."
             )
         raise
-    try:
-        processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or name, **common)
-    except (OSError, ValueError):
-        processor = None
-    return model, processor, head_modules_from_loading_info(model, info)
-
-
-def _module_name_of(model, module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _embedded_data_and_model(data_args, training_args):
@@ -413,12 +379,20 @@ def push_command(argv: list[str]) -> int:
     parser.add_argument("--commit_message", default="Upload model fine-tuned with DE ELBO")
     args = parser.parse_args(argv)
     _read_deelbo(args.output_dir)  # refuses directories that are not a finished run
-    api = HfApi(token=args.token)
-    url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        repo_id=args.repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
-        revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
-    )
+    from .hub import HubPushError, check_repo_namespace, push_error
+
+    try:
+        repo_id = check_repo_namespace(args.repo_id, args.token)
+        api = HfApi(token=args.token)
+        url = api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
+            revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
+        )
+    except HubPushError as error:
+        raise UsageError(str(error))
+    except Exception as error:  # noqa: BLE001 - one line, the cause named
+        raise UsageError(str(push_error(error, args.output_dir, args.repo_id)))
     print(f"Pushed {args.output_dir} to {url}")
     return 0
 

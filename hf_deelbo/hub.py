@@ -58,15 +58,66 @@ def set_model_deelbo_config(model: nn.Module, values: dict) -> None:
         model.deelbo_config = values
 
 
-def save_timm_config(model: nn.Module, output_dir: str) -> None:
-    """Write timm's config.json (loadable by `timm.create_model("local-dir:...")` and the Hub)
-    with the learned hyperparameters under `deelbo`."""
+def _timm_config(model: nn.Module, model_config: dict | None = None) -> dict:
+    """timm's config.json content for a timm model, loadable by timm and by transformers.
+
+    timm 1.0.31 records `num_classes` in `model_args` as well as at the top level, and
+    `TimmWrapperForImageClassification` then fails with "got multiple values for keyword argument
+    'num_classes'"; the top-level value is the one both libraries read, so `model_args` drops it.
+    """
+    import tempfile
+
     from timm.models._hub import save_config_for_hf
 
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.json")
+        save_config_for_hf(model, path, model_config=model_config)
+        with open(path) as f:
+            config = json.load(f)
+    config["model_args"] = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    return config
+
+
+def save_timm_config(model: nn.Module, output_dir: str) -> None:
+    """Write timm's config.json (loadable by `timm.create_model("hf-hub:...")` or
+    `"local-dir:..."`, and by transformers' `TimmWrapperForImageClassification`) with the learned
+    hyperparameters under `deelbo`."""
     model_config = {}
     if getattr(model, "deelbo_config", None) is not None:
         model_config[DEELBO_CONFIG_KEY] = model.deelbo_config
-    save_config_for_hf(model, os.path.join(output_dir, "config.json"), model_config=model_config)
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(_timm_config(model, model_config), f, indent=2)
+
+
+def make_timm_wrapper_checkpoint_portable(model: nn.Module, output_dir: str) -> None:
+    """Make a `TimmWrapperForImageClassification` checkpoint loadable by timm as well.
+
+    `save_pretrained` of a wrapper built from a config writes `model_args: null`, no
+    `pretrained_cfg`, and weights prefixed `timm_model.`; `timm.create_model("hf-hub:...")` then
+    fails. This writes timm's native key names (which the wrapper also loads) and adds timm's
+    `pretrained_cfg` and `model_args` to config.json, keeping every transformers key.
+    """
+    import safetensors.torch
+
+    weights_file = os.path.join(output_dir, "model.safetensors")
+    config_file = os.path.join(output_dir, "config.json")
+    if not (os.path.isfile(weights_file) and os.path.isfile(config_file)):
+        return
+    state_dict = safetensors.torch.load_file(weights_file)
+    if any(k.startswith("timm_model.") for k in state_dict):
+        state_dict = {k.removeprefix("timm_model."): v for k, v in state_dict.items()}
+        safetensors.torch.save_file(state_dict, weights_file, metadata={"format": "pt"})
+    with open(config_file) as f:
+        config = json.load(f)
+    timm_config = _timm_config(model.timm_model)
+    config["pretrained_cfg"] = timm_config["pretrained_cfg"]
+    config["model_args"] = timm_config["model_args"]
+    with open(config_file, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def is_timm_wrapper(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("TimmWrapper")
 
 
 def load_deelbo_config(path: str) -> dict:
@@ -86,6 +137,43 @@ def load_deelbo_config(path: str) -> dict:
     return config[DEELBO_CONFIG_KEY]
 
 
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the local output directory is untouched."""
+
+
+def check_repo_namespace(repo_id: str, token: str | bool | None = None) -> str:
+    """`namespace/name` for `repo_id`: as given, or with the logged-in user's namespace.
+
+    Raises:
+        HubPushError: `repo_id` has no namespace and no Hub login tells whose it is.
+    """
+    if "/" in repo_id:
+        return repo_id
+    from huggingface_hub import HfApi
+
+    try:
+        namespace = HfApi().whoami(token=token)["name"]
+    except Exception as error:  # noqa: BLE001 - no token, an invalid one, or an unreachable Hub
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubPushError(
+            f"repo id {repo_id!r} has no namespace and the Hub cannot tell whose it is ({reason}). "
+            f"Pass 'your-namespace/{repo_id}', or log in with `hf auth login`."
+        ) from None
+    return f"{namespace}/{repo_id}"
+
+
+def push_error(error: Exception, output_dir: str, repo_id: str | None) -> HubPushError:
+    """One clear error for a failed push, saying that nothing local was lost."""
+    from huggingface_hub import constants
+
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return HubPushError(
+        f"Could not push {output_dir} to {constants.ENDPOINT}/{repo_id or ''} ({type(error).__name__}: {reason}). "
+        f"The local output in {output_dir} is intact; push again once the Hub is reachable "
+        f"(trainer.push_to_hub(), or hf-deelbo push {output_dir} --repo_id {repo_id or 'namespace/name'})."
+    )
+
+
 def load_timm_model(path: str, **kwargs) -> nn.Module:
     """A raw timm model from a directory in timm's format, with the learned hyperparameters of
     its config.json (if any) as `model.deelbo_config`."""
@@ -97,3 +185,60 @@ def load_timm_model(path: str, **kwargs) -> nn.Module:
     if DEELBO_CONFIG_KEY in config:
         model.deelbo_config = config[DEELBO_CONFIG_KEY]
     return model
+
+
+def load_classifier(
+    name_or_path: str,
+    num_labels: int | None = None,
+    id2label: dict | None = None,
+    *,
+    ignore_mismatched_sizes: bool = False,
+    config_name: str | None = None,
+    image_processor_name: str | None = None,
+    **hub_kwargs,
+):
+    """A pretrained classifier with a head for `num_labels` labels: `(model, image_processor,
+    head_modules)`; `head_modules` names the newly initialised parameters (from the loading info),
+    or is None when nothing was newly initialised.
+
+    - a local directory in timm's format (config.json with `architecture`, no `model_type`) loads
+      as a raw timm model (`timm.create_model("local-dir:...")`), with `model.deelbo_config`;
+    - anything else (Hub ids, transformers directories, timm repos on the Hub) loads with
+      `AutoModelForImageClassification`; timm repos go through `TimmWrapperForImageClassification`,
+      with `num_classes` dropped from `model_args` (written there by timm's `push_to_hf_hub`, it
+      makes the wrapper fail with "multiple values for keyword argument 'num_classes'").
+
+    `hub_kwargs` (cache_dir, revision, token, trust_remote_code) go to every `from_pretrained`.
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    from .groups import head_modules_from_loading_info
+
+    local_config = os.path.join(os.path.expanduser(name_or_path), "config.json")
+    if os.path.isfile(local_config):
+        with open(local_config) as f:
+            config = json.load(f)
+        if "architecture" in config and "model_type" not in config:
+            model = load_timm_model(os.path.expanduser(name_or_path))
+            if num_labels is not None and num_labels != model.num_classes:
+                model.reset_classifier(num_labels)
+                classifier = model.get_classifier()
+                return model, None, [next(n for n, m in model.named_modules() if m is classifier)]
+            return model, None, None
+    config = AutoConfig.from_pretrained(config_name or name_or_path, **hub_kwargs)
+    if getattr(config, "model_type", None) == "timm_wrapper" and config.model_args:
+        config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"} or None
+    if num_labels is not None:
+        id2label = id2label or {i: str(i) for i in range(num_labels)}
+        config.num_labels = num_labels
+        config.id2label = dict(id2label)
+        config.label2id = {v: k for k, v in id2label.items()}
+    model, info = AutoModelForImageClassification.from_pretrained(
+        name_or_path, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, output_loading_info=True,
+        **hub_kwargs,
+    )
+    try:
+        processor = AutoImageProcessor.from_pretrained(image_processor_name or name_or_path, **hub_kwargs)
+    except (OSError, ValueError):
+        processor = None
+    return model, processor, head_modules_from_loading_info(model, info)

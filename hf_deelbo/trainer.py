@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from pathlib import Path
 
 
 import torch
@@ -20,7 +21,16 @@ from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
 from .checks import check_training_data
 from .groups import split_parameters
-from .hub import deelbo_config, save_timm_config, set_model_deelbo_config
+from .hub import (
+    HubPushError,
+    check_repo_namespace,
+    deelbo_config,
+    is_timm_wrapper,
+    make_timm_wrapper_checkpoint_portable,
+    push_error,
+    save_timm_config,
+    set_model_deelbo_config,
+)
 from .model_card import build_model_card
 from .objective import deelbo_loss, resolve_kappa
 from .plots import HYPERPARAMETERS_PLOT, plot_hyperparameters
@@ -341,17 +351,48 @@ class DEELBoTrainer(Trainer):
             hyperparameters=hyperparameters,
             plot=plot,
             repo_id=self.hub_model_id or args.hub_model_id,
-            extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
+            extra_tags=([tags] if isinstance(tags, str) else list(tags or []))
+            + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else []),
         )
         card.save(os.path.join(output_dir, "README.md"))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         self._write_deelbo_config()
         super()._save(output_dir, state_dict)
-        if not self._is_transformers_model and self.args.should_save:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            if isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
-                save_timm_config(unwrapped, output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_timm_wrapper(unwrapped):
+            make_timm_wrapper_checkpoint_portable(unwrapped, output_dir)
+        elif not self._is_transformers_model and isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
+            save_timm_config(unwrapped, output_dir)
+
+    # ---- the Hub ------------------------------------------------------------------------------
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates the Hub repo (Trainer does this when the trainer is built with push_to_hub=True),
+        with one clear error when the repo id lacks a namespace nobody can supply, or the Hub is
+        unreachable or refuses."""
+        if not self.is_world_process_zero():
+            return
+        token = token if token is not None else self.args.hub_token
+        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.args.hub_model_id = check_repo_namespace(name, token)
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
+            raise push_error(error, self.args.output_dir, self.args.hub_model_id) from error
+
+    def push_to_hub(self, *args, **kwargs):
+        """Trainer's push (weights, config.json with `deelbo`, model card, plot); a failure raises
+        one `HubPushError` and leaves the local output directory as it was."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except HubPushError:
+            raise
+        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
+            raise push_error(error, self.args.output_dir, self.hub_model_id or self.args.hub_model_id) from error
 
 
 _MISSING_N_MESSAGE = (

@@ -1,11 +1,26 @@
 """Offline, tiny, isolated: every model is built from a config, nothing reaches the network."""
 
 import os
+import socket
+import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The Hub is a local server (tests/hub_server.py) on a port chosen here, before huggingface_hub is
+# imported (it reads HF_ENDPOINT once). With no server running, a Hub request is refused at once.
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_deelbo_tests_hf_home_")
+os.environ["HF_TOKEN"] = "hf_local_test_token"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "0"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -98,6 +113,28 @@ def training_args(tmp_path, **overrides) -> DEELBoTrainingArguments:
     )
     values.update(overrides)
     return DEELBoTrainingArguments(**values)
+
+
+@pytest.fixture(scope="session")
+def local_hub():
+    """The local Hub server for this test session (one per xdist worker)."""
+    from hub_server import LocalHub
+
+    hub = LocalHub(HUB_PORT).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub(local_hub):
+    """The local Hub, started and accepting writes (a test may stop it or make it refuse)."""
+    if local_hub.server is None:
+        local_hub.start()
+    local_hub.state.refuse_writes = None
+    yield local_hub
+    if local_hub.server is None:
+        local_hub.start()
+    local_hub.state.refuse_writes = None
 
 
 @pytest.fixture(scope="session", autouse=True)
