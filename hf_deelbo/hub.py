@@ -48,14 +48,23 @@ def deelbo_config(
     return dict(sorted(values.items()))
 
 
-def set_model_deelbo_config(model: nn.Module, values: dict) -> None:
-    """Store `values` on the model: `model.config.deelbo` for transformers models, and
-    `model.pretrained_cfg["deelbo"]` for raw timm models (written to config.json on save)."""
+# Entries the package writes into config.json: DE ELBO's learned values, and the baselines' settings.
+CONFIG_KEYS = (DEELBO_CONFIG_KEY, "l2sp")
+
+
+def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
+    """Store `values` as `model.config.<key>` for transformers models (saved in config.json). Raw
+    timm models have no such config: they get `model.<key>_config`, written to timm's config.json
+    by `save_timm_config`."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        setattr(config, DEELBO_CONFIG_KEY, values)
-    elif isinstance(getattr(model, "pretrained_cfg", None), dict):
-        model.deelbo_config = values
+        setattr(config, key, values)
+    else:
+        setattr(model, f"{key}_config", values)
+
+
+def set_model_deelbo_config(model: nn.Module, values: dict) -> None:
+    set_model_config_entry(model, DEELBO_CONFIG_KEY, values)
 
 
 def _timm_config(model: nn.Module, model_config: dict | None = None) -> dict:
@@ -82,9 +91,7 @@ def save_timm_config(model: nn.Module, output_dir: str) -> None:
     """Write timm's config.json (loadable by `timm.create_model("hf-hub:...")` or
     `"local-dir:..."`, and by transformers' `TimmWrapperForImageClassification`) with the learned
     hyperparameters under `deelbo`."""
-    model_config = {}
-    if getattr(model, "deelbo_config", None) is not None:
-        model_config[DEELBO_CONFIG_KEY] = model.deelbo_config
+    model_config = {k: getattr(model, f"{k}_config") for k in CONFIG_KEYS if getattr(model, f"{k}_config", None)}
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(_timm_config(model, model_config), f, indent=2)
 
@@ -175,15 +182,16 @@ def push_error(error: Exception, output_dir: str, repo_id: str | None) -> HubPus
 
 
 def load_timm_model(path: str, **kwargs) -> nn.Module:
-    """A raw timm model from a directory in timm's format, with the learned hyperparameters of
-    its config.json (if any) as `model.deelbo_config`."""
+    """A raw timm model from a directory in timm's format, with the hyperparameters of its
+    config.json (if any) as `model.deelbo_config` / `model.l2sp_config`."""
     import timm
 
     model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    if DEELBO_CONFIG_KEY in config:
-        model.deelbo_config = config[DEELBO_CONFIG_KEY]
+    for key in CONFIG_KEYS:
+        if key in config:
+            setattr(model, f"{key}_config", config[key])
     return model
 
 

@@ -5,37 +5,23 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from pathlib import Path
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-import safetensors.torch
-from transformers import PreTrainedModel, Trainer, TrainerState
+from transformers import TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils import logging
 
 from .arguments import DEELBoTrainingArguments
+from .base import FineTuningTrainer
 from .callback import DEELBoCallback
-from .checks import check_training_data
-from .groups import split_parameters
-from .hub import (
-    HubPushError,
-    check_repo_namespace,
-    deelbo_config,
-    is_timm_wrapper,
-    make_timm_wrapper_checkpoint_portable,
-    push_error,
-    save_timm_config,
-    set_model_deelbo_config,
-)
+from .hub import DEELBO_CONFIG_KEY, deelbo_config, is_timm_wrapper
 from .model_card import build_model_card
 from .objective import deelbo_loss, resolve_kappa
 from .plots import HYPERPARAMETERS_PLOT, plot_hyperparameters
 from .posterior import IsotropicGaussianPosterior
-from .prediction import classifier_logits, predictive_log_probs
+from .prediction import predictive_log_probs
 
 logger = logging.get_logger(__name__)
 
@@ -43,7 +29,7 @@ logger = logging.get_logger(__name__)
 _WINDOW_METRICS = ("nll", "kl", "lambda", "tau", "sigma")
 
 
-class DEELBoTrainer(Trainer):
+class DEELBoTrainer(FineTuningTrainer):
     """Fine-tunes a classifier with the data-emphasized ELBO (DE ELBO).
 
     Drop-in replacement for [`~transformers.Trainer`] taking [`DEELBoTrainingArguments`]. Each
@@ -60,51 +46,30 @@ class DEELBoTrainer(Trainer):
     `model.config.deelbo` (timm: `config.json`'s `deelbo`) in every checkpoint and saved model.
     """
 
-    # compute_loss returns a per-micro-batch mean, so Trainer must divide by the accumulation
-    # steps. Without this, models whose forward takes **kwargs (ResNet) get loss × GA.
-    loss_is_scaled_for_ga = False
+    args_class = DEELBoTrainingArguments
+    config_key = DEELBO_CONFIG_KEY
 
     def __init__(self, model: nn.Module | None = None, args: DEELBoTrainingArguments | None = None, **kwargs):
-        if model is None:
-            raise ValueError("DEELBoTrainer needs a model (model_init is not supported: μ is taken from the model).")
-        if args is None:
-            args = DEELBoTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, DEELBoTrainingArguments):
-            raise TypeError(
-                f"args must be DEELBoTrainingArguments, got {type(args).__name__}; "
-                "build it with DEELBoTrainingArguments(output_dir=..., ...)."
-            )
-        # Validate everything the method needs before Trainer does any work.
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-            raise ValueError(
-                "The model's parameters are sharded (DTensor, e.g. by torch's fully_shard): DEELBoTrainer does not "
-                "support FSDP. Pass the unsharded model and train with DDP (torchrun or accelerate launch --multi_gpu)."
-            )
-        groups = split_parameters(model, args.head_modules)
-        num_train_examples = _resolve_num_train_examples(args, kwargs.get("train_dataset"))
-        if kwargs.get("train_dataset") is not None:
-            check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"))
         super().__init__(model=model, args=args, **kwargs)
-
-        self.posterior = IsotropicGaussianPosterior(self.model, groups, args.sigma_init)
-        self.head_modules = groups.head_modules
-        self.num_train_examples = num_train_examples
+        args = self.args
+        self.posterior = IsotropicGaussianPosterior(self.model, self.groups, args.sigma_init)
+        self.num_train_examples = _resolve_num_train_examples(args, self.train_dataset)
         self.kappa = (
-            resolve_kappa(args.kappa, self.posterior.num_params, num_train_examples) if num_train_examples else None
+            resolve_kappa(args.kappa, self.posterior.num_params, self.num_train_examples)
+            if self.num_train_examples
+            else None
         )
         self.add_callback(DEELBoCallback())
         self.deelbo_callback.bind(self.posterior)
-
-        self._is_transformers_model = isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel)
-        if not self.label_names:  # raw timm models have no `labels` argument to detect
-            self.label_names = ["labels"]
         self._window = torch.zeros(len(_WINDOW_METRICS) + 1, dtype=torch.float64, device=self.args.device)
-        self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
         self._logged_constants = False
         logger.info(
             f"DE ELBO: D_b={self.posterior.num_backbone_params:,} backbone and K={self.posterior.num_head_params:,} "
-            f"head parameters (head: {self.head_modules}), N={num_train_examples}, kappa={self.kappa}"
+            f"head parameters (head: {self.head_modules}), N={self.num_train_examples}, kappa={self.kappa}"
         )
+
+    def _check_before_init(self, args, kwargs) -> None:
+        _resolve_num_train_examples(args, kwargs.get("train_dataset"))
 
     # ---- wiring -------------------------------------------------------------------------------
 
@@ -120,26 +85,6 @@ class DEELBoTrainer(Trainer):
         super()._load_callback_state()
         self.deelbo_callback.bind(self.posterior)
 
-    def _restore_weights(self, checkpoint: str) -> bool:
-        """Load a checkpoint's weights into the model exactly (strict). False if not applicable."""
-        weights_file = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(weights_file):
-            return False
-        model = self.accelerator.unwrap_model(self.model)
-        if isinstance(model, PreTrainedModel):
-            # save_pretrained may write legacy key names (ViT: `encoder.layer.0.attention.attention.query`)
-            # that Trainer's load_state_dict(strict=False) silently skips, so resuming would keep the
-            # fresh weights (transformers issue 43701). from_pretrained converts the names.
-            state_dict = type(model).from_pretrained(checkpoint, config=model.config).state_dict()
-        else:
-            state_dict = safetensors.torch.load_file(weights_file, device="cpu")
-        model.load_state_dict(state_dict, strict=True)
-        return True
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        if not self._restore_weights(resume_from_checkpoint):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
     def _load_best_model(self) -> None:
         checkpoint = self.state.best_model_checkpoint
         if not self._restore_weights(checkpoint):
@@ -152,12 +97,6 @@ class DEELBoTrainer(Trainer):
         for name, value in saved.items():
             setattr(callback, name, value)
         callback.bind(self.posterior)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None and not self._is_transformers_model:
-            # timm's forward(x) names no dataset column; it is fed `pixel_values`.
-            self._signature_columns = ["pixel_values", "label", "label_ids", *self.label_names]
-        super()._set_signature_columns_if_needed()
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, plus a group for ρ (same learning rate, no weight decay)."""
@@ -176,7 +115,6 @@ class DEELBoTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._nonfinite_loss |= ~torch.isfinite(loss)  # no device sync here; checked once per step
         rho = self.posterior.rho
         if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and rho.grad is not None:
             # ρ lives outside the DDP module, so its gradient is not all-reduced by DDP.
@@ -185,9 +123,6 @@ class DEELBoTrainer(Trainer):
         return loss
 
     # ---- the objective ------------------------------------------------------------------------
-
-    def _forward(self, model: nn.Module, inputs: dict, parameters: dict | None = None) -> torch.Tensor:
-        return classifier_logits(model, inputs, parameters, self._is_transformers_model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DE ELBO loss of one micro-batch, at one fresh draw w̃ = m + σε:
@@ -219,25 +154,15 @@ class DEELBoTrainer(Trainer):
 
     # ---- prediction ---------------------------------------------------------------------------
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation at the posterior mean (or BMA); the loss is the mean NLL of the batch and the
-        returned logits are log predictive probabilities when averaging."""
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.get(self.label_names[0])
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if self.args.bma_samples == 0:
-                logits = self._forward(model, inputs).float()
-                log_probs = F.log_softmax(logits, dim=-1)
-            else:
-                # Draws from a generator seeded with args.seed: evaluation never consumes the
-                # training noise stream, and repeated evaluations agree.
-                logits = log_probs = predictive_log_probs(
-                    model, inputs, self.posterior, self.args.bma_samples, self.args.seed, self._is_transformers_model
-                )
-        loss = F.nll_loss(log_probs, labels).detach() if labels is not None else None
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, logits.detach(), labels
+    def _predict_log_probs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """At the posterior mean (`bma_samples=0`), or the log of the average of the predictive
+        distributions of `bma_samples` draws, from a generator seeded with `args.seed` (evaluation
+        never consumes the training noise stream, and repeated evaluations agree)."""
+        if self.args.bma_samples == 0:
+            return super()._predict_log_probs(model, inputs)
+        return predictive_log_probs(
+            model, inputs, self.posterior, self.args.bma_samples, self.args.seed, self._is_transformers_model
+        )
 
     # ---- logging and saving -------------------------------------------------------------------
 
@@ -277,28 +202,23 @@ class DEELBoTrainer(Trainer):
             head_modules=self.head_modules,
         )
 
-    def _write_deelbo_config(self) -> None:
-        set_model_deelbo_config(self.accelerator.unwrap_model(self.model), self.learned_hyperparameters())
+    def config_entry(self) -> dict:
+        return self.learned_hyperparameters()
 
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        # Runs after every optimizer step and before any checkpoint is written, so a diverged
-        # run stops before it can overwrite the last good checkpoint.
+    def _divergence_details(self) -> str | None:
         callback = self.deelbo_callback
         values = (callback.backbone_prior_variance, callback.head_prior_variance)
-        if bool(self._nonfinite_loss) or not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(
-                f"DE ELBO diverged at step {self.state.global_step}: the loss or the weights are no longer finite "
-                f"(lambda={values[0]}, tau={values[1]}). Lower learning_rate (now {self._get_learning_rate()}), "
-                f"or check kappa ({self.kappa}) and the data. The last checkpoint saved before this step is intact."
-            )
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
+        if all(math.isfinite(v) for v in values):
+            return None
+        return f"lambda={values[0]}, tau={values[1]}"
+
+    def _divergence_hint(self) -> str:
+        return f", or check kappa ({self.kappa})"
 
     def train(self, *args, **kwargs):
         if self.num_train_examples is None:
             raise ValueError(_MISSING_N_MESSAGE)
-        output = super().train(*args, **kwargs)
-        self._write_deelbo_config()
-        return output
+        return super().train(*args, **kwargs)
 
     def create_model_card(
         self,
@@ -355,44 +275,6 @@ class DEELBoTrainer(Trainer):
             + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else []),
         )
         card.save(os.path.join(output_dir, "README.md"))
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        self._write_deelbo_config()
-        super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if is_timm_wrapper(unwrapped):
-            make_timm_wrapper_checkpoint_portable(unwrapped, output_dir)
-        elif not self._is_transformers_model and isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
-            save_timm_config(unwrapped, output_dir)
-
-    # ---- the Hub ------------------------------------------------------------------------------
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """Creates the Hub repo (Trainer does this when the trainer is built with push_to_hub=True),
-        with one clear error when the repo id lacks a namespace nobody can supply, or the Hub is
-        unreachable or refuses."""
-        if not self.is_world_process_zero():
-            return
-        token = token if token is not None else self.args.hub_token
-        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        self.args.hub_model_id = check_repo_namespace(name, token)
-        try:
-            super().init_hf_repo(token=token, private=private)
-        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
-            raise push_error(error, self.args.output_dir, self.args.hub_model_id) from error
-
-    def push_to_hub(self, *args, **kwargs):
-        """Trainer's push (weights, config.json with `deelbo`, model card, plot); a failure raises
-        one `HubPushError` and leaves the local output directory as it was."""
-        try:
-            return super().push_to_hub(*args, **kwargs)
-        except HubPushError:
-            raise
-        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
-            raise push_error(error, self.args.output_dir, self.hub_model_id or self.args.hub_model_id) from error
 
 
 _MISSING_N_MESSAGE = (
