@@ -7,7 +7,9 @@ from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
 from .groups import ParameterGroups, detect_head_modules, split_parameters
 from .hub import HubPushError, load_classifier, load_deelbo_config
+from .l2sp import L2SPTrainer, L2SPTrainingArguments
 from .posterior import IsotropicGaussianPosterior
+from .search import l2sp_grid_search, select_learning_rate
 from .prediction import posterior_from_config, predictive_log_probs
 from .trainer import DEELBoTrainer
 
@@ -17,12 +19,16 @@ __all__ = [
     "DEELBoTrainingArguments",
     "HubPushError",
     "IsotropicGaussianPosterior",
+    "L2SPTrainer",
+    "L2SPTrainingArguments",
     "ParameterGroups",
     "detect_head_modules",
     "digits",
+    "l2sp_grid_search",
     "load_classifier",
     "load_deelbo_config",
     "posterior_from_config",
     "predictive_log_probs",
+    "select_learning_rate",
     "split_parameters",
 ]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .anchor import PretrainedAnchor
 from .groups import ParameterGroups
 from .objective import gaussian_kl, optimal_prior_variance
 
@@ -54,19 +55,16 @@ class IsotropicGaussianPosterior(nn.Module):
 
     def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4):
         super().__init__()
-        parameters = dict(model.named_parameters())
-        members = set(groups.backbone) | set(groups.head)
-        # Plain attributes, not registered: these are the model's own tensors, not the posterior's.
-        self.parameter_names = [name for name in parameters if name in members]
-        self._parameters_by_name = {name: parameters[name] for name in self.parameter_names}
-        self.backbone_names = list(groups.backbone)
-        self.head_names = list(groups.head)
-        self._backbone = [parameters[name] for name in self.backbone_names]
-        self._head = [parameters[name] for name in self.head_names]
-        self._prior_mean = [p.detach().clone() for p in self._backbone]
-        self.num_backbone_params = sum(p.numel() for p in self._backbone)
-        self.num_head_params = sum(p.numel() for p in self._head)
-        self.num_params = self.num_backbone_params + self.num_head_params
+        self.anchor = PretrainedAnchor(model, groups)
+        self.parameter_names = self.anchor.parameter_names
+        self._parameters_by_name = self.anchor.parameters_by_name
+        self.backbone_names = self.anchor.backbone_names
+        self.head_names = self.anchor.head_names
+        self._backbone = self.anchor.backbone
+        self._prior_mean = self.anchor.prior_mean
+        self.num_backbone_params = self.anchor.num_backbone_params
+        self.num_head_params = self.anchor.num_head_params
+        self.num_params = self.anchor.num_params
         device = self._backbone[0].device
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(sigma_init), dtype=torch.float32, device=device))
         self._wrapped_names: dict[int, list[str]] = {}
@@ -90,19 +88,8 @@ class IsotropicGaussianPosterior(nn.Module):
         return F.softplus(self.rho.double()).clamp_min(self.min_sigma) ** 2
 
     def squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars, differentiable with respect to m.
-
-        Each tensor is reduced in its own dtype (torch's cascade summation: about 1e-7 relative
-        error in float32) and the per-tensor sums are added in float64; a float64 copy of every
-        weight would cost ~6× the time for no visible gain.
-        """
-        if torch.is_grad_enabled():
-            backbone = sum((p - mu).square().sum().double() for p, mu in zip(self._backbone, self._prior_mean))
-            head = sum(p.square().sum().double() for p in self._head)
-        else:
-            backbone = sum(torch.sub(p, mu).square_().sum().double() for p, mu in zip(self._backbone, self._prior_mean))
-            head = sum(p.square().sum().double() for p in self._head)
-        return backbone, head
+        """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars (`PretrainedAnchor.squared_distances`)."""
+        return self.anchor.squared_distances()
 
     def kl(self, backbone_prior_variance, head_prior_variance) -> torch.Tensor:
         """KL(q ‖ p_{λ,τ}) = KL_b + KL_h (float64, differentiable w.r.t. m and ρ) at fixed λ, τ."""

@@ -205,6 +205,40 @@ class DEELBoTrainer(FineTuningTrainer):
     def config_entry(self) -> dict:
         return self.learned_hyperparameters()
 
+    @torch.no_grad()
+    def training_objective(self, dataset=None, num_samples: int = 10) -> float:
+        """The DE ELBO objective at the current q, on `dataset` (default: the training set; pass it
+        without augmentation), with the model in eval mode:
+
+            (1/S) Σ_s mean_i CE(f(x_i; m + σε_s), y_i) + KL(q ‖ p_{λ*,τ*}) / (κ N)
+
+        One draw ε_s is shared by every example, from a generator seeded with `args.seed + s`. The
+        paper picks the learning rate whose run has the lowest value (S = 10)."""
+        dataset = dataset if dataset is not None else self.train_dataset
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = self.posterior.rho.device
+        batches = [self._prepare_inputs(batch) for batch in self.get_eval_dataloader(dataset)]
+        try:
+            nlls = []
+            for s in range(num_samples):
+                generator = torch.Generator(device=device).manual_seed(self.args.seed + s)
+                parameters = self.posterior.sample_parameters(model, generator)
+                total, count = 0.0, 0
+                for batch in batches:
+                    with self.compute_loss_context_manager():
+                        logits = self._forward(model, batch, parameters).float()
+                    labels = batch[self.label_names[0]]
+                    total += float(F.cross_entropy(logits, labels, reduction="sum"))
+                    count += len(labels)
+                nlls.append(total / count)
+        finally:
+            model.train(was_training)
+        callback = self.deelbo_callback
+        kl = float(self.posterior.kl(callback.backbone_prior_variance, callback.head_prior_variance))
+        return sum(nlls) / len(nlls) + kl / (self.kappa * self.num_train_examples)
+
     def _divergence_details(self) -> str | None:
         callback = self.deelbo_callback
         values = (callback.backbone_prior_variance, callback.head_prior_variance)

@@ -1,0 +1,326 @@
+"""DE ELBO against the methods it replaces, on a real transfer task that runs on 2 CPU cores.
+
+Backbones pretrained on scikit-learn's digits 0–4 (a small timm ResNet and a small transformers
+ViT, 16×16 inputs) are fine-tuned on N ∈ {50, 100, 500} images of digits 5–9, 3 seeds each, and
+tested on a held-out 30 % of 5–9. Methods:
+
+- DE ELBO (κ = D/N): 4 runs, lr ∈ {0.1, 0.01, 0.001, 0.0001}, the lowest final training
+  objective wins (no validation data);
+- ELBO (κ = 1): the same, to show the collapse toward uniform predictions when D ≫ N;
+- L2-SP + grid search: α, β ∈ {1e-2, …, 1e-6, 0}, the same 4 lrs (144 runs) on 80 % of N,
+  the lowest validation NLL wins, retrained on all N.
+
+Every run uses SGD with Nesterov momentum 0.9, a cosine schedule, batch 32, gradient clipping at
+1.0 and the same number of steps. Compute is the wall time of the whole procedure (all its runs),
+measured in the same process, one thread per process.
+
+    python benchmarks/transfer.py              # the full benchmark (≈ 1 h on 2 cores), updates docs/benchmarks.md
+    python benchmarks/transfer.py --quick --output-dir /tmp/transfer-quick   # a smoke run (CI)
+
+Results: benchmarks/results/transfer.json (every run), the table and figure in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_SIZE = 16
+SECTION = ("<!-- transfer:start -->", "<!-- transfer:end -->")
+
+
+def _setup_thread():
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tensor_dataset(dataset):
+    """Digits as pixel tensors, decoded once (16×16, 3 channels, normalised)."""
+    import torch.nn.functional as F
+    from datasets import Dataset
+
+    from hf_deelbo import digits
+
+    batch = digits.to_pixel_values(dataset[:])
+    x = F.interpolate(batch["pixel_values"], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return Dataset.from_dict({"pixel_values": x.numpy(), "labels": batch["labels"].numpy()}).with_format("torch")
+
+
+def pretrained_path(backbone: str, cache_dir: str) -> str:
+    """Pretrain on digits 0–4 once, save like a Hub checkpoint, return the directory."""
+    from hf_deelbo import digits
+
+    path = os.path.join(cache_dir, f"transfer-{backbone}-{IMAGE_SIZE}px")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(0)
+    source, _ = digits.split(digits.digits_dataset(digits.SOURCE_CLASSES), None, seed=0)
+    data = tensor_dataset(source)
+    model = new_model(backbone, 5)
+    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(6):
+        for batch in loader:
+            logits = model(batch["pixel_values"])
+            logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    if backbone == "vit":
+        model.save_pretrained(path)
+    else:
+        from timm.models._hub import save_for_hf
+
+        save_for_hf(model, path, safe_serialization=True)
+    return path
+
+
+def new_model(backbone: str, num_classes: int):
+    if backbone == "vit":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, intermediate_size=128, num_labels=num_classes)
+        return ViTForImageClassification(config)
+    import timm
+
+    return timm.create_model("test_resnet", num_classes=num_classes)
+
+
+def model_init(backbone: str, path: str, seed: int):
+    def init():
+        torch.manual_seed(seed)
+        if backbone == "vit":
+            from transformers import ViTForImageClassification
+
+            model = ViTForImageClassification.from_pretrained(path)
+            model.classifier.reset_parameters()  # the new head for digits 5–9
+            return model
+        from hf_deelbo.hub import load_timm_model
+
+        model = load_timm_model(path)
+        model.reset_classifier(5)
+        return model
+
+    return init
+
+
+def evaluate(trainer, test) -> dict:
+    from hf_deelbo import digits
+
+    output = trainer.predict(test)
+    return digits.classification_metrics(torch.tensor(output.predictions), torch.tensor(output.label_ids))
+
+
+def run_combo(task) -> dict:
+    """One (backbone, N, seed): the three methods, each timed as a whole."""
+    _setup_thread()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from hf_deelbo import DEELBoTrainingArguments, L2SPTrainingArguments, digits, l2sp_grid_search, select_learning_rate
+
+    backbone, n, seed, settings, path, work_dir = task
+    train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
+    train, test = tensor_dataset(train), tensor_dataset(test)
+    labels = [int(v) for v in train.with_format(None)["labels"]]
+    common = dict(
+        max_steps=settings["steps"], per_device_train_batch_size=32, per_device_eval_batch_size=256, optim="sgd",
+        optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", max_grad_norm=1.0, report_to="none",
+        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, logging_steps=10**6,
+        dataloader_pin_memory=False,
+    )
+    init = model_init(backbone, path, seed)
+    record = {"backbone": backbone, "n": n, "seed": seed}
+    for name, kappa in (("DE ELBO", None), ("ELBO (κ=1)", 1.0)):
+        args = DEELBoTrainingArguments(output_dir=os.path.join(work_dir, name), kappa=kappa, **common)
+        start = time.perf_counter()
+        result = select_learning_rate(init, train, args, learning_rates=settings["learning_rates"])
+        seconds = time.perf_counter() - start
+        learned = result.trainer.learned_hyperparameters()
+        record[name] = {
+            **evaluate(result.trainer, test), "seconds": seconds, "learning_rate": result.best["learning_rate"],
+            "lambda": learned["lambda"], "tau": learned["tau"], "sigma": learned["sigma"], "kappa": learned["kappa"],
+            "alpha_eff": learned["alpha_eff"], "beta_eff": learned["beta_eff"],
+            "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score, "seconds": r.seconds}
+                     for r in result.runs],
+        }
+    args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "grid"), **common)
+    start = time.perf_counter()
+    result = l2sp_grid_search(init, train, labels, args, alphas=settings["strengths"], betas=settings["strengths"],
+                              learning_rates=settings["learning_rates"])
+    seconds = time.perf_counter() - start
+    record["L2-SP grid search"] = {
+        **evaluate(result.trainer, test), "seconds": seconds, **result.best, "num_runs": len(result.runs) + 1,
+        "runs": [{**r.settings, "validation_nll": r.score, "seconds": r.seconds} for r in result.runs],
+    }
+    return record
+
+
+METHODS = ("DE ELBO", "ELBO (κ=1)", "L2-SP grid search")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    rows = []
+    keys = sorted({(r["backbone"], r["n"]) for r in records})
+    for backbone, n in keys:
+        group = [r for r in records if r["backbone"] == backbone and r["n"] == n]
+        for method in METHODS:
+            values = [r[method] for r in group if method in r]
+            if not values:
+                continue
+
+            def mean(key, values=values):
+                return statistics.mean(v[key] for v in values)
+
+            def std(key, values=values):
+                return statistics.stdev([v[key] for v in values]) if len(values) > 1 else 0.0
+
+            row = {"backbone": backbone, "n": n, "method": method, "seeds": len(values),
+                   "accuracy": mean("accuracy"), "accuracy_std": std("accuracy"), "nll": mean("nll"),
+                   "ece": mean("ece"), "seconds": mean("seconds")}
+            if method != "L2-SP grid search":
+                row.update(lam=mean("lambda"), tau=mean("tau"), alpha_eff=mean("alpha_eff"))
+            else:
+                row.update(alpha=statistics.median(v["alpha"] for v in values),
+                           beta=statistics.median(v["beta"] for v in values))
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
+    lines = [
+        SECTION[0],
+        "## Transfer: DE ELBO versus L2-SP grid search (`benchmarks/transfer.py`)",
+        "",
+        f"Digits 0–4 → 5–9, {IMAGE_SIZE}×{IMAGE_SIZE} inputs, {settings['steps']} SGD steps per run, batch 32, "
+        f"{len(settings['seeds'])} seed(s); test set: 30 % of digits 5–9. Compute is the wall time of the whole "
+        f"procedure (DE ELBO and ELBO: {len(settings['learning_rates'])} learning rates; grid search: "
+        f"{len(settings['strengths'])**2 * len(settings['learning_rates'])} runs + the retrain), one thread per "
+        f"process. Total benchmark time: {machine_seconds / 60:.0f} min. Mean over seeds (± std for accuracy).",
+        "",
+        "| backbone | N | method | test accuracy | test NLL | ECE | compute (s) | learned λ, τ / chosen α, β | α_eff = 1/(Dλ) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["method"] == "L2-SP grid search":
+            hyper, alpha = f"α = {row['alpha']:g}, β = {row['beta']:g}", ""
+        else:
+            hyper, alpha = f"λ = {row['lam']:.3g}, τ = {row['tau']:.3g}", f"{row['alpha_eff']:.3g}"
+        lines.append(
+            f"| {row['backbone']} | {row['n']} | {row['method']} | {row['accuracy']:.3f} ± {row['accuracy_std']:.3f} "
+            f"| {row['nll']:.3f} | {row['ece']:.3f} | {row['seconds']:.0f} | {hyper} | {alpha} |"
+        )
+    lines.append("")
+    ratios = []
+    for backbone, n in sorted({(r["backbone"], r["n"]) for r in rows}):
+        by = {r["method"]: r for r in rows if r["backbone"] == backbone and r["n"] == n}
+        if "DE ELBO" in by and "L2-SP grid search" in by:
+            ratios.append(
+                f"| {backbone} | {n} | {by['DE ELBO']['accuracy'] - by['L2-SP grid search']['accuracy']:+.3f} "
+                f"| {by['L2-SP grid search']['seconds'] / by['DE ELBO']['seconds']:.1f}× |"
+            )
+    lines += ["| backbone | N | DE ELBO − grid search accuracy | grid search compute / DE ELBO compute |",
+              "|---|---|---|---|", *ratios, "", "![accuracy versus compute](../benchmarks/results/transfer.png)", "",
+              SECTION[1]]
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = sorted({r["backbone"] for r in rows})
+    fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
+    markers = {"DE ELBO": "o", "ELBO (κ=1)": "x", "L2-SP grid search": "s"}
+    for ax, backbone in zip(axes[0], backbones):
+        for method in METHODS:
+            points = sorted((r["n"], r["seconds"], r["accuracy"]) for r in rows
+                            if r["backbone"] == backbone and r["method"] == method)
+            if points:
+                ax.plot([p[1] for p in points], [p[2] for p in points], marker=markers[method], label=method)
+                for n, seconds, accuracy in points:
+                    ax.annotate(f"N={n}", (seconds, accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("compute (wall seconds, log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(backbone)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_docs(section: str, docs_path: str) -> None:
+    text = open(docs_path).read() if os.path.exists(docs_path) else "# Benchmarks\n"
+    if SECTION[0] in text:
+        before, rest = text.split(SECTION[0], 1)
+        after = rest.split(SECTION[1], 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    with open(docs_path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="A small smoke run: 1 backbone, N=50, 1 seed, a 2×2×2 grid.")
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--docs", default=None, help="Markdown file to update (default: docs/benchmarks.md; --quick: OUTPUT_DIR/benchmarks.md).")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
+    args = parser.parse_args(argv)
+    if args.quick:
+        settings = {"steps": 5, "learning_rates": [0.1, 0.01], "strengths": [1e-3, 0.0], "ns": [50], "seeds": [0],
+                    "backbones": ["timm-resnet"]}
+    else:
+        settings = {"steps": 50, "learning_rates": [0.1, 0.01, 0.001, 0.0001],
+                    "strengths": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0], "ns": [50, 100, 500], "seeds": [0, 1, 2],
+                    "backbones": args.backbones}
+    os.makedirs(args.output_dir, exist_ok=True)
+    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
+                              else os.path.join(ROOT, "docs", "benchmarks.md"))
+    cache_dir = os.path.join(args.output_dir, "pretrained")
+    _setup_thread()
+    paths = {b: pretrained_path(b, cache_dir) for b in settings["backbones"]}
+    work_dir = os.path.join(args.output_dir, "runs")
+    tasks = [(b, n, s, settings, paths[b], os.path.join(work_dir, f"{b}-{n}-{s}"))
+             for b, n, s in itertools.product(settings["backbones"], settings["ns"], settings["seeds"])]
+    # Largest first, so the two workers finish together.
+    tasks.sort(key=lambda t: -t[1])
+    results_path = os.path.join(args.output_dir, "transfer.json")
+    records, start = [], time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for record in pool.imap_unordered(run_combo, tasks):
+            records.append(record)
+            summary = {m: round(record[m]["accuracy"], 3) for m in METHODS}
+            print(f"[{len(records)}/{len(tasks)}] {record['backbone']} N={record['n']} seed={record['seed']}: {summary}",
+                  flush=True)
+            with open(results_path, "w") as f:  # written after every task: partial results survive
+                json.dump({"settings": settings, "records": records}, f, indent=1)
+    elapsed = time.perf_counter() - start
+    rows = summarize(records)
+    figure(rows, os.path.join(args.output_dir, "transfer.png"))
+    with open(results_path, "w") as f:
+        json.dump({"settings": settings, "seconds": elapsed, "summary": rows, "records": records}, f, indent=1)
+    write_docs(markdown(rows, settings, elapsed), docs_path)
+    print(markdown(rows, settings, elapsed))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
