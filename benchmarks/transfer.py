@@ -14,7 +14,8 @@ Every run uses SGD with Nesterov momentum 0.9, a cosine schedule, batch 32, grad
 1.0 and the same number of steps. Compute is the wall time of the whole procedure (all its runs),
 measured in the same process, one thread per process.
 
-    python benchmarks/transfer.py              # the full benchmark (≈ 1 h on 2 cores), updates docs/benchmarks.md
+    python benchmarks/transfer.py              # the full benchmark (≈ 90 min on 2 cores), updates docs/benchmarks.md
+    python benchmarks/transfer.py --seeds 0    # one seed first; then --seeds 1 2 --resume adds the others
     python benchmarks/transfer.py --quick --output-dir /tmp/transfer-quick   # a smoke run (CI)
 
 Results: benchmarks/results/transfer.json (every run), the table and figure in docs/benchmarks.md.
@@ -209,7 +210,8 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
         f"{len(settings['seeds'])} seed(s); test set: 30 % of digits 5–9. Compute is the wall time of the whole "
         f"procedure (DE ELBO and ELBO: {len(settings['learning_rates'])} learning rates; grid search: "
         f"{len(settings['strengths'])**2 * len(settings['learning_rates'])} runs + the retrain), one thread per "
-        f"process. Total benchmark time: {machine_seconds / 60:.0f} min. Mean over seeds (± std for accuracy).",
+        f"process. Total benchmark time: {machine_seconds / 60:.0f} min. Mean over seeds (± std for accuracy; "
+        "0 with one seed).",
         "",
         "| backbone | N | method | test accuracy | test NLL | ECE | compute (s) | learned λ, τ / chosen α, β | α_eff = 1/(Dλ) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -284,13 +286,18 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", default=None, help="Markdown file to update (default: docs/benchmarks.md; --quick: OUTPUT_DIR/benchmarks.md).")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the records already in OUTPUT_DIR/transfer.json and run only the missing tasks.")
     args = parser.parse_args(argv)
     if args.quick:
         settings = {"steps": 5, "learning_rates": [0.1, 0.01], "strengths": [1e-3, 0.0], "ns": [50], "seeds": [0],
                     "backbones": ["timm-resnet"]}
     else:
-        settings = {"steps": 50, "learning_rates": [0.1, 0.01, 0.001, 0.0001],
-                    "strengths": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0], "ns": [50, 100, 500], "seeds": [0, 1, 2],
+        settings = {"steps": args.steps, "learning_rates": [0.1, 0.01, 0.001, 0.0001],
+                    "strengths": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0], "ns": args.ns, "seeds": args.seeds,
                     "backbones": args.backbones}
     os.makedirs(args.output_dir, exist_ok=True)
     docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
@@ -305,6 +312,17 @@ def main(argv=None) -> None:
     tasks.sort(key=lambda t: -t[1])
     results_path = os.path.join(args.output_dir, "transfer.json")
     records, start = [], time.perf_counter()
+    if args.resume and os.path.exists(results_path):
+        previous = json.load(open(results_path))
+        if previous["settings"]["steps"] != settings["steps"]:
+            raise SystemExit(f"--resume: {results_path} was made with {previous['settings']['steps']} steps per run")
+        records = previous["records"]
+        start -= previous.get("seconds", 0.0)
+        done = {(r["backbone"], r["n"], r["seed"]) for r in records}
+        tasks = [t for t in tasks if (t[0], t[1], t[2]) not in done]
+        settings["seeds"] = sorted(set(settings["seeds"]) | {r["seed"] for r in records})
+        settings["ns"] = sorted(set(settings["ns"]) | {r["n"] for r in records})
+        settings["backbones"] = sorted(set(settings["backbones"]) | {r["backbone"] for r in records})
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_combo, tasks):
             records.append(record)
@@ -312,7 +330,7 @@ def main(argv=None) -> None:
             print(f"[{len(records)}/{len(tasks)}] {record['backbone']} N={record['n']} seed={record['seed']}: {summary}",
                   flush=True)
             with open(results_path, "w") as f:  # written after every task: partial results survive
-                json.dump({"settings": settings, "records": records}, f, indent=1)
+                json.dump({"settings": settings, "seconds": time.perf_counter() - start, "records": records}, f, indent=1)
     elapsed = time.perf_counter() - start
     rows = summarize(records)
     figure(rows, os.path.join(args.output_dir, "transfer.png"))

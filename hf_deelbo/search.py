@@ -147,7 +147,8 @@ def select_learning_rate(
             score = trainer.training_objective(objective_dataset or train_dataset, num_samples=num_samples)
         except FloatingPointError:  # a diverged learning rate is simply not chosen
             score = float("inf")
-        runs.append(SearchRun({"learning_rate": lr}, float(score), time.perf_counter() - start))
+        score = float(score) if np.isfinite(score) else float("inf")  # NaN would win np.argmin
+        runs.append(SearchRun({"learning_rate": lr}, score, time.perf_counter() - start))
         trainers.append(trainer)
     best_index = int(np.argmin([run.score for run in runs]))
     if not np.isfinite(runs[best_index].score):

@@ -1,0 +1,109 @@
+"""Grid search and learning-rate selection, on tiny models."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_model, image_dataset
+from torch.distributions import Normal, kl_divergence
+
+from hf_deelbo import (
+    DEELBoTrainer,
+    DEELBoTrainingArguments,
+    L2SPTrainingArguments,
+    l2sp_grid_search,
+    select_learning_rate,
+)
+from hf_deelbo.search import stratified_split
+
+COMMON = dict(per_device_train_batch_size=8, max_steps=2, report_to="none", disable_tqdm=True, use_cpu=True,
+              save_strategy="no", optim="sgd", seed=0)
+
+
+def _labels(dataset):
+    return [int(v) for v in dataset.with_format(None)["labels"]]
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    train, validation = stratified_split(labels, 0.2, seed=0)
+    assert sorted(train + validation) == list(range(100))
+    assert [sum(labels[i] == c for i in validation) for c in range(3)] == [10, 6, 4]
+
+
+def test_grid_search_runs_every_config_and_retrains_the_best_on_all_data(tmp_path):
+    dataset = image_dataset(20)
+    result = l2sp_grid_search(
+        lambda: build_model("resnet")[0], dataset, _labels(dataset),
+        L2SPTrainingArguments(output_dir=str(tmp_path), **COMMON),
+        alphas=(1e-2, 0.0), betas=(1e-3,), learning_rates=(0.5, 0.01),
+    )
+    assert len(result.runs) == 4 and all(run.seconds > 0 for run in result.runs)
+    assert result.best == min(result.runs, key=lambda run: run.score).settings
+    assert len(result.trainer.train_dataset) == 20  # the retrain sees all N
+    assert result.trainer.args.alpha == result.best["alpha"]
+    assert result.total_seconds == pytest.approx(sum(r.seconds for r in result.runs) + result.final_seconds)
+
+
+def test_training_objective_against_a_reference(tmp_path):
+    model, _ = build_model("vit")
+    dataset = image_dataset(12)
+    trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(output_dir=str(tmp_path), sigma_init=1e-3,
+                                                                      **COMMON), train_dataset=dataset)
+    trainer.train()
+    objective = trainer.training_objective(dataset, num_samples=3)
+
+    # Reference: the same three draws, applied in place to a copy; the KL from torch.distributions.
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    posterior, callback = trainer.posterior, trainer.deelbo_callback
+    sigma = posterior.sigma().detach()
+    nlls = []
+    for s in range(3):
+        generator = torch.Generator().manual_seed(trainer.args.seed + s)
+        noise = torch.randn(posterior.num_params, generator=generator)
+        offset = 0
+        with torch.no_grad():
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                q.copy_(p + sigma * noise[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+            logits = reference(pixel_values=dataset[:]["pixel_values"]).logits
+        nlls.append(F.cross_entropy(logits, dataset[:]["labels"]).item())
+    kl = 0.0
+    for name, p in model.named_parameters():
+        head = name.startswith("classifier.")
+        mean = torch.zeros_like(p) if head else posterior.prior_mean[name]
+        var = callback.head_prior_variance if head else callback.backbone_prior_variance
+        kl += kl_divergence(Normal(p.double(), sigma.double()), Normal(mean.double(), math.sqrt(var))).sum().item()
+    expected = sum(nlls) / 3 + kl / (trainer.kappa * 12)
+    assert objective == pytest.approx(expected, rel=1e-4)
+
+
+def test_learning_rate_selection_picks_the_lowest_training_objective(tmp_path):
+    dataset = image_dataset(12)
+    result = select_learning_rate(
+        lambda: build_model("resnet")[0], dataset,
+        DEELBoTrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.0, **COMMON),
+        learning_rates=(1e6, 0.05, 0.001), num_samples=2,
+    )
+    scores = {run.settings["learning_rate"]: run.score for run in result.runs}
+    assert scores[1e6] == math.inf  # diverged: never chosen
+    assert result.best["learning_rate"] == min(scores, key=scores.get)
+    assert result.trainer.args.learning_rate == result.best["learning_rate"]
+    assert result.trainer.predict(dataset).predictions.shape == (12, 5)
+
+
+@pytest.mark.slow
+def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "transfer.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("transfer.json", "transfer.png", "benchmarks.md"):
+        assert (tmp_path / name).is_file(), name
+    assert "L2-SP grid search" in (tmp_path / "benchmarks.md").read_text()
