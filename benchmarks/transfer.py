@@ -35,6 +35,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _docs import update_section  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 16
 SECTION = ("<!-- transfer:start -->", "<!-- transfer:end -->")
@@ -267,18 +270,6 @@ def figure(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_docs(section: str, docs_path: str) -> None:
-    text = open(docs_path).read() if os.path.exists(docs_path) else "# Benchmarks\n"
-    if SECTION[0] in text:
-        before, rest = text.split(SECTION[0], 1)
-        after = rest.split(SECTION[1], 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    with open(docs_path, "w") as f:
-        f.write(text)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="A small smoke run: 1 backbone, N=50, 1 seed, a 2×2×2 grid.")
@@ -336,7 +327,7 @@ def main(argv=None) -> None:
     figure(rows, os.path.join(args.output_dir, "transfer.png"))
     with open(results_path, "w") as f:
         json.dump({"settings": settings, "seconds": elapsed, "summary": rows, "records": records}, f, indent=1)
-    write_docs(markdown(rows, settings, elapsed), docs_path)
+    update_section(docs_path, SECTION, markdown(rows, settings, elapsed))
     print(markdown(rows, settings, elapsed))
 
 

@@ -95,6 +95,14 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace the content of output_dir if it already holds a run."}
     )
+    learning_rates: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Train one run per learning rate (e.g. 0.1 0.01 0.001 0.0001) and keep the one with the lowest "
+            "final training objective (DE ELBO loss on the training set without augmentation, 10 draws), as the "
+            "paper does; no validation data is used."
+        },
+    )
     push_to_hub_model_id: str | None = field(
         default=None, metadata={"help": "Older name of --hub_model_id, accepted as in run_image_classification.py."}
     )
@@ -225,12 +233,17 @@ def _embedded_data_and_model(data_args, training_args):
 
     print("Embedded default: a resnet10t pretrained on digits 0-4, fine-tuned on digits 5-9 (scikit-learn's digits).")
     backbone = digits.pretrained_backbone_path(seed=0)
-    model = digits.load_backbone_with_new_head(backbone, len(digits.TARGET_CLASSES), seed=training_args.seed)
+
+    def model_init():
+        return digits.load_backbone_with_new_head(backbone, len(digits.TARGET_CLASSES), seed=training_args.seed)
+
     num_train = data_args.max_train_samples or EMBEDDED_MAX_TRAIN_SAMPLES
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), num_train, seed=training_args.seed)
     if data_args.max_eval_samples is not None:
         test = test.select(range(min(data_args.max_eval_samples, len(test))))
-    return model, digits.with_pixel_values(train), digits.with_pixel_values(test), backbone, "digits 5-9 (scikit-learn)", None
+    train = digits.with_pixel_values(train)
+    # no augmentation here, so the training objective is computed on the training set itself
+    return model_init, train, train, digits.with_pixel_values(test), backbone, "digits 5-9 (scikit-learn)", None
 
 
 def _hub_data_and_model(model_args, data_args, training_args):
@@ -260,11 +273,19 @@ def _hub_data_and_model(model_args, data_args, training_args):
     model, processor, head_modules = load_pretrained_classifier(model_args, len(names), dict(enumerate(names)))
     train_tf, eval_tf = data_lib.image_transforms(model, processor)
     cols = (data_args.image_column_name, data_args.label_column_name)
+    objective_view = data_lib.with_pixel_values(train, eval_tf, *cols)  # the training set without augmentation
     train = data_lib.with_pixel_values(train, train_tf, *cols)
     evaluation = data_lib.with_pixel_values(evaluation, eval_tf, *cols) if evaluation is not None else None
     if training_args.head_modules is None and head_modules is not None:
         training_args.head_modules = head_modules
-    return model, train, evaluation, model_args.model_name_or_path, data_args.dataset_name, processor
+    loaded = [model]
+
+    def model_init():  # the loaded model first, then fresh loads (learning-rate selection)
+        if loaded:
+            return loaded.pop()
+        return load_pretrained_classifier(model_args, len(names), dict(enumerate(names)))[0]
+
+    return model_init, train, objective_view, evaluation, model_args.model_name_or_path, data_args.dataset_name, processor
 
 
 def train_command(argv: list[str]) -> int:
@@ -278,20 +299,42 @@ def train_command(argv: list[str]) -> int:
     existed = _check_output_dir(training_args, run_args)
     set_seed(training_args.seed)
     if _is_embedded(argv):
-        model, train, evaluation, base_model, dataset_name, processor = _embedded_data_and_model(data_args, training_args)
+        loaded = _embedded_data_and_model(data_args, training_args)
     else:
-        model, train, evaluation, base_model, dataset_name, processor = _hub_data_and_model(model_args, data_args, training_args)
+        loaded = _hub_data_and_model(model_args, data_args, training_args)
+    model_init, train, objective_view, evaluation, base_model, dataset_name, processor = loaded
     from .data import collate
 
-    trainer = DEELBoTrainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collate,
-        processing_class=processor,
-    )
+    kwargs = dict(eval_dataset=evaluation, data_collator=collate, processing_class=processor)
     output_dir = training_args.output_dir
+    if run_args.learning_rates:
+        if any(not (lr > 0) for lr in run_args.learning_rates):
+            raise UsageError(f"--learning_rates must all be > 0; got {run_args.learning_rates}")
+        if training_args.resume_from_checkpoint:
+            raise UsageError("--learning_rates cannot be combined with --resume_from_checkpoint; resume one run instead.")
+    else:
+        trainer = DEELBoTrainer(model=model_init(), args=training_args, train_dataset=train, **kwargs)
     if existed and run_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
         shutil.rmtree(output_dir)
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        if run_args.learning_rates:
+            from .search import select_learning_rate
+
+            result = select_learning_rate(model_init, train, training_args, run_args.learning_rates,
+                                          objective_dataset=objective_view, **kwargs)
+            trainer = result.trainer
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "learning_rate_selection.json"), "w") as f:
+                json.dump({"chosen": result.best, "runs": [
+                    {**run.settings, "training_objective": run.score, "seconds": run.seconds} for run in result.runs
+                ]}, f, indent=2)
+            for run in result.runs:
+                shutil.rmtree(os.path.join(output_dir, f"lr-{run.settings['learning_rate']:g}"), ignore_errors=True)
+            print("Learning rate by final training objective: " + ", ".join(
+                f"{run.settings['learning_rate']:g} -> {run.score:.4g}" for run in result.runs
+            ) + f"; chosen {result.best['learning_rate']:g}")
+        else:
+            trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         trainer.save_state()
         metrics = {}

@@ -155,3 +155,18 @@ def test_unknown_command_and_help(capsys):
     assert main(["fly"]) == 2
     assert "unknown command 'fly'" in capsys.readouterr().err
     assert main(["--help"]) == 0
+
+
+@pytest.mark.slow
+def test_learning_rate_selection_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--output_dir", str(out), "--max_steps", "6", "--max_train_samples", "30",
+                 "--learning_rates", "0.05", "0.001", "--disable_tqdm", "true"])
+    assert code == 0
+    selection = json.loads((out / "learning_rate_selection.json").read_text())
+    scores = {run["learning_rate"]: run["training_objective"] for run in selection["runs"]}
+    assert set(scores) == {0.05, 0.001}
+    assert selection["chosen"]["learning_rate"] == min(scores, key=scores.get)
+    assert "chosen" in capsys.readouterr().out
+    assert not any(p.name.startswith("lr-") for p in out.iterdir())  # the losing runs leave nothing behind
+    assert json.loads((out / "config.json").read_text())["deelbo"]["num_train_examples"] == 30
