@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transfer  # noqa: E402 - the shared task definition
-from _docs import update_section  # noqa: E402
+from _common import update_section  # noqa: E402
 
 SECTION = ("<!-- kappa:start -->", "<!-- kappa:end -->")
 

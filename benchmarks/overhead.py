@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _docs import update_section  # noqa: E402
+from _common import reset_peak_rss, status_mb, update_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = ("<!-- overhead:start -->", "<!-- overhead:end -->")
@@ -32,14 +32,6 @@ SETTINGS = {
     "activation-dominated": "resnet10t, 112×112, batch 32",
     "parameter-dominated": "ViT (85M parameters), 32×32, batch 2",
 }
-
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def child(setting: str, kind: str, steps: int) -> dict:
@@ -53,8 +45,7 @@ def child(setting: str, kind: str, steps: int) -> dict:
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
 
     transformers.logging.set_verbosity_error()
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS
-        f.write("5")
+    reset_peak_rss()
     before = status_mb("VmRSS")
     torch.manual_seed(0)
     if setting == "activation-dominated":

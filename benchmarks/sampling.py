@@ -25,6 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import reset_peak_rss, status_mb  # noqa: E402
+
 MECHANISMS = ("plain", "functional_call", "in_place")
 SETTINGS = {
     "parameter-dominated (MLP 2048-4096-4096-10, batch 8)": "mlp",
@@ -87,20 +90,6 @@ def make_step(mechanism: str, model, x, y, head):
                 p.copy_(m)
 
     return {"plain": plain, "functional_call": functional, "in_place": in_place}[mechanism]
-
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def reset_peak_rss() -> None:
-    # Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def child(setting: str, mechanism: str) -> None:

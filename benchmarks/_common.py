@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmarks: their section of docs/benchmarks.md, and memory readings."""
+
+import os
+
+
+def update_section(docs_path: str, markers: tuple[str, str], section: str) -> None:
+    """Replace the text between `markers` (inclusive) with `section`, or append it."""
+    text = open(docs_path).read() if os.path.exists(docs_path) else "# Benchmarks\n"
+    if markers[0] in text:
+        before, rest = text.split(markers[0], 1)
+        text = before + section + rest.split(markers[1], 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    with open(docs_path, "w") as f:
+        f.write(text)
+
+
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB (Linux only)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM (the peak RSS) to the current RSS (Linux >= 4.0), to measure a phase's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
