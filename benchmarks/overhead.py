@@ -2,7 +2,8 @@
 
 Two settings, the same model, data, optimizer (AdamW) and batch for both trainers:
 
-- activation-dominated: timm resnet10t (4.9M parameters) on 112×112 images, batch 32;
+- activation-dominated: timm resnet10t (4.9M parameters) on 224×224 images, batch 32 (the usual
+  fine-tuning resolution);
 - parameter-dominated: a transformers ViT with 85M parameters on 32×32 images (5 tokens), batch 2.
 
 Each (setting, trainer) runs in a fresh subprocess, alternating, `--repeats` times. Step time is
@@ -10,7 +11,7 @@ the median time between optimizer steps after two warm-up steps; peak memory is 
 peak RSS minus its RSS before the model was built (weights, gradients, optimizer state, μ,
 activations: all the training adds). Ratios are DEELBoTrainer / Trainer.
 
-    python benchmarks/overhead.py        # ≈ 5 min on 2 cores; writes benchmarks/results/overhead.json, updates docs/benchmarks.md
+    python benchmarks/overhead.py        # ≈ 8 min on 2 cores; writes benchmarks/results/overhead.json, updates docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from _common import reset_peak_rss, status_mb, update_section  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = ("<!-- overhead:start -->", "<!-- overhead:end -->")
 SETTINGS = {
-    "activation-dominated": "resnet10t, 112×112, batch 32",
+    "activation-dominated": "resnet10t, 224×224, batch 32",
     "parameter-dominated": "ViT (85M parameters), 32×32, batch 2",
 }
 
@@ -52,7 +53,7 @@ def child(setting: str, kind: str, steps: int) -> dict:
         import timm
 
         model = timm.create_model("resnet10t", num_classes=10)
-        size, batch = 112, 32
+        size, batch = 224, 32
     else:
         from transformers import ViTConfig, ViTForImageClassification
 

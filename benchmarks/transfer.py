@@ -137,6 +137,7 @@ def run_combo(task) -> dict:
     from hf_deelbo import DEELBoTrainingArguments, L2SPTrainingArguments, digits, l2sp_grid_search, select_learning_rate
 
     backbone, n, seed, settings, path, work_dir = task
+    methods = settings.get("methods", METHODS)
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
     train, test = tensor_dataset(train), tensor_dataset(test)
     labels = [int(v) for v in train.with_format(None)["labels"]]
@@ -149,6 +150,8 @@ def run_combo(task) -> dict:
     init = model_init(backbone, path, seed)
     record = {"backbone": backbone, "n": n, "seed": seed}
     for name, kappa in (("DE ELBO", None), ("ELBO (κ=1)", 1.0)):
+        if name not in methods:
+            continue
         args = DEELBoTrainingArguments(output_dir=os.path.join(work_dir, name), kappa=kappa, **common)
         start = time.perf_counter()
         result = select_learning_rate(init, train, args, learning_rates=settings["learning_rates"])
@@ -161,6 +164,8 @@ def run_combo(task) -> dict:
             "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score, "seconds": r.seconds}
                      for r in result.runs],
         }
+    if "L2-SP grid search" not in methods:
+        return record
     args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "grid"), **common)
     start = time.perf_counter()
     result = l2sp_grid_search(init, train, labels, args, alphas=settings["strengths"], betas=settings["strengths"],
@@ -248,6 +253,7 @@ def figure(rows: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     backbones = sorted({r["backbone"] for r in rows})
     fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
@@ -261,6 +267,8 @@ def figure(rows: list[dict], path: str) -> None:
                 for n, seconds, accuracy in points:
                     ax.annotate(f"N={n}", (seconds, accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("compute (wall seconds, log scale)")
         ax.set_ylabel("test accuracy")
         ax.set_title(backbone)
@@ -280,6 +288,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--replot", action="store_true",
+                        help="Only rebuild the figure and the docs section from OUTPUT_DIR/transfer.json.")
     parser.add_argument("--resume", action="store_true",
                         help="Keep the records already in OUTPUT_DIR/transfer.json and run only the missing tasks.")
     args = parser.parse_args(argv)
@@ -289,8 +300,15 @@ def main(argv=None) -> None:
     else:
         settings = {"steps": args.steps, "learning_rates": [0.1, 0.01, 0.001, 0.0001],
                     "strengths": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0], "ns": args.ns, "seeds": args.seeds,
-                    "backbones": args.backbones}
+                    "backbones": args.backbones, "methods": args.methods}
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.replot:
+        saved = json.load(open(os.path.join(args.output_dir, "transfer.json")))
+        rows = summarize(saved["records"])
+        figure(rows, os.path.join(args.output_dir, "transfer.png"))
+        update_section(args.docs or os.path.join(ROOT, "docs", "benchmarks.md"), SECTION,
+                       markdown(rows, saved["settings"], saved.get("seconds", 0.0)))
+        return
     docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
                               else os.path.join(ROOT, "docs", "benchmarks.md"))
     cache_dir = os.path.join(args.output_dir, "pretrained")
@@ -317,7 +335,7 @@ def main(argv=None) -> None:
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_combo, tasks):
             records.append(record)
-            summary = {m: round(record[m]["accuracy"], 3) for m in METHODS}
+            summary = {m: round(record[m]["accuracy"], 3) for m in METHODS if m in record}
             print(f"[{len(records)}/{len(tasks)}] {record['backbone']} N={record['n']} seed={record['seed']}: {summary}",
                   flush=True)
             with open(results_path, "w") as f:  # written after every task: partial results survive

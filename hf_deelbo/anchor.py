@@ -39,11 +39,32 @@ class PretrainedAnchor:
 
         Each tensor is reduced in its own dtype (torch's cascade summation: about 1e-7 relative
         error in float32) and the per-tensor sums are added in float64; a float64 copy of every
-        weight would cost ~6× the time for no visible gain.
+        weight would cost ~6× the time for no visible gain. The gradients, 2(m_b − μ) and 2 m_h,
+        are formed in backward: autograd would otherwise keep every m_b − μ alive from the forward
+        pass to the backward pass, one more weight-sized copy at the step's peak.
         """
-        if torch.is_grad_enabled():
-            backbone = sum((p - mu).square().sum().double() for p, mu in zip(self.backbone, self.prior_mean))
-        else:
-            backbone = sum(torch.sub(p, mu).square_().sum().double() for p, mu in zip(self.backbone, self.prior_mean))
+        return _SquaredDistances.apply(self, *self.backbone, *self.head)
+
+    @torch.no_grad()
+    def _squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone = sum(torch.sub(p, mu).square_().sum().double() for p, mu in zip(self.backbone, self.prior_mean))
         head = sum(p.square().sum().double() for p in self.head)
-        return backbone, head
+        return torch.as_tensor(backbone, dtype=torch.float64), torch.as_tensor(head, dtype=torch.float64)
+
+
+class _SquaredDistances(torch.autograd.Function):
+    """(‖m_b − μ‖², ‖m_h‖²) with d/dm_b = 2(m_b − μ), d/dm_h = 2 m_h computed in backward."""
+
+    @staticmethod
+    def forward(ctx, anchor: PretrainedAnchor, *parameters):
+        ctx.anchor = anchor
+        return anchor._squared_distances()
+
+    @staticmethod
+    def backward(ctx, grad_backbone, grad_head):
+        anchor = ctx.anchor
+        grads = [
+            torch.sub(p, mu).mul_((2 * grad_backbone).to(p.dtype)) for p, mu in zip(anchor.backbone, anchor.prior_mean)
+        ]
+        grads += [p.detach() * (2 * grad_head).to(p.dtype) for p in anchor.head]
+        return (None, *grads)
