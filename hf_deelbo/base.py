@@ -91,21 +91,21 @@ class FineTuningTrainer(Trainer):
             self._signature_columns = ["pixel_values", "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()
 
-    def _predict_log_probs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """Log predictive probabilities used by evaluation and prediction."""
-        return F.log_softmax(self._forward(model, inputs).float(), dim=-1)
+    def _prediction_logits(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """What evaluation and prediction return: the model's logits at its current weights."""
+        return self._forward(model, inputs).float()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the loss is the mean NLL of the batch; the predictions are the logits, or
-        log predictive probabilities when a subclass averages several draws."""
+        """Evaluation: the loss is the mean NLL of the batch; the predictions are the logits (or,
+        when a subclass averages several draws, log predictive probabilities, which are logits too)."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get(self.label_names[0])
         with torch.no_grad(), self.compute_loss_context_manager():
-            log_probs = self._predict_log_probs(model, inputs)
-        loss = F.nll_loss(log_probs, labels).detach() if labels is not None else None
+            logits = self._prediction_logits(model, inputs)
+        loss = F.cross_entropy(logits, labels).detach() if labels is not None else None
         if prediction_loss_only:
             return loss, None, None
-        return loss, log_probs.detach(), labels
+        return loss, logits.detach(), labels
 
     # ---- faults -------------------------------------------------------------------------------
 

@@ -154,12 +154,12 @@ class DEELBoTrainer(FineTuningTrainer):
 
     # ---- prediction ---------------------------------------------------------------------------
 
-    def _predict_log_probs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """At the posterior mean (`bma_samples=0`), or the log of the average of the predictive
-        distributions of `bma_samples` draws, from a generator seeded with `args.seed` (evaluation
-        never consumes the training noise stream, and repeated evaluations agree)."""
+    def _prediction_logits(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The logits at the posterior mean (`bma_samples=0`), or the log of the average of the
+        predictive distributions of `bma_samples` draws, from a generator seeded with `args.seed`
+        (evaluation never consumes the training noise stream, and repeated evaluations agree)."""
         if self.args.bma_samples == 0:
-            return super()._predict_log_probs(model, inputs)
+            return super()._prediction_logits(model, inputs)
         return predictive_log_probs(
             model, inputs, self.posterior, self.args.bma_samples, self.args.seed, self._is_transformers_model
         )

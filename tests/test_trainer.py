@@ -244,3 +244,13 @@ def test_text_classifier_trains(make_args):
     trainer = DEELBoTrainer(model=model, args=make_args(max_steps=2), train_dataset=text_dataset(8))
     trainer.train()
     assert model.config.deelbo["num_head_params"] == sum(p.numel() for p in model.classifier.parameters())
+
+
+def test_predictions_at_the_posterior_mean_are_the_model_logits(make_args):
+    model, _ = build_model("vit")
+    data = image_dataset(8, seed=2)
+    trainer = DEELBoTrainer(model=model, args=make_args(), train_dataset=image_dataset(8))
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values=data[:]["pixel_values"]).logits
+    torch.testing.assert_close(torch.tensor(trainer.predict(data).predictions), logits, rtol=1e-5, atol=1e-6)
