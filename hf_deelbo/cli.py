@@ -40,6 +40,7 @@ EMBEDDED_DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
     "remove_unused_columns": False,
+    "dataloader_pin_memory": False,  # a CPU-sized demo: pinning only warns there
 }
 EMBEDDED_MAX_TRAIN_SAMPLES = 100
 # run_image_classification.py's default model, used when a dataset is given without a model.
