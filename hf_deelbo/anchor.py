@@ -15,7 +15,8 @@ class PretrainedAnchor:
     is later loaded into the model).
 
     Attributes:
-        parameter_names: every trainable parameter's name, in `model.named_parameters()` order.
+        parameter_names, trainable: every trainable parameter's name and tensor, in
+            `model.named_parameters()` order.
         backbone_names, head_names: the two groups.
         num_backbone_params, num_head_params, num_params: D_b, K, D.
     """
@@ -24,7 +25,7 @@ class PretrainedAnchor:
         parameters = dict(model.named_parameters())
         members = set(groups.backbone) | set(groups.head)
         self.parameter_names = [name for name in parameters if name in members]
-        self.parameters_by_name = {name: parameters[name] for name in self.parameter_names}
+        self.trainable = [parameters[name] for name in self.parameter_names]
         self.backbone_names = list(groups.backbone)
         self.head_names = list(groups.head)
         self.backbone = [parameters[name] for name in self.backbone_names]

@@ -63,10 +63,6 @@ def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
         setattr(model, f"{key}_config", values)
 
 
-def set_model_deelbo_config(model: nn.Module, values: dict) -> None:
-    set_model_config_entry(model, DEELBO_CONFIG_KEY, values)
-
-
 def _timm_config(model: nn.Module, model_config: dict | None = None) -> dict:
     """timm's config.json content for a timm model, loadable by timm and by transformers.
 

@@ -56,16 +56,7 @@ class IsotropicGaussianPosterior(nn.Module):
     def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4):
         super().__init__()
         self.anchor = PretrainedAnchor(model, groups)
-        self.parameter_names = self.anchor.parameter_names
-        self._parameters_by_name = self.anchor.parameters_by_name
-        self.backbone_names = self.anchor.backbone_names
-        self.head_names = self.anchor.head_names
-        self._backbone = self.anchor.backbone
-        self._prior_mean = self.anchor.prior_mean
-        self.num_backbone_params = self.anchor.num_backbone_params
-        self.num_head_params = self.anchor.num_head_params
-        self.num_params = self.anchor.num_params
-        device = self._backbone[0].device
+        device = self.anchor.trainable[0].device
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(sigma_init), dtype=torch.float32, device=device))
         self._wrapped_names: dict[int, list[str]] = {}
 
@@ -77,7 +68,14 @@ class IsotropicGaussianPosterior(nn.Module):
     @property
     def prior_mean(self) -> dict[str, torch.Tensor]:
         """μ, the pretrained backbone weights, by parameter name."""
-        return dict(zip(self.backbone_names, self._prior_mean))
+        return dict(zip(self.anchor.backbone_names, self.anchor.prior_mean))
+
+    # The groups and their sizes are the anchor's.
+    backbone_names = property(lambda self: self.anchor.backbone_names)
+    head_names = property(lambda self: self.anchor.head_names)
+    num_backbone_params = property(lambda self: self.anchor.num_backbone_params)
+    num_head_params = property(lambda self: self.anchor.num_head_params)
+    num_params = property(lambda self: self.anchor.num_params)
 
     def sigma(self) -> torch.Tensor:
         """σ = softplus(ρ) (at least `min_sigma`), float32, differentiable."""
@@ -114,7 +112,7 @@ class IsotropicGaussianPosterior(nn.Module):
         if key not in self._wrapped_names:
             by_identity = {id(p): name for name, p in model.named_parameters()}
             try:
-                self._wrapped_names[key] = [by_identity[id(self._parameters_by_name[n])] for n in self.parameter_names]
+                self._wrapped_names[key] = [by_identity[id(p)] for p in self.anchor.trainable]
             except KeyError as error:
                 raise RuntimeError(
                     "The posterior's parameters are not parameters of the model it is sampled for; "
@@ -131,7 +129,7 @@ class IsotropicGaussianPosterior(nn.Module):
         `generator` or the global RNG, so Trainer's RNG checkpointing covers it), split over the
         trainable parameters in `model.named_parameters()` order.
         """
-        tensors = [self._parameters_by_name[n] for n in self.parameter_names]
+        tensors = self.anchor.trainable
         noise = torch.randn(self.num_params, device=tensors[0].device, generator=generator)
         sigma = self.sigma()
         sampled, offset = {}, 0
