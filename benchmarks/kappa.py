@@ -17,8 +17,6 @@ import os
 import statistics
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transfer  # noqa: E402 - the shared task definition
 from _common import update_section  # noqa: E402

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -134,7 +133,13 @@ def run_combo(task) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from hf_deelbo import DEELBoTrainingArguments, L2SPTrainingArguments, digits, l2sp_grid_search, select_learning_rate
+    from hf_deelbo import (
+        DEELBoTrainingArguments,
+        L2SPTrainingArguments,
+        digits,
+        l2sp_grid_search,
+        select_learning_rate,
+    )
 
     backbone, n, seed, settings, path, work_dir = task
     methods = settings.get("methods", METHODS)

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import load_dataset
-from torchvision.transforms import CenterCrop, Compose, Lambda, Normalize, RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor
+from torchvision.transforms import (
+    CenterCrop,
+    Compose,
+    Lambda,
+    Normalize,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    Resize,
+    ToTensor,
+)
 from transformers import HfArgumentParser
 
 from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, load_classifier

@@ -9,8 +9,10 @@ from .groups import ParameterGroups, detect_head_modules, split_parameters
 from .hub import HubPushError, load_classifier, load_deelbo_config
 from .l2sp import L2SPTrainer, L2SPTrainingArguments
 from .posterior import IsotropicGaussianPosterior
-from .search import l2sp_grid_search, select_learning_rate
 from .prediction import posterior_from_config, predictive_log_probs
+from .search import l2sp_grid_search, select_learning_rate
+from .t1t2 import T1T2Callback, T1T2Trainer, T1T2TrainingArguments
+from .tpgm import TPGMCallback, TPGMTrainer, TPGMTrainingArguments
 from .trainer import DEELBoTrainer
 
 __all__ = [
@@ -31,4 +33,10 @@ __all__ = [
     "predictive_log_probs",
     "select_learning_rate",
     "split_parameters",
+    "T1T2Callback",
+    "T1T2Trainer",
+    "T1T2TrainingArguments",
+    "TPGMCallback",
+    "TPGMTrainer",
+    "TPGMTrainingArguments",
 ]

@@ -44,17 +44,28 @@ class PretrainedAnchor:
         are formed in backward: autograd would otherwise keep every m_b − μ alive from the forward
         pass to the backward pass, one more weight-sized copy at the step's peak.
         """
+        backbone, head = self.squared_distances_per_tensor()
+        return backbone.sum(), head.sum()
+
+    def squared_distances_per_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖m_b,l − μ_l‖² for each backbone tensor l, ‖m_h,l‖² for each head tensor l): two float64
+        vectors in `backbone_names` / `head_names` order, differentiable with respect to m (the
+        gradients are formed in backward, as in `squared_distances`)."""
         return _SquaredDistances.apply(self, *self.backbone, *self.head)
 
     @torch.no_grad()
     def _squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
-        backbone = sum(torch.sub(p, mu).square_().sum().double() for p, mu in zip(self.backbone, self.prior_mean))
-        head = sum(p.square().sum().double() for p in self.head)
-        return torch.as_tensor(backbone, dtype=torch.float64), torch.as_tensor(head, dtype=torch.float64)
+        device = self.trainable[0].device if self.trainable else None
+        backbone = [torch.sub(p, mu).square_().sum().double() for p, mu in zip(self.backbone, self.prior_mean)]
+        head = [p.square().sum().double() for p in self.head]
+        return (
+            torch.stack(backbone) if backbone else torch.zeros(0, dtype=torch.float64, device=device),
+            torch.stack(head) if head else torch.zeros(0, dtype=torch.float64, device=device),
+        )
 
 
 class _SquaredDistances(torch.autograd.Function):
-    """(‖m_b − μ‖², ‖m_h‖²) with d/dm_b = 2(m_b − μ), d/dm_h = 2 m_h computed in backward."""
+    """Per-tensor ‖m_b,l − μ_l‖², ‖m_h,l‖² with d/dm_b,l = 2(m_b,l − μ_l), d/dm_h,l = 2 m_h,l formed in backward."""
 
     @staticmethod
     def forward(ctx, anchor: PretrainedAnchor, *parameters):
@@ -65,7 +76,8 @@ class _SquaredDistances(torch.autograd.Function):
     def backward(ctx, grad_backbone, grad_head):
         anchor = ctx.anchor
         grads = [
-            torch.sub(p, mu).mul_((2 * grad_backbone).to(p.dtype)) for p, mu in zip(anchor.backbone, anchor.prior_mean)
+            torch.sub(p, mu).mul_((2 * g).to(p.dtype))
+            for p, mu, g in zip(anchor.backbone, anchor.prior_mean, grad_backbone)
         ]
-        grads += [p.detach() * (2 * grad_head).to(p.dtype) for p in anchor.head]
+        grads += [p.detach() * (2 * g).to(p.dtype) for p, g in zip(anchor.head, grad_head)]
         return (None, *grads)

@@ -26,6 +26,7 @@ from .hub import (
     save_timm_config,
     set_model_config_entry,
 )
+from .model_card import build_method_card
 from .prediction import classifier_logits
 
 
@@ -39,6 +40,9 @@ class FineTuningTrainer(Trainer):
 
     args_class: type = None
     config_key: str = None
+    # The model card's title for the method and its BibTeX entry.
+    method_name: str = None
+    citation: str = None
 
     # compute_loss returns a per-micro-batch mean, so Trainer must divide by the accumulation
     # steps. Without this, models whose forward takes **kwargs (ResNet) get loss × GA.
@@ -175,6 +179,65 @@ class FineTuningTrainer(Trainer):
             make_timm_wrapper_checkpoint_portable(unwrapped, output_dir)
         elif not self._is_transformers_model and isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
             save_timm_config(unwrapped, output_dir)
+
+    # ---- the model card -----------------------------------------------------------------------
+
+    def build_model_card(self, **context):
+        """Subclass hook: the `ModelCard` for this run, from the context `create_model_card` gathered."""
+        return build_method_card(self.config_entry(), method=self.method_name, config_key=self.config_key,
+                                 citation=self.citation, **context)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Writes README.md (the method's model card: its hyperparameters from `config.<config_key>`,
+        the last evaluation, the training settings, the citation) into `output_dir`; `push_to_hub`
+        uploads it with the model. Works for raw timm models too (Trainer's own card needs a config)."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if finetuned_from is None:
+            finetuned_from = getattr(getattr(unwrapped, "config", None), "_name_or_path", None) or None
+        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        eval_results = {
+            ("nll" if k == "eval_loss" else k.removeprefix("eval_")): v
+            for k, v in (evaluations[-1] if evaluations else {}).items()
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(("runtime", "per_second"))
+        }
+        args = self.args
+        hyperparameters = {
+            "learning_rate": args.learning_rate,
+            "optimizer": str(getattr(args.optim, "value", args.optim)) + (f" ({args.optim_args})" if args.optim_args else ""),
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "train_batch_size": args.per_device_train_batch_size * max(1, args.world_size),
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "optimizer_steps": self.state.global_step,
+            "max_grad_norm": args.max_grad_norm,
+            "seed": args.seed,
+        }
+        card = self.build_model_card(
+            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+            library_name="transformers" if self._is_transformers_model else "timm",
+            base_model=finetuned_from,
+            dataset=dataset if isinstance(dataset, str) else None,
+            eval_results=eval_results,
+            hyperparameters=hyperparameters,
+            repo_id=self.hub_model_id or args.hub_model_id,
+            extra_tags=([tags] if isinstance(tags, str) else list(tags or []))
+            + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else []),
+        )
+        card.save(os.path.join(output_dir, "README.md"))
 
     # ---- the Hub ------------------------------------------------------------------------------
 

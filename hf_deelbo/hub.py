@@ -48,8 +48,9 @@ def deelbo_config(
     return dict(sorted(values.items()))
 
 
-# Entries the package writes into config.json: DE ELBO's learned values, and the baselines' settings.
-CONFIG_KEYS = (DEELBO_CONFIG_KEY, "l2sp")
+# Entries the package writes into config.json: DE ELBO's learned values, the L2-SP baseline's
+# settings, TPGM's learned radii and T1–T2's learned strengths.
+CONFIG_KEYS = (DEELBO_CONFIG_KEY, "l2sp", "tpgm", "t1t2")
 
 
 def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
@@ -179,7 +180,7 @@ def push_error(error: Exception, output_dir: str, repo_id: str | None) -> HubPus
 
 def load_timm_model(path: str, **kwargs) -> nn.Module:
     """A raw timm model from a directory in timm's format, with the hyperparameters of its
-    config.json (if any) as `model.deelbo_config` / `model.l2sp_config`."""
+    config.json (if any) as `model.<key>_config` for each key of `CONFIG_KEYS`."""
     import timm
 
     model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)

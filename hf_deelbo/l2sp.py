@@ -62,6 +62,14 @@ class L2SPTrainer(FineTuningTrainer):
 
     args_class = L2SPTrainingArguments
     config_key = L2SP_CONFIG_KEY
+    method_name = "L2-SP"
+    citation = """
+@inproceedings{li2018explicit,
+  title     = {Explicit Inductive Bias for Transfer Learning with Convolutional Networks},
+  author    = {Li, Xuhong and Grandvalet, Yves and Davoine, Franck},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2018}
+}"""
 
     def __init__(self, model: nn.Module | None = None, args: L2SPTrainingArguments | None = None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)

@@ -8,16 +8,17 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"
+METHOD_TEMPLATE_PATH = Path(__file__).parent / "method_card_template.md"
 TAGS = ["deelbo", "image-classification", "l2-sp", "variational-inference"]
 
 
-def _usage(library_name: str, repo_id: str) -> str:
+def _usage(library_name: str, repo_id: str, config_key: str = "deelbo", comment: str = "learned λ, τ, σ, κ") -> str:
     if library_name == "timm":
         return f'import timm\n\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True)'
     return (
         "from transformers import AutoModelForImageClassification\n\n"
         f'model = AutoModelForImageClassification.from_pretrained("{repo_id}")\n'
-        'print(model.config.deelbo)  # learned λ, τ, σ, κ'
+        f"print(model.config.{config_key})  # {comment}"
     )
 
 
@@ -55,4 +56,58 @@ def build_model_card(
         hyperparameters=hyperparameters or {},
         plot=plot,
         usage=_usage(library_name, repo_id or model_name),
+    )
+
+
+def _card_value(value) -> str:
+    """A table cell: numbers to 4 significant digits; per-tensor dicts summarised by count and range."""
+    if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+        values = list(value.values())
+        return f"{len(values)} values, {min(values):.4g} … {max(values):.4g}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def build_method_card(
+    values: dict,
+    *,
+    method: str,
+    config_key: str,
+    citation: str,
+    model_name: str,
+    library_name: str = "transformers",
+    base_model: str | None = None,
+    dataset: str | None = None,
+    eval_results: dict | None = None,
+    hyperparameters: dict | None = None,
+    repo_id: str | None = None,
+    extra_tags: list[str] | None = None,
+) -> ModelCard:
+    """The model card of the baselines (L2-SP, TPGM, T1–T2): their `config.<config_key>` entry as a
+    table, the evaluation results, the training settings and the method's citation."""
+    card_data = ModelCardData(
+        library_name=library_name,
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        datasets=[dataset] if dataset and not os.path.isdir(dataset) else None,
+        tags=sorted({"image-classification", config_key.replace("t1t2", "t1-t2").replace("l2sp", "l2-sp"),
+                     *(extra_tags or [])}),
+        pipeline_tag="image-classification",
+        model_name=model_name,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(METHOD_TEMPLATE_PATH),
+        model_name=model_name,
+        base_model=card_data.base_model,
+        dataset=dataset,
+        method=method,
+        config_key=config_key,
+        values={k: _card_value(v) for k, v in values.items() if k != "format_version"},
+        eval_results=eval_results or {},
+        hyperparameters=hyperparameters or {},
+        usage=_usage(library_name, repo_id or model_name, config_key, f"the {method} hyperparameters"),
+        citation=citation.strip(),
     )

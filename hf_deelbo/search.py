@@ -28,6 +28,7 @@ import numpy as np
 from .arguments import DEELBoTrainingArguments
 from .l2sp import L2SPTrainer, L2SPTrainingArguments
 from .trainer import DEELBoTrainer
+from .validation import stratified_split
 
 # The paper's grids (Harvey et al. 2024, Sec. 5, after Li et al. 2018).
 PAPER_STRENGTHS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0)
@@ -54,17 +55,6 @@ class SearchResult:
     def total_seconds(self) -> float:
         """Compute of the whole procedure: every run of the search plus the final retrain (if any)."""
         return sum(run.seconds for run in self.runs) + self.final_seconds
-
-
-def stratified_split(labels: Sequence[int], validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, validation indices), class proportions kept in both."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    train, validation = train_test_split(
-        indices, test_size=validation_fraction, random_state=seed, stratify=np.asarray(labels)
-    )
-    return sorted(train.tolist()), sorted(validation.tolist())
 
 
 def _run_args(args, output_dir: str, **changes):

@@ -16,7 +16,7 @@ from transformers.utils import logging
 from .arguments import DEELBoTrainingArguments
 from .base import FineTuningTrainer
 from .callback import DEELBoCallback
-from .hub import DEELBO_CONFIG_KEY, deelbo_config, is_timm_wrapper
+from .hub import DEELBO_CONFIG_KEY, deelbo_config
 from .model_card import build_model_card
 from .objective import deelbo_loss, resolve_kappa
 from .plots import HYPERPARAMETERS_PLOT, plot_hyperparameters
@@ -254,61 +254,13 @@ class DEELBoTrainer(FineTuningTrainer):
             raise ValueError(_MISSING_N_MESSAGE)
         return super().train(*args, **kwargs)
 
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-    ) -> None:
-        """Writes README.md (the DE ELBO model card, tagged `deelbo`) and the plot of λ, τ, σ over
-        training into `output_dir`; `push_to_hub` uploads both with the model."""
-        if not self.is_world_process_zero():
-            return
-        output_dir = self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
+    def build_model_card(self, **context):
+        """The DE ELBO model card (tagged `deelbo`), with the plot of λ, τ, σ over training written
+        next to it; `push_to_hub` uploads both with the model."""
         plot = HYPERPARAMETERS_PLOT if plot_hyperparameters(
-            self.state.log_history, os.path.join(output_dir, HYPERPARAMETERS_PLOT)
+            self.state.log_history, os.path.join(self.args.output_dir, HYPERPARAMETERS_PLOT)
         ) else None
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if finetuned_from is None:
-            finetuned_from = getattr(getattr(unwrapped, "config", None), "_name_or_path", None) or None
-        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
-        eval_results = {
-            ("nll" if k == "eval_loss" else k.removeprefix("eval_")): v
-            for k, v in (evaluations[-1] if evaluations else {}).items()
-            if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(("runtime", "per_second"))
-        }
-        args = self.args
-        hyperparameters = {
-            "learning_rate": args.learning_rate,
-            "optimizer": str(getattr(args.optim, "value", args.optim)) + (f" ({args.optim_args})" if args.optim_args else ""),
-            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "train_batch_size": args.per_device_train_batch_size * max(1, args.world_size),
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "optimizer_steps": self.state.global_step,
-            "max_grad_norm": args.max_grad_norm,
-            "seed": args.seed,
-        }
-        card = build_model_card(
-            self.learned_hyperparameters(),
-            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
-            library_name="transformers" if self._is_transformers_model else "timm",
-            base_model=finetuned_from,
-            dataset=dataset if isinstance(dataset, str) else None,
-            eval_results=eval_results,
-            hyperparameters=hyperparameters,
-            plot=plot,
-            repo_id=self.hub_model_id or args.hub_model_id,
-            extra_tags=([tags] if isinstance(tags, str) else list(tags or []))
-            + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else []),
-        )
-        card.save(os.path.join(output_dir, "README.md"))
+        return build_model_card(self.learned_hyperparameters(), plot=plot, **context)
 
 
 _MISSING_N_MESSAGE = (

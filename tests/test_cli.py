@@ -1,7 +1,6 @@
 """The `hf-deelbo` command, run in-process through its entry point."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -2,13 +2,11 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
 from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
 
@@ -68,9 +66,8 @@ def test_fsdp_and_deepspeed_are_refused_with_what_works_instead(tmp_path):
 
 def test_models_sharded_with_fully_shard_are_refused(tmp_path):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
     from conftest import build_model, image_dataset
+    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29577", rank=0, world_size=1)
     try:

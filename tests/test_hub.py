@@ -150,9 +150,8 @@ def test_timm_round_trip_both_directions(loader, hub, tmp_path):
 
 
 def test_bma_after_reload_shrinks_with_sigma(hub, tmp_path):
-    from transformers import AutoModelForImageClassification
-
     import conftest
+    from transformers import AutoModelForImageClassification
 
     model, _ = conftest.build_model("vit")
     trainer = DEELBoTrainer(model=model, args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
