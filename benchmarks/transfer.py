@@ -8,7 +8,11 @@ tested on a held-out 30 % of 5–9. Methods:
   objective wins (no validation data);
 - ELBO (κ = 1): the same, to show the collapse toward uniform predictions when D ≫ N;
 - L2-SP + grid search: α, β ∈ {1e-2, …, 1e-6, 0}, the same 4 lrs (144 runs) on 80 % of N,
-  the lowest validation NLL wins, retrained on all N.
+  the lowest validation NLL wins, retrained on all N;
+- TPGM (L2 balls, radii updated every 10 steps) and T1–T2 (one α and one β, starting at 1e-3,
+  a hyper-step every 10 steps): they learn on a stratified 20 % of N held out of training, so
+  each runs the 4 lrs on the other 80 % and the lowest final validation NLL wins (no retrain:
+  the regularization was learned against that split).
 
 Every run uses SGD with Nesterov momentum 0.9, a cosine schedule, batch 32, gradient clipping at
 1.0 and the same number of steps. Compute is the wall time of the whole procedure (all its runs),
@@ -16,6 +20,7 @@ measured in the same process, one thread per process.
 
     python benchmarks/transfer.py              # the full benchmark (≈ 90 min on 2 cores), updates docs/benchmarks.md
     python benchmarks/transfer.py --seeds 0    # one seed first; then --seeds 1 2 --resume adds the others
+    python benchmarks/transfer.py --methods TPGM T1–T2 --resume   # add methods to the records already there
     python benchmarks/transfer.py --quick --output-dir /tmp/transfer-quick   # a smoke run (CI)
 
 Results: benchmarks/results/transfer.json (every run), the table and figure in docs/benchmarks.md.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -169,6 +175,10 @@ def run_combo(task) -> dict:
             "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score, "seconds": r.seconds}
                      for r in result.runs],
         }
+    for name in ("TPGM", "T1–T2"):
+        if name in methods:
+            record[name] = run_validation_method(name, init, train, test, common, settings["learning_rates"],
+                                                 os.path.join(work_dir, name))
     if "L2-SP grid search" not in methods:
         return record
     args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "grid"), **common)
@@ -183,7 +193,51 @@ def run_combo(task) -> dict:
     return record
 
 
-METHODS = ("DE ELBO", "ELBO (κ=1)", "L2-SP grid search")
+def run_validation_method(name, init, train, test, common, learning_rates, work_dir) -> dict:
+    """TPGM or T1–T2: one run per learning rate on 80 % of N (the other 20 % is their validation
+    data), the lowest final validation NLL wins."""
+    from hf_deelbo import T1T2Trainer, T1T2TrainingArguments, TPGMTrainer, TPGMTrainingArguments
+
+    runs, best, start = [], None, time.perf_counter()
+    for lr in learning_rates:
+        run_start = time.perf_counter()
+        output_dir = os.path.join(work_dir, f"lr-{lr:g}")
+        if name == "TPGM":
+            args = TPGMTrainingArguments(output_dir=output_dir, validation_fraction=0.2, **{**common, "learning_rate": lr})
+            trainer = TPGMTrainer(model=init(), args=args, train_dataset=train)
+        else:
+            args = T1T2TrainingArguments(output_dir=output_dir, validation_fraction=0.2, **{**common, "learning_rate": lr})
+            trainer = T1T2Trainer(model=init(), args=args, train_dataset=train)
+        try:
+            metrics = trainer.train().metrics
+            score = trainer.evaluate(trainer.validation_dataset)["eval_loss"]
+        except FloatingPointError:  # a diverged learning rate is simply not chosen
+            metrics, score = {"train_runtime": float("nan"), "hyper_seconds": float("nan")}, float("inf")
+        score = float(score) if math.isfinite(score) else float("inf")
+        seconds = time.perf_counter() - run_start
+        runs.append({"learning_rate": lr, "validation_nll": score, "seconds": seconds,
+                     "train_seconds": metrics["train_runtime"], "hyper_seconds": metrics["hyper_seconds"]})
+        if best is None or score < best[0]:
+            best = (score, lr, trainer)
+    seconds = time.perf_counter() - start
+    _, lr, trainer = best
+    entry = trainer.config_entry()
+    result = {**evaluate(trainer, test), "seconds": seconds, "learning_rate": lr, "runs": runs}
+    if name == "TPGM":
+        radii = list((entry["radii"] or {}).values())
+        result["median_radius"] = statistics.median(radii) if radii else float("nan")
+    else:
+        result["alpha"], result["beta"] = entry["alpha"], entry["beta"]
+    return result
+
+
+METHODS = ("DE ELBO", "ELBO (κ=1)", "L2-SP grid search", "TPGM", "T1–T2")
+
+
+def _hyper_share(values: list[dict]) -> float:
+    """The share of training time spent on the method's own work (validation passes, projections)."""
+    runs = [r for v in values for r in v["runs"] if math.isfinite(r.get("train_seconds", float("nan")))]
+    return sum(r["hyper_seconds"] for r in runs) / sum(r["train_seconds"] for r in runs) if runs else float("nan")
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -205,11 +259,16 @@ def summarize(records: list[dict]) -> list[dict]:
             row = {"backbone": backbone, "n": n, "method": method, "seeds": len(values),
                    "accuracy": mean("accuracy"), "accuracy_std": std("accuracy"), "nll": mean("nll"),
                    "ece": mean("ece"), "seconds": mean("seconds")}
-            if method != "L2-SP grid search":
+            if method in ("DE ELBO", "ELBO (κ=1)"):
                 row.update(lam=mean("lambda"), tau=mean("tau"), alpha_eff=mean("alpha_eff"))
+            elif method == "TPGM":
+                row.update(median_radius=statistics.median(v["median_radius"] for v in values),
+                           hyper_share=_hyper_share(values))
             else:
                 row.update(alpha=statistics.median(v["alpha"] for v in values),
                            beta=statistics.median(v["beta"] for v in values))
+                if method == "T1–T2":
+                    row["hyper_share"] = _hyper_share(values)
             rows.append(row)
     return rows
 
@@ -232,6 +291,10 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
     for row in rows:
         if row["method"] == "L2-SP grid search":
             hyper, alpha = f"α = {row['alpha']:g}, β = {row['beta']:g}", ""
+        elif row["method"] == "T1–T2":
+            hyper, alpha = f"learned α = {row['alpha']:.3g}, β = {row['beta']:.3g}", ""
+        elif row["method"] == "TPGM":
+            hyper, alpha = f"median radius {row['median_radius']:.3g}", ""
         else:
             hyper, alpha = f"λ = {row['lam']:.3g}, τ = {row['tau']:.3g}", f"{row['alpha_eff']:.3g}"
         lines.append(
@@ -248,8 +311,14 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
                 f"| {by['L2-SP grid search']['seconds'] / by['DE ELBO']['seconds']:.1f}× |"
             )
     lines += ["| backbone | N | DE ELBO − grid search accuracy | grid search compute / DE ELBO compute |",
-              "|---|---|---|---|", *ratios, "", "![accuracy versus compute](../benchmarks/results/transfer.png)", "",
-              SECTION[1]]
+              "|---|---|---|---|", *ratios, ""]
+    shares = [f"| {r['backbone']} | {r['n']} | {r['method']} | {100 * r['hyper_share']:.0f} % |"
+              for r in rows if "hyper_share" in r]
+    if shares:
+        lines += ["Overhead of TPGM and T1–T2: the share of their training time spent on their own work (validation "
+                  "batches, radius or strength updates, projections), as the trainers report it (`hyper_seconds`).",
+                  "", "| backbone | N | method | share of training time |", "|---|---|---|---|", *shares, ""]
+    lines += ["![accuracy versus compute](../benchmarks/results/transfer.png)", "", SECTION[1]]
     return "\n".join(lines)
 
 
@@ -262,7 +331,7 @@ def figure(rows: list[dict], path: str) -> None:
 
     backbones = sorted({r["backbone"] for r in rows})
     fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
-    markers = {"DE ELBO": "o", "ELBO (κ=1)": "x", "L2-SP grid search": "s"}
+    markers = {"DE ELBO": "o", "ELBO (κ=1)": "x", "L2-SP grid search": "s", "TPGM": "^", "T1–T2": "v"}
     for ax, backbone in zip(axes[0], backbones):
         for method in METHODS:
             points = sorted((r["n"], r["seconds"], r["accuracy"]) for r in rows
@@ -332,16 +401,28 @@ def main(argv=None) -> None:
             raise SystemExit(f"--resume: {results_path} was made with {previous['settings']['steps']} steps per run")
         records = previous["records"]
         start -= previous.get("seconds", 0.0)
-        done = {(r["backbone"], r["n"], r["seed"]) for r in records}
-        tasks = [t for t in tasks if (t[0], t[1], t[2]) not in done]
+        done = {(r["backbone"], r["n"], r["seed"]): r for r in records}
+        remaining = []
+        for task in tasks:  # run only the methods a task's record lacks
+            record = done.get(task[:3], {})
+            missing = [m for m in settings.get("methods", METHODS) if m not in record]
+            if missing:
+                remaining.append((*task[:3], {**settings, "methods": missing}, *task[4:]))
+        tasks = remaining
         settings["seeds"] = sorted(set(settings["seeds"]) | {r["seed"] for r in records})
         settings["ns"] = sorted(set(settings["ns"]) | {r["n"] for r in records})
         settings["backbones"] = sorted(set(settings["backbones"]) | {r["backbone"] for r in records})
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_combo, tasks):
-            records.append(record)
+            earlier = next((r for r in records if (r["backbone"], r["n"], r["seed"]) ==
+                            (record["backbone"], record["n"], record["seed"])), None)
+            if earlier is not None:
+                earlier.update(record)
+                record = earlier
+            else:
+                records.append(record)
             summary = {m: round(record[m]["accuracy"], 3) for m in METHODS if m in record}
-            print(f"[{len(records)}/{len(tasks)}] {record['backbone']} N={record['n']} seed={record['seed']}: {summary}",
+            print(f"{record['backbone']} N={record['n']} seed={record['seed']}: {summary}",
                   flush=True)
             with open(results_path, "w") as f:  # written after every task: partial results survive
                 json.dump({"settings": settings, "seconds": time.perf_counter() - start, "records": records}, f, indent=1)
