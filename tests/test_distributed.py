@@ -79,3 +79,27 @@ def test_models_sharded_with_fully_shard_are_refused(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not (tmp_path / "o").exists()
+
+
+VALIDATION_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_validation_methods.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tpgm", "t1t2"])
+def test_validation_methods_agree_across_ranks_and_with_one_process(method, tmp_path):
+    """Each rank sees half of every validation batch; the radius / strength gradients are averaged,
+    so 2 processes × 8 equal 1 process × 16 (training batch and validation batch alike)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    records = {}
+    for name, command, batch, ranks in (("two", LAUNCHERS["torchrun"], "8", 2), ("one", [sys.executable], "16", 1)):
+        out = tmp_path / name
+        result = subprocess.run(command + [VALIDATION_SCRIPT, method, str(out), batch], capture_output=True, text=True,
+                                env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+    (rank0, rank1), (single,) = records["two"], records["one"]
+    assert rank0["world_size"] == 2 and rank0["weights_sha"] == rank1["weights_sha"]
+    assert rank0["learned"] == rank1["learned"] and len(set(rank0["learned"])) > 1  # they were learned
+    np.testing.assert_allclose(rank0["learned"], single["learned"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rank0["weights"], single["weights"], rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())[method] == rank0["config_entry"]
