@@ -154,8 +154,8 @@ def test_radii_round_trip_save_push_load(kind, hub, tmp_path):
     config = json.loads(open(f"{local}/config.json").read())
     assert config["tpgm"] == entry
     card = open(f"{local}/README.md").read()
-    assert "# TPGM" not in card and "TPGM: hyperparameters" in card and "Trainable Projected Gradient Method" in card
-    assert f"{len(radii)} values" in card and "config.tpgm" in card
+    assert "## TPGM: hyperparameters" in card and "Trainable Projected Gradient Method" in card
+    assert f"| radii | {len(radii)} values, " in card and "`config.json` under `tpgm`" in card
     if kind == "vit":
         reloaded = AutoModelForImageClassification.from_pretrained(f"tester/tpgm-{kind}")
         assert reloaded.config.tpgm == entry
