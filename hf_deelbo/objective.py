@@ -86,3 +86,22 @@ def effective_l2sp_strengths(backbone_prior_variance: float, head_prior_variance
     ‖m_b − μ‖²/(2λ D) + ‖m_h‖²/(2τ D) has the same form.
     """
     return 1.0 / (num_params * backbone_prior_variance), 1.0 / (num_params * head_prior_variance)
+
+
+def max_prior_pull(posterior_std: float, num_backbone_params: int, kappa: float, num_train_examples: int) -> float:
+    """The largest gradient norm with which the backbone's prior term can hold m_b back:
+
+        sup over m_b of ‖∇_{m_b} KL*_b / (κN)‖ = √D_b / (2 κ N σ),  reached at ‖m_b − μ‖ = σ √D_b
+
+    With λ at its optimum the term is KL*_b/(κN) = (D_b/2) log(‖m_b − μ‖²/D_b + σ²)/(κN) + const;
+    its gradient has norm d / (κN (d²/D_b + σ²)) at distance d, largest at d = σ√D_b. Until σ
+    grows, the backbone leaves its pretrained weights only where the data's gradient beats this
+    barrier. It scales as 1/(σ√D) under κ = D/N: σ = 1e-4 on the paper's ResNet-50 (D_b = 23.5M)
+    gives 1.03, about the clipping norm of its recipe; on a network of 0.4M parameters it gives 8.
+    """
+    return math.sqrt(num_backbone_params) / (2.0 * kappa * num_train_examples * posterior_std)
+
+
+def sigma_for_prior_pull(pull: float, num_backbone_params: int, kappa: float, num_train_examples: int) -> float:
+    """The σ at which `max_prior_pull` equals `pull`: σ = √D_b / (2 κ N pull) (≈ 1/(2√D_b) for pull 1, κ = D/N)."""
+    return math.sqrt(num_backbone_params) / (2.0 * kappa * num_train_examples * pull)

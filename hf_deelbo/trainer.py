@@ -18,7 +18,7 @@ from .base import FineTuningTrainer
 from .callback import DEELBoCallback
 from .hub import DEELBO_CONFIG_KEY, deelbo_config
 from .model_card import build_model_card
-from .objective import deelbo_loss, resolve_kappa
+from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
 from .plots import HYPERPARAMETERS_PLOT, plot_hyperparameters
 from .posterior import IsotropicGaussianPosterior
 from .prediction import predictive_log_probs
@@ -63,6 +63,16 @@ class DEELBoTrainer(FineTuningTrainer):
         self.deelbo_callback.bind(self.posterior)
         self._window = torch.zeros(len(_WINDOW_METRICS) + 1, dtype=torch.float64, device=self.args.device)
         self._logged_constants = False
+        if self.kappa is not None:
+            pull = max_prior_pull(args.sigma_init, self.posterior.num_backbone_params, self.kappa, self.num_train_examples)
+            if pull > 4.0:
+                suggested = sigma_for_prior_pull(1.0, self.posterior.num_backbone_params, self.kappa, self.num_train_examples)
+                logger.warning(
+                    f"sigma_init={args.sigma_init:g} lets the prior hold the backbone back with a gradient norm up to "
+                    f"{pull:.3g} (√D_b/(2κNσ); the paper's ResNet-50 starts at about 1), so a short run may leave the "
+                    f"backbone near its pretrained weights. For a network of this size (D_b={self.posterior.num_backbone_params:,}) "
+                    f"sigma_init={suggested:.2g} starts at 1 (docs/method.md, 'Initial σ')."
+                )
         logger.info(
             f"DE ELBO: D_b={self.posterior.num_backbone_params:,} backbone and K={self.posterior.num_head_params:,} "
             f"head parameters (head: {self.head_modules}), N={self.num_train_examples}, kappa={self.kappa}"

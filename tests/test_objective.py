@@ -11,8 +11,10 @@ from hf_deelbo.objective import (
     deelbo_loss,
     effective_l2sp_strengths,
     gaussian_kl,
+    max_prior_pull,
     optimal_prior_variance,
     resolve_kappa,
+    sigma_for_prior_pull,
 )
 from hf_deelbo.posterior import inverse_softplus
 
@@ -91,3 +93,29 @@ def test_deelbo_loss_and_effective_strengths():
 def test_inverse_softplus(sigma):
     rho = torch.tensor(inverse_softplus(sigma), dtype=torch.float64)
     assert float(torch.nn.functional.softplus(rho)) == pytest.approx(sigma, rel=1e-9)
+
+
+def test_max_prior_pull_is_the_largest_gradient_of_the_profiled_prior_term():
+    """Sweep the distance d = ‖m_b − μ‖ in float64: the gradient norm of KL_b/(κN), written out with
+    torch.distributions at λ = λ* (held fixed: envelope theorem), peaks at √D_b/(2κNσ), at d = σ√D_b."""
+    torch.manual_seed(0)
+    num_backbone, kappa_n, sigma = 400, 400.0 + 20, 3e-3  # κN = D (κ = D/N) with a 20-parameter head
+    direction = torch.randn(num_backbone, dtype=torch.float64)
+    direction /= direction.norm()
+    mu = torch.randn(num_backbone, dtype=torch.float64)
+    norms, distances = [], torch.logspace(-4, 0, 801, dtype=torch.float64) * sigma * num_backbone**0.5 * 100
+    for d in distances:
+        m = (mu + d * direction).requires_grad_(True)
+        lam = float(((m - mu) ** 2).mean() + sigma**2)  # λ*, held fixed (envelope theorem)
+        q = torch.distributions.Normal(m, torch.full_like(m, sigma))
+        p = torch.distributions.Normal(mu, torch.full_like(mu, lam**0.5))
+        kl = torch.distributions.kl_divergence(q, p).sum() / kappa_n
+        (gradient,) = torch.autograd.grad(kl, m)
+        norms.append(float(gradient.norm()))
+    peak = max(range(len(norms)), key=norms.__getitem__)
+    expected = max_prior_pull(sigma, num_backbone, kappa_n, 1)
+    assert norms[peak] == pytest.approx(expected, rel=1e-4)
+    assert float(distances[peak]) == pytest.approx(sigma * num_backbone**0.5, rel=0.02)
+    assert sigma_for_prior_pull(expected, num_backbone, kappa_n, 1) == pytest.approx(sigma, rel=1e-12)
+    # the paper's setting: σ = 1e-4 on ResNet-50 (23.5M backbone parameters, κ = D/N) pulls with about 1
+    assert max_prior_pull(1e-4, 23_500_000, 23_520_490, 1) == pytest.approx(1.03, abs=0.01)
