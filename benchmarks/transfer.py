@@ -58,13 +58,24 @@ def _setup_thread():
 def tensor_dataset(dataset):
     """Digits as pixel tensors, decoded once (16×16, 3 channels, normalised)."""
     import torch.nn.functional as F
-    from datasets import Dataset
 
     from hf_deelbo import digits
 
     batch = digits.to_pixel_values(dataset[:])
     x = F.interpolate(batch["pixel_values"], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return Dataset.from_dict({"pixel_values": x.numpy(), "labels": batch["labels"].numpy()}).with_format("torch")
+    return pixel_dataset(x, batch["labels"])
+
+
+def pixel_dataset(pixel_values: torch.Tensor, labels: torch.Tensor):
+    """A `datasets.Dataset` of ready pixel tensors, stored as fixed-shape Arrow arrays: without the
+    `Array3D` feature they are nested lists, and turning those back into tensors batch by batch
+    costs more than the training step itself."""
+    from datasets import Array3D, Dataset, Features, Value
+
+    features = Features({"pixel_values": Array3D(shape=tuple(pixel_values.shape[1:]), dtype="float32"),
+                         "labels": Value("int64")})
+    return Dataset.from_dict({"pixel_values": pixel_values.numpy(), "labels": labels.numpy()},
+                             features=features).with_format("torch")
 
 
 def pretrained_path(backbone: str, cache_dir: str) -> str:

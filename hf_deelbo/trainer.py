@@ -216,6 +216,7 @@ class DEELBoTrainer(FineTuningTrainer):
         return self.learned_hyperparameters()
 
     @torch.no_grad()
+    @torch.no_grad()
     def training_objective(self, dataset=None, num_samples: int = 10) -> float:
         """The DE ELBO objective at the current q, on `dataset` (default: the training set; pass it
         without augmentation), with the model in eval mode:
