@@ -31,8 +31,8 @@ class DEELBoTrainingArguments(TrainingArguments):
         sigma_init (`float`, *optional*, defaults to `1e-4`):
             Initial standard deviation σ of the posterior q(w) = N(m, σ²I), shared by all weights.
             The paper's 1e-4 was used on networks of 20–90M parameters; the prior's initial pull on
-            the backbone grows as 1/(σ√D), so much smaller networks may want a larger value
-            (`DEELBoTrainer` warns and suggests one; docs/method.md, "Initial σ").
+            the backbone grows as 1/(σ√D), which slows the first tens of steps on much smaller
+            networks (`DEELBoTrainer` logs it; docs/method.md, "Initial σ").
         head_modules (`list[str]`, *optional*, defaults to `None`):
             Module-name prefixes of the new classification head (prior N(0, τI)); every other
             trainable parameter is backbone (prior N(μ, λI), μ = its pretrained value). `None`
