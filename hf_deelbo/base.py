@@ -77,6 +77,23 @@ class FineTuningTrainer(Trainer):
             self.label_names = ["labels"]
         self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
 
+    def installed_callback(self, callback_class: type):
+        """The installed instance of `callback_class` (Trainer builds a new one when resuming)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, callback_class):
+                return callback
+        raise RuntimeError(
+            f"{callback_class.__name__} was removed from the trainer; {type(self).__name__} cannot train without it."
+        )
+
+    def _window_means(self, window: torch.Tensor) -> list[float] | None:
+        """Means of the rows accumulated over a logging window (sums, with the row count last),
+        summed over processes; the window is cleared. None when the window is empty."""
+        total = self.accelerator.reduce(window.clone(), reduction="sum") if self.accelerator.num_processes > 1 else window
+        means = (total[:-1] / total[-1]).tolist() if float(total[-1]) > 0 else None
+        window.zero_()
+        return means
+
     def _check_before_init(self, args, kwargs) -> None:
         """Subclass hook: more validation before Trainer's __init__."""
 

@@ -90,12 +90,9 @@ class L2SPTrainer(FineTuningTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            window = self._window
-            if self.accelerator.num_processes > 1:
-                window = self.accelerator.reduce(window.clone(), reduction="sum")
-            if float(window[-1]) > 0:
-                logs["nll"], logs["penalty"] = (window[:2] / window[-1]).tolist()
-            self._window.zero_()
+            means = self._window_means(self._window)
+            if means is not None:
+                logs["nll"], logs["penalty"] = means
         super().log(logs, start_time)
 
     def config_entry(self) -> dict:

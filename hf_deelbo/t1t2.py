@@ -176,10 +176,7 @@ class T1T2Trainer(ValidationTrainerMixin, FineTuningTrainer):
 
     @property
     def t1t2_callback(self) -> T1T2Callback:
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, T1T2Callback):
-                return callback
-        raise RuntimeError("T1T2Callback was removed from the trainer; T1T2Trainer cannot train without it.")
+        return self.installed_callback(T1T2Callback)
 
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
@@ -254,14 +251,11 @@ class T1T2Trainer(ValidationTrainerMixin, FineTuningTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            window = self._window
-            if self.accelerator.num_processes > 1:
-                window = self.accelerator.reduce(window.clone(), reduction="sum")
-            if float(window[-1]) > 0:
-                logs["nll"], logs["penalty"] = (window[:2] / window[-1]).tolist()
+            means = self._window_means(self._window)
+            if means is not None:
+                logs["nll"], logs["penalty"] = means
             logs["alpha"] = float(self.backbone_strengths.mean())
             logs["beta"] = float(self.head_strengths.mean())
-            self._window.zero_()
         super().log(logs, start_time)
 
     def config_entry(self) -> dict:

@@ -233,10 +233,7 @@ class TPGMTrainer(ValidationTrainerMixin, FineTuningTrainer):
 
     @property
     def tpgm_callback(self) -> TPGMCallback:
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, TPGMCallback):
-                return callback
-        raise RuntimeError("TPGMCallback was removed from the trainer; TPGMTrainer cannot train without it.")
+        return self.installed_callback(TPGMCallback)
 
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
@@ -305,12 +302,9 @@ class TPGMTrainer(ValidationTrainerMixin, FineTuningTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            window = self._window
-            if self.accelerator.num_processes > 1:
-                window = self.accelerator.reduce(window.clone(), reduction="sum")
-            if float(window[-1]) > 0:
-                logs["nll"] = float(window[0] / window[1])
-            self._window.zero_()
+            means = self._window_means(self._window)
+            if means is not None:
+                (logs["nll"],) = means
         super().log(logs, start_time)
 
     def config_entry(self) -> dict:

@@ -86,10 +86,7 @@ class DEELBoTrainer(FineTuningTrainer):
     @property
     def deelbo_callback(self) -> DEELBoCallback:
         """The installed `DEELBoCallback` (Trainer replaces the instance when resuming)."""
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, DEELBoCallback):
-                return callback
-        raise RuntimeError("DEELBoCallback was removed from the trainer; DEELBoTrainer cannot train without it.")
+        return self.installed_callback(DEELBoCallback)
 
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
