@@ -22,6 +22,19 @@ def _usage(library_name: str, repo_id: str, config_key: str = "deelbo", comment:
     )
 
 
+def _card_data(model_name: str, library_name: str, base_model: str | None, dataset: str | None,
+               tags: list[str]) -> ModelCardData:
+    """The card's metadata; local paths are not Hub ids, so they are left out of it."""
+    return ModelCardData(
+        library_name=library_name,
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        datasets=[dataset] if dataset and not os.path.isdir(dataset) else None,
+        tags=sorted(set(tags)),
+        pipeline_tag="image-classification",
+        model_name=model_name,
+    )
+
+
 def build_model_card(
     deelbo: dict,
     *,
@@ -37,14 +50,7 @@ def build_model_card(
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` with the DE ELBO section (λ, τ, σ, κ, N, D_b, K, α_eff, β_eff),
     the evaluation results, the training settings and the method's citation. Tagged `deelbo`."""
-    card_data = ModelCardData(
-        library_name=library_name,
-        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
-        datasets=[dataset] if dataset and not os.path.isdir(dataset) else None,
-        tags=sorted(set(TAGS + (extra_tags or []))),
-        pipeline_tag="image-classification",
-        model_name=model_name,
-    )
+    card_data = _card_data(model_name, library_name, base_model, dataset, TAGS + (extra_tags or []))
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -88,15 +94,9 @@ def build_method_card(
 ) -> ModelCard:
     """The model card of the baselines (L2-SP, TPGM, T1–T2): their `config.<config_key>` entry as a
     table, the evaluation results, the training settings and the method's citation."""
-    card_data = ModelCardData(
-        library_name=library_name,
-        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
-        datasets=[dataset] if dataset and not os.path.isdir(dataset) else None,
-        tags=sorted({"image-classification", config_key.replace("t1t2", "t1-t2").replace("l2sp", "l2-sp"),
-                     *(extra_tags or [])}),
-        pipeline_tag="image-classification",
-        model_name=model_name,
-    )
+    method_tag = config_key.replace("t1t2", "t1-t2").replace("l2sp", "l2-sp")
+    card_data = _card_data(model_name, library_name, base_model, dataset,
+                           ["image-classification", method_tag, *(extra_tags or [])])
     return ModelCard.from_template(
         card_data,
         template_path=str(METHOD_TEMPLATE_PATH),

@@ -81,6 +81,19 @@ def build_model(kind: str, seed: int = 0):
     raise ValueError(kind)
 
 
+class TinyNet(torch.nn.Module):
+    """A 3-layer MLP on 6 numbers (any input shape flattening to 6), head named `head`: small
+    enough for float64 finite differences."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Tanh())
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, pixel_values):
+        return self.head(self.body(pixel_values.flatten(1)))
+
+
 def image_dataset(num_examples: int = 16, seed: int = 0, image_size: int = IMAGE_SIZE) -> Dataset:
     generator = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(num_examples, 3, image_size, image_size, generator=generator)

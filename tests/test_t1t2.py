@@ -7,24 +7,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_model, image_dataset
+from conftest import TinyNet, build_model, image_dataset
 from datasets import Dataset
-from torch import nn
 from torch.func import functional_call
 from transformers import TrainerCallback
 
 from hf_deelbo import T1T2Trainer, T1T2TrainingArguments
 from hf_deelbo.t1t2 import t1t2_hypergradient
-
-
-class _TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh())
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, pixel_values):
-        return self.head(self.body(pixel_values.flatten(1)))
 
 
 def _look_ahead_validation_loss(model, pretrained, head_names, train, validation, lr, strengths):
@@ -43,7 +32,7 @@ def _look_ahead_validation_loss(model, pretrained, head_names, train, validation
 
 def test_hypergradient_matches_finite_differences_of_the_look_ahead_loss():
     torch.manual_seed(0)
-    model = _TinyNet().double()
+    model = TinyNet().double()
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
@@ -115,7 +104,7 @@ def test_trainer_steps_the_strengths_by_the_look_ahead_hypergradient(per_layer, 
     """Plain SGD, no clipping, full batches: the trainer's real step is the look-ahead step, so its
     hypergradient must equal the finite difference of the validation loss after that step."""
     torch.manual_seed(0)
-    model = _TinyNet().double()
+    model = TinyNet().double()
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
     train, validation = _vector_dataset(8, 0), _vector_dataset(6, 1)
     recorder = _Recorder()
@@ -125,7 +114,7 @@ def test_trainer_steps_the_strengths_by_the_look_ahead_hypergradient(per_layer, 
     trainer.train()
 
     # step 4 is a hyper-step; the weights it started from are those after step 3
-    reference = _TinyNet().double()
+    reference = TinyNet().double()
     reference.load_state_dict(recorder.weights[3])
     names = [n for n, _ in reference.named_parameters()]
     head_names = {"head.weight", "head.bias"}

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_model, image_dataset
-from torch import nn
+from conftest import TinyNet, build_model, image_dataset
 from torch.func import functional_call
 from transformers import AutoModelForImageClassification, TrainerCallback
 
@@ -73,20 +72,10 @@ def test_every_backbone_tensor_stays_in_its_ball(norm, tmp_path):
     assert all("nll" in e and e["hyper_seconds"] > 0 for e in logs)
 
 
-class _TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh())
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 @pytest.mark.parametrize("norm", ["l2", "mars"])
 def test_radius_gradient_matches_finite_differences(norm):
     torch.manual_seed(0)
-    model = _TinyNet().double()
+    model = TinyNet().double()
     anchor = PretrainedAnchor(model, split_parameters(model, ["head"]))
     with torch.no_grad():
         for p in model.parameters():
