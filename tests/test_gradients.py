@@ -93,3 +93,56 @@ def test_loss_gradients_match_reference(kind, make_args):
     torch.testing.assert_close(trainer.posterior.rho.grad.double(), ref_rho_grad, rtol=1e-5, atol=0)
     # The head and backbone both got a prior pull (otherwise the test would not see a wrong group).
     assert any(n in head_names for n in ref_weight_grads) and len(head_names) < len(ref_weight_grads)
+
+
+class _PartlyUsedNet(torch.nn.Module):
+    """A float32 layer, a bfloat16 layer and a weight the forward pass never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 5)
+        self.head = torch.nn.Linear(5, 3).to(torch.bfloat16)
+        self.unused = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, pixel_values):
+        return self.head(torch.tanh(self.body(pixel_values)).to(torch.bfloat16)).float()
+
+
+def test_sampled_weights_and_their_gradients_match_plain_autograd():
+    """`sample_parameters` against `m + (σε).to(dtype)` written out with plain autograd, on the same ε:
+    the draws agree to one rounding (the fused float32 add rounds σε once, not twice), and so do
+    the gradients to m and ρ, including a weight that gets no gradient and a bfloat16 layer."""
+    from hf_deelbo.groups import split_parameters
+    from hf_deelbo.posterior import IsotropicGaussianPosterior
+
+    torch.manual_seed(0)
+    model = _PartlyUsedNet()
+    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=0.05)
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    names = [name for name, _ in model.named_parameters()]
+
+    sampled = posterior.sample_parameters(model, torch.Generator().manual_seed(3))
+    loss = F.cross_entropy(torch.func.functional_call(model, sampled, (x,)), y)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    rho_grad = posterior.rho.grad.clone()
+
+    model.zero_grad()
+    posterior.rho.grad = None
+    eps = torch.randn(posterior.num_params, generator=torch.Generator().manual_seed(3))
+    sigma = F.softplus(posterior.rho)
+    reference, offset = {}, 0
+    for name, p in model.named_parameters():
+        reference[name] = p + (sigma * eps[offset : offset + p.numel()].view_as(p)).to(p.dtype)
+        offset += p.numel()
+    F.cross_entropy(torch.func.functional_call(model, reference, (x,)), y).backward()
+
+    for name in names:
+        torch.testing.assert_close(sampled[name], reference[name], rtol=1.2e-7, atol=0, msg=name)
+    assert grads["unused"] is None and model.unused.grad is None
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7)
+    # The reference sums ⟨g, ε⟩ in the bfloat16 layer's own precision; the function in float32.
+    torch.testing.assert_close(rho_grad, posterior.rho.grad, rtol=2e-2, atol=0)
+    assert rho_grad.abs() > 0
