@@ -90,18 +90,20 @@ class IsotropicGaussianPosterior(nn.Module):
         """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars (`PretrainedAnchor.squared_distances`)."""
         return self.anchor.squared_distances()
 
-    def kl(self, backbone_prior_variance, head_prior_variance) -> torch.Tensor:
-        """KL(q ‖ p_{λ,τ}) = KL_b + KL_h (float64, differentiable w.r.t. m and ρ) at fixed λ, τ."""
-        backbone_sq, head_sq = self.squared_distances()
+    def kl(self, backbone_prior_variance, head_prior_variance, squared_distances=None) -> torch.Tensor:
+        """KL(q ‖ p_{λ,τ}) = KL_b + KL_h (float64, differentiable w.r.t. m and ρ) at fixed λ, τ;
+        `squared_distances` = `self.squared_distances()` when the caller already has them."""
+        backbone_sq, head_sq = squared_distances if squared_distances is not None else self.squared_distances()
         variance = self.posterior_variance()
         return gaussian_kl(backbone_sq, self.num_backbone_params, variance, backbone_prior_variance) + gaussian_kl(
             head_sq, self.num_head_params, variance, head_prior_variance
         )
 
     @torch.no_grad()
-    def optimal_prior_variances(self) -> tuple[float, float]:
-        """(λ*, τ*) = (‖m_b − μ‖²/D_b + σ², ‖m_h‖²/K + σ²) for the current m and σ."""
-        backbone_sq, head_sq = self.squared_distances()
+    def optimal_prior_variances(self, squared_distances=None) -> tuple[float, float]:
+        """(λ*, τ*) = (‖m_b − μ‖²/D_b + σ², ‖m_h‖²/K + σ²) for the current m and σ (from
+        `squared_distances` = `self.squared_distances()` when the caller already has them)."""
+        backbone_sq, head_sq = squared_distances if squared_distances is not None else self.squared_distances()
         variance = self.posterior_variance()
         lam = optimal_prior_variance(backbone_sq, self.num_backbone_params, variance)
         tau = optimal_prior_variance(head_sq, self.num_head_params, variance)

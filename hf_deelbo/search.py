@@ -37,11 +37,13 @@ PAPER_LEARNING_RATES = (0.1, 0.01, 0.001, 0.0001)
 
 @dataclass
 class SearchRun:
-    """One training run of a search: its settings, its score (lower is better) and wall time."""
+    """One training run of a search: its settings, its score (lower is better), wall time, and what
+    the run learned (`learned`: DE ELBO's `learned_hyperparameters()`; empty for L2-SP)."""
 
     settings: dict
     score: float
     seconds: float
+    learned: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -138,7 +140,8 @@ def select_learning_rate(
         except FloatingPointError:  # a diverged learning rate is simply not chosen
             score = float("inf")
         score = float(score) if np.isfinite(score) else float("inf")  # NaN would win np.argmin
-        runs.append(SearchRun({"learning_rate": lr}, score, time.perf_counter() - start))
+        runs.append(SearchRun({"learning_rate": lr}, score, time.perf_counter() - start,
+                              learned=trainer.learned_hyperparameters()))
         trainers.append(trainer)
     best_index = int(np.argmin([run.score for run in runs]))
     if not np.isfinite(runs[best_index].score):

@@ -136,23 +136,25 @@ class DEELBoTrainer(FineTuningTrainer):
 
             loss = mean_i CE(f(x_i; w̃), y_i) + KL(q ‖ p_{λ,τ}) / (κ N)
 
-        λ, τ are fixed here (set by `DEELBoCallback` after each optimizer step).
+        λ, τ are fixed here: λ*, τ* of the current m and σ, which `DEELBoCallback` recomputes once
+        per optimizer step from the squared distances the KL needs anyway.
         """
         if self.num_train_examples is None:
             raise ValueError(_MISSING_N_MESSAGE)
         labels = inputs[self.label_names[0]]
         logits = self._forward(model, inputs, self.posterior.sample_parameters(model))
         nll = F.cross_entropy(logits.float(), labels)
-        callback = self.deelbo_callback
-        kl = self.posterior.kl(callback.backbone_prior_variance, callback.head_prior_variance)
+        distances = self.posterior.squared_distances()
+        lam, tau = self.deelbo_callback.prior_variances(tuple(d.detach() for d in distances))
+        kl = self.posterior.kl(lam, tau, distances)
         loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
         if model.training:
             with torch.no_grad():
                 row = torch.stack([
                     nll.detach().double(),
                     kl.detach(),
-                    torch.tensor(callback.backbone_prior_variance, dtype=torch.float64, device=kl.device),
-                    torch.tensor(callback.head_prior_variance, dtype=torch.float64, device=kl.device),
+                    torch.tensor(lam, dtype=torch.float64, device=kl.device),
+                    torch.tensor(tau, dtype=torch.float64, device=kl.device),
                     self.posterior.sigma().detach().double(),
                     torch.ones((), dtype=torch.float64, device=kl.device),
                 ])
@@ -212,7 +214,6 @@ class DEELBoTrainer(FineTuningTrainer):
     def config_entry(self) -> dict:
         return self.learned_hyperparameters()
 
-    @torch.no_grad()
     @torch.no_grad()
     def training_objective(self, dataset=None, num_samples: int = 10) -> float:
         """The DE ELBO objective at the current q, on `dataset` (default: the training set; pass it
