@@ -337,10 +337,7 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
         f"process. Total benchmark time: {machine_seconds / 60:.0f} min. Mean over seeds (± std for accuracy; "
         "0 with one seed).",
         "",
-        "Backbones, pretrained on digits 0–4: " + "; ".join(
-            f"{b}: {p['epochs']} epochs, source test accuracy {p['source_test_accuracy']:.3f}"
-            for b, p in sorted(settings.get("pretraining", {}).items())) + ".",
-        "",
+        *pretraining_lines(settings),
         "| backbone | N | method | test accuracy | test NLL | ECE | compute (s) | learned λ, τ / chosen α, β | α_eff = 1/(Dλ) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -379,6 +376,14 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
                   "", "| backbone | N | method | share of training time |", "|---|---|---|---|", *shares, ""]
     lines += ["![accuracy versus compute](../benchmarks/results/transfer.png)", "", SECTION[1]]
     return "\n".join(lines)
+
+
+def pretraining_lines(settings: dict) -> list[str]:
+    if not settings.get("pretraining"):  # results from before the pretraining was recorded
+        return []
+    return ["Backbones, pretrained on digits 0–4: " + "; ".join(
+        f"{b}: {p['epochs']} epochs, source test accuracy {p['source_test_accuracy']:.3f}"
+        for b, p in sorted(settings["pretraining"].items())) + ".", ""]
 
 
 def figure(rows: list[dict], path: str) -> None:
