@@ -327,12 +327,14 @@ def train_command(argv: list[str]) -> int:
             os.makedirs(output_dir, exist_ok=True)
             with open(os.path.join(output_dir, "learning_rate_selection.json"), "w") as f:
                 json.dump({"chosen": result.best, "runs": [
-                    {**run.settings, "training_objective": run.score, "seconds": run.seconds} for run in result.runs
+                    {**run.settings, "training_objective": run.score, "seconds": run.seconds, "learned": run.learned}
+                    for run in result.runs
                 ]}, f, indent=2)
             for run in result.runs:
                 shutil.rmtree(os.path.join(output_dir, f"lr-{run.settings['learning_rate']:g}"), ignore_errors=True)
             print("Learning rate by final training objective: " + ", ".join(
-                f"{run.settings['learning_rate']:g} -> {run.score:.4g}" for run in result.runs
+                f"{run.settings['learning_rate']:g} -> {run.score:.4g} (sigma {run.learned['sigma']:.3g})"
+                for run in result.runs
             ) + f"; chosen {result.best['learning_rate']:g}")
         else:
             trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

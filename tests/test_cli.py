@@ -166,6 +166,8 @@ def test_learning_rate_selection_from_the_command_line(tmp_path, capsys):
     scores = {run["learning_rate"]: run["training_objective"] for run in selection["runs"]}
     assert set(scores) == {0.05, 0.001}
     assert selection["chosen"]["learning_rate"] == min(scores, key=scores.get)
+    chosen = next(run for run in selection["runs"] if run["learning_rate"] == selection["chosen"]["learning_rate"])
+    assert chosen["learned"]["sigma"] == json.loads((out / "config.json").read_text())["deelbo"]["sigma"]
     assert "chosen" in capsys.readouterr().out
     assert not any(p.name.startswith("lr-") for p in out.iterdir())  # the losing runs leave nothing behind
     assert json.loads((out / "config.json").read_text())["deelbo"]["num_train_examples"] == 30

@@ -95,6 +95,9 @@ def test_learning_rate_selection_picks_the_lowest_training_objective(tmp_path):
     assert scores[1e6] == math.inf  # diverged: never chosen
     assert result.best["learning_rate"] == min(scores, key=scores.get)
     assert result.trainer.args.learning_rate == result.best["learning_rate"]
+    chosen = next(run for run in result.runs if run.settings == result.best)
+    assert chosen.learned == result.trainer.learned_hyperparameters()  # what each run learned, kept
+    assert len({run.learned["sigma"] for run in result.runs if math.isfinite(run.score)}) == 2
     assert result.trainer.predict(dataset).predictions.shape == (12, 5)
 
 
