@@ -17,10 +17,12 @@ tested on a held-out 30 % of 5–9. Methods:
   the regularization was learned against that split).
 
 Every run uses SGD with Nesterov momentum 0.9, a cosine schedule, batch 32, gradient clipping at
-1.0 and the same number of steps. Compute is the wall time of the whole procedure (all its runs),
-measured in the same process, one thread per process.
+1.0 and the same number of steps (200 by default). Compute is the wall time of the whole
+procedure (all its runs), measured in the same process, one thread per process.
 
-    python benchmarks/transfer.py              # the full benchmark (≈ 90 min on 2 cores), updates docs/benchmarks.md
+    python benchmarks/transfer.py              # the full benchmark (≈ 2.5 h on 2 cores), updates docs/benchmarks.md
+    python benchmarks/transfer.py --steps 40 --output-dir benchmarks/results/transfer-40-steps \
+        --docs benchmarks/results/transfer-40-steps/summary.md   # the short schedule (≈ 30 min)
     python benchmarks/transfer.py --seeds 0    # one seed first; then --seeds 1 2 --resume adds the others
     python benchmarks/transfer.py --methods TPGM T1–T2 --resume   # add methods to the records already there
     python benchmarks/transfer.py --methods "DE ELBO" --resume --redo   # run one method again (after a code change)
