@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transfer  # noqa: E402
@@ -35,6 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "run_cost.json"))
+    parser.add_argument("--cache-dir", default=os.path.join(ROOT, "benchmarks", "results", "pretrained"),
+                        help="Where the pretrained backbone is built once and kept.")
     args = parser.parse_args(argv)
     transfer._setup_thread()
     import transformers
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     transformers.logging.set_verbosity_error()
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, L2SPTrainer, L2SPTrainingArguments, digits
 
-    path = transfer.pretrained_path("timm-resnet", os.path.join(ROOT, "benchmarks", "results", "pretrained"))
+    path = transfer.pretrained_path("timm-resnet", args.cache_dir)
     train, _ = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), args.n, seed=0)
     train = transfer.tensor_dataset(train)
     init = transfer.model_init("timm-resnet", path, 0)

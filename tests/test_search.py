@@ -1,5 +1,6 @@
 """Grid search and learning-rate selection, on tiny models."""
 
+import json
 import math
 import os
 import subprocess
@@ -110,3 +111,15 @@ def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path):
     for name in ("transfer.json", "transfer.png", "benchmarks.md"):
         assert (tmp_path / name).is_file(), name
     assert "L2-SP grid search" in (tmp_path / "benchmarks.md").read_text()
+
+
+@pytest.mark.slow
+def test_run_cost_benchmark_writes_its_ratio(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
+    output = tmp_path / "run_cost.json"
+    result = subprocess.run([sys.executable, script, "--steps", "3", "--repeats", "1", "--output", str(output),
+                             "--cache-dir", str(tmp_path / "pretrained")],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(output.read_text())
+    assert saved["run_ratio"] == saved["median_seconds"]["DE ELBO run"] / saved["median_seconds"]["L2-SP run"] > 0
