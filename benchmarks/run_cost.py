@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,12 +47,8 @@ def main(argv=None) -> None:
     train, _ = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), args.n, seed=0)
     train = transfer.tensor_dataset(train)
     init = transfer.model_init("timm-resnet", path, 0)
-    common = dict(
-        max_steps=args.steps, per_device_train_batch_size=32, per_device_eval_batch_size=256, optim="sgd",
-        optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", max_grad_norm=1.0, report_to="none",
-        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, logging_steps=10**6,
-        dataloader_pin_memory=False, learning_rate=0.1, output_dir=os.path.join("/tmp", "run_cost"),
-    )
+    common = {**transfer.training_settings(args.steps, seed=0), "learning_rate": 0.1,
+              "output_dir": os.path.join(tempfile.gettempdir(), "run_cost")}
 
     def l2sp_run():
         L2SPTrainer(model=init(), args=L2SPTrainingArguments(**common), train_dataset=train).train()

@@ -171,6 +171,16 @@ def evaluate(trainer, test) -> dict:
     return digits.classification_metrics(torch.tensor(output.predictions), torch.tensor(output.label_ids))
 
 
+def training_settings(steps: int, seed: int) -> dict:
+    """The `TrainingArguments` every run of every method shares (learning rate and output_dir aside)."""
+    return dict(
+        max_steps=steps, per_device_train_batch_size=32, per_device_eval_batch_size=256, optim="sgd",
+        optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", max_grad_norm=1.0, report_to="none",
+        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, logging_steps=10**6,
+        dataloader_pin_memory=False,
+    )
+
+
 def run_combo(task) -> dict:
     """One (backbone, N, seed): the three methods, each timed as a whole."""
     _setup_thread()
@@ -190,12 +200,7 @@ def run_combo(task) -> dict:
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
     train, test = tensor_dataset(train), tensor_dataset(test)
     labels = [int(v) for v in train.with_format(None)["labels"]]
-    common = dict(
-        max_steps=settings["steps"], per_device_train_batch_size=32, per_device_eval_batch_size=256, optim="sgd",
-        optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", max_grad_norm=1.0, report_to="none",
-        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, logging_steps=10**6,
-        dataloader_pin_memory=False,
-    )
+    common = training_settings(settings["steps"], seed)
     init = model_init(backbone, path, seed)
     record = {"backbone": backbone, "n": n, "seed": seed}
     for name, kappa in (("DE ELBO", None), ("ELBO (κ=1)", 1.0), (SCALED_SIGMA, None)):
