@@ -76,8 +76,16 @@ class _SquaredDistances(torch.autograd.Function):
     def backward(ctx, grad_backbone, grad_head):
         anchor = ctx.anchor
         grads = [
-            torch.sub(p, mu).mul_((2 * g).to(p.dtype))
+            torch.sub(p, mu).mul_(_coefficient(g, p.dtype))
             for p, mu, g in zip(anchor.backbone, anchor.prior_mean, grad_backbone)
         ]
-        grads += [p.detach() * (2 * g).to(p.dtype) for p, g in zip(anchor.head, grad_head)]
+        grads += [p.detach() * _coefficient(g, p.dtype) for p, g in zip(anchor.head, grad_head)]
         return (None, *grads)
+
+
+def _coefficient(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2·grad (float64) in the weights' dtype, capped at its largest finite value. With σ at its
+    floor and m_b = μ, the prior variance is ~1e-60 and the coefficient ~1e60, which a float32
+    cast turns into inf and inf · (m − μ = 0) into NaN; capped, those gradients are 0, and any
+    nonzero one is still far beyond what gradient clipping lets through."""
+    return (2 * grad).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
