@@ -123,3 +123,15 @@ def test_run_cost_benchmark_writes_its_ratio(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads(output.read_text())
     assert saved["run_ratio"] == saved["median_seconds"]["DE ELBO run"] / saved["median_seconds"]["L2-SP run"] > 0
+
+
+@pytest.mark.slow
+def test_kappa_benchmark_writes_its_outputs(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "kappa.py")
+    docs = tmp_path / "benchmarks.md"
+    result = subprocess.run([sys.executable, script, "--steps", "2", "--seeds", "0", "--output-dir", str(tmp_path),
+                             "--docs", str(docs)], capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "kappa.json").read_text())
+    assert [row["kappa"] for row in saved["summary"]][0] == 1 and (tmp_path / "kappa.png").is_file()
+    assert "| κ | test accuracy |" in docs.read_text()
