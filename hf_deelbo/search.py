@@ -125,7 +125,7 @@ def select_learning_rate(
     """DE ELBO with each learning rate on all N examples; the winner has the lowest final training
     objective (`DEELBoTrainer.training_objective` on `objective_dataset`, the training set without
     augmentation, default `train_dataset`, over `num_samples` draws). No validation data is used."""
-    runs, trainers = [], []
+    runs, best = [], None
     for lr in learning_rates:
         start = time.perf_counter()
         trainer = DEELBoTrainer(
@@ -139,16 +139,17 @@ def select_learning_rate(
             score = trainer.training_objective(objective_dataset or train_dataset, num_samples=num_samples)
         except FloatingPointError:  # a diverged learning rate is simply not chosen
             score = float("inf")
-        score = float(score) if np.isfinite(score) else float("inf")  # NaN would win np.argmin
+        score = float(score) if np.isfinite(score) else float("inf")  # NaN or inf: never chosen
         runs.append(SearchRun({"learning_rate": lr}, score, time.perf_counter() - start,
                               learned=trainer.learned_hyperparameters()))
-        trainers.append(trainer)
-    best_index = int(np.argmin([run.score for run in runs]))
-    if not np.isfinite(runs[best_index].score):
+        if np.isfinite(score) and (best is None or score < best[0].score):
+            best = (runs[-1], trainer)  # only the best run's model stays in memory
+        del trainer
+    if best is None:
         raise FloatingPointError(f"DE ELBO diverged at every learning rate of {list(learning_rates)}; try smaller ones.")
-    best = trainers[best_index]
+    best_run, best = best
     best.args = dataclasses.replace(best.args, output_dir=args.output_dir)
     # Building the later runs' arguments reset accelerate's process-wide state, which the best
     # trainer's accelerator reads: give it a fresh one before it is used again.
     best.create_accelerator_and_postprocess()
-    return SearchResult(best=runs[best_index].settings, runs=runs, final_seconds=0.0, trainer=best)
+    return SearchResult(best=best_run.settings, runs=runs, final_seconds=0.0, trainer=best)

@@ -135,3 +135,25 @@ def test_kappa_benchmark_writes_its_outputs(tmp_path):
     saved = json.loads((tmp_path / "kappa.json").read_text())
     assert [row["kappa"] for row in saved["summary"]][0] == 1 and (tmp_path / "kappa.png").is_file()
     assert "| κ | test accuracy |" in docs.read_text()
+
+
+def test_learning_rate_selection_keeps_only_the_best_model_so_far(tmp_path):
+    """While the later runs train, the earlier runs' models are gone except the best one."""
+    import gc
+    import weakref
+
+    models, alive_at_start = [], []
+
+    def model_init():
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in models))
+        model = build_model("resnet")[0]
+        models.append(weakref.ref(model))
+        return model
+
+    result = select_learning_rate(model_init, image_dataset(12),
+                                  DEELBoTrainingArguments(output_dir=str(tmp_path), **COMMON),
+                                  learning_rates=(0.05, 0.01, 0.001, 0.0001), num_samples=2)
+    assert alive_at_start == [0, 1, 1, 1]
+    gc.collect()
+    assert [ref() for ref in models if ref() is not None] == [result.trainer.model]
