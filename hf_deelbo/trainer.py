@@ -145,7 +145,7 @@ class DEELBoTrainer(FineTuningTrainer):
         logits = self._forward(model, inputs, self.posterior.sample_parameters(model))
         nll = F.cross_entropy(logits.float(), labels)
         distances = self.posterior.squared_distances()
-        lam, tau = self.deelbo_callback.prior_variances(tuple(d.detach() for d in distances))
+        lam, tau = self.deelbo_callback.prior_variances(distances)  # read under no_grad
         kl = self.posterior.kl(lam, tau, distances)
         loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
         if model.training:
