@@ -67,7 +67,7 @@ def make_step(mechanism: str, model, x, y, head):
     def functional():
         model.zero_grad(set_to_none=True)
         posterior.rho.grad = None
-        logits = torch.func.functional_call(model, posterior.sample_parameters(model), (x,))
+        logits = torch.func.functional_call(model, posterior.sample_parameters(model), (x,), tie_weights=False)
         F.cross_entropy(logits, y).backward()
 
     def in_place():

@@ -103,8 +103,10 @@ class FineTuningTrainer(Trainer):
 
     # ---- model calls --------------------------------------------------------------------------
 
-    def _forward(self, model: nn.Module, inputs: dict, parameters: dict | None = None) -> torch.Tensor:
-        return classifier_logits(model, inputs, parameters, self._is_transformers_model)
+    def _forward(
+        self, model: nn.Module, inputs: dict, parameters: dict | None = None, tie_weights: bool = True
+    ) -> torch.Tensor:
+        return classifier_logits(model, inputs, parameters, self._is_transformers_model, tie_weights=tie_weights)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and not self._is_transformers_model:
@@ -136,13 +138,19 @@ class FineTuningTrainer(Trainer):
         return loss
 
     def _divergence_details(self) -> str | None:
-        """Subclass hook: a description of non-finite state, or None."""
+        """Subclass hook: a description of non-finite state after this step's optimizer step (a full
+        pass over the weights is fine: it runs only at steps that log, evaluate or save), or None."""
         return None
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
-        # Runs after every optimizer step and before any checkpoint is written, so a diverged
-        # run stops before it can overwrite the last good checkpoint.
-        details = self._divergence_details()
+        # Runs after every optimizer step, before anything of that step is logged, evaluated or
+        # saved. A non-finite loss stops the run at the step it appears. Weights that an optimizer
+        # step made non-finite give a non-finite loss one step later; where this step is logged,
+        # evaluated or saved, or is the last, they are checked now (`_divergence_details`), so a
+        # diverged run never overwrites the last good checkpoint.
+        control = self.control
+        due = control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
+        details = self._divergence_details() if due else None
         if bool(self._nonfinite_loss) or details:
             raise FloatingPointError(
                 f"{type(self).__name__} diverged at step {self.state.global_step}: the loss or the weights are no "

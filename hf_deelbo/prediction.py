@@ -22,9 +22,16 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 def classifier_logits(
-    model: nn.Module, inputs: dict, parameters: dict | None = None, transformers_model: bool | None = None
+    model: nn.Module,
+    inputs: dict,
+    parameters: dict | None = None,
+    transformers_model: bool | None = None,
+    *,
+    tie_weights: bool = True,
 ) -> torch.Tensor:
     """Logits of a classifier on `inputs`, at its own weights or at `parameters` (name → tensor).
+    `tie_weights=False` when `parameters` already names every alias of a tied weight
+    (`IsotropicGaussianPosterior.sample_parameters`), as in `torch.func.functional_call`.
 
     transformers models are called as `model(**features).logits`; other models (timm) as
     `model(pixel_values)`. Label columns are never passed to the model.
@@ -39,7 +46,7 @@ def classifier_logits(
     if parameters is None:
         outputs = model(*args, **kwargs)
     else:
-        outputs = functional_call(model, parameters, args, kwargs, strict=False)
+        outputs = functional_call(model, parameters, args, kwargs, strict=False, tie_weights=tie_weights)
     if isinstance(outputs, torch.Tensor):
         return outputs
     return outputs.logits if hasattr(outputs, "logits") else outputs[0]
@@ -67,7 +74,9 @@ def predictive_log_probs(
     generator = torch.Generator(device=posterior.rho.device).manual_seed(seed)
     draws = torch.stack([
         F.log_softmax(
-            classifier_logits(model, inputs, posterior.sample_parameters(model, generator), transformers_model).float(),
+            classifier_logits(
+                model, inputs, posterior.sample_parameters(model, generator), transformers_model, tie_weights=False
+            ).float(),
             dim=-1,
         )
         for _ in range(num_samples)

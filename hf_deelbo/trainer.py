@@ -142,7 +142,7 @@ class DEELBoTrainer(FineTuningTrainer):
         if self.num_train_examples is None:
             raise ValueError(_MISSING_N_MESSAGE)
         labels = inputs[self.label_names[0]]
-        logits = self._forward(model, inputs, self.posterior.sample_parameters(model))
+        logits = self._forward(model, inputs, self.posterior.sample_parameters(model), tie_weights=False)
         nll = F.cross_entropy(logits.float(), labels)
         distances = self.posterior.squared_distances()
         lam, tau = self.deelbo_callback.prior_variances(distances)  # read under no_grad
@@ -237,7 +237,7 @@ class DEELBoTrainer(FineTuningTrainer):
                 total, count = 0.0, 0
                 for batch in batches:
                     with self.compute_loss_context_manager():
-                        logits = self._forward(model, batch, parameters).float()
+                        logits = self._forward(model, batch, parameters, tie_weights=False).float()
                     labels = batch[self.label_names[0]]
                     total += float(F.cross_entropy(logits, labels, reduction="sum"))
                     count += len(labels)

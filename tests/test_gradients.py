@@ -146,3 +146,48 @@ def test_sampled_weights_and_their_gradients_match_plain_autograd():
     # The reference sums ⟨g, ε⟩ in the bfloat16 layer's own precision; the function in float32.
     torch.testing.assert_close(rho_grad, posterior.rho.grad, rtol=2e-2, atol=0)
     assert rho_grad.abs() > 0
+
+
+class _TiedNet(torch.nn.Module):
+    """An input and an output projection that share one weight, as tied embeddings do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 6, bias=False)
+        self.unembed = torch.nn.Linear(6, 6, bias=False)
+        self.unembed.weight = self.embed.weight
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, pixel_values):
+        return self.head(torch.tanh(self.unembed(torch.tanh(self.embed(pixel_values)))))
+
+
+def test_a_tied_weight_gets_one_draw_under_all_its_names():
+    """The draw names a tied weight under each of its names, so `functional_call(...,
+    tie_weights=False)` (what the trainer runs) uses the same w̃ in both places; the reference
+    lets `functional_call` find the tie itself."""
+    from hf_deelbo.groups import split_parameters
+    from hf_deelbo.posterior import IsotropicGaussianPosterior
+
+    torch.manual_seed(0)
+    model = _TiedNet()
+    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=0.1)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    sampled = posterior.sample_parameters(model, torch.Generator().manual_seed(1))
+    assert sampled["unembed.weight"] is sampled["embed.weight"]
+    F.cross_entropy(torch.func.functional_call(model, sampled, (x,), tie_weights=False), y).backward()
+    grad, rho_grad = model.embed.weight.grad.clone(), posterior.rho.grad.clone()
+
+    model.zero_grad()
+    posterior.rho.grad = None
+    eps = torch.randn(posterior.num_params, generator=torch.Generator().manual_seed(1))
+    sigma = F.softplus(posterior.rho)
+    reference, offset = {}, 0
+    for name, p in model.named_parameters():  # the tied weight once
+        reference[name] = p + sigma * eps[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    assert "unembed.weight" not in reference
+    F.cross_entropy(torch.func.functional_call(model, reference, (x,)), y).backward()
+    torch.testing.assert_close(grad, model.embed.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rho_grad, posterior.rho.grad, rtol=1e-5, atol=1e-8)

@@ -94,6 +94,20 @@ def test_divergence_stops_with_step_and_hint_and_keeps_last_checkpoint(make_args
     assert math.isfinite(reloaded.config.deelbo["lambda"])
 
 
+def test_weights_that_diverge_between_checkpoints_stop_the_run_at_the_next_step(make_args, tmp_path):
+    # Step 3 neither logs nor saves, so the weights it makes non-finite are not inspected there;
+    # step 4's loss, computed at those weights, is non-finite and stops the run before step 4's
+    # checkpoint is written.
+    model, _ = build_model("resnet")
+    args = make_args(max_steps=8, save_strategy="steps", save_steps=2, logging_steps=2, optim="sgd", learning_rate=0.01)
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), callbacks=[Explode()])
+    with pytest.raises(FloatingPointError, match=r"diverged at step 4"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the step-3 weights
+
+
 def test_sigma_cannot_underflow(make_args):
     model, _ = build_model("resnet")
     trainer = DEELBoTrainer(model=model, args=make_args(max_steps=2, optim="sgd"), train_dataset=image_dataset(8))
