@@ -332,7 +332,8 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
+def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_link: str = "transfer.png") -> str:
+    """The docs section; `figure_link` is the figure's path relative to the markdown file."""
     lines = [
         SECTION[0],
         "## Transfer: DE ELBO versus L2-SP grid search (`benchmarks/transfer.py`)",
@@ -381,7 +382,7 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float) -> str:
         lines += ["Overhead of TPGM and T1–T2: the share of their training time spent on their own work (validation "
                   "batches, radius or strength updates, projections), as the trainers report it (`hyper_seconds`).",
                   "", "| backbone | N | method | share of training time |", "|---|---|---|---|", *shares, ""]
-    lines += ["![accuracy versus compute](../benchmarks/results/transfer.png)", "", SECTION[1]]
+    lines += [f"![accuracy versus compute]({figure_link})", "", SECTION[1]]
     return "\n".join(lines)
 
 
@@ -456,8 +457,9 @@ def main(argv=None) -> None:
         saved = json.load(open(os.path.join(args.output_dir, "transfer.json")))
         rows = summarize(saved["records"])
         figure(rows, os.path.join(args.output_dir, "transfer.png"))
-        update_section(args.docs or os.path.join(ROOT, "docs", "benchmarks.md"), SECTION,
-                       markdown(rows, saved["settings"], saved.get("seconds", 0.0)))
+        docs_path = args.docs or os.path.join(ROOT, "docs", "benchmarks.md")
+        update_section(docs_path, SECTION, markdown(rows, saved["settings"], saved.get("seconds", 0.0),
+                                                    _figure_link(docs_path, args.output_dir)))
         return
     docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
                               else os.path.join(ROOT, "docs", "benchmarks.md"))
@@ -510,8 +512,13 @@ def main(argv=None) -> None:
     figure(rows, os.path.join(args.output_dir, "transfer.png"))
     with open(results_path, "w") as f:
         json.dump({"settings": settings, "seconds": elapsed, "summary": rows, "records": records}, f, indent=1)
-    update_section(docs_path, SECTION, markdown(rows, settings, elapsed))
-    print(markdown(rows, settings, elapsed))
+    section = markdown(rows, settings, elapsed, _figure_link(docs_path, args.output_dir))
+    update_section(docs_path, SECTION, section)
+    print(section)
+
+
+def _figure_link(docs_path: str, output_dir: str) -> str:
+    return os.path.relpath(os.path.join(output_dir, "transfer.png"), os.path.dirname(os.path.abspath(docs_path)))
 
 
 if __name__ == "__main__":
