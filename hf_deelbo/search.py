@@ -147,9 +147,9 @@ def select_learning_rate(
         del trainer
     if best is None:
         raise FloatingPointError(f"DE ELBO diverged at every learning rate of {list(learning_rates)}; try smaller ones.")
-    best_run, best = best
-    best.args = dataclasses.replace(best.args, output_dir=args.output_dir)
+    best_run, best_trainer = best
+    best_trainer.args = dataclasses.replace(best_trainer.args, output_dir=args.output_dir)
     # Building the later runs' arguments reset accelerate's process-wide state, which the best
     # trainer's accelerator reads: give it a fresh one before it is used again.
-    best.create_accelerator_and_postprocess()
-    return SearchResult(best=best_run.settings, runs=runs, final_seconds=0.0, trainer=best)
+    best_trainer.create_accelerator_and_postprocess()
+    return SearchResult(best=best_run.settings, runs=runs, final_seconds=0.0, trainer=best_trainer)
