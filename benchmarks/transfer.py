@@ -339,7 +339,7 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
         "## Transfer: DE ELBO versus L2-SP grid search (`benchmarks/transfer.py`)",
         "",
         f"Digits 0–4 → 5–9, {IMAGE_SIZE}×{IMAGE_SIZE} inputs, {settings['steps']} SGD steps per run, batch 32, "
-        f"{len(settings['seeds'])} seed(s); test set: 30 % of digits 5–9. Compute is the wall time of the whole "
+        f"{_seeds_text(rows)}; test set: 30 % of digits 5–9. Compute is the wall time of the whole "
         f"procedure (DE ELBO and ELBO: {len(settings['learning_rates'])} learning rates; grid search: "
         f"{len(settings['strengths'])**2 * len(settings['learning_rates'])} runs + the retrain), one thread per "
         f"process. Total benchmark time: {machine_seconds / 60:.0f} min. Mean over seeds (± std for accuracy; "
@@ -358,8 +358,9 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
             hyper, alpha = f"median radius {row['median_radius']:.3g}", ""
         else:
             hyper, alpha = f"λ = {row['lam']:.3g}, τ = {row['tau']:.3g}", f"{row['alpha_eff']:.3g}"
+        seeds = f" ({row['seeds']} seeds)" if len({r["seeds"] for r in rows}) > 1 else ""
         lines.append(
-            f"| {row['backbone']} | {row['n']} | {row['method']} | {row['accuracy']:.3f} ± {row['accuracy_std']:.3f} "
+            f"| {row['backbone']} | {row['n']} | {row['method']} | {row['accuracy']:.3f} ± {row['accuracy_std']:.3f}{seeds} "
             f"| {row['nll']:.3f} | {row['ece']:.3f} | {row['seconds']:.0f} | {hyper} | {alpha} |"
         )
     lines.append("")
@@ -384,6 +385,13 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
                   "", "| backbone | N | method | share of training time |", "|---|---|---|---|", *shares, ""]
     lines += [f"![accuracy versus compute]({figure_link})", "", SECTION[1]]
     return "\n".join(lines)
+
+
+def _seeds_text(rows: list[dict]) -> str:
+    counts = sorted({r["seeds"] for r in rows})
+    if len(counts) == 1:
+        return f"{counts[0]} seed(s)"
+    return f"{counts[0]} to {counts[-1]} seeds (the count is beside each row's accuracy)"
 
 
 def pretraining_lines(settings: dict) -> list[str]:

@@ -113,6 +113,24 @@ def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path):
     assert "L2-SP grid search" in (tmp_path / "benchmarks.md").read_text()
 
 
+def test_transfer_summary_names_the_seed_count_of_rows_that_differ():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import transfer
+
+    def record(seed, n, accuracy):
+        run = {"accuracy": accuracy, "nll": 0.5, "ece": 0.1, "seconds": 1.0}
+        return {"backbone": "vit", "n": n, "seed": seed, "DE ELBO": {**run, "lambda": 1.0, "tau": 1.0, "alpha_eff": 1.0}}
+
+    settings = {"steps": 600, "learning_rates": [0.1], "strengths": [0.0]}
+    records = [record(s, 100, 0.8) for s in range(3)] + [record(s, 500, 0.9 + s / 100) for s in range(5)]
+    text = transfer.markdown(transfer.summarize(records), settings, 60.0)
+    assert "3 to 5 seeds" in text
+    assert "| vit | 100 | DE ELBO | 0.800 ± 0.000 (3 seeds) |" in text
+    assert "| vit | 500 | DE ELBO | 0.920 ± 0.016 (5 seeds) |" in text
+    same = transfer.markdown(transfer.summarize(records[:3]), settings, 60.0)
+    assert "3 seed(s)" in same and "(3 seeds)" not in same
+
+
 @pytest.mark.slow
 def test_run_cost_benchmark_writes_its_ratio(tmp_path):
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
