@@ -43,6 +43,15 @@ class DEELBoTrainingArguments(TrainingArguments):
         bma_samples (`int`, *optional*, defaults to `0`):
             Prediction and evaluation: `0` predicts with the posterior mean m; `S > 0` averages the
             predictive distribution over S draws w̃ = m + σε (Bayesian model average).
+        objective_batch_norm (`str`, *optional*, defaults to `"batch"`):
+            How BatchNorm layers normalize while `DEELBoTrainer.training_objective` scores a run
+            (the learning-rate selection): `"batch"` with each batch's own statistics, as in the
+            training steps the objective summarizes (the running statistics are left untouched);
+            `"running"` with the running statistics, as the model predicts (the authors' code).
+            The running statistics average many draws w̃, so for a single draw with a large σ they
+            are the wrong ones and inflate the objective of exactly the runs that trained well
+            (docs/baselines.md, "BatchNorm in the training objective"). No effect on models
+            without BatchNorm.
     """
 
     kappa: float | None = field(
@@ -67,6 +76,14 @@ class DEELBoTrainingArguments(TrainingArguments):
     bma_samples: int = field(
         default=0,
         metadata={"help": "0: predict with the posterior mean. S > 0: average predictions over S posterior draws."},
+    )
+    objective_batch_norm: str = field(
+        default="batch",
+        metadata={
+            "help": "BatchNorm statistics in the training objective that picks the learning rate: 'batch' (each "
+            "batch's, as in training) or 'running' (the running statistics, as in prediction).",
+            "choices": ["batch", "running"],
+        },
     )
 
     def __post_init__(self):
@@ -98,6 +115,11 @@ class DEELBoTrainingArguments(TrainingArguments):
         if self.num_train_examples is not None and self.num_train_examples <= 0:
             raise ValueError(
                 f"num_train_examples must be a positive int or None (len(train_dataset)); got {self.num_train_examples}"
+            )
+        if self.objective_batch_norm not in ("batch", "running"):
+            raise ValueError(
+                f"objective_batch_norm must be 'batch' (each batch's statistics, as in training) or 'running' "
+                f"(the running statistics); got {self.objective_batch_norm!r}"
             )
         if self.bma_samples < 0:
             raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")

@@ -217,18 +217,27 @@ class DEELBoTrainer(FineTuningTrainer):
     @torch.no_grad()
     def training_objective(self, dataset=None, num_samples: int = 10) -> float:
         """The DE ELBO objective at the current q, on `dataset` (default: the training set; pass it
-        without augmentation), with the model in eval mode:
+        without augmentation), with the model in eval mode (BatchNorm aside, below):
 
             (1/S) Σ_s mean_i CE(f(x_i; m + σε_s), y_i) + KL(q ‖ p_{λ*,τ*}) / (κ N)
 
         One draw ε_s is shared by every example, from a generator seeded with `args.seed + s`. The
-        paper picks the learning rate whose run has the lowest value (S = 10)."""
+        paper picks the learning rate whose run has the lowest value (S = 10). BatchNorm layers
+        normalize with each batch's statistics unless `args.objective_batch_norm="running"`; their
+        running statistics are the same before and after."""
         dataset = dataset if dataset is not None else self.train_dataset
         model = self.model
-        was_training = model.training
-        model.eval()
         device = self.posterior.rho.device
         batches = [self._prepare_inputs(batch) for batch in self.get_eval_dataloader(dataset)]
+        # Batch statistics: those layers run as in training; their running statistics are restored after.
+        batch_norms = _batch_norms(model) if self.args.objective_batch_norm == "batch" else []
+        if batch_norms:
+            batches = _without_single_example_batch(batches, self.label_names[0])
+        saved = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in batch_norms]
+        was_training = model.training
+        model.eval()
+        for m in batch_norms:
+            m.train()
         try:
             nlls = []
             for s in range(num_samples):
@@ -244,6 +253,9 @@ class DEELBoTrainer(FineTuningTrainer):
                 nlls.append(total / count)
         finally:
             model.train(was_training)
+            for m, buffers in zip(batch_norms, saved):
+                for name, value in buffers.items():
+                    getattr(m, name).copy_(value)
         callback = self.deelbo_callback
         kl = float(self.posterior.kl(callback.backbone_prior_variance, callback.head_prior_variance))
         return sum(nlls) / len(nlls) + kl / (self.kappa * self.num_train_examples)
@@ -270,6 +282,25 @@ class DEELBoTrainer(FineTuningTrainer):
             self.state.log_history, os.path.join(self.args.output_dir, HYPERPARAMETERS_PLOT)
         ) else None
         return build_model_card(self.learned_hyperparameters(), plot=plot, **context)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that track running statistics (timm's BatchNormAct2d included)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _without_single_example_batch(batches: list[dict], label_name: str) -> list[dict]:
+    """Batch statistics need two examples: a last batch of one joins the batch before it."""
+    if len(batches[-1][label_name]) > 1:
+        return batches
+    if len(batches) == 1:
+        raise ValueError(
+            "training_objective with objective_batch_norm='batch' needs at least 2 examples to compute BatchNorm "
+            "statistics; got 1. Set DEELBoTrainingArguments(objective_batch_norm='running')."
+        )
+    *rest, previous, last = batches
+    return [*rest, {key: torch.cat([value, last[key]]) if isinstance(value, torch.Tensor) else value
+                    for key, value in previous.items()}]
 
 
 _MISSING_N_MESSAGE = (

@@ -85,15 +85,66 @@ def test_training_objective_against_a_reference(tmp_path):
     assert objective == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("batch_norm", ["batch", "running"])
+def test_training_objective_with_batch_norm_against_a_reference(tmp_path, batch_norm):
+    # 9 examples in evaluation batches of 8: with batch statistics the last batch of one joins the first.
+    model, _ = build_model("resnet")
+    dataset = image_dataset(9)
+    args = DEELBoTrainingArguments(output_dir=str(tmp_path), sigma_init=0.05, objective_batch_norm=batch_norm,
+                                   **{**COMMON, "max_steps": 3})
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    running = {name: b.clone() for name, b in model.named_buffers()}
+    objective = trainer.training_objective(dataset, num_samples=2)
+    assert all(torch.equal(b, running[name]) for name, b in model.named_buffers())  # running statistics kept
+    assert model.training  # as before the call
+
+    import copy
+
+    posterior, callback = trainer.posterior, trainer.deelbo_callback
+    sigma = posterior.sigma().detach()
+    nlls = []
+    for s in range(2):
+        reference = copy.deepcopy(model).train(batch_norm == "batch")  # this ResNet has no dropout
+        noise = torch.randn(posterior.num_params, generator=torch.Generator().manual_seed(trainer.args.seed + s))
+        offset = 0
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+                q.copy_(p + sigma * noise[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+            logits = reference(pixel_values=dataset[:]["pixel_values"]).logits
+        nlls.append(F.cross_entropy(logits, dataset[:]["labels"]).item())
+    kl = 0.0
+    for name, p in model.named_parameters():
+        head = name.startswith("classifier.")
+        mean = torch.zeros_like(p) if head else posterior.prior_mean[name]
+        var = callback.head_prior_variance if head else callback.backbone_prior_variance
+        kl += kl_divergence(Normal(p.double(), sigma.double()), Normal(mean.double(), math.sqrt(var))).sum().item()
+    assert objective == pytest.approx(sum(nlls) / 2 + kl / (trainer.kappa * 9), rel=1e-4)
+
+
+def test_training_objective_with_batch_statistics_needs_two_examples(tmp_path):
+    model, _ = build_model("resnet")
+    trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(output_dir=str(tmp_path), **COMMON),
+                            train_dataset=image_dataset(8))
+    with pytest.raises(ValueError, match="objective_batch_norm='running'"):
+        trainer.training_objective(image_dataset(1), num_samples=1)
+    assert model.training
+    with pytest.raises(ValueError, match="objective_batch_norm must be 'batch'.*got 'mean'"):
+        DEELBoTrainingArguments(output_dir=str(tmp_path), objective_batch_norm="mean")
+
+
 def test_learning_rate_selection_picks_the_lowest_training_objective(tmp_path):
     dataset = image_dataset(12)
     result = select_learning_rate(
         lambda: build_model("resnet")[0], dataset,
-        DEELBoTrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.0, **COMMON),
+        # Running statistics: at lr 1e6 they overflow and the objective is not finite. (With batch
+        # statistics the BatchNorm layers renormalize the blown-up activations and it stays finite.)
+        DEELBoTrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.0, objective_batch_norm="running", **COMMON),
         learning_rates=(1e6, 0.05, 0.001), num_samples=2,
     )
     scores = {run.settings["learning_rate"]: run.score for run in result.runs}
-    assert scores[1e6] == math.inf  # diverged: never chosen
+    assert scores[1e6] == math.inf  # not finite: never chosen
     assert result.best["learning_rate"] == min(scores, key=scores.get)
     assert result.trainer.args.learning_rate == result.best["learning_rate"]
     chosen = next(run for run in result.runs if run.settings == result.best)
