@@ -82,7 +82,6 @@ class DEELBoTrainingArguments(TrainingArguments):
         metadata={
             "help": "BatchNorm statistics in the training objective that picks the learning rate: 'batch' (each "
             "batch's, as in training) or 'running' (the running statistics, as in prediction).",
-            "choices": ["batch", "running"],
         },
     )
 

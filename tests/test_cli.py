@@ -121,6 +121,7 @@ BAD_INPUTS = [
     (["--config_file", "MISSING.yaml"], "--config_file"),
     (["--config_file", "BROKEN.json"], "is not valid JSON/YAML"),
     (["--weight_decay", "0.1"], "weight_decay must be 0"),
+    (["--objective_batch_norm", "mean"], "objective_batch_norm must be 'batch'"),
     (["--train_dir", "NOT_A_DIR", "--model_name_or_path", "MODEL"], "--train_dir"),
 ]
 
