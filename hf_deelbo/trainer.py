@@ -253,7 +253,7 @@ class DEELBoTrainer(FineTuningTrainer):
                 nlls.append(total / count)
         finally:
             model.train(was_training)
-            for m, buffers in zip(batch_norms, saved):
+            for m, buffers in zip(batch_norms, saved, strict=True):
                 for name, value in buffers.items():
                     getattr(m, name).copy_(value)
         callback = self.deelbo_callback
