@@ -349,6 +349,7 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
         "| backbone | N | method | test accuracy | test NLL | ECE | compute (s) | learned λ, τ / chosen α, β | α_eff = 1/(Dλ) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    mixed_seeds = len({r["seeds"] for r in rows}) > 1
     for row in rows:
         if row["method"] == "L2-SP grid search":
             hyper, alpha = f"α = {row['alpha']:g}, β = {row['beta']:g}", ""
@@ -358,7 +359,7 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
             hyper, alpha = f"median radius {row['median_radius']:.3g}", ""
         else:
             hyper, alpha = f"λ = {row['lam']:.3g}, τ = {row['tau']:.3g}", f"{row['alpha_eff']:.3g}"
-        seeds = f" ({row['seeds']} seeds)" if len({r["seeds"] for r in rows}) > 1 else ""
+        seeds = f" ({row['seeds']} seeds)" if mixed_seeds else ""
         lines.append(
             f"| {row['backbone']} | {row['n']} | {row['method']} | {row['accuracy']:.3f} ± {row['accuracy_std']:.3f}{seeds} "
             f"| {row['nll']:.3f} | {row['ece']:.3f} | {row['seconds']:.0f} | {hyper} | {alpha} |"

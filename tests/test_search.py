@@ -50,27 +50,20 @@ def test_grid_search_runs_every_config_and_retrains_the_best_on_all_data(tmp_pat
     assert result.total_seconds == pytest.approx(sum(r.seconds for r in result.runs) + result.final_seconds)
 
 
-def test_training_objective_against_a_reference(tmp_path):
-    model, _ = build_model("vit")
-    dataset = image_dataset(12)
-    trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(output_dir=str(tmp_path), sigma_init=1e-3,
-                                                                      **COMMON), train_dataset=dataset)
-    trainer.train()
-    objective = trainer.training_objective(dataset, num_samples=3)
-
-    # Reference: the same three draws, applied in place to a copy; the KL from torch.distributions.
+def _reference_objective(trainer, dataset, num_samples, batch_statistics=False):
+    """The objective from scratch: the trainer's draws applied in place to a copy of the model, run on
+    the whole dataset as one batch (in train mode for batch statistics); the KL from torch.distributions."""
     import copy
 
-    reference = copy.deepcopy(model).eval()
-    posterior, callback = trainer.posterior, trainer.deelbo_callback
+    model, posterior, callback = trainer.model, trainer.posterior, trainer.deelbo_callback
+    reference = copy.deepcopy(model).train(batch_statistics)  # the test models have no dropout
     sigma = posterior.sigma().detach()
     nlls = []
-    for s in range(3):
-        generator = torch.Generator().manual_seed(trainer.args.seed + s)
-        noise = torch.randn(posterior.num_params, generator=generator)
+    for s in range(num_samples):
+        noise = torch.randn(posterior.num_params, generator=torch.Generator().manual_seed(trainer.args.seed + s))
         offset = 0
         with torch.no_grad():
-            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
                 q.copy_(p + sigma * noise[offset: offset + p.numel()].view_as(p))
                 offset += p.numel()
             logits = reference(pixel_values=dataset[:]["pixel_values"]).logits
@@ -81,8 +74,17 @@ def test_training_objective_against_a_reference(tmp_path):
         mean = torch.zeros_like(p) if head else posterior.prior_mean[name]
         var = callback.head_prior_variance if head else callback.backbone_prior_variance
         kl += kl_divergence(Normal(p.double(), sigma.double()), Normal(mean.double(), math.sqrt(var))).sum().item()
-    expected = sum(nlls) / 3 + kl / (trainer.kappa * 12)
-    assert objective == pytest.approx(expected, rel=1e-4)
+    return sum(nlls) / num_samples + kl / (trainer.kappa * len(dataset))
+
+
+def test_training_objective_against_a_reference(tmp_path):
+    model, _ = build_model("vit")
+    dataset = image_dataset(12)
+    trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(output_dir=str(tmp_path), sigma_init=1e-3,
+                                                                      **COMMON), train_dataset=dataset)
+    trainer.train()
+    objective = trainer.training_objective(dataset, num_samples=3)
+    assert objective == pytest.approx(_reference_objective(trainer, dataset, 3), rel=1e-4)
 
 
 @pytest.mark.parametrize("batch_norm", ["batch", "running"])
@@ -98,29 +100,8 @@ def test_training_objective_with_batch_norm_against_a_reference(tmp_path, batch_
     objective = trainer.training_objective(dataset, num_samples=2)
     assert all(torch.equal(b, running[name]) for name, b in model.named_buffers())  # running statistics kept
     assert model.training  # as before the call
-
-    import copy
-
-    posterior, callback = trainer.posterior, trainer.deelbo_callback
-    sigma = posterior.sigma().detach()
-    nlls = []
-    for s in range(2):
-        reference = copy.deepcopy(model).train(batch_norm == "batch")  # this ResNet has no dropout
-        noise = torch.randn(posterior.num_params, generator=torch.Generator().manual_seed(trainer.args.seed + s))
-        offset = 0
-        with torch.no_grad():
-            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-                q.copy_(p + sigma * noise[offset: offset + p.numel()].view_as(p))
-                offset += p.numel()
-            logits = reference(pixel_values=dataset[:]["pixel_values"]).logits
-        nlls.append(F.cross_entropy(logits, dataset[:]["labels"]).item())
-    kl = 0.0
-    for name, p in model.named_parameters():
-        head = name.startswith("classifier.")
-        mean = torch.zeros_like(p) if head else posterior.prior_mean[name]
-        var = callback.head_prior_variance if head else callback.backbone_prior_variance
-        kl += kl_divergence(Normal(p.double(), sigma.double()), Normal(mean.double(), math.sqrt(var))).sum().item()
-    assert objective == pytest.approx(sum(nlls) / 2 + kl / (trainer.kappa * 9), rel=1e-4)
+    expected = _reference_objective(trainer, dataset, 2, batch_statistics=batch_norm == "batch")
+    assert objective == pytest.approx(expected, rel=1e-4)
 
 
 def test_training_objective_with_batch_statistics_needs_two_examples(tmp_path):
