@@ -1,15 +1,27 @@
-"""What one DE ELBO run costs against one L2-SP run of the transfer benchmark, side by side.
+"""What the grid search's runs cost against DE ELBO's, one run of each, side by side.
 
 The transfer benchmark's compute ratio divides the grid search's wall time by DE ELBO's, each
 summed over many runs; on a shared machine that ratio moves by tens of percent between benchmark
-runs. This measures the quantity it rests on directly: the same training run (the transfer
-benchmark's timm ResNet, N examples of digits 5–9, its optimizer and schedule) with
-`L2SPTrainer` and with `DEELBoTrainer` (plus the final 10-draw training objective that
-`select_learning_rate` computes), alternating in one process, one thread. The grid search costs
-145 L2-SP runs (144 on 80 % of N, the retrain on all N) and DE ELBO 4 runs, so with r = DE ELBO
-run / L2-SP run the grid costs about 145 / (4 r) times DE ELBO.
+runs. This measures the runs it is made of directly, through the library calls the benchmark
+makes, alternating in one process, one thread, on the transfer benchmark's task (a pretrained
+backbone, N examples of digits 5–9, its optimizer and schedule, lr 0.1):
 
-    python benchmarks/run_cost.py        # ≈ 2 min on 2 cores; writes benchmarks/results/run_cost.json
+- a grid tuning run: `l2sp_grid_search` with a one-point grid, L2-SP on the stratified 80 % of N,
+  then the validation NLL on the other 20 % (`SearchRun.seconds`);
+- the grid's retrain: L2-SP on all N (`SearchResult.final_seconds` of the same call);
+- a DE ELBO run: `select_learning_rate` with one learning rate, DE ELBO on all N, then the final
+  10-draw training objective.
+
+The grid search is 144 tuning runs and the retrain, DE ELBO 4 runs, so from the medians
+
+    grid search / DE ELBO = (144 · tuning run + retrain) / (4 · DE ELBO run).
+
+r = DE ELBO run / retrain compares the two training runs on the same N examples.
+
+    python benchmarks/run_cost.py --repeats 9        # the transfer ResNet, 200 steps (≈ 4 min on 2 cores)
+    python benchmarks/run_cost.py --backbone vit --steps 600 --repeats 5   # the ViT, 600 steps (≈ 6 min)
+
+Writes benchmarks/results/run_cost-BACKBONE-STEPS-steps.json.
 """
 
 from __future__ import annotations
@@ -26,52 +38,77 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transfer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRID_RUNS, DEELBO_RUNS = 144, 4
+UNITS = ("grid tuning run", "grid retrain", "DE ELBO run")
+
+
+def grid_over_deelbo(medians: dict[str, float]) -> float:
+    """(144 · tuning run + retrain) / (4 · DE ELBO run)."""
+    grid = GRID_RUNS * medians["grid tuning run"] + medians["grid retrain"]
+    return grid / (DEELBO_RUNS * medians["DE ELBO run"])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="timm-resnet", choices=["timm-resnet", "vit"])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "run_cost.json"))
+    parser.add_argument("--output", default=None,
+                        help="Default: benchmarks/results/run_cost-BACKBONE-STEPS-steps.json.")
     parser.add_argument("--cache-dir", default=os.path.join(ROOT, "benchmarks", "results", "pretrained"),
                         help="Where the pretrained backbone is built once and kept.")
     args = parser.parse_args(argv)
+    for name in ("n", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
+    output = args.output or os.path.join(ROOT, "benchmarks", "results", f"run_cost-{args.backbone}-{args.steps}-steps.json")
     transfer._setup_thread()
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, L2SPTrainer, L2SPTrainingArguments, digits
+    from hf_deelbo import (
+        DEELBoTrainingArguments,
+        L2SPTrainingArguments,
+        digits,
+        l2sp_grid_search,
+        select_learning_rate,
+    )
 
-    path = transfer.pretrained_path("timm-resnet", args.cache_dir)
+    path = transfer.pretrained_path(args.backbone, args.cache_dir)
     train, _ = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), args.n, seed=0)
     train = transfer.tensor_dataset(train)
-    init = transfer.model_init("timm-resnet", path, 0)
-    common = {**transfer.training_settings(args.steps, seed=0), "learning_rate": 0.1,
-              "output_dir": os.path.join(tempfile.gettempdir(), "run_cost")}
+    labels = [int(v) for v in train.with_format(None)["labels"]]
+    init = transfer.model_init(args.backbone, path, 0)
+    common = transfer.training_settings(args.steps, seed=0)
+    work_dir = os.path.join(tempfile.gettempdir(), "run_cost")
+    l2sp_args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "grid"), **common)
+    deelbo_args = DEELBoTrainingArguments(output_dir=os.path.join(work_dir, "deelbo"), **common)
 
-    def l2sp_run():
-        L2SPTrainer(model=init(), args=L2SPTrainingArguments(**common), train_dataset=train).train()
+    def grid_runs() -> dict[str, float]:
+        result = l2sp_grid_search(init, train, labels, l2sp_args, alphas=[1e-4], betas=[1e-4], learning_rates=[0.1])
+        return {"grid tuning run": result.runs[0].seconds, "grid retrain": result.final_seconds}
 
-    def deelbo_run():
-        trainer = DEELBoTrainer(model=init(), args=DEELBoTrainingArguments(**common), train_dataset=train)
-        trainer.train()
-        trainer.training_objective()
+    def deelbo_run() -> dict[str, float]:
+        return {"DE ELBO run": select_learning_rate(init, train, deelbo_args, learning_rates=[0.1]).runs[0].seconds}
 
-    times = {"L2-SP run": [], "DE ELBO run": []}
-    for _ in range(args.repeats):
-        for name, run in (("L2-SP run", l2sp_run), ("DE ELBO run", deelbo_run)):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    times = {name: [] for name in UNITS}
+    for repeat in range(args.repeats):
+        for run in (grid_runs, deelbo_run):
+            for name, seconds in run().items():
+                times[name].append(seconds)
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in times.items()),
+              flush=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    ratio = medians["DE ELBO run"] / medians["L2-SP run"]
-    result = {"n": args.n, "steps": args.steps, "repeats": args.repeats, "seconds": times, "median_seconds": medians,
-              "run_ratio": ratio, "grid_over_deelbo": 145 / (4 * ratio)}
-    with open(args.output, "w") as f:
+    ratio = medians["DE ELBO run"] / medians["grid retrain"]
+    result = {"backbone": args.backbone, "n": args.n, "steps": args.steps, "repeats": args.repeats, "seconds": times,
+              "median_seconds": medians, "run_ratio": ratio, "grid_over_deelbo": grid_over_deelbo(medians)}
+    with open(output, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"median L2-SP run {medians['L2-SP run']:.2f} s, DE ELBO run {medians['DE ELBO run']:.2f} s: "
-          f"r = {ratio:.2f}, grid search / DE ELBO ≈ 145 / (4 r) = {145 / (4 * ratio):.1f}×")
+    print(f"{args.backbone}, N = {args.n}, {args.steps} steps; medians: "
+          + ", ".join(f"{name} {value:.2f} s" for name, value in medians.items())
+          + f"; r = DE ELBO run / retrain = {ratio:.3f}; grid search / DE ELBO = (144 · tuning run + retrain) / "
+          f"(4 · DE ELBO run) = {result['grid_over_deelbo']:.1f}×")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,19 @@ def test_run_cost_benchmark_writes_its_ratio(tmp_path):
                             capture_output=True, text=True, env=dict(os.environ), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads(output.read_text())
-    assert saved["run_ratio"] == saved["median_seconds"]["DE ELBO run"] / saved["median_seconds"]["L2-SP run"] > 0
+    medians = saved["median_seconds"]
+    assert set(medians) == {"grid tuning run", "grid retrain", "DE ELBO run"} and min(medians.values()) > 0
+    assert saved["run_ratio"] == pytest.approx(medians["DE ELBO run"] / medians["grid retrain"])
+    expected = (144 * medians["grid tuning run"] + medians["grid retrain"]) / (4 * medians["DE ELBO run"])
+    assert saved["grid_over_deelbo"] == pytest.approx(expected)
+
+
+def test_run_cost_rejects_a_nonpositive_count(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
+    result = subprocess.run([sys.executable, script, "--repeats", "0", "--output", str(tmp_path / "out.json")],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert result.returncode != 0 and "--repeats must be at least 1; got 0" in result.stderr
+    assert not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.slow
