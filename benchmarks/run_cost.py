@@ -50,7 +50,7 @@ def grid_over_deelbo(medians: dict[str, float]) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="timm-resnet", choices=["timm-resnet", "vit"])
+    parser.add_argument("--backbone", default="timm-resnet", choices=list(transfer.PRETRAINING_EPOCHS))
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)

@@ -163,6 +163,29 @@ def test_transfer_summary_names_the_seed_count_of_rows_that_differ():
     assert "3 seed(s)" in same and "(3 seeds)" not in same
 
 
+def test_transfer_compares_each_method_with_the_grid_on_the_seeds_both_have():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import transfer
+
+    def record(seed, grid_accuracy, tpgm_accuracy=None):
+        grid = {"accuracy": grid_accuracy, "nll": 0.5, "ece": 0.1, "seconds": 100.0 + seed, "alpha": 0.0, "beta": 0.0}
+        result = {"backbone": "timm-resnet", "n": 50, "seed": seed, "L2-SP grid search": grid}
+        if tpgm_accuracy is not None:
+            result["TPGM"] = {"accuracy": tpgm_accuracy, "nll": 0.5, "ece": 0.1, "seconds": 4.0, "median_radius": 0.1,
+                              "runs": []}
+        return result
+
+    # TPGM has seeds 0-2 only; the grid's seeds 3 and 4 are far better and must not count against it.
+    records = [record(0, 0.90, 0.85), record(1, 0.92, 0.86), record(2, 0.94, 0.93), record(3, 1.0), record(4, 1.0)]
+    rows = transfer.summarize(records)
+    tpgm = next(row for row in rows if row["method"] == "TPGM")
+    assert tpgm["paired_seeds"] == 3
+    assert tpgm["accuracy_vs_grid"] == pytest.approx(((0.85 - 0.90) + (0.86 - 0.92) + (0.93 - 0.94)) / 3)
+    assert tpgm["compute_vs_grid"] == pytest.approx((100.0 + 101.0 + 102.0) / 12.0)
+    text = transfer.markdown(rows, {"steps": 200, "learning_rates": [0.1], "strengths": [0.0]}, 60.0)
+    assert "| timm-resnet | 50 | TPGM | -0.040 (3 seeds) | 25.2× |" in text
+
+
 @pytest.mark.slow
 def test_run_cost_benchmark_writes_its_ratio(tmp_path):
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
