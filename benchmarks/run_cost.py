@@ -16,12 +16,15 @@ The grid search is 144 tuning runs and the retrain, DE ELBO 4 runs, so from the 
 
     grid search / DE ELBO = (144 · tuning run + retrain) / (4 · DE ELBO run).
 
-r = DE ELBO run / retrain compares the two training runs on the same N examples.
+r = DE ELBO run / retrain compares the two training runs on the same N examples. The ratio
+depends on N: a step's cost is not proportional to its batch, and the last batch of an epoch is
+smaller in the tuning runs (80 % of N) than in the others, or larger (docs/benchmarks.md).
 
-    python benchmarks/run_cost.py --repeats 9        # the transfer ResNet, 200 steps (≈ 4 min on 2 cores)
+    python benchmarks/run_cost.py --repeats 9           # the transfer ResNet, N = 100, 200 steps (≈ 4 min on 2 cores)
+    python benchmarks/run_cost.py --n 50 --repeats 9    # N = 50
     python benchmarks/run_cost.py --backbone vit --steps 600 --repeats 5   # the ViT, 600 steps (≈ 6 min)
 
-Writes benchmarks/results/run_cost-BACKBONE-STEPS-steps.json.
+Writes benchmarks/results/run_cost-BACKBONE-nN-STEPS-steps.json.
 """
 
 from __future__ import annotations
@@ -55,14 +58,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=None,
-                        help="Default: benchmarks/results/run_cost-BACKBONE-STEPS-steps.json.")
+                        help="Default: benchmarks/results/run_cost-BACKBONE-nN-STEPS-steps.json.")
     parser.add_argument("--cache-dir", default=os.path.join(ROOT, "benchmarks", "results", "pretrained"),
                         help="Where the pretrained backbone is built once and kept.")
     args = parser.parse_args(argv)
     for name in ("n", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
-    output = args.output or os.path.join(ROOT, "benchmarks", "results", f"run_cost-{args.backbone}-{args.steps}-steps.json")
+    output = args.output or os.path.join(
+        ROOT, "benchmarks", "results", f"run_cost-{args.backbone}-n{args.n}-{args.steps}-steps.json"
+    )
     transfer._setup_thread()
     import transformers
 
