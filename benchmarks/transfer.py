@@ -224,14 +224,14 @@ def run_combo(task) -> dict:
         if name in methods:
             record[name] = run_validation_method(name, init, train, test, common, settings["learning_rates"],
                                                  os.path.join(work_dir, name))
-    if "L2-SP grid search" not in methods:
+    if GRID not in methods:
         return record
     args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "grid"), **common)
     start = time.perf_counter()
     result = l2sp_grid_search(init, train, labels, args, alphas=settings["strengths"], betas=settings["strengths"],
                               learning_rates=settings["learning_rates"])
     seconds = time.perf_counter() - start
-    record["L2-SP grid search"] = {
+    record[GRID] = {
         **evaluate(result.trainer, test), "seconds": seconds, **result.best, "num_runs": len(result.runs) + 1,
         "runs": [{**r.settings, "validation_nll": r.score, "seconds": r.seconds} for r in result.runs],
     }
@@ -359,7 +359,7 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
     ]
     mixed_seeds = len({r["seeds"] for r in rows}) > 1
     for row in rows:
-        if row["method"] == "L2-SP grid search":
+        if row["method"] == GRID:
             hyper, alpha = f"α = {row['alpha']:g}, β = {row['beta']:g}", ""
         elif row["method"] == "T1–T2":
             hyper, alpha = f"learned α = {row['alpha']:.3g}, β = {row['beta']:.3g}", ""
@@ -420,7 +420,7 @@ def figure(rows: list[dict], path: str) -> None:
 
     backbones = sorted({r["backbone"] for r in rows})
     fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
-    markers = {"DE ELBO": "o", "ELBO (κ=1)": "x", "L2-SP grid search": "s", "TPGM": "^", "T1–T2": "v",
+    markers = {"DE ELBO": "o", "ELBO (κ=1)": "x", GRID: "s", "TPGM": "^", "T1–T2": "v",
                SCALED_SIGMA: "D"}
     for ax, backbone in zip(axes[0], backbones):
         for method in METHODS:

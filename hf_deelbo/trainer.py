@@ -224,20 +224,21 @@ class DEELBoTrainer(FineTuningTrainer):
         One draw ε_s is shared by every example, from a generator seeded with `args.seed + s`. The
         paper picks the learning rate whose run has the lowest value (S = 10). BatchNorm layers
         normalize with each batch's statistics unless `args.objective_batch_norm="running"`; their
-        running statistics are the same before and after."""
+        running statistics are left as they are."""
         dataset = dataset if dataset is not None else self.train_dataset
         model = self.model
         device = self.posterior.rho.device
         batches = [self._prepare_inputs(batch) for batch in self.get_eval_dataloader(dataset)]
-        # Batch statistics: those layers run as in training; their running statistics are restored after.
         batch_norms = _batch_norms(model) if self.args.objective_batch_norm == "batch" else []
         if batch_norms:
             batches = _without_single_example_batch(batches, self.label_names[0])
-        saved = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in batch_norms]
         was_training = model.training
         model.eval()
+        # In training mode without tracking, BatchNorm (torch's and timm's) normalizes with the
+        # batch's statistics and leaves its running statistics and counter as they are.
         for m in batch_norms:
             m.train()
+            m.track_running_stats = False
         try:
             nlls = []
             for s in range(num_samples):
@@ -253,9 +254,8 @@ class DEELBoTrainer(FineTuningTrainer):
                 nlls.append(total / count)
         finally:
             model.train(was_training)
-            for m, buffers in zip(batch_norms, saved, strict=True):
-                for name, value in buffers.items():
-                    getattr(m, name).copy_(value)
+            for m in batch_norms:
+                m.track_running_stats = True
         callback = self.deelbo_callback
         kl = float(self.posterior.kl(callback.backbone_prior_variance, callback.head_prior_variance))
         return sum(nlls) / len(nlls) + kl / (self.kappa * self.num_train_examples)

@@ -102,6 +102,9 @@ def test_training_objective_with_batch_norm_against_a_reference(tmp_path, batch_
     assert model.training  # as before the call
     expected = _reference_objective(trainer, dataset, 2, batch_statistics=batch_norm == "batch")
     assert objective == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():  # afterwards, a training-mode forward updates the running statistics again
+        trainer._forward(model, trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader(dataset)))))
+    assert not all(torch.equal(b, running[name]) for name, b in model.named_buffers())
 
 
 def test_training_objective_with_batch_statistics_needs_two_examples(tmp_path):
