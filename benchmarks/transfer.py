@@ -58,14 +58,14 @@ def _setup_thread():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tensor_dataset(dataset):
-    """Digits as pixel tensors, decoded once (16×16, 3 channels, normalised)."""
+def tensor_dataset(dataset, size: int = IMAGE_SIZE):
+    """Digits as pixel tensors, decoded once (`size`×`size`, 3 channels, normalised)."""
     import torch.nn.functional as F
 
     from hf_deelbo import digits
 
     batch = digits.to_pixel_values(dataset[:])
-    x = F.interpolate(batch["pixel_values"], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(batch["pixel_values"], size=(size, size), mode="bilinear", align_corners=False)
     return pixel_dataset(x, batch["labels"])
 
 

@@ -203,14 +203,36 @@ def test_run_cost_benchmark_writes_its_ratio(tmp_path):
     assert saved["run_ratio"] == pytest.approx(medians["DE ELBO run"] / medians["grid retrain"])
     expected = (144 * medians["grid tuning run"] + medians["grid retrain"]) / (4 * medians["DE ELBO run"])
     assert saved["grid_over_deelbo"] == pytest.approx(expected)
+    # N = 100 split 80/20; 3 steps are one epoch of the 80 (32, 32, 16) and 96 of the 100.
+    assert saved["tuning_examples"] == 80 and saved["ceiling_per_example"] == pytest.approx((144 * 80 + 96) / (4 * 96))
 
 
-def test_run_cost_rejects_a_nonpositive_count(tmp_path):
+def test_run_cost_ceiling_counts_the_examples_each_run_processes():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import run_cost
+
+    # Batches of 32 with no dropped last batch: 40 examples are epochs of (32, 8), 50 of (32, 18),
+    # 80 of (32, 32, 16): 66 epochs in 198 steps, then two batches of 32.
+    assert run_cost.examples_seen(40, 32, 200) == 100 * 40
+    assert run_cost.examples_seen(50, 32, 200) == 100 * 50
+    assert run_cost.examples_seen(80, 32, 200) == 66 * 80 + 64
+    assert run_cost.examples_seen(100, 32, 3) == 96 and run_cost.examples_seen(10, 32, 7) == 70
+    assert run_cost.ceiling_per_example(40, 50, 32, 200) == pytest.approx((144 * 4000 + 5000) / (4 * 5000))
+    assert run_cost.ceiling_per_example(40, 50, 32, 200) < 30 < run_cost.ceiling_per_example(80, 100, 32, 200)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--repeats", "0"], "--repeats must be at least 1; got 0"),
+    (["--image-size", "-4"], "--image-size must be at least 1; got -4"),
+    (["--backbone", "vit", "--image-size", "32"], "--image-size 32 needs --backbone timm-resnet"),
+])
+def test_run_cost_rejects_bad_arguments_before_any_work(tmp_path, arguments, message):
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
-    result = subprocess.run([sys.executable, script, "--repeats", "0", "--output", str(tmp_path / "out.json")],
+    result = subprocess.run([sys.executable, script, *arguments, "--output", str(tmp_path / "out.json"),
+                             "--cache-dir", str(tmp_path / "pretrained")],
                             capture_output=True, text=True, env=dict(os.environ), timeout=120)
-    assert result.returncode != 0 and "--repeats must be at least 1; got 0" in result.stderr
-    assert not (tmp_path / "out.json").exists()
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "pretrained").exists()
 
 
 @pytest.mark.slow
