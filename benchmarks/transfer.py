@@ -454,7 +454,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--replot", action="store_true",
-                        help="Only rebuild the figure and the docs section from OUTPUT_DIR/transfer.json.")
+                        help="Only rebuild the figure, the docs section and the stored summary from the records in "
+                        "OUTPUT_DIR/transfer.json.")
     parser.add_argument("--resume", action="store_true",
                         help="Keep the records already in OUTPUT_DIR/transfer.json and run only the missing tasks.")
     parser.add_argument("--redo", action="store_true",
@@ -471,9 +472,13 @@ def main(argv=None) -> None:
                     "backbones": args.backbones, "methods": args.methods}
     os.makedirs(args.output_dir, exist_ok=True)
     if args.replot:
-        saved = json.load(open(os.path.join(args.output_dir, "transfer.json")))
+        results_path = os.path.join(args.output_dir, "transfer.json")
+        saved = json.load(open(results_path))
         rows = summarize(saved["records"])
         figure(rows, os.path.join(args.output_dir, "transfer.png"))
+        saved["summary"] = rows  # the stored summary follows the code that summarizes
+        with open(results_path, "w") as f:
+            json.dump(saved, f, indent=1)
         docs_path = args.docs or os.path.join(ROOT, "docs", "benchmarks.md")
         update_section(docs_path, SECTION, markdown(rows, saved["settings"], saved.get("seconds", 0.0),
                                                     _figure_link(docs_path, args.output_dir)))

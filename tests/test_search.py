@@ -146,6 +146,16 @@ def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path):
     for name in ("transfer.json", "transfer.png", "benchmarks.md"):
         assert (tmp_path / name).is_file(), name
     assert "L2-SP grid search" in (tmp_path / "benchmarks.md").read_text()
+    # --replot rebuilds the docs and the stored summary from the records alone.
+    saved = json.loads((tmp_path / "transfer.json").read_text())
+    summary = saved.pop("summary")
+    (tmp_path / "transfer.json").write_text(json.dumps(saved))
+    replot = subprocess.run([sys.executable, script, "--replot", "--output-dir", str(tmp_path),
+                             "--docs", str(tmp_path / "replotted.md")],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert replot.returncode == 0, replot.stderr[-3000:]
+    assert json.loads((tmp_path / "transfer.json").read_text())["summary"] == summary
+    assert "L2-SP grid search" in (tmp_path / "replotted.md").read_text()
 
 
 def test_transfer_summary_names_the_seed_count_of_rows_that_differ():
