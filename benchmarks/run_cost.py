@@ -82,7 +82,7 @@ def main(argv=None) -> None:
                         "each example more activations and leave the weights as they are (ResNet only: the "
                         "ViT's position embeddings are sized for the default).")
     parser.add_argument("--output", default=None,
-                        help="Default: benchmarks/results/run_cost-BACKBONE-nN-STEPS-steps.json.")
+                        help="Default: benchmarks/results/run_cost-BACKBONE[-SIZEpx]-nN-STEPS-steps.json.")
     parser.add_argument("--cache-dir", default=os.path.join(ROOT, "benchmarks", "results", "pretrained"),
                         help="Where the pretrained backbone is built once and kept.")
     args = parser.parse_args(argv)
