@@ -106,7 +106,7 @@ def test_max_prior_pull_is_the_largest_gradient_of_the_profiled_prior_term():
     norms, distances = [], torch.logspace(-4, 0, 801, dtype=torch.float64) * sigma * num_backbone**0.5 * 100
     for d in distances:
         m = (mu + d * direction).requires_grad_(True)
-        lam = float(((m - mu) ** 2).mean() + sigma**2)  # λ*, held fixed (envelope theorem)
+        lam = float(((m.detach() - mu) ** 2).mean() + sigma**2)  # λ*, held fixed (envelope theorem)
         q = torch.distributions.Normal(m, torch.full_like(m, sigma))
         p = torch.distributions.Normal(mu, torch.full_like(mu, lam**0.5))
         kl = torch.distributions.kl_divergence(q, p).sum() / kappa_n
