@@ -18,9 +18,9 @@ class DEELBoTrainingArguments(TrainingArguments):
     the L2-SP strengths (λ for the pretrained backbone, τ for the new head) in the same run.
 
     Every [`~transformers.TrainingArguments`] field is accepted. Overridden and enforced settings:
-    `restore_callback_states_from_checkpoint` is forced to `True` (λ, τ and ρ live in the
-    callback's state), and `weight_decay` must stay `0.0` (the learned prior replaces it). The
-    paper's recipe is `optim="sgd"`, `optim_args="momentum=0.9,nesterov=True"`,
+    `restore_callback_states_from_checkpoint` defaults to `True` and is kept there (λ, τ and ρ
+    live in the callback's state; `False` is overridden with a warning), and `weight_decay` must
+    stay `0.0` (the learned prior replaces it). The paper's recipe is `optim="sgd"`, `optim_args="momentum=0.9,nesterov=True"`,
     `lr_scheduler_type="cosine"`, `max_grad_norm=1.0`, batch 128, with the learning rate chosen
     from {0.1, 0.01, 0.001, 0.0001}.
 
@@ -54,6 +54,11 @@ class DEELBoTrainingArguments(TrainingArguments):
             without BatchNorm.
     """
 
+    # Overridden TrainingArguments default (see the class docstring).
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "Restore callback states from checkpoints. Always True here: λ, τ and ρ live in callback state."},
+    )
     kappa: float | None = field(
         default=None,
         metadata={"help": "Data emphasis κ; the prior term is KL/(κN). None means κ = D/N (DE ELBO); 1 is the plain ELBO."},
@@ -123,5 +128,8 @@ class DEELBoTrainingArguments(TrainingArguments):
         if self.bma_samples < 0:
             raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")
         if not self.restore_callback_states_from_checkpoint:
-            logger.info("restore_callback_states_from_checkpoint is set to True: λ, τ and ρ live in callback state.")
+            logger.warning(
+                "restore_callback_states_from_checkpoint=False is overridden to True: λ, τ and ρ live in callback "
+                "state, and resuming without them would restart the learned values."
+            )
             self.restore_callback_states_from_checkpoint = True

@@ -18,12 +18,12 @@ def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_hyperparameters(log_history: list[dict], path: str) -> bool:
+def plot_hyperparameters(log_history: list[dict], path: str):
     """λ, τ (prior variances) and σ² (posterior variance) over training steps, log scale.
-    Returns False (and writes nothing) when the history has no logged values."""
+    Returns the figure, or None (and writes nothing) when the history has no logged values."""
     steps, lam = _series(log_history, "lambda")
     if not steps:
-        return False
+        return None
     _, tau = _series(log_history, "tau")
     _, sigma = _series(log_history, "sigma")
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -32,19 +32,21 @@ def plot_hyperparameters(log_history: list[dict], path: str) -> bool:
     ax.plot(steps, [s**2 for s in sigma], label="σ² (posterior variance)", linestyle="--")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
+    ax.set_ylabel("variance (log scale)")
     ax.set_title("DE ELBO: learned variances")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
+    return fig
 
 
-def plot_training_loss(log_history: list[dict], path: str) -> bool:
-    """Training objective and its NLL part over steps."""
+def plot_training_loss(log_history: list[dict], path: str):
+    """Training objective and its NLL part over steps. Returns the figure, or None (and writes
+    nothing) when the history has no logged loss."""
     steps, loss = _series(log_history, "loss")
     if not steps:
-        return False
+        return None
     nll_steps, nll = _series(log_history, "nll")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, loss, label="DE ELBO loss (NLL + KL/κN)")
@@ -52,34 +54,47 @@ def plot_training_loss(log_history: list[dict], path: str) -> bool:
         ax.plot(nll_steps, nll, label="NLL at the sampled weights")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("per-example loss")
+    ax.set_title("Training objective")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
+    return fig
 
 
-def plot_reliability(log_probs, labels, path: str, num_bins: int = 10) -> None:
-    """Reliability diagram: accuracy against confidence in equal-width bins."""
+def plot_reliability(log_probs, labels, path: str, num_bins: int = 10):
+    """Reliability diagram: accuracy against confidence in equal-width bins, the number of examples
+    written above each bar, and the expected calibration error in the title (the ECE
+    `digits.classification_metrics` reports: Σ_bins (n_bin/n) |accuracy − mean confidence|).
+    Returns the figure."""
     probs = torch.as_tensor(log_probs).float().softmax(-1)
     labels = torch.as_tensor(labels).long()
     confidence, prediction = probs.max(-1)
     correct = (prediction == labels).float()
     edges = torch.linspace(0, 1, num_bins + 1)
     centers, accuracies, counts = [], [], []
-    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (confidence > lo) & (confidence <= hi)
-        centers.append((lo + hi) / 2)
+        centers.append(float(lo + hi) / 2)
         accuracies.append(float(correct[in_bin].mean()) if in_bin.any() else 0.0)
         counts.append(int(in_bin.sum()))
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.bar(centers, accuracies, width=1 / num_bins, edgecolor="black", alpha=0.7, label="accuracy")
+        if in_bin.any():
+            ece += float(in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs())
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.bar(centers, accuracies, width=1 / num_bins, edgecolor="black", alpha=0.7, label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    ax.set_xlabel("confidence")
+    for center, accuracy, count in zip(centers, accuracies, counts):
+        if count:
+            ax.annotate(str(count), (center, accuracy), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xlabel("confidence (bins of width %g; examples per bin above each bar)" % (1 / num_bins), fontsize=8)
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_title(f"Reliability diagram: ECE = {ece:.4f} (n = {len(labels)})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig

@@ -22,6 +22,7 @@ hypergradient is then that of the plain step, as in Luketina et al.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from .anchor import PretrainedAnchor
 from .base import FineTuningTrainer
 from .l2sp import L2SPTrainingArguments
 from .validation import ValidationTrainerMixin, check_validation_fraction
+
+logger = logging.getLogger(__name__)
 
 T1T2_CONFIG_KEY = "t1t2"
 T1T2_FORMAT_VERSION = 1
@@ -63,8 +66,9 @@ def t1t2_hypergradient(
 class T1T2TrainingArguments(L2SPTrainingArguments):
     r"""
     Configuration for [`T1T2Trainer`]: [`L2SPTrainingArguments`] (`alpha`, `beta` are the
-    starting strengths) plus the hyper-step settings. `restore_callback_states_from_checkpoint` is
-    forced to `True` (the strengths live in callback state).
+    starting strengths) plus the hyper-step settings. `restore_callback_states_from_checkpoint`
+    defaults to `True` and is kept there (the strengths live in callback state; `False` is
+    overridden with a warning).
 
     Parameters:
         hyper_steps (`int`, *optional*, defaults to `10`):
@@ -78,6 +82,11 @@ class T1T2TrainingArguments(L2SPTrainingArguments):
             part of `train_dataset` is held out of training and used instead.
     """
 
+    # Overridden TrainingArguments default (see the class docstring).
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "Restore callback states from checkpoints. Always True here: the strengths live in callback state."},
+    )
     alpha: float = field(default=1e-3, metadata={"help": "Starting L2-SP strength of the backbone (learned)."})
     beta: float = field(default=1e-3, metadata={"help": "Starting L2 strength of the head (learned)."})
     hyper_steps: int = field(default=10, metadata={"help": "One hyper-step every this many optimizer steps."})
@@ -97,7 +106,11 @@ class T1T2TrainingArguments(L2SPTrainingArguments):
         if not (math.isfinite(self.hyper_learning_rate) and self.hyper_learning_rate > 0):
             raise ValueError(f"hyper_learning_rate must be a finite number > 0; got {self.hyper_learning_rate}")
         check_validation_fraction(self.validation_fraction)
-        self.restore_callback_states_from_checkpoint = True
+        if not self.restore_callback_states_from_checkpoint:
+            logger.warning(
+                "restore_callback_states_from_checkpoint=False is overridden to True: the strengths live in callback state."
+            )
+            self.restore_callback_states_from_checkpoint = True
 
 
 class T1T2Callback(TrainerCallback, ExportableState):

@@ -20,6 +20,7 @@ optimizer step.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from transformers.trainer_callback import ExportableState
 from .anchor import PretrainedAnchor
 from .base import FineTuningTrainer
 from .validation import ValidationTrainerMixin, check_validation_fraction
+
+logger = logging.getLogger(__name__)
 
 TPGM_CONFIG_KEY = "tpgm"
 TPGM_FORMAT_VERSION = 1
@@ -115,7 +118,8 @@ class TPGMTrainingArguments(TrainingArguments):
     r"""
     Configuration for [`TPGMTrainer`]. Every [`~transformers.TrainingArguments`] field is accepted;
     `weight_decay` must stay `0.0` (the projection replaces it), and
-    `restore_callback_states_from_checkpoint` is forced to `True` (the radii live in callback state).
+    `restore_callback_states_from_checkpoint` defaults to `True` and is kept there (the radii live
+    in callback state; `False` is overridden with a warning).
 
     Parameters:
         norm (`str`, *optional*, defaults to `"l2"`):
@@ -134,6 +138,11 @@ class TPGMTrainingArguments(TrainingArguments):
             Module-name prefixes of the new head (never projected); `None` detects it.
     """
 
+    # Overridden TrainingArguments default (see the class docstring).
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "Restore callback states from checkpoints. Always True here: the radii live in callback state."},
+    )
     norm: Literal["l2", "mars"] = field(
         default="l2", metadata={"help": "Distance bounded per backbone tensor: l2, or mars (max absolute row sum)."}
     )
@@ -160,7 +169,9 @@ class TPGMTrainingArguments(TrainingArguments):
         check_validation_fraction(self.validation_fraction)
         if self.weight_decay != 0:
             raise ValueError(f"weight_decay must be 0 with TPGMTrainer: the projection replaces it; got {self.weight_decay}")
-        self.restore_callback_states_from_checkpoint = True
+        if not self.restore_callback_states_from_checkpoint:
+            logger.warning("restore_callback_states_from_checkpoint=False is overridden to True: the radii live in callback state.")
+            self.restore_callback_states_from_checkpoint = True
 
 
 # ---- the callback -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Bad arguments fail before any work, with a message naming the argument, the value and the fix."""
 
+import logging
 import os
 
 import pytest
@@ -79,6 +80,22 @@ def test_plain_training_arguments_are_refused(tmp_path):
 def test_enforced_settings(make_args):
     args = make_args(restore_callback_states_from_checkpoint=False)
     assert args.restore_callback_states_from_checkpoint is True
+
+
+@pytest.mark.parametrize("name", ["DEELBoTrainingArguments", "TPGMTrainingArguments", "T1T2TrainingArguments"])
+def test_no_message_about_a_setting_the_user_did_not_make(name, tmp_path, caplog):
+    import hf_deelbo
+
+    arguments_class = getattr(hf_deelbo, name)
+    with caplog.at_level(logging.DEBUG):
+        args = arguments_class(output_dir=str(tmp_path), report_to="none")
+    assert args.restore_callback_states_from_checkpoint is True
+    assert not [r for r in caplog.records if "restore_callback_states_from_checkpoint" in r.getMessage()]
+    with caplog.at_level(logging.DEBUG):
+        args = arguments_class(output_dir=str(tmp_path), report_to="none", restore_callback_states_from_checkpoint=False)
+    assert args.restore_callback_states_from_checkpoint is True
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "restore_callback_states_from_checkpoint=False is overridden" in warnings[0].getMessage()
 
 
 def test_every_field_is_documented_for_the_command_line():
