@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+from transformers.utils import logging as _transformers_logging
+
 from . import digits
 from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
@@ -14,6 +18,11 @@ from .search import l2sp_grid_search, select_learning_rate
 from .t1t2 import T1T2Callback, T1T2Trainer, T1T2TrainingArguments
 from .tpgm import TPGMCallback, TPGMTrainer, TPGMTrainingArguments
 from .trainer import DEELBoTrainer
+
+# hf_deelbo's loggers sit under transformers' library logger: `transformers.logging.set_verbosity_info()`
+# (what the example scripts call) and TRANSFORMERS_VERBOSITY reveal their messages, printed by
+# transformers' own handler, as a transformers user expects.
+_logging.getLogger(__name__).parent = _transformers_logging.get_logger("transformers")
 
 __all__ = [
     "DEELBoCallback",

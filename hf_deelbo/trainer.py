@@ -27,6 +27,8 @@ logger = logging.get_logger(__name__)
 
 # Order of the values accumulated over a logging window (one row per training micro-batch).
 _WINDOW_METRICS = ("nll", "kl", "lambda", "tau", "sigma")
+# A run whose σ ends below this multiple of sigma_init was held by the prior (`_warn_if_sigma_stayed_at_init`).
+PINNED_SIGMA_FACTOR = 3.0
 
 
 class DEELBoTrainer(FineTuningTrainer):
@@ -71,7 +73,8 @@ class DEELBoTrainer(FineTuningTrainer):
                     f"sigma_init={args.sigma_init:g} lets the prior hold the backbone back with a gradient norm up to "
                     f"{pull:.3g} (√D_b/(2κNσ); about 1 on the paper's ResNet-50) until σ grows, so a run of only tens "
                     f"of steps may leave the backbone near its pretrained weights; sigma_init={suggested:.2g} would start "
-                    "at 1. Longer runs escape on their own (docs/method.md, 'Initial σ')."
+                    f"at 1. σ grows at sigma_learning_rate={args.sigma_learning_rate}; DEELBoTrainer warns at the end of "
+                    "training if it never did (docs/method.md, 'Initial σ')."
                 )
         logger.info(
             f"DE ELBO: D_b={self.posterior.num_backbone_params:,} backbone and K={self.posterior.num_head_params:,} "
@@ -106,11 +109,15 @@ class DEELBoTrainer(FineTuningTrainer):
         callback.bind(self.posterior)
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer, plus a group for ρ (same learning rate, no weight decay)."""
+        """Trainer's optimizer, plus a group for ρ: no weight decay, learning rate
+        `sigma_learning_rate` (`learning_rate` if None), scaled by the same schedule."""
         optimizer = super().create_optimizer(model)
         rho = self.posterior.rho
         if not any(p is rho for group in optimizer.param_groups for p in group["params"]):
-            optimizer.add_param_group({"params": [rho], "weight_decay": 0.0})
+            group = {"params": [rho], "weight_decay": 0.0}
+            if self.args.sigma_learning_rate is not None:
+                group["lr"] = self.args.sigma_learning_rate
+            optimizer.add_param_group(group)
         return optimizer
 
     def _clip_grad_norm(self, model):
@@ -273,7 +280,27 @@ class DEELBoTrainer(FineTuningTrainer):
     def train(self, *args, **kwargs):
         if self.num_train_examples is None:
             raise ValueError(_MISSING_N_MESSAGE)
-        return super().train(*args, **kwargs)
+        output = super().train(*args, **kwargs)
+        self._warn_if_sigma_stayed_at_init()
+        return output
+
+    def _warn_if_sigma_stayed_at_init(self) -> None:
+        """One warning when σ ends the run below `PINNED_SIGMA_FACTOR` × `sigma_init`: λ* ≥ σ²
+        then stays tiny, the prior's pull on the backbone (α_eff = 1/(Dλ)) stays huge, and the
+        model may end up worse than plain fine-tuning with the same arguments."""
+        sigma, sigma_init = self.posterior.sigma().item(), self.args.sigma_init
+        if sigma >= PINNED_SIGMA_FACTOR * sigma_init or not self.is_world_process_zero():
+            return
+        learned = self.learned_hyperparameters()
+        rho_lr = self.args.sigma_learning_rate
+        now = f"{rho_lr:g}" if rho_lr is not None else f"None, i.e. learning_rate={self.args.learning_rate:g}"
+        logger.warning(
+            f"σ ended the run at {sigma:.3g}, less than {PINNED_SIGMA_FACTOR:g}× sigma_init={sigma_init:g} after "
+            f"{self.state.global_step} steps: the posterior never widened, so the learned prior (λ={learned['lambda']:.3g}, "
+            f"α_eff={learned['alpha_eff']:.3g}) held the backbone near its pretrained weights, and the model may be "
+            f"worse than plain fine-tuning. Raise sigma_learning_rate (now {now}) or train longer "
+            "(docs/trainer.md, 'Using your own optimizer')."
+        )
 
     def build_model_card(self, **context):
         """The DE ELBO model card (tagged `deelbo`), with the plot of λ, τ, σ over training written

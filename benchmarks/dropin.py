@@ -1,0 +1,319 @@
+"""The drop-in matrix: `DEELBoTrainer` against a plain `transformers.Trainer` with identical arguments.
+
+A user who swaps `Trainer` for `DEELBoTrainer` keeps their own `TrainingArguments`. This benchmark
+runs both trainers with the same arguments, model, data and seed, for the optimizers users have:
+
+- AdamW, lr 5e-5, linear schedule (transformers' defaults);
+- AdamW, lr 1e-3, linear schedule (a typical fine-tuning lr);
+- SGD-Nesterov 0.9, lr 0.1, cosine (the paper's recipe);
+- SGD-Nesterov 0.9, lr 0.01, cosine;
+- SGD without momentum, lr 0.1, cosine: the same effective learning rate η/(1−m) = 0.1 as the row
+  above (Li et al. 2020, "Rethinking the hyperparameters for fine-tuning", ICLR).
+
+Every run: `max_grad_norm` 1.0 (transformers' default), weight decay 0, batch 32, 200 steps, on
+the backbones of `transfer.py` (a timm ResNet, here as `TimmWrapperForImageClassification` so that
+the plain run is a real `Trainer`, and a transformers ViT; 16×16 inputs) pretrained on digits 0–4,
+fine-tuned on N ∈ {50, 100, 500} images of 5–9, 3 seeds, tested on the held-out 30 % of 5–9.
+DEELBoTrainer runs at its defaults (κ = D/N, σ₀ = 1e-4, `sigma_learning_rate` 0.1).
+
+`--calibrate` is the measurement behind `sigma_learning_rate`'s default, made on a different task
+than the matrix (the demo's resnet10t at 32×32, N = 100, seed 0): DE ELBO under the four main
+optimizers for each candidate ρ learning rate, against plain fine-tuning. The default is the
+candidate with the smallest worst-case accuracy gap to plain fine-tuning over the optimizers.
+
+    python benchmarks/dropin.py --calibrate     # ≈ 10 min on 2 cores: benchmarks/results/dropin-calibration.json
+    python benchmarks/dropin.py                 # the matrix (≈ 40 min on 2 cores): results/dropin.json, docs
+    python benchmarks/dropin.py --quick --output-dir /tmp/dropin-quick   # a smoke run (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import transfer  # noqa: E402
+from _common import update_section  # noqa: E402
+
+ROOT = transfer.ROOT
+SECTION = ("<!-- dropin:start -->", "<!-- dropin:end -->")
+PLAIN, DEELBO = "Trainer", "DEELBoTrainer"
+
+# name -> the TrainingArguments that differ between optimizers.
+SGD_NESTEROV = dict(optim="sgd", optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine")
+OPTIMIZERS = {
+    "AdamW 5e-5 linear": dict(optim="adamw_torch", learning_rate=5e-5, lr_scheduler_type="linear"),
+    "AdamW 1e-3 linear": dict(optim="adamw_torch", learning_rate=1e-3, lr_scheduler_type="linear"),
+    "SGD-Nesterov 0.1 cosine": dict(SGD_NESTEROV, learning_rate=0.1),
+    "SGD-Nesterov 0.01 cosine": dict(SGD_NESTEROV, learning_rate=0.01),
+    "SGD momentum 0, 0.1 cosine": dict(optim="sgd", learning_rate=0.1, lr_scheduler_type="cosine"),
+}
+CALIBRATION_OPTIMIZERS = list(OPTIMIZERS)[:4]
+# Candidate ρ learning rates of the calibration; None trains ρ at the weights' learning rate.
+SIGMA_LEARNING_RATES = [None, 0.01, 0.03, 0.1, 0.3, 1.0]
+
+
+def common_arguments(steps: int, seed: int) -> dict:
+    return dict(max_steps=steps, per_device_train_batch_size=32, per_device_eval_batch_size=256, max_grad_norm=1.0,
+                weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed,
+                logging_steps=10**6, dataloader_pin_memory=False, remove_unused_columns=False)
+
+
+def wrapped_timm(model):
+    """A raw timm model as `TimmWrapperForImageClassification` with the same weights, so a plain
+    `Trainer` can train it (its forward takes `labels` and returns the loss)."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    config = TimmWrapperConfig(architecture=model.default_cfg["architecture"], num_labels=model.num_classes)
+    wrapper = TimmWrapperForImageClassification(config)
+    wrapper.timm_model.load_state_dict(model.state_dict())
+    return wrapper
+
+
+def metrics_of(trainer, test) -> dict:
+    from hf_deelbo import digits
+
+    output = trainer.predict(test)
+    return digits.classification_metrics(torch.tensor(output.predictions), torch.tensor(output.label_ids))
+
+
+def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning_rates=(0.1,), plain=True) -> dict:
+    """Plain `Trainer` and `DEELBoTrainer` (once per ρ learning rate) with the same arguments."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
+
+    results = {}
+    if plain:
+        start = time.perf_counter()
+        trainer = Trainer(model=init(), args=TrainingArguments(output_dir=output_dir, **arguments), train_dataset=train)
+        try:
+            trainer.train()
+            results[PLAIN] = {**metrics_of(trainer, test), "seconds": time.perf_counter() - start}
+        except FloatingPointError:
+            results[PLAIN] = {"diverged": True}
+    for sigma_lr in sigma_learning_rates:
+        start = time.perf_counter()
+        args = DEELBoTrainingArguments(output_dir=output_dir, sigma_learning_rate=sigma_lr, **arguments)
+        trainer = DEELBoTrainer(model=init(), args=args, train_dataset=train)
+        name = DEELBO if len(sigma_learning_rates) == 1 else f"{DEELBO} sigma_lr={sigma_lr}"
+        try:
+            trainer.train()
+        except FloatingPointError:
+            results[name] = {"diverged": True}
+            continue
+        learned = trainer.learned_hyperparameters()
+        results[name] = {**metrics_of(trainer, test), "seconds": time.perf_counter() - start,
+                         **{k: learned[k] for k in ("lambda", "tau", "sigma", "alpha_eff", "beta_eff")}}
+    return results
+
+
+def run_cell(task) -> dict:
+    """One (backbone, N, seed, optimizer) of the matrix."""
+    transfer._setup_thread()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from hf_deelbo import digits
+
+    backbone, n, seed, optimizer, steps, path, work_dir = task
+    train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
+    train, test = transfer.tensor_dataset(train), transfer.tensor_dataset(test)
+    raw_init = transfer.model_init(backbone, path, seed)
+    init = raw_init if backbone == "vit" else (lambda: wrapped_timm(raw_init()))
+    arguments = {**common_arguments(steps, seed), **OPTIMIZERS[optimizer]}
+    results = run_pair(init, train, test, arguments, work_dir)
+    return {"backbone": backbone, "n": n, "seed": seed, "optimizer": optimizer, **results}
+
+
+def run_calibration(task) -> dict:
+    transfer._setup_thread()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from hf_deelbo import digits
+
+    optimizer, steps, n, seed, path, work_dir = task
+    train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
+    train, test = digits.with_pixel_values(train), digits.with_pixel_values(test)
+
+    def init():
+        return wrapped_timm(digits.load_backbone_with_new_head(path, len(digits.TARGET_CLASSES), seed))
+
+    arguments = {**common_arguments(steps, seed), **OPTIMIZERS[optimizer]}
+    results = run_pair(init, train, test, arguments, work_dir, sigma_learning_rates=SIGMA_LEARNING_RATES)
+    return {"optimizer": optimizer, "n": n, "seed": seed, **results}
+
+
+def calibration_choice(records: list[dict]) -> dict:
+    """Each candidate's accuracy gap to plain fine-tuning per optimizer, and the chosen default:
+    the smallest worst-case gap (ties: the larger ρ learning rate, which adapts σ sooner)."""
+    gaps = {}
+    for sigma_lr in SIGMA_LEARNING_RATES:
+        name = f"{DEELBO} sigma_lr={sigma_lr}"
+        gaps[str(sigma_lr)] = {r["optimizer"]: r[name].get("accuracy", 0.0) - r[PLAIN]["accuracy"] for r in records}
+    worst = {k: min(v.values()) for k, v in gaps.items()}
+    best = max(worst.values())
+    numeric = [k for k in worst if k != "None" and worst[k] >= best - 1e-9]
+    chosen = max(numeric, key=float) if numeric else "None"
+    return {"gaps": gaps, "worst_gap": worst, "chosen": chosen}
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    rows = []
+    for backbone, optimizer, n in sorted({(r["backbone"], r["optimizer"], r["n"]) for r in records},
+                                         key=lambda k: (k[0], list(OPTIMIZERS).index(k[1]), k[2])):
+        group = [r for r in records if (r["backbone"], r["optimizer"], r["n"]) == (backbone, optimizer, n)]
+        row = {"backbone": backbone, "optimizer": optimizer, "n": n, "seeds": len(group)}
+        for method in (PLAIN, DEELBO):
+            values = [r[method] for r in group if not r[method].get("diverged")]
+            row[method] = {"diverged": len(group) - len(values)}
+            for key in ("accuracy", "nll", "ece", "sigma", "lambda", "tau", "alpha_eff"):
+                if values and key in values[0]:
+                    row[method][key] = statistics.mean(v[key] for v in values)
+            row[method]["per_seed_accuracy"] = [round(r[method].get("accuracy", float("nan")), 4) for r in group]
+        plain, deelbo = row[PLAIN], row[DEELBO]
+        row["accuracy_ok"] = deelbo.get("accuracy", 0) >= plain.get("accuracy", 0) - 0.01
+        row["nll_ok"] = deelbo.get("nll", math.inf) <= plain.get("nll", math.inf) + 0.02
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], settings: dict, seconds: float, figure_link: str) -> str:
+    accuracy_ok = sum(r["accuracy_ok"] for r in rows)
+    nll_ok = sum(r["nll_ok"] for r in rows)
+    lines = [
+        SECTION[0],
+        "## Drop-in: DEELBoTrainer against Trainer with the same arguments",
+        "",
+        f"`benchmarks/dropin.py`: {settings['steps']} steps, batch 32, `max_grad_norm` 1.0, weight decay 0, "
+        f"seeds {settings['seeds']}; plain = `transformers.Trainer`, DE ELBO = `DEELBoTrainer` at its defaults "
+        f"(`sigma_learning_rate` 0.1). Means over seeds; per-seed accuracies in `benchmarks/results/dropin.json`. "
+        f"Whole run: {seconds / 60:.0f} min.",
+        "",
+        f"Acceptance: accuracy ≥ plain − 1 point in **{accuracy_ok} of {len(rows)}** cells; "
+        f"NLL ≤ plain + 0.02 in **{nll_ok} of {len(rows)}** cells ({100 * nll_ok / max(1, len(rows)):.0f} %).",
+        "",
+        "| backbone | optimizer | N | acc plain | acc DE ELBO | NLL plain | NLL DE ELBO | ECE plain | ECE DE ELBO "
+        "| σ | λ | τ | α_eff | per-seed acc DE ELBO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p, d = r[PLAIN], r[DEELBO]
+
+        def f(values, key, spec=".3f"):
+            return format(values[key], spec) if key in values else "—"
+
+        mark = "" if r["accuracy_ok"] else " ✗"
+        lines.append(
+            f"| {r['backbone']} | {r['optimizer']} | {r['n']} | {f(p, 'accuracy')} | {f(d, 'accuracy')}{mark} | "
+            f"{f(p, 'nll')} | {f(d, 'nll')}{'' if r['nll_ok'] else ' ✗'} | {f(p, 'ece')} | {f(d, 'ece')} | "
+            f"{f(d, 'sigma', '.2g')} | {f(d, 'lambda', '.2g')} | {f(d, 'tau', '.2g')} | {f(d, 'alpha_eff', '.2g')} | "
+            f"{d['per_seed_accuracy']} |"
+        )
+    lines += ["", f"![drop-in matrix]({figure_link})", SECTION[1]]
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = sorted({r["backbone"] for r in rows})
+    fig, axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 4), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones):
+        for optimizer, color in zip(OPTIMIZERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            cells = [r for r in rows if r["backbone"] == backbone and r["optimizer"] == optimizer]
+            if not cells:
+                continue
+            ns = [r["n"] for r in cells]
+            ax.plot(ns, [r[PLAIN].get("accuracy", math.nan) for r in cells], "--", color=color, marker="o")
+            ax.plot(ns, [r[DEELBO].get("accuracy", math.nan) for r in cells], "-", color=color, marker="s",
+                    label=optimizer)
+        ax.set_xscale("log")
+        ax.set_xlabel("N (training images)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{backbone}: DEELBoTrainer (solid) vs Trainer (dashed)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="A smoke run: ResNet, N=50, 1 seed, 2 optimizers, 5 steps.")
+    parser.add_argument("--calibrate", action="store_true", help="Measure the candidates for sigma_learning_rate's default.")
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--docs", default=None, help="Markdown file to update (default: docs/benchmarks.md).")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    transfer._setup_thread()
+    start = time.perf_counter()
+    if args.calibrate:
+        from hf_deelbo import digits
+
+        path = digits.pretrained_backbone_path(cache_dir=os.path.join(args.output_dir, "pretrained"))
+        tasks = [(o, args.steps, 100, 0, path, os.path.join(args.output_dir, "runs", "calibration"))
+                 for o in CALIBRATION_OPTIMIZERS]
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            records = list(pool.imap_unordered(run_calibration, tasks))
+        result = {"settings": {"steps": args.steps, "n": 100, "seed": 0, "backbone": "resnet10t, 32×32",
+                               "candidates": SIGMA_LEARNING_RATES}, "seconds": time.perf_counter() - start,
+                  "records": records, "choice": calibration_choice(records)}
+        with open(os.path.join(args.output_dir, "dropin-calibration.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result["choice"], indent=1))
+        return
+    settings = {"steps": args.steps, "seeds": args.seeds, "ns": args.ns, "backbones": args.backbones,
+                "optimizers": list(OPTIMIZERS)}
+    if args.quick:
+        settings = {"steps": 5, "seeds": [0], "ns": [50], "backbones": ["timm-resnet"],
+                    "optimizers": ["AdamW 5e-5 linear", "SGD-Nesterov 0.1 cosine"]}
+    paths = {b: transfer.pretrained_path(b, os.path.join(args.output_dir, "pretrained")) for b in settings["backbones"]}
+    tasks = [(b, n, s, o, settings["steps"], paths[b], os.path.join(args.output_dir, "runs", f"dropin-{b}-{n}-{s}"))
+             for b, n, s, o in itertools.product(settings["backbones"], settings["ns"], settings["seeds"],
+                                                 settings["optimizers"])]
+    tasks.sort(key=lambda t: -t[1])  # largest first, so the workers finish together
+    records = []
+    results_path = os.path.join(args.output_dir, "dropin.json")
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for record in pool.imap_unordered(run_cell, tasks):
+            records.append(record)
+            print(f"{record['backbone']} N={record['n']} seed={record['seed']} {record['optimizer']}: "
+                  f"plain {record[PLAIN].get('accuracy', float('nan')):.3f} "
+                  f"DE ELBO {record[DEELBO].get('accuracy', float('nan')):.3f} "
+                  f"σ {record[DEELBO].get('sigma', float('nan')):.2g}", flush=True)
+            with open(results_path, "w") as f:  # after every cell: partial results survive
+                json.dump({"settings": settings, "records": records}, f, indent=1)
+    elapsed = time.perf_counter() - start
+    rows = summarize(records)
+    figure(rows, os.path.join(args.output_dir, "dropin.png"))
+    with open(results_path, "w") as f:
+        json.dump({"settings": settings, "seconds": elapsed, "summary": rows, "records": records}, f, indent=1)
+    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
+                              else os.path.join(ROOT, "docs", "benchmarks.md"))
+    link = os.path.relpath(os.path.join(args.output_dir, "dropin.png"), os.path.dirname(os.path.abspath(docs_path)))
+    section = markdown(rows, settings, elapsed, link)
+    update_section(docs_path, SECTION, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""σ learns under the user's optimizer: ρ's own learning rate, its update under SGD and AdamW
+against the optimizers' update rules written out by hand, the warning when σ never grew, and
+hf_deelbo's messages reaching transformers' logging."""
+
+import logging
+
+import pytest
+import torch
+import transformers
+from conftest import TinyNet, build_model, image_dataset
+from datasets import Dataset
+
+from hf_deelbo import DEELBoTrainer
+
+
+def _vector_dataset(num_examples: int = 16, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_examples, 3, 1, 2, generator=generator)  # an "image" of 6 numbers
+    y = torch.randint(0, 3, (num_examples,), generator=generator)
+    return Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()}).with_format("torch")
+
+
+def _one_step(make_args, optim: str, sigma_learning_rate):
+    """One optimizer step of TinyNet, unclipped; returns (trainer, ρ before, ρ's gradient, a weight
+    before, its gradient, the weight after)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    args = make_args(optim=optim, learning_rate=1e-3, sigma_learning_rate=sigma_learning_rate, max_steps=1,
+                     per_device_train_batch_size=16, max_grad_norm=0.0, lr_scheduler_type="constant",
+                     sigma_init=0.05, head_modules=["head"])
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=_vector_dataset())
+    rho = trainer.posterior.rho
+    rho_before, weight_before = rho.detach().clone(), model.body[0].weight.detach().clone()
+    grads = {}
+    rho.register_hook(lambda g: grads.__setitem__("rho", g.detach().clone()))
+    model.body[0].weight.register_hook(lambda g: grads.__setitem__("weight", g.detach().clone()))
+    trainer.train()
+    return trainer, rho_before, grads["rho"], weight_before, grads["weight"], model.body[0].weight.detach()
+
+
+@pytest.mark.parametrize("sigma_learning_rate", [0.1, None], ids=["own-lr", "weights-lr"])
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+def test_rho_update_follows_the_optimizer_at_its_own_learning_rate(optim, sigma_learning_rate, make_args):
+    trainer, rho0, g_rho, w0, g_w, w1 = _one_step(make_args, optim, sigma_learning_rate)
+    rho1 = trainer.posterior.rho.detach()
+    rho_lr = 1e-3 if sigma_learning_rate is None else sigma_learning_rate
+    if optim == "sgd":  # plain SGD: θ ← θ − η g
+        expected_rho, expected_w = rho0 - rho_lr * g_rho, w0 - 1e-3 * g_w
+    else:
+        # Adam's first step with bias correction: m̂ = g, v̂ = g², θ ← θ − η g / (|g| + 1e-8); no
+        # weight decay on either (weight_decay is 0 for the weights, and ρ's group has none).
+        expected_rho = rho0 - rho_lr * g_rho / (g_rho.abs() + 1e-8)
+        expected_w = w0 - 1e-3 * g_w / (g_w.abs() + 1e-8)
+    torch.testing.assert_close(rho1, expected_rho, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w1, expected_w, rtol=1e-6, atol=1e-7)
+    assert g_rho.abs() > 0 and (rho1 - rho0).abs() > 0
+
+
+def test_rho_group_follows_the_schedule(make_args):
+    model, _ = build_model("vit")
+    args = make_args(optim="adamw_torch", learning_rate=5e-5, sigma_learning_rate=0.2, max_steps=4,
+                     lr_scheduler_type="linear")
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
+    seen = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.append([group["lr"] for group in optimizer.param_groups])
+
+    trainer.add_callback(Record())
+    trainer.train()
+    rho_group = [i for i, g in enumerate(trainer.optimizer.param_groups) if any(p is trainer.posterior.rho for p in g["params"])]
+    assert len(rho_group) == 1 and trainer.optimizer.param_groups[rho_group[0]]["weight_decay"] == 0.0
+    for step, lrs in enumerate(seen, start=1):
+        factor = 1 - step / 4  # linear decay to 0 over 4 steps, no warmup
+        assert lrs[0] == pytest.approx(5e-5 * factor)
+        assert lrs[rho_group[0]] == pytest.approx(0.2 * factor)
+
+
+class _Records(logging.Handler):
+    """What reaches transformers' library logger, as a user's handler there would see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self, level=logging.DEBUG):
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+@pytest.fixture
+def transformers_records():
+    handler = _Records()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.add_handler(handler)
+    yield handler
+    transformers.logging.remove_handler(handler)
+    transformers.logging.set_verbosity(verbosity)
+
+
+def _train_vit(make_args, **overrides):
+    model, _ = build_model("vit")
+    args = make_args(optim="adamw_torch", learning_rate=5e-5, max_steps=20, lr_scheduler_type="constant",
+                     per_device_train_batch_size=8, **overrides)
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
+    trainer.train()
+    return trainer
+
+
+def test_warning_when_sigma_never_grew(make_args, transformers_records):
+    # The paper's tie of ρ to the weights' learning rate under AdamW at transformers' default lr:
+    # ρ moves by ~5e-5 per step and σ stays at sigma_init.
+    trainer = _train_vit(make_args, sigma_learning_rate=None)
+    assert trainer.posterior.sigma().item() < 3 * trainer.args.sigma_init
+    warnings = [m for m in transformers_records.messages(logging.WARNING) if "σ ended the run" in m]
+    assert len(warnings) == 1
+    assert "sigma_learning_rate" in warnings[0] and "learning_rate=5e-05" in warnings[0]
+
+
+def test_no_warning_when_sigma_learned(make_args, transformers_records):
+    trainer = _train_vit(make_args)  # sigma_learning_rate at its default
+    assert trainer.posterior.sigma().item() > 3 * trainer.args.sigma_init
+    assert not [m for m in transformers_records.messages(logging.WARNING) if "σ ended the run" in m]
+
+
+def test_info_messages_follow_transformers_verbosity(make_args, transformers_records):
+    model, _ = build_model("vit")
+    transformers.logging.set_verbosity_warning()
+    DEELBoTrainer(model=model, args=make_args(), train_dataset=image_dataset(8))
+    assert not [m for m in transformers_records.messages() if m.startswith("DE ELBO: D_b=")]
+    transformers.logging.set_verbosity_info()  # what transformers' example scripts call
+    DEELBoTrainer(model=model, args=make_args(), train_dataset=image_dataset(8))
+    assert [m for m in transformers_records.messages(logging.INFO) if m.startswith("DE ELBO: D_b=")]
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, float("nan"), float("inf")])
+def test_bad_sigma_learning_rate_is_refused(value, make_args):
+    with pytest.raises(ValueError, match=r"sigma_learning_rate must be a finite number > 0.*got"):
+        make_args(sigma_learning_rate=value)
