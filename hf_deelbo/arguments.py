@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .argument_checks import check_training_arguments
+
 logger = logging.getLogger(__name__)
 
 
@@ -101,6 +103,7 @@ class DEELBoTrainingArguments(TrainingArguments):
                 "DDP instead (torchrun --nproc_per_node N, or accelerate launch --multi_gpu), which is supported."
             )
         super().__post_init__()
+        check_training_arguments(self)
         if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
             raise ValueError(f"kappa must be > 0 or None (None means D/N); got {self.kappa}")
         if not (math.isfinite(self.sigma_init) and self.sigma_init > 0):

@@ -13,9 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.utils import logging as transformers_logging
 
-from .checks import check_training_data
+from . import lock
+from .checkpoints import checkpoint_problem, newest_complete_checkpoint, write_manifest
+from .checks import (
+    check_batch_labels,
+    check_distributed_launch,
+    check_training_data,
+    has_checked_label_column,
+    num_model_labels,
+)
 from .groups import split_parameters
 from .hub import (
     HubPushError,
@@ -24,10 +35,13 @@ from .hub import (
     make_timm_wrapper_checkpoint_portable,
     push_error,
     save_timm_config,
+    set_hub_timeout,
     set_model_config_entry,
 )
 from .model_card import build_method_card
 from .prediction import classifier_logits
+
+logger = transformers_logging.get_logger(__name__)
 
 
 class FineTuningTrainer(Trainer):
@@ -66,10 +80,21 @@ class FineTuningTrainer(Trainer):
                 "support FSDP. Pass the unsharded model and train with DDP (torchrun or accelerate launch --multi_gpu)."
             )
         groups = split_parameters(model, args.head_modules)
+        check_distributed_launch(args)
         self._check_before_init(args, kwargs)
         if kwargs.get("train_dataset") is not None:
-            check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"))
+            check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"), args)
         super().__init__(model=model, args=args, **kwargs)
+        # Datasets without an Arrow label column had their first batch checked only: every batch is.
+        train_dataset = kwargs.get("train_dataset")
+        self._labels_to_check = (
+            num_model_labels(model) or 0
+            if train_dataset is not None and not has_checked_label_column(train_dataset)
+            else None
+        )
+        self._nonfinite_inputs: dict[str, torch.Tensor] = {}
+        self._checkpoint_pushes: list = []  # (step, future) of every push started from a checkpoint
+        self.failed_pushes: list[str] = []
         self.groups = groups
         self.head_modules = groups.head_modules
         self._is_transformers_model = isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel)
@@ -133,8 +158,14 @@ class FineTuningTrainer(Trainer):
     # ---- faults -------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._labels_to_check is not None:
+            check_batch_labels(inputs.get(self.label_names[0]), self._labels_to_check, self.state.global_step + 1)
+        for key, value in inputs.items():  # no device sync here; checked once per step
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                bad = ~torch.isfinite(value).all()
+                self._nonfinite_inputs[key] = self._nonfinite_inputs[key] | bad if key in self._nonfinite_inputs else bad
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._nonfinite_loss |= ~torch.isfinite(loss)  # no device sync here; checked once per step
+        self._nonfinite_loss |= ~torch.isfinite(loss)
         return loss
 
     def _divergence_details(self) -> str | None:
@@ -151,6 +182,15 @@ class FineTuningTrainer(Trainer):
         control = self.control
         due = control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
         details = self._divergence_details() if due else None
+        bad_inputs = sorted(key for key, flag in self._nonfinite_inputs.items() if bool(flag)) if (
+            bool(self._nonfinite_loss) or details) else []
+        if bad_inputs:
+            raise FloatingPointError(
+                f"{type(self).__name__} stopped at step {self.state.global_step}: the training data holds non-finite "
+                f"values (NaN or inf in {', '.join(bad_inputs)} of a batch since the last check). This is the data, "
+                "not the learning rate: remove or repair those examples. The last checkpoint saved before this step "
+                "is intact."
+            )
         if bool(self._nonfinite_loss) or details:
             raise FloatingPointError(
                 f"{type(self).__name__} diverged at step {self.state.global_step}: the loss or the weights are no "
@@ -181,6 +221,50 @@ class FineTuningTrainer(Trainer):
         model.load_state_dict(state_dict, strict=True)
         return True
 
+    def _stateful_callback_names(self) -> tuple[str, ...]:
+        if not self.args.restore_callback_states_from_checkpoint:
+            return ()
+        return tuple(type(cb).__name__ for cb in self.callback_handler.callbacks if isinstance(cb, ExportableState))
+
+    def _complete_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint `train` resumes from: for `True`, the newest complete one in output_dir
+        (logging the newer ones skipped and why); a path only if it is complete (`checkpoints.py`)."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        requirements = dict(callback_names=self._stateful_callback_names(), num_processes=self.args.world_size,
+                            process_index=self.args.process_index)
+        if resume_from_checkpoint is True:
+            checkpoint, skipped = newest_complete_checkpoint(self.args.output_dir, **requirements)
+            for name, why in skipped:
+                logger.warning(f"Not resuming from {name}: {why}.")
+            if checkpoint is None:
+                found = "; ".join(f"{name}: {why}" for name, why in skipped) or "no checkpoint-<step> directory"
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but output_dir {self.args.output_dir!r} holds no complete checkpoint "
+                    f"({found}); train without resuming, or pass a checkpoint directory."
+                )
+            if skipped:
+                logger.warning(f"Resuming from {checkpoint}, the newest complete checkpoint.")
+            return checkpoint
+        checkpoint = str(resume_from_checkpoint)
+        problem = checkpoint_problem(checkpoint, **requirements)
+        if problem:
+            raise ValueError(
+                f"resume_from_checkpoint {checkpoint!r} cannot be resumed from exactly: {problem}. Pass "
+                "resume_from_checkpoint=True to resume from the newest complete checkpoint of output_dir."
+            )
+        return checkpoint
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Written last, the manifest marks the checkpoint complete (a save that fails halfway leaves none).
+        super()._save_checkpoint(model, trial)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
+        if self.args.should_save:
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(checkpoint):
+                write_manifest(checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._restore_weights(resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -188,9 +272,21 @@ class FineTuningTrainer(Trainer):
     def _write_config_entry(self) -> None:
         set_model_config_entry(self.accelerator.unwrap_model(self.model), self.config_key, self.config_entry())
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer's `train`, holding output_dir's lock (`lock.py`: a second live run into it is
+        refused), resuming only from a complete checkpoint (`_complete_checkpoint`), and reporting
+        checkpoint pushes to the Hub that failed (`failed_pushes`) at the end."""
+        resume_from_checkpoint = self._complete_checkpoint(resume_from_checkpoint)
+        holds_lock = self.is_world_process_zero()
+        if holds_lock:
+            lock.acquire(self.args.output_dir)
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if holds_lock:
+                lock.release(self.args.output_dir)
         self._write_config_entry()
+        self._report_failed_pushes()
         return output
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -205,10 +301,19 @@ class FineTuningTrainer(Trainer):
         elif not self._is_transformers_model and isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
             save_timm_config(unwrapped, output_dir)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's `save_model` (weights, config.json with the hyperparameters), plus, when called
+        by the user, the model card (README.md) and its plots in the same directory, as
+        `push_to_hub` writes them. Checkpoints (`_internal_call`) get no card."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self.create_model_card(output_dir=output_dir)
+
     # ---- the model card -----------------------------------------------------------------------
 
-    def build_model_card(self, **context):
-        """Subclass hook: the `ModelCard` for this run, from the context `create_model_card` gathered."""
+    def build_model_card(self, output_dir: str | None = None, **context):
+        """Subclass hook: the `ModelCard` for this run, from the context `create_model_card` gathered;
+        figures the card shows go to `output_dir`."""
         return build_method_card(self.config_entry(), method=self.method_name, config_key=self.config_key,
                                  citation=self.citation, **context)
 
@@ -223,13 +328,16 @@ class FineTuningTrainer(Trainer):
         dataset_tags: str | list[str] | None = None,
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
+        output_dir: str | None = None,
     ) -> None:
         """Writes README.md (the method's model card: its hyperparameters from `config.<config_key>`,
-        the last evaluation, the training settings, the citation) into `output_dir`; `push_to_hub`
-        uploads it with the model. Works for raw timm models too (Trainer's own card needs a config)."""
+        the last evaluation, the training settings, the citation) into `output_dir` (default:
+        `args.output_dir`); `save_model` and `push_to_hub` write it with the model. Its "How to use"
+        loads the Hub repo (`hub_model_id`) if there is one, else the local directory. Works for raw
+        timm models too (Trainer's own card needs a config)."""
         if not self.is_world_process_zero():
             return
-        output_dir = self.args.output_dir
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         unwrapped = self.accelerator.unwrap_model(self.model)
         if finetuned_from is None:
@@ -252,6 +360,7 @@ class FineTuningTrainer(Trainer):
             "seed": args.seed,
         }
         card = self.build_model_card(
+            output_dir=output_dir,
             model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
             library_name="transformers" if self._is_transformers_model else "timm",
             base_model=finetuned_from,
@@ -259,6 +368,7 @@ class FineTuningTrainer(Trainer):
             eval_results=eval_results,
             hyperparameters=hyperparameters,
             repo_id=self.hub_model_id or args.hub_model_id,
+            local_path=output_dir,
             extra_tags=([tags] if isinstance(tags, str) else list(tags or []))
             + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else []),
         )
@@ -275,14 +385,44 @@ class FineTuningTrainer(Trainer):
         token = token if token is not None else self.args.hub_token
         name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         self.args.hub_model_id = check_repo_namespace(name, token)
+        set_hub_timeout()
         try:
             super().init_hf_repo(token=token, private=private)
         except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
-            raise push_error(error, self.args.output_dir, self.args.hub_model_id) from error
+            output_dir = self.args.output_dir
+            wrote_output = os.path.isdir(output_dir) and bool(set(os.listdir(output_dir)) - {lock.LOCK_NAME})
+            raise push_error(error, output_dir, self.args.hub_model_id, wrote_output=wrote_output) from error
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        known = set(map(id, (job for _, job in self._checkpoint_pushes)))
+        super()._push_from_checkpoint(checkpoint_folder)
+        progress = getattr(self, "push_in_progress", None)
+        for job in progress.jobs if progress is not None else []:
+            if id(job) not in known:
+                self._checkpoint_pushes.append((self.state.global_step, job))
+
+    def _report_failed_pushes(self) -> None:
+        """Checkpoint pushes run in the background and Trainer never looks at their outcome: each
+        one that failed is added to `failed_pushes` and the whole list logged as one warning."""
+        from concurrent import futures
+
+        futures.wait([job for _, job in self._checkpoint_pushes])
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        for step, job in self._checkpoint_pushes:
+            if not job.cancelled() and job.exception() is not None:
+                self.failed_pushes.append(f"step {step}: {push_error(job.exception(), self.args.output_dir, repo_id).reason}")
+        self._checkpoint_pushes = []
+        if self.failed_pushes:
+            logger.warning(
+                f"{len(self.failed_pushes)} push(es) of checkpoints to the Hub repo {repo_id} failed "
+                f"({'; '.join(self.failed_pushes)}). The local checkpoints in {self.args.output_dir} are intact; push "
+                f"them with trainer.push_to_hub() or hf-deelbo push {self.args.output_dir} --repo_id {repo_id}."
+            )
 
     def push_to_hub(self, *args, **kwargs):
         """Trainer's push (weights, config.json with the hyperparameters, model card); a failure
         raises one `HubPushError` and leaves the local output directory as it was."""
+        set_hub_timeout()
         try:
             return super().push_to_hub(*args, **kwargs)
         except HubPushError:

@@ -47,12 +47,16 @@ def check_label_column(dataset, num_labels: int | None) -> None:
     values = dataset.data.column(label_column).to_numpy(zero_copy_only=False)
     if values.dtype.kind not in "iu":
         if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-            values = values.astype(np.int64)
-        else:
+            # Batched as float targets, cross-entropy would read them as class probabilities.
             raise ValueError(
-                f"train_dataset column '{label_column}' holds {values.dtype} values (first: {values[:3].tolist()}); "
-                "labels must be integer class ids 0..C-1. Map class names to ids (datasets.ClassLabel)."
+                f"train_dataset column '{label_column}' holds whole numbers stored as {values.dtype} (first: "
+                f"{values[:3].tolist()}); labels must be integer class ids. Cast them: "
+                f"dataset.cast_column('{label_column}', datasets.Value('int64'))."
             )
+        raise ValueError(
+            f"train_dataset column '{label_column}' holds {values.dtype} values (first: {values[:3].tolist()}); "
+            "labels must be integer class ids 0..C-1. Map class names to ids (datasets.ClassLabel)."
+        )
     if num_labels is None or len(values) == 0:
         return
     bad = np.flatnonzero((values < 0) | (values >= num_labels))
@@ -63,6 +67,105 @@ def check_label_column(dataset, num_labels: int | None) -> None:
             f"0..{num_labels - 1} ({bad.size} such examples): the model predicts {num_labels} classes. Fix the labels, "
             f"or build the model with num_labels={int(values.max()) + 1}."
         )
+
+
+def has_checked_label_column(dataset) -> bool:
+    """Whether `check_label_column` covers every label of `dataset` (an Arrow dataset with a label
+    column); other datasets have each training batch's labels checked (`check_batch_labels`)."""
+    import datasets
+
+    return isinstance(dataset, datasets.Dataset) and any(c in dataset.column_names for c in LABEL_COLUMNS)
+
+
+def check_batch_labels(labels, num_labels: int, step: int) -> None:
+    """One training batch's labels are integer class ids in [0, num_labels) (0: range unknown)."""
+    if not isinstance(labels, torch.Tensor):
+        return
+    if labels.is_floating_point():
+        raise ValueError(
+            f"The training batch of step {step} holds {labels.dtype} labels (first: {labels[:3].tolist()}); labels "
+            "must be integer class ids (torch.long). Convert them in the dataset or the data collator."
+        )
+    if num_labels and labels.numel():
+        bad = ((labels < 0) | (labels >= num_labels)).flatten().nonzero()
+        if len(bad):
+            index = int(bad[0, 0])
+            raise ValueError(
+                f"Example {index} of the training batch of step {step} has label {int(labels.flatten()[index])}, "
+                f"outside 0..{num_labels - 1}: the model predicts {num_labels} classes. Fix the labels, or build the "
+                "model with more classes."
+            )
+
+
+def check_distributed_launch(args) -> None:
+    """Refuse a launch whose processes would train without synchronising: started as several ranks
+    (torchrun / accelerate launch set WORLD_SIZE), or with a process group already initialised,
+    while the Trainer is not in distributed mode. On a CPU machine without `use_cpu=True`, each
+    rank then trains alone and the weights and hyperparameters drift apart with no error."""
+    import os
+
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    initialised = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    ranks = max(launched, initialised)
+    if ranks > 1 and args.world_size != ranks:
+        if not args.use_cpu and not _has_accelerator():
+            fix = "On a machine without GPUs, pass use_cpu=True (--use_cpu true): the ranks then train together over gloo"
+        else:
+            fix = ("Launch with torchrun or accelerate launch --multi_gpu and leave setting up the process group to "
+                   "the Trainer")
+        raise ValueError(
+            f"This process is one of {ranks} ranks (WORLD_SIZE={launched}), but the Trainer trains as "
+            f"{args.world_size} process: each rank would train alone and the weights and learned hyperparameters "
+            f"would drift apart. {fix}."
+        )
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def check_batch_norm_single_example(model: nn.Module, example_batch: dict, forward_one, dataset, args) -> None:
+    """BatchNorm layers cannot train on a batch of one example where they normalise over a single
+    value per channel. When a training batch of 1 can occur (per_device_train_batch_size=1, or an
+    epoch's last batch), one training-mode forward of one example finds out, before training;
+    the layers' running statistics are restored afterwards."""
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not batch_norms or args is None:
+        return
+    batch_size = args.per_device_train_batch_size
+    try:
+        size = len(dataset)
+    except TypeError:
+        size = None
+    last = size % batch_size if size is not None else 0
+    if not (batch_size == 1 or (last == 1 and not args.dataloader_drop_last)):
+        return
+    buffers = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in batch_norms]
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            forward_one()
+    except (ValueError, RuntimeError) as error:
+        where = (
+            "per_device_train_batch_size=1"
+            if batch_size == 1
+            else f"the last batch of each epoch holds 1 example (N={size}, per_device_train_batch_size={batch_size})"
+        )
+        raise ValueError(
+            f"The model's BatchNorm layers cannot train on a batch of 1 example ({str(error).splitlines()[0]}), and "
+            f"{where}. Set dataloader_drop_last=True or choose another per_device_train_batch_size."
+        ) from error
+    finally:
+        model.train(was_training)
+        for m, saved in zip(batch_norms, buffers):
+            for k, v in saved.items():
+                getattr(m, k).copy_(v)
 
 
 def check_first_batch(batch: dict, model: nn.Module, forward, num_labels: int | None) -> None:
@@ -113,9 +216,10 @@ def check_first_batch(batch: dict, model: nn.Module, forward, num_labels: int | 
         raise ValueError(f"The model returns {logits.shape[-1]} logits per example but has num_labels={num_labels}.")
 
 
-def check_training_data(model: nn.Module, dataset, data_collator=None) -> None:
-    """All data checks, before any work: the label column (Arrow datasets) and a forward pass of
-    the first two examples at the model's current weights, in eval mode, RNG states preserved."""
+def check_training_data(model: nn.Module, dataset, data_collator=None, args=None) -> None:
+    """All data checks, before any work: the label column (Arrow datasets), the model's input
+    column, a forward pass of the first two examples at the model's current weights, in eval mode,
+    and (with `args`) BatchNorm on a batch of one example; RNG states preserved."""
     import datasets
     from transformers import default_data_collator
 
@@ -140,6 +244,13 @@ def check_training_data(model: nn.Module, dataset, data_collator=None) -> None:
         ]
         if not transformers_model:
             examples = [{k: v for k, v in e.items() if k in ("pixel_values", *LABEL_COLUMNS)} for e in examples]
+        input_name = getattr(model, "main_input_name", None) if transformers_model else "pixel_values"
+        if input_name and input_name not in examples[0]:
+            columns = getattr(dataset, "column_names", None) or sorted(examples[0])
+            raise ValueError(
+                f"train_dataset has no '{input_name}' column, the model's input (its examples hold {columns}). "
+                f"Add one (e.g. dataset.with_transform producing '{input_name}'), or rename the column holding it."
+            )
         try:
             batch = (data_collator or default_data_collator)(examples)
         except (TypeError, ValueError, RuntimeError) as error:
@@ -153,6 +264,10 @@ def check_training_data(model: nn.Module, dataset, data_collator=None) -> None:
             check_first_batch(batch, model, lambda: classifier_logits(model, batch, None, transformers_model), num_labels)
         finally:
             model.train(was_training)
+        one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        check_batch_norm_single_example(
+            model, one, lambda: classifier_logits(model, one, None, transformers_model), dataset, args
+        )
 
 
 class preserved_rng:

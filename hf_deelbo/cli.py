@@ -87,6 +87,14 @@ class DataTrainingArguments:
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
 
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be an int >= 1 (omit it to keep every example); got {value}")
+        if not (0 <= self.train_val_split < 1):
+            raise ValueError(f"--train_val_split must be in [0, 1) (0 holds nothing out); got {self.train_val_split}")
+
 
 @dataclass
 class RunArguments:
@@ -107,10 +115,26 @@ class RunArguments:
     push_to_hub_model_id: str | None = field(
         default=None, metadata={"help": "Older name of --hub_model_id, accepted as in run_image_classification.py."}
     )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume the run in output_dir from its newest complete checkpoint (incomplete ones, e.g. from "
+            "a full disk, are skipped and named); same as --resume_from_checkpoint true."
+        },
+    )
 
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2, nothing written."""
+
+
+class RunFailed(Exception):
+    """A run that had started failed: one line with the cause and what was kept (every complete
+    checkpoint and file the run wrote); exit status `status` (1, 2 for bad data, 130 on Ctrl-C)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
 def _config_file_flags(path: str) -> list[str]:
@@ -165,6 +189,7 @@ def parse_train_args(argv: list[str]):
     parser = HfArgumentParser(
         (ModelArguments, DataTrainingArguments, DEELBoTrainingArguments, RunArguments), prog="hf-deelbo train"
     )
+    parser.set_defaults(remove_unused_columns=False)  # the image transform reads the dataset's columns
     if _is_embedded(argv):
         parser.set_defaults(**EMBEDDED_DEFAULTS)
     try:
@@ -173,21 +198,53 @@ def parse_train_args(argv: list[str]):
         raise UsageError(str(error))
     if run_args.push_to_hub_model_id is not None and training_args.hub_model_id is None:
         training_args.hub_model_id = run_args.push_to_hub_model_id
+    if run_args.resume or str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
+        training_args.resume_from_checkpoint = True  # the newest complete checkpoint of output_dir
+    if training_args.remove_unused_columns:
+        # The images and labels reach the model through a transform of the image and label columns,
+        # which Trainer would drop as unused (run_image_classification.py's README asks for the flag).
+        logger.info("--remove_unused_columns is set to false: the image transform reads the dataset's columns.")
+        training_args.remove_unused_columns = False
     if model_args.model_name_or_path is None and not _is_embedded(argv):
         model_args.model_name_or_path = DEFAULT_HUB_MODEL
     return model_args, data_args, training_args, run_args
 
 
 def _check_output_dir(training_args, run_args) -> bool:
-    """True if output_dir already existed. Refuses a directory holding another run."""
+    """True if output_dir already existed. Refuses a directory a live run holds, or holding another
+    run (unless resumed or overwritten), and a resume with nothing to resume from."""
+    from .checkpoints import newest_complete_checkpoint
+    from .lock import LOCK_NAME, lock_holder
+
     path = training_args.output_dir
-    if os.path.isdir(path) and os.listdir(path):
+    holder = lock_holder(path) if os.path.isdir(path) else None
+    if holder is not None:
+        raise UsageError(
+            f"--output_dir {path!r} is in use by another run ({holder}); wait for it to finish, or choose another "
+            "--output_dir."
+        )
+    if training_args.resume_from_checkpoint is True:
+        checkpoint, skipped = newest_complete_checkpoint(path)
+        if checkpoint is None:
+            found = "; ".join(f"{name}: {why}" for name, why in skipped) or "no checkpoint-<step> directory"
+            raise UsageError(
+                f"--resume: --output_dir {path!r} holds no complete checkpoint to resume from ({found}); "
+                "start a new run without --resume."
+            )
+    elif training_args.resume_from_checkpoint and not os.path.isdir(training_args.resume_from_checkpoint):
+        raise UsageError(
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint!r} is not a directory; pass a "
+            "checkpoint-<step> directory, or --resume for the newest complete checkpoint of --output_dir."
+        )
+    if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_NAME}:
         if training_args.resume_from_checkpoint:
             return True
         if not run_args.overwrite_output_dir:
+            has_checkpoints = any(name.startswith("checkpoint-") for name in os.listdir(path))
             raise UsageError(
-                f"--output_dir {path!r} already holds files from another run; pass --overwrite_output_dir to "
-                "replace them, or choose another --output_dir."
+                f"--output_dir {path!r} already holds files from another run; "
+                + ("pass --resume to continue it from its newest complete checkpoint, " if has_checkpoints else "")
+                + "pass --overwrite_output_dir to replace them, or choose another --output_dir."
             )
         return True
     if os.path.exists(path) and not os.path.isdir(path):
@@ -238,7 +295,7 @@ def _embedded_data_and_model(data_args, training_args):
     def model_init():
         return digits.load_backbone_with_new_head(backbone, len(digits.TARGET_CLASSES), seed=training_args.seed)
 
-    num_train = data_args.max_train_samples or EMBEDDED_MAX_TRAIN_SAMPLES
+    num_train = data_args.max_train_samples if data_args.max_train_samples is not None else EMBEDDED_MAX_TRAIN_SAMPLES
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), num_train, seed=training_args.seed)
     if data_args.max_eval_samples is not None:
         test = test.select(range(min(data_args.max_eval_samples, len(test))))
@@ -315,8 +372,11 @@ def train_command(argv: list[str]) -> int:
             raise UsageError("--learning_rates cannot be combined with --resume_from_checkpoint; resume one run instead.")
     else:
         trainer = DEELBoTrainer(model=model_init(), args=training_args, train_dataset=train, **kwargs)
+    from . import lock
+
+    lock.acquire(output_dir)  # from here on, nothing the run writes is ever removed
     if existed and run_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
-        shutil.rmtree(output_dir)
+        _remove_previous_run(output_dir)
     try:
         if run_args.learning_rates:
             from .search import select_learning_rate
@@ -350,15 +410,84 @@ def train_command(argv: list[str]) -> int:
         trainer.create_model_card(finetuned_from=base_model, dataset=dataset_name)
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset=dataset_name, finetuned_from=base_model)
-    except BaseException:
-        if not existed:  # leave no half-written output directory behind
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
-    _print_summary(trainer.learned_hyperparameters(), metrics, output_dir)
+    except BaseException as error:
+        failure = _run_failure(error, output_dir)
+        if failure is None:
+            raise
+        raise failure from error
+    finally:
+        lock.release(output_dir)  # removes output_dir only if the run created it and wrote nothing
+    _print_summary(trainer.learned_hyperparameters(), metrics, output_dir, trainer.state.log_history,
+                   _num_labels(trainer))
+    if trainer.failed_pushes:
+        print(f"hf-deelbo train: error: {len(trainer.failed_pushes)} checkpoint push(es) to the Hub failed "
+              f"({'; '.join(trainer.failed_pushes)}); everything is saved in {output_dir}: push it with "
+              f"hf-deelbo push {output_dir} --repo_id {trainer.hub_model_id or training_args.hub_model_id}.",
+              file=sys.stderr)
+        return 1
     return 0
 
 
-def _print_summary(deelbo: dict, metrics: dict, output_dir: str) -> None:
+def _remove_previous_run(output_dir: str) -> None:
+    """--overwrite_output_dir: the previous run's files go, the lock of this run stays."""
+    from .lock import LOCK_NAME
+
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name == LOCK_NAME:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def _kept(output_dir: str) -> str:
+    """What a failed run leaves, in one sentence."""
+    from .checkpoints import complete_checkpoints
+    from .lock import LOCK_NAME
+
+    written = [n for n in os.listdir(output_dir) if n != LOCK_NAME] if os.path.isdir(output_dir) else []
+    if not written:
+        return "Nothing was written."
+    complete = complete_checkpoints(output_dir)
+    if complete:
+        return (f"Everything written is kept in {output_dir}, with the complete checkpoints {', '.join(complete)}; "
+                "continue with the same command and --resume.")
+    return f"Everything written is kept in {output_dir} (no complete checkpoint)."
+
+
+def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
+    """The one-line report of a run that failed after it started, or None for an unexpected error
+    (raised as it is, with its traceback, after saying what was kept)."""
+    from .hub import HubPushError
+    from .lock import OutputDirectoryInUse
+
+    kept = _kept(output_dir)
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, KeyboardInterrupt):
+        return RunFailed(f"interrupted. {kept}", 130)
+    if isinstance(error, (UsageError, OutputDirectoryInUse)):
+        return UsageError(f"{first_line} {kept}")
+    if isinstance(error, ValueError):  # data found invalid mid-run
+        return RunFailed(f"{first_line} {kept}", 2)
+    if isinstance(error, (FloatingPointError, HubPushError)):
+        return RunFailed(f"{first_line} {kept}")
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return RunFailed(f"{type(error).__name__}: {error.strerror or first_line}{where}. {kept}")
+    print(f"hf-deelbo train: {kept}", file=sys.stderr)
+    return None
+
+
+def _num_labels(trainer) -> int | None:
+    from .checks import num_model_labels
+
+    return num_model_labels(trainer.accelerator.unwrap_model(trainer.model))
+
+
+def _print_summary(deelbo: dict, metrics: dict, output_dir: str, log_history: list | None = None,
+                   num_labels: int | None = None) -> None:
     print("\nDE ELBO learned hyperparameters")
     print(f"  lambda (backbone prior variance) {deelbo['lambda']:.4g}   alpha_eff = 1/(D lambda) = {deelbo['alpha_eff']:.4g}")
     print(f"  tau    (head prior variance)     {deelbo['tau']:.4g}   beta_eff  = 1/(D tau)    = {deelbo['beta_eff']:.4g}")
@@ -367,6 +496,12 @@ def _print_summary(deelbo: dict, metrics: dict, output_dir: str) -> None:
     if metrics:
         print(f"Test accuracy {metrics['accuracy']:.4f}   NLL {metrics['nll']:.4f}   ECE {metrics['ece']:.4f}")
     print(f"Model, config.json (with `deelbo`), model card and plots written to {os.path.abspath(output_dir)}")
+    nlls = [entry["nll"] for entry in log_history or [] if "nll" in entry]
+    if nlls and num_labels and num_labels > 1 and not nlls[-1] < math.log(num_labels):
+        print(f"Warning: the final training NLL {nlls[-1]:.4g} is no better than predicting every class equally "
+              f"(log C = {math.log(num_labels):.4g}, C = {num_labels}): the model learned nothing. Lower "
+              "--learning_rate (or --sigma_init); with --kappa 1 (the plain ELBO) this collapse is the expected "
+              "result when D >> N.")
 
 
 def _read_deelbo(path_or_repo: str, token: str | None = None, revision: str | None = None) -> dict:
@@ -384,11 +519,15 @@ def _read_deelbo(path_or_repo: str, token: str | None = None, revision: str | No
             config_file = hf_hub_download(path_or_repo, "config.json", token=token, revision=revision)
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
             raise UsageError(f"Cannot read config.json of {path_or_repo!r} from the Hub: {str(error).splitlines()[0]}")
-    with open(config_file) as f:
-        config = json.load(f)
-    if "deelbo" not in config:
-        raise UsageError(f"{path_or_repo!r} has no `deelbo` entry in config.json: it was not trained by hf-deelbo.")
-    return config["deelbo"]
+    from .hub import read_config_entry, read_json_config
+
+    try:
+        config = read_json_config(config_file)
+        if "deelbo" not in config:
+            raise UsageError(f"{path_or_repo!r} has no `deelbo` entry in config.json: it was not trained by hf-deelbo.")
+        return read_config_entry(config, "deelbo", f"config.json of {path_or_repo!r}")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def show_command(argv: list[str]) -> int:
@@ -411,6 +550,22 @@ def show_command(argv: list[str]) -> int:
     return 0
 
 
+def _point_card_at_repo(output_dir: str, repo_id: str) -> None:
+    """The card of a directory trained without a Hub id loads the local directory; once pushed, it
+    loads `repo_id`."""
+    from .model_card import set_card_repo_id
+
+    card_file = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(card_file):
+        return
+    with open(card_file, encoding="utf-8") as f:
+        text = f.read()
+    pointed = set_card_repo_id(text, repo_id)
+    if pointed != text:
+        with open(card_file, "w", encoding="utf-8") as f:
+            f.write(pointed)
+
+
 def push_command(argv: list[str]) -> int:
     import argparse
 
@@ -425,12 +580,14 @@ def push_command(argv: list[str]) -> int:
     parser.add_argument("--commit_message", default="Upload model fine-tuned with DE ELBO")
     args = parser.parse_args(argv)
     _read_deelbo(args.output_dir)  # refuses directories that are not a finished run
-    from .hub import HubPushError, check_repo_namespace, push_error
+    from .hub import HubPushError, check_repo_namespace, push_error, set_hub_timeout
 
+    set_hub_timeout()
     try:
         repo_id = check_repo_namespace(args.repo_id, args.token)
         api = HfApi(token=args.token)
         url = api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
+        _point_card_at_repo(args.output_dir, repo_id)
         api.upload_folder(
             repo_id=repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
             revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
@@ -483,6 +640,11 @@ def evaluate_command(argv: list[str]) -> int:
                                               eval_args.bma_samples, eval_args.seed))
         labels.append(batch["labels"])
     metrics = digits.classification_metrics(torch.cat(log_probs), torch.cat(labels))
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise UsageError(
+            f"{eval_args.model_name_or_path!r} predicts non-finite probabilities (NLL {metrics['nll']}): its weights "
+            "or its config.deelbo hold NaN or inf; evaluate another checkpoint."
+        )
     how = f"BMA over {eval_args.bma_samples} draws" if eval_args.bma_samples else "posterior mean"
     print(f"{eval_args.model_name_or_path} ({how}, {len(dataset)} examples): "
           f"accuracy {metrics['accuracy']:.4f}  NLL {metrics['nll']:.4f}  ECE {metrics['ece']:.4f}")
@@ -500,11 +662,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nhf-deelbo: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(format="%(message)s", level=logging.INFO)
+    logger.setLevel(logging.INFO)  # hf_deelbo's logger follows transformers' verbosity (warnings) otherwise
+    from .hub import HubPushError
+    from .lock import OutputDirectoryInUse
+
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except UsageError as error:
+    except (UsageError, OutputDirectoryInUse) as error:
         print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
+        return error.status
+    except (HubPushError, FloatingPointError) as error:
+        print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hf-deelbo {argv[0]}: error: interrupted.", file=sys.stderr)
+        return 130
     except ValueError as error:
         # Argument and data validation (DEELBoTrainingArguments, DEELBoTrainer, datasets).
         print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)

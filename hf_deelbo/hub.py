@@ -70,6 +70,11 @@ def _timm_config(model: nn.Module, model_config: dict | None = None) -> dict:
     timm 1.0.31 records `num_classes` in `model_args` as well as at the top level, and
     `TimmWrapperForImageClassification` then fails with "got multiple values for keyword argument
     'num_classes'"; the top-level value is the one both libraries read, so `model_args` drops it.
+
+    The `pretrained_cfg` keys that name where the *pretrained* weights came from (timm's tag such
+    as `c3_in1k`, origin and download URLs, paper ids) are dropped: they do not describe the
+    fine-tuned weights. The preprocessing keys (input size, mean, std, ...) stay: they are the
+    ones the model was fine-tuned with when its inputs follow `timm.data.resolve_data_config`.
     """
     import tempfile
 
@@ -81,7 +86,17 @@ def _timm_config(model: nn.Module, model_config: dict | None = None) -> dict:
         with open(path) as f:
             config = json.load(f)
     config["model_args"] = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    pretrained_cfg = config.get("pretrained_cfg") or {}
+    for key in PRETRAINED_SOURCE_KEYS:
+        pretrained_cfg.pop(key, None)
     return config
+
+
+# pretrained_cfg keys about the source of pretrained weights (timm's `PretrainedCfg` fields).
+PRETRAINED_SOURCE_KEYS = (
+    "tag", "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "origin_url", "paper_ids",
+    "paper_name", "notes",
+)
 
 
 def save_timm_config(model: nn.Module, output_dir: str) -> None:
@@ -124,25 +139,173 @@ def is_timm_wrapper(model: nn.Module) -> bool:
     return type(model).__name__.startswith("TimmWrapper")
 
 
+# What each entry of config.json the package writes must hold: key -> (kind, required). Kinds:
+# "positive" a finite float > 0; "nonnegative" a finite float >= 0; "strengths" a nonnegative
+# float or a dict of them (per-tensor values); "radii" None or a dict of positive floats; "count" an
+# int >= 0; "names" a list of non-empty strings; "text" a string; "flag" a bool; "version" the entry's
+# format version, an int from 1 to the version this package writes (`ENTRY_FORMAT_VERSIONS`).
+ENTRY_SCHEMAS = {
+    DEELBO_CONFIG_KEY: {
+        "lambda": ("positive", True), "tau": ("positive", True), "sigma": ("positive", True),
+        "kappa": ("positive", True), "alpha_eff": ("nonnegative", False), "beta_eff": ("nonnegative", False),
+        "num_train_examples": ("count", True), "num_backbone_params": ("count", True),
+        "num_head_params": ("count", True), "head_modules": ("names", False), "format_version": ("version", False),
+    },
+    "l2sp": {
+        "alpha": ("nonnegative", True), "beta": ("nonnegative", True), "head_modules": ("names", False),
+        "num_backbone_params": ("count", False), "num_head_params": ("count", False),
+    },
+    "tpgm": {
+        "radii": ("radii", False), "norm": ("text", False), "projection_steps": ("count", False),
+        "head_modules": ("names", False), "num_backbone_params": ("count", False),
+        "num_head_params": ("count", False), "format_version": ("version", False),
+    },
+    "t1t2": {
+        "alpha": ("strengths", True), "beta": ("strengths", True), "hyper_learning_rate": ("positive", False),
+        "hyper_steps": ("count", False), "per_layer_strengths": ("flag", False), "head_modules": ("names", False),
+        "num_backbone_params": ("count", False), "num_head_params": ("count", False),
+        "format_version": ("version", False),
+    },
+}
+ENTRY_FORMAT_VERSIONS = {DEELBO_CONFIG_KEY: DEELBO_FORMAT_VERSION, "tpgm": 1, "t1t2": 1}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _value_problem(kind: str, value, key: str, entry_key: str) -> str | None:
+    import math
+
+    if kind in ("positive", "nonnegative"):
+        if not _is_number(value) or not math.isfinite(value) or value < 0 or (kind == "positive" and value == 0):
+            return f"must be a finite number {'> 0' if kind == 'positive' else '>= 0'}"
+    elif kind == "strengths":
+        values = list(value.values()) if isinstance(value, dict) else [value]
+        if not values or not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in values):
+            return "must be a finite number >= 0, or a dict of them"
+    elif kind == "radii":
+        if value is not None and not (
+            isinstance(value, dict) and all(_is_number(v) and math.isfinite(v) and v > 0 for v in value.values())
+        ):
+            return "must be null or a dict of finite numbers > 0"
+    elif kind == "count":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return "must be an int >= 0"
+    elif kind == "names":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return "must be a list of module names"
+    elif kind == "text":
+        if not isinstance(value, str):
+            return "must be a string"
+    elif kind == "flag":
+        if not isinstance(value, bool):
+            return "must be true or false"
+    elif kind == "version":
+        supported = ENTRY_FORMAT_VERSIONS[entry_key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return "must be an int >= 1"
+        if value > supported:
+            return f"is newer than this hf_deelbo reads ({supported}): upgrade hf_deelbo"
+    return None
+
+
+def read_config_entry(config, key: str = DEELBO_CONFIG_KEY, source: str = "the model's config") -> dict:
+    """The validated `key` entry (`deelbo`, `l2sp`, `tpgm`, `t1t2`) of a config: a dict (as read
+    from config.json) or an object with that attribute (`model.config`). The one reader of these
+    entries: `show`, `evaluate`, `load_classifier` and `posterior_from_config` go through it.
+
+    Raises:
+        KeyError: the config has no such entry.
+        ValueError: the entry is malformed; the message names the key, the value and `source`.
+    """
+    entry = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    if entry is None:
+        raise KeyError(f"{source} has no {key!r} entry: the model was not trained with it.")
+    fix = "fix config.json or save the model again with the trainer"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{source}: {key!r} must be a JSON object of hyperparameters; got {entry!r}; {fix}.")
+    for name, (kind, required) in ENTRY_SCHEMAS[key].items():
+        if name not in entry:
+            if required:
+                raise ValueError(f"{source}: {key!r} has no {name!r} (keys: {sorted(entry)}); {fix}.")
+            continue
+        problem = _value_problem(kind, entry[name], name, key)
+        if problem:
+            raise ValueError(f"{source}: {key}.{name} {problem}; got {entry[name]!r}; {fix}.")
+    return entry
+
+
 def load_deelbo_config(path: str) -> dict:
-    """Read `deelbo` from the config.json of a saved model directory.
+    """Read `deelbo` from the config.json of a saved model directory (validated, `read_config_entry`).
 
     Raises:
         FileNotFoundError: no config.json in `path`.
         KeyError: config.json has no `deelbo` entry (the model was not trained with DEELBoTrainer).
+        ValueError: config.json is not JSON, or its `deelbo` entry is malformed.
     """
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"No config.json in {path}: is it a saved model directory?")
-    with open(config_file) as f:
-        config = json.load(f)
-    if DEELBO_CONFIG_KEY not in config:
-        raise KeyError(f"{config_file} has no '{DEELBO_CONFIG_KEY}' entry: the model was not trained by DEELBoTrainer.")
-    return config[DEELBO_CONFIG_KEY]
+    return read_config_entry(read_json_config(config_file), DEELBO_CONFIG_KEY, config_file)
+
+
+def read_json_config(config_file: str) -> dict:
+    """config.json as a dict, or one ValueError naming the file."""
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}); fix or replace it.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object; got {type(config).__name__}.")
+    return config
+
+
+def check_config_entries(config, source: str) -> None:
+    """Validate every entry of `CONFIG_KEYS` the config holds."""
+    for key in CONFIG_KEYS:
+        present = key in config if isinstance(config, dict) else getattr(config, key, None) is not None
+        if present:
+            read_config_entry(config, key, source)
+
+
+# Seconds a request to the Hub may wait for an answer (a commit that never answers fails instead of
+# hanging): HF_DEELBO_HUB_TIMEOUT, default 300. Connecting is limited to 10 s.
+DEFAULT_HUB_TIMEOUT = 300.0
+
+
+def set_hub_timeout(seconds: float | None = None) -> None:
+    """Give huggingface_hub's HTTP client a timeout (its default waits forever), through its own
+    `set_client_factory`. A client factory the user installed is left alone."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    if seconds is None:
+        seconds = float(os.environ.get("HF_DEELBO_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT))
+    current = _http._GLOBAL_CLIENT_FACTORY
+    if current is not _http.default_client_factory and not getattr(current, "hf_deelbo_timeout", None):
+        return
+    if getattr(current, "hf_deelbo_timeout", None) == seconds:
+        return
+
+    def client_factory() -> httpx2.Client:
+        client = _http.default_client_factory()
+        client.timeout = httpx2.Timeout(seconds, connect=min(10.0, seconds))
+        return client
+
+    client_factory.hf_deelbo_timeout = seconds
+    _http.set_client_factory(client_factory)
 
 
 class HubPushError(RuntimeError):
-    """A push to the Hub failed; the local output directory is untouched."""
+    """A push to the Hub failed; the local output directory is untouched. `reason`: the cause
+    and what to do, in a few words; `status_code`: the HTTP status, if the Hub answered."""
+
+    def __init__(self, message: str, reason: str = "", status_code: int | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+        self.status_code = status_code
 
 
 def check_repo_namespace(repo_id: str, token: str | bool | None = None) -> str:
@@ -166,16 +329,42 @@ def check_repo_namespace(repo_id: str, token: str | bool | None = None) -> str:
     return f"{namespace}/{repo_id}"
 
 
-def push_error(error: Exception, output_dir: str, repo_id: str | None) -> HubPushError:
-    """One clear error for a failed push, saying that nothing local was lost."""
+def push_error(error: Exception, output_dir: str, repo_id: str | None, wrote_output: bool = True) -> HubPushError:
+    """One clear error for a failed push: the cause (the HTTP status where the Hub answered: 401/403
+    name the token), what to do, and, once something was written (`wrote_output`), that nothing
+    local was lost."""
+    import httpx2
     from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
 
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return HubPushError(
-        f"Could not push {output_dir} to {constants.ENDPOINT}/{repo_id or ''} ({type(error).__name__}: {reason}). "
-        f"The local output in {output_dir} is intact; push again once the Hub is reachable "
-        f"(trainer.push_to_hub(), or hf-deelbo push {output_dir} --repo_id {repo_id or 'namespace/name'})."
-    )
+    if isinstance(error, HubPushError):
+        return error
+    cause = error
+    while not isinstance(cause, (HfHubHTTPError, httpx2.TimeoutException)) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
+    status = getattr(response, "status_code", None)
+    target = repo_id or "namespace/name"
+    if status in (401, 403):
+        action = (
+            f"the Hub refused the token ({status}): log in with `hf auth login` (or set HF_TOKEN / pass --token) "
+            f"with a token that may write to {target}"
+        )
+    elif isinstance(cause, httpx2.TimeoutException):
+        action = (f"the Hub did not answer within the timeout ({type(cause).__name__}; HF_DEELBO_HUB_TIMEOUT sets it); "
+                  "push again later")
+    elif status is not None:
+        action = f"the Hub answered {status} ({text}); push again later"
+    else:
+        action = f"the Hub is unreachable ({type(cause).__name__}: {text}); push again once it is reachable"
+    if wrote_output:
+        then = (f"The local output in {output_dir} is intact; {action} (trainer.push_to_hub(), or "
+                f"hf-deelbo push {output_dir} --repo_id {target}).")
+    else:
+        then = f"Nothing was trained or written yet; {action}, then start again."
+    return HubPushError(f"Could not push to {constants.ENDPOINT}/{repo_id or ''}: {then}", reason=action,
+                        status_code=status)
 
 
 def load_timm_model(path: str, **kwargs) -> nn.Module:
@@ -183,9 +372,9 @@ def load_timm_model(path: str, **kwargs) -> nn.Module:
     config.json (if any) as `model.<key>_config` for each key of `CONFIG_KEYS`."""
     import timm
 
+    config = read_json_config(os.path.join(path, "config.json"))
+    check_config_entries(config, os.path.join(path, "config.json"))
     model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
     for key in CONFIG_KEYS:
         if key in config:
             setattr(model, f"{key}_config", config[key])
@@ -221,8 +410,7 @@ def load_classifier(
 
     local_config = os.path.join(os.path.expanduser(name_or_path), "config.json")
     if os.path.isfile(local_config):
-        with open(local_config) as f:
-            config = json.load(f)
+        config = read_json_config(local_config)
         if "architecture" in config and "model_type" not in config:
             model = load_timm_model(os.path.expanduser(name_or_path))
             if num_labels is not None and num_labels != model.num_classes:
@@ -231,6 +419,7 @@ def load_classifier(
                 return model, None, [next(n for n, m in model.named_modules() if m is classifier)]
             return model, None, None
     config = AutoConfig.from_pretrained(config_name or name_or_path, **hub_kwargs)
+    check_config_entries(config, f"config.json of {config_name or name_or_path}")
     if getattr(config, "model_type", None) == "timm_wrapper" and config.model_args:
         config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"} or None
     if num_labels is not None:

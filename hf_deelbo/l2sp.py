@@ -19,6 +19,7 @@ from torch import nn
 from transformers import TrainingArguments
 
 from .anchor import PretrainedAnchor
+from .argument_checks import check_training_arguments
 from .base import FineTuningTrainer
 
 L2SP_CONFIG_KEY = "l2sp"
@@ -47,6 +48,7 @@ class L2SPTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_training_arguments(self)
         for name in ("alpha", "beta"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -94,10 +94,16 @@ def posterior_from_config(model: nn.Module) -> IsotropicGaussianPosterior:
         posterior = posterior_from_config(model)
         log_probs = predictive_log_probs(model, {"pixel_values": x}, posterior, num_samples=16)
     """
-    config = getattr(getattr(model, "config", None), "deelbo", None) or getattr(model, "deelbo_config", None)
-    if not config:
+    from .hub import read_config_entry
+
+    source = getattr(model, "config", None)
+    if getattr(source, "deelbo", None) is None:
+        source = {"deelbo": getattr(model, "deelbo_config", None)}
+    try:
+        config = read_config_entry(source, "deelbo", f"{type(model).__name__}'s config")
+    except KeyError:
         raise ValueError(
             f"{type(model).__name__} carries no DE ELBO hyperparameters (config.deelbo): it was not saved by DEELBoTrainer."
-        )
+        ) from None
     groups = split_parameters(model, config.get("head_modules"))
     return IsotropicGaussianPosterior(model, groups, sigma_init=float(config["sigma"]))

@@ -101,10 +101,19 @@ def l2sp_grid_search(
             train_dataset=tuning_set,
             **trainer_kwargs,
         )
-        trainer.train()
-        nll = trainer.evaluate(validation_set)["eval_loss"]
-        runs.append(SearchRun({"alpha": alpha, "beta": beta, "learning_rate": lr}, float(nll), time.perf_counter() - start))
+        try:
+            trainer.train()
+            nll = float(trainer.evaluate(validation_set)["eval_loss"])
+        except FloatingPointError:  # a diverged configuration is recorded, and never chosen
+            nll = float("inf")
+        nll = nll if np.isfinite(nll) else float("inf")
+        runs.append(SearchRun({"alpha": alpha, "beta": beta, "learning_rate": lr}, nll, time.perf_counter() - start))
+        del trainer
     finite = [run for run in runs if np.isfinite(run.score)]
+    if not finite:
+        raise FloatingPointError(
+            f"L2-SP diverged for every configuration of the grid ({len(runs)} runs); try smaller learning rates."
+        )
     best = min(finite, key=lambda run: run.score).settings
     start = time.perf_counter()
     final = L2SPTrainer(model=model_init(), args=dataclasses.replace(args, **best), train_dataset=train_dataset,

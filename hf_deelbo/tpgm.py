@@ -33,6 +33,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from .anchor import PretrainedAnchor
+from .argument_checks import check_training_arguments
 from .base import FineTuningTrainer
 from .validation import ValidationTrainerMixin, check_validation_fraction
 
@@ -159,6 +160,7 @@ class TPGMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_training_arguments(self)
         if self.norm not in ("l2", "mars"):
             raise ValueError(f"norm must be 'l2' or 'mars'; got {self.norm!r}")
         for name in ("projection_steps", "radius_steps"):

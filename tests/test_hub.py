@@ -218,7 +218,11 @@ def test_repo_id_without_namespace_and_no_login(hub, tmp_path, monkeypatch, caps
 
     out = tmp_path / "done"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"deelbo": {"lambda": 1.0}}))
+    from hf_deelbo.hub import deelbo_config
+
+    entry = deelbo_config(backbone_prior_variance=1.0, head_prior_variance=1.0, sigma=0.1, kappa=10.0,
+                          num_train_examples=8, num_backbone_params=100, num_head_params=10, head_modules=["fc"])
+    (out / "config.json").write_text(json.dumps({"deelbo": entry}))
     assert main(["push", str(out), "--repo_id", "lonely-model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no namespace" in err[0]

@@ -1,0 +1,166 @@
+"""Checkpoints that can be trusted: what makes one complete, a marker written once it is, and the
+newest complete one to resume from.
+
+Trainer writes a checkpoint file by file into `checkpoint-<step>/`; a run killed or out of disk
+space halfway leaves a directory that `get_last_checkpoint` would pick. A checkpoint is complete
+when every file an exact resume reads is present and readable (without unpickling anything):
+
+- the weights: `model.safetensors` (or its sharded index and every shard), header and size intact;
+- `trainer_state.json`, valid JSON, holding the state of every stateful callback of the trainer;
+- `optimizer.pt`, `scheduler.pt` and this process's RNG state (`rng_state.pth`, or
+  `rng_state_<rank>.pth` when several processes train), each an intact torch archive (its zip
+  directory and CRCs are checked; nothing is loaded).
+
+After the last file, `FineTuningTrainer` writes `MANIFEST_NAME` (file names and sizes) by write
+then rename; where a checkpoint has one, every file must still have its recorded size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+MANIFEST_NAME = "checkpoint_complete.json"
+
+
+def write_manifest(checkpoint: str) -> None:
+    """Mark `checkpoint` complete: the size of every file in it, written to a temporary file
+    that is then renamed (a half-written marker never exists under its name)."""
+    files = {}
+    for root, _, names in os.walk(checkpoint):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, checkpoint)
+            if relative != MANIFEST_NAME:
+                files[relative] = os.path.getsize(path)
+    temporary = os.path.join(checkpoint, f".{MANIFEST_NAME}.tmp")
+    with open(temporary, "w") as f:
+        json.dump({"files": dict(sorted(files.items()))}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, os.path.join(checkpoint, MANIFEST_NAME))
+
+
+def _torch_archive_problem(path: str, name: str) -> str | None:
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:
+                return f"{name} is corrupt (a CRC check failed)"
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"{name} is truncated or corrupt ({error})"
+    return None
+
+
+def _safetensors_problem(path: str, name: str) -> str | None:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for any bad file
+        return f"{name} is truncated or corrupt ({str(error).splitlines()[0]})"
+    return None
+
+
+def _weights_problem(checkpoint: str) -> str | None:
+    index = os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"{SAFE_WEIGHTS_INDEX_NAME} is unreadable ({error})"
+        for shard in shards:
+            problem = _safetensors_problem(os.path.join(checkpoint, shard), shard)
+            if problem:
+                return problem
+        return None
+    if not os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)) and os.path.isfile(
+        os.path.join(checkpoint, WEIGHTS_NAME)
+    ):
+        return f"it holds {WEIGHTS_NAME} (a pickle, which is never loaded) instead of {SAFE_WEIGHTS_NAME}"
+    return _safetensors_problem(os.path.join(checkpoint, SAFE_WEIGHTS_NAME), SAFE_WEIGHTS_NAME)
+
+
+def checkpoint_problem(
+    checkpoint: str, callback_names: tuple[str, ...] = (), num_processes: int = 1, process_index: int = 0
+) -> str | None:
+    """Why `checkpoint` cannot be resumed from exactly (naming the missing or corrupt file), or
+    None when it is complete. `callback_names`: the stateful callbacks whose state it must hold."""
+    if not os.path.isdir(checkpoint):
+        return "it is not a directory"
+    manifest = os.path.join(checkpoint, MANIFEST_NAME)
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                recorded = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"{MANIFEST_NAME} is unreadable ({error})"
+        for name, size in recorded.items():
+            path = os.path.join(checkpoint, name)
+            if not os.path.isfile(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != size:
+                return f"{name} has {os.path.getsize(path)} bytes, {size} when it was saved (truncated or overwritten)"
+    problem = _weights_problem(checkpoint)
+    if problem:
+        return problem
+    state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_file):
+        return f"{TRAINER_STATE_NAME} is missing"
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            raise ValueError("no global_step")
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE_NAME} is truncated or corrupt ({str(error).splitlines()[0]})"
+    saved_callbacks = state.get("stateful_callbacks") or {}
+    for name in callback_names:
+        if name not in saved_callbacks:
+            return f"{TRAINER_STATE_NAME} holds no state of {name}"
+    rng_name = "rng_state.pth" if num_processes <= 1 else f"rng_state_{process_index}.pth"
+    for name in (OPTIMIZER_NAME, SCHEDULER_NAME, rng_name):
+        problem = _torch_archive_problem(os.path.join(checkpoint, name), name)
+        if problem:
+            return problem
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str, **requirements) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the newest complete `checkpoint-<step>` in `output_dir` or None, [(skipped name, why)])
+    newest first. `requirements` go to `checkpoint_problem`."""
+    if not os.path.isdir(output_dir):
+        return None, []
+    skipped = []
+    for checkpoint in reversed(sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)):
+        problem = checkpoint_problem(checkpoint, **requirements)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append((os.path.basename(checkpoint), problem))
+    return None, skipped
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Names of the checkpoints in `output_dir` that look complete (weights and trainer state
+    readable, optimizer, scheduler, RNG state intact), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [
+        os.path.basename(c)
+        for c in sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)
+        if checkpoint_problem(c, num_processes=_num_rng_files(c)) is None
+    ]
+
+
+def _num_rng_files(checkpoint: str) -> int:
+    return 1 if os.path.isfile(os.path.join(checkpoint, "rng_state.pth")) else 2
