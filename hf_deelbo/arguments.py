@@ -35,6 +35,14 @@ class DEELBoTrainingArguments(TrainingArguments):
             The paper's 1e-4 was used on networks of 20–90M parameters; the prior's initial pull on
             the backbone grows as 1/(σ√D), which slows the first tens of steps on much smaller
             networks (`DEELBoTrainer` logs it; docs/method.md, "Initial σ").
+        sigma_learning_rate (`float`, *optional*, defaults to `0.1`):
+            Learning rate of ρ (σ = softplus(ρ)), which gets an optimizer group of its own
+            (following the same schedule, no weight decay). ρ is a log-scale parameter: how fast it
+            must move does not depend on the weights' learning rate, and under Adam-family
+            optimizers it moves by about one learning rate per step, so at the weights' 5e-5 σ
+            would never leave `sigma_init` and the prior would pin the backbone at its pretrained
+            weights. `None` trains ρ at `learning_rate` (the paper's recipe, which is identical to
+            the default at its `learning_rate=0.1`). docs/trainer.md, "Using your own optimizer".
         head_modules (`list[str]`, *optional*, defaults to `None`):
             Module-name prefixes of the new classification head (prior N(0, τI)); every other
             trainable parameter is backbone (prior N(μ, λI), μ = its pretrained value). `None`
@@ -68,6 +76,13 @@ class DEELBoTrainingArguments(TrainingArguments):
     sigma_init: float = field(
         default=1e-4,
         metadata={"help": "Initial posterior standard deviation σ = softplus(ρ), shared by all weights."},
+    )
+    sigma_learning_rate: float | None = field(
+        default=0.1,
+        metadata={
+            "help": "Learning rate of ρ (σ = softplus(ρ)) in its own optimizer group, on the same schedule. "
+            "None: the weights' learning_rate (the paper's recipe)."
+        },
     )
     head_modules: list[str] | None = field(
         default=None,
@@ -108,6 +123,13 @@ class DEELBoTrainingArguments(TrainingArguments):
             raise ValueError(f"kappa must be > 0 or None (None means D/N); got {self.kappa}")
         if not (math.isfinite(self.sigma_init) and self.sigma_init > 0):
             raise ValueError(f"sigma_init must be a finite number > 0 (the paper uses 1e-4); got {self.sigma_init}")
+        if self.sigma_learning_rate is not None and not (
+            math.isfinite(self.sigma_learning_rate) and self.sigma_learning_rate > 0
+        ):
+            raise ValueError(
+                f"sigma_learning_rate must be a finite number > 0, or None to train ρ at learning_rate; "
+                f"got {self.sigma_learning_rate}"
+            )
         if self.weight_decay != 0:
             raise ValueError(
                 f"weight_decay must be 0 with DEELBoTrainer: the learned prior replaces it; got {self.weight_decay}"
