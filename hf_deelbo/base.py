@@ -82,6 +82,7 @@ class FineTuningTrainer(Trainer):
         groups = split_parameters(model, args.head_modules)
         check_distributed_launch(args)
         self._check_before_init(args, kwargs)
+        self._check_model_before_init(model, groups, args)
         if kwargs.get("train_dataset") is not None:
             check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"), args)
         super().__init__(model=model, args=args, **kwargs)
@@ -121,6 +122,9 @@ class FineTuningTrainer(Trainer):
 
     def _check_before_init(self, args, kwargs) -> None:
         """Subclass hook: more validation before Trainer's __init__."""
+
+    def _check_model_before_init(self, model: nn.Module, groups, args) -> None:
+        """Subclass hook: validation of the arguments against the model (its parameter `groups`)."""
 
     def config_entry(self) -> dict:
         """The JSON dict stored as `config.<config_key>`."""

@@ -98,19 +98,6 @@ def checkpoint_problem(
     None when it is complete. `callback_names`: the stateful callbacks whose state it must hold."""
     if not os.path.isdir(checkpoint):
         return "it is not a directory"
-    manifest = os.path.join(checkpoint, MANIFEST_NAME)
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                recorded = json.load(f)["files"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            return f"{MANIFEST_NAME} is unreadable ({error})"
-        for name, size in recorded.items():
-            path = os.path.join(checkpoint, name)
-            if not os.path.isfile(path):
-                return f"{name} is missing"
-            if os.path.getsize(path) != size:
-                return f"{name} has {os.path.getsize(path)} bytes, {size} when it was saved (truncated or overwritten)"
     problem = _weights_problem(checkpoint)
     if problem:
         return problem
@@ -133,6 +120,19 @@ def checkpoint_problem(
         problem = _torch_archive_problem(os.path.join(checkpoint, name), name)
         if problem:
             return problem
+    manifest = os.path.join(checkpoint, MANIFEST_NAME)
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                recorded = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"{MANIFEST_NAME} is unreadable ({error})"
+        for name, size in recorded.items():
+            path = os.path.join(checkpoint, name)
+            if not os.path.isfile(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != size:
+                return f"{name} has {os.path.getsize(path)} bytes, {size} when it was saved (truncated or overwritten)"
     return None
 
 

@@ -69,6 +69,25 @@ def check_label_column(dataset, num_labels: int | None) -> None:
         )
 
 
+def check_sigma_init(model: nn.Module, backbone_names: list[str], sigma_init: float) -> None:
+    """Refuse a posterior standard deviation larger than the backbone's typical weight (its root
+    mean square): every draw m + σε would then bury the pretrained weights in noise, and the run
+    ends at chance accuracy while exiting normally. The paper's 1e-4 is far below any network's."""
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        squares = sum(float(parameters[n].detach().double().pow(2).sum()) for n in backbone_names)
+        count = sum(parameters[n].numel() for n in backbone_names)
+    if not count:
+        return
+    rms = (squares / count) ** 0.5
+    if sigma_init > rms:
+        raise ValueError(
+            f"sigma_init={sigma_init:g} is larger than the backbone's weights themselves (root mean square {rms:.3g}): "
+            "every posterior draw would bury the pretrained weights in noise. Use a value well below it (the paper "
+            "uses 1e-4)."
+        )
+
+
 def has_checked_label_column(dataset) -> bool:
     """Whether `check_label_column` covers every label of `dataset` (an Arrow dataset with a label
     column); other datasets have each training batch's labels checked (`check_batch_labels`)."""

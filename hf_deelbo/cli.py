@@ -213,7 +213,7 @@ def parse_train_args(argv: list[str]):
 def _check_output_dir(training_args, run_args) -> bool:
     """True if output_dir already existed. Refuses a directory a live run holds, or holding another
     run (unless resumed or overwritten), and a resume with nothing to resume from."""
-    from .checkpoints import newest_complete_checkpoint
+    from .checkpoints import checkpoint_problem, newest_complete_checkpoint
     from .lock import LOCK_NAME, lock_holder
 
     path = training_args.output_dir
@@ -231,11 +231,19 @@ def _check_output_dir(training_args, run_args) -> bool:
                 f"--resume: --output_dir {path!r} holds no complete checkpoint to resume from ({found}); "
                 "start a new run without --resume."
             )
-    elif training_args.resume_from_checkpoint and not os.path.isdir(training_args.resume_from_checkpoint):
-        raise UsageError(
-            f"--resume_from_checkpoint {training_args.resume_from_checkpoint!r} is not a directory; pass a "
-            "checkpoint-<step> directory, or --resume for the newest complete checkpoint of --output_dir."
-        )
+    elif training_args.resume_from_checkpoint:
+        checkpoint = training_args.resume_from_checkpoint
+        if not os.path.isdir(checkpoint):
+            raise UsageError(
+                f"--resume_from_checkpoint {checkpoint!r} is not a directory; pass a checkpoint-<step> directory, or "
+                "--resume for the newest complete checkpoint of --output_dir."
+            )
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise UsageError(
+                f"--resume_from_checkpoint {checkpoint!r} cannot be resumed from exactly: {problem}. Pass --resume "
+                "for the newest complete checkpoint of --output_dir."
+            )
     if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_NAME}:
         if training_args.resume_from_checkpoint:
             return True
@@ -476,6 +484,8 @@ def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
     if isinstance(error, OSError):
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         return RunFailed(f"{type(error).__name__}: {error.strerror or first_line}{where}. {kept}")
+    if "No space left on device" in str(error) or "StorageFull" in str(error):  # safetensors' own error type
+        return RunFailed(f"No space left on device ({type(error).__name__}). {kept}")
     print(f"hf-deelbo train: {kept}", file=sys.stderr)
     return None
 

@@ -16,6 +16,7 @@ from transformers.utils import logging
 from .arguments import DEELBoTrainingArguments
 from .base import FineTuningTrainer
 from .callback import DEELBoCallback
+from .checks import check_sigma_init
 from .hub import DEELBO_CONFIG_KEY, deelbo_config
 from .model_card import build_model_card
 from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
@@ -83,6 +84,9 @@ class DEELBoTrainer(FineTuningTrainer):
 
     def _check_before_init(self, args, kwargs) -> None:
         _resolve_num_train_examples(args, kwargs.get("train_dataset"))
+
+    def _check_model_before_init(self, model, groups, args) -> None:
+        check_sigma_init(model, groups.backbone, args.sigma_init)
 
     # ---- wiring -------------------------------------------------------------------------------
 

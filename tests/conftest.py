@@ -143,11 +143,11 @@ def hub(local_hub):
     """The local Hub, started and accepting writes (a test may stop it or make it refuse)."""
     if local_hub.server is None:
         local_hub.start()
-    local_hub.state.refuse_writes = None
+    local_hub.state.refuse_writes = local_hub.state.refuse_commits = local_hub.state.hang_commits = None
     yield local_hub
     if local_hub.server is None:
         local_hub.start()
-    local_hub.state.refuse_writes = None
+    local_hub.state.refuse_writes = local_hub.state.refuse_commits = local_hub.state.hang_commits = None
 
 
 @pytest.fixture(scope="session", autouse=True)

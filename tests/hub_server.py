@@ -3,7 +3,8 @@ endpoints huggingface_hub's client uses to create repos, commit files inline, re
 trees, and resolve (download) files. Repos live in memory; every commit gets a sha.
 
 Writes need `Authorization: Bearer <token>`; the token's user is `namespace` (default "tester").
-`refuse_writes = <status>` makes every write answer that status (a server that refuses pushes).
+`refuse_writes = <status>` makes every write answer that status (a server that refuses pushes);
+`refuse_commits` and `hang_commits` fault only commits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime
 import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
@@ -45,6 +47,10 @@ class HubState:
         self.namespace = namespace
         self.repos: dict[str, Repo] = {}
         self.refuse_writes: int | None = None
+        # Faults of the commit endpoint only (repos can still be created): answer this status, or
+        # answer only after this many seconds (a Hub that hangs).
+        self.refuse_commits: int | None = None
+        self.hang_commits: float | None = None
         self.lock = threading.Lock()
 
 
@@ -175,6 +181,13 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
                                                "oid": None} for f in files], "commitOid": repo.sha})
         if marker == "/commit/" and method == "POST":
+            if self.state.hang_commits:
+                self._body()
+                time.sleep(self.state.hang_commits)
+                return self._error(504, None, "The commit took too long.")
+            if self.state.refuse_commits is not None:
+                self._body()
+                return self._error(self.state.refuse_commits, None, "This server refuses commits right now.")
             if not self._authorized():
                 return self._error(401, None, "You must be logged in to commit.")
             added, deleted, message = {}, [], ""
@@ -239,6 +252,8 @@ class LocalHub:
         ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.server.daemon_threads = True
+        # A client that gave up (a timeout test) closes its connection: no traceback on stderr.
+        self.server.handle_error = lambda request, client_address: None
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

@@ -1,0 +1,787 @@
+"""Failures of every kind, in one table: bad arguments, bad data, files on disk, Hub faults,
+signals. Each case names the message it must produce, and every file present before the failure
+(the run directories, models and data it works on) must still be there, byte for byte.
+
+The runs are real: the command line in-process on a tiny ViT and an image folder, the trainers on
+datasets' `Dataset`, the local Hub server, real signals, a real tmpfs where one can be mounted."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from conftest import NUM_LABELS, build_model, image_dataset, training_args
+from datasets import Dataset
+from PIL import Image
+from transformers import TrainerCallback
+
+from hf_deelbo import DEELBoTrainer
+from hf_deelbo.checkpoints import MANIFEST_NAME, checkpoint_problem
+from hf_deelbo.cli import main
+from hf_deelbo.lock import LOCK_NAME
+
+BIN = os.path.dirname(sys.executable)
+
+
+# ---- shared, read-only material -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """A tiny ViT saved like a Hub model, an image folder of 3 classes, and one finished CLI run
+    with checkpoints after steps 1, 2 and 3 (copied by the cases that need a run)."""
+    from sklearn.datasets import load_digits
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("material")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(root / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
+    digits = load_digits()
+    for name in ("5", "6", "7"):
+        (root / "images" / name).mkdir(parents=True)
+        for i, image in enumerate(digits.images[digits.target == int(name)][:4]):
+            Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB").save(root / "images" / name / f"{i}.png")
+    return {"VIT": str(root / "vit"), "IMAGES": str(root / "images"), "root": root}
+
+
+def _train_argv(material, out, *extra):
+    return ["train", "--model_name_or_path", material["VIT"], "--train_dir", material["IMAGES"],
+            "--ignore_mismatched_sizes", "true", "--per_device_train_batch_size", "4", "--report_to", "none",
+            "--disable_tqdm", "true", "--output_dir", str(out), *extra]
+
+
+@dataclass
+class Workspace:
+    root: Path
+    material: dict
+    hub: object
+    capsys: object
+    log: io.StringIO
+    state: dict = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return self.root / "run"
+
+    def train(self, *extra, out=None) -> list[str]:
+        return _train_argv(self.material, out or self.out, *extra)
+
+    def finished_run(self) -> Path:
+        """The module's finished run (built on first use)."""
+        if "RUN" not in self.material:
+            run = self.material["root"] / "run"
+            argv = _train_argv(self.material, run, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1")
+            assert main(argv) == 0
+            self.capsys.readouterr()
+            self.log.truncate(0)
+            self.log.seek(0)
+            self.material["RUN"] = run
+        return self.material["RUN"]
+
+    def copy_run(self) -> Path:
+        shutil.copytree(self.finished_run(), self.out)
+        return self.out
+
+
+@pytest.fixture
+def ws(tmp_path, material, hub, capsys):
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    loggers = [logging.getLogger(name) for name in ("hf_deelbo", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield Workspace(tmp_path, material, hub, capsys, log)
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    files = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.name != LOCK_NAME:
+                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+# ---- how a case runs ------------------------------------------------------------------------
+
+def cli(*argv) -> Callable:
+    """The command line, in-process: (exit status, stderr + stdout + logs)."""
+
+    def run(ws: Workspace):
+        status = main(list(argv))
+        captured = ws.capsys.readouterr()
+        return status, captured.err + captured.out + ws.log.getvalue()
+
+    return run
+
+
+def api(function: Callable) -> Callable:
+    """A Python call: (the exception type or 0, its message + logs)."""
+
+    def run(ws: Workspace):
+        try:
+            function()
+        except BaseException as error:  # noqa: BLE001 - the table says which
+            return type(error), str(error) + ws.log.getvalue()
+        return 0, ws.log.getvalue()
+
+    return run
+
+
+@dataclass
+class Case:
+    id: str
+    prepare: Callable  # Workspace -> the action (cli(...) / api(...))
+    status: object  # exit status of the CLI, or the exception type of an API call (0: success)
+    message: str
+    then: Callable | None = None  # further checks, given the Workspace
+    may_change: tuple[str, ...] = ()  # globs (relative to the workspace) a successful resume rewrites
+    marks: tuple = ()
+
+
+def _complete(ws: Workspace, *names):
+    for name in names:
+        assert checkpoint_problem(str(ws.out / name), callback_names=("DEELBoCallback",)) is None, name
+
+
+def _one_error_line(text: str, command: str = "train"):
+    lines = [line for line in text.splitlines() if line.startswith(f"hf-deelbo {command}: error:")]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+
+
+# ---- arguments ------------------------------------------------------------------------------
+
+def bad_flag(*flags):
+    return lambda ws: cli(*ws.train("--max_steps", "1", *flags))
+
+
+def _no_output(ws):
+    assert not ws.out.exists()
+
+
+ARGUMENT_CASES = [
+    Case("lr-zero", bad_flag("--learning_rate", "0"), 2, "learning_rate must be a finite number > 0", _no_output),
+    Case("lr-negative", bad_flag("--learning_rate", "-0.1"), 2, "0.001, 0.0001); got -0.1",
+         _no_output),
+    Case("lr-nan", bad_flag("--learning_rate", "nan"), 2, "0.001, 0.0001); got nan",
+         _no_output),
+    Case("max-grad-norm-nan", bad_flag("--max_grad_norm", "nan"), 2,
+         "max_grad_norm must be a finite number >= 0 (0 turns clipping off", _no_output),
+    Case("max-grad-norm-negative", bad_flag("--max_grad_norm", "-1"), 2, "max_grad_norm must be a finite number >= 0",
+         _no_output),
+    Case("fp16-on-cpu", bad_flag("--fp16", "true"), 2, "fp16=True needs a GPU", _no_output),
+    Case("max-train-samples-zero", bad_flag("--max_train_samples", "0"), 2,
+         "--max_train_samples must be an int >= 1 (omit it to keep every example); got 0", _no_output),
+    Case("max-train-samples-negative", bad_flag("--max_train_samples", "-3"), 2, "--max_train_samples must be an int >= 1",
+         _no_output),
+    Case("max-eval-samples-zero", bad_flag("--max_eval_samples", "0"), 2, "--max_eval_samples must be an int >= 1",
+         _no_output),
+    Case("train-val-split", bad_flag("--train_val_split", "1.5"), 2, "--train_val_split must be in [0, 1)", _no_output),
+    Case("sigma-init-huge", bad_flag("--sigma_init", "1000"), 2,
+         "sigma_init=1000 is larger than the backbone's weights themselves", _no_output),
+    Case("batch-size-zero", bad_flag("--per_device_train_batch_size", "0"), 2, "per_device_train_batch_size", _no_output),
+    Case("learning-rates-negative", bad_flag("--learning_rates", "0.1", "-1"), 2, "--learning_rates must all be > 0",
+         _no_output),
+    Case("resume-nothing", bad_flag("--resume"), 2, "holds no complete checkpoint to resume from", _no_output),
+    Case("resume-from-missing-dir", lambda ws: cli(*ws.train("--resume_from_checkpoint", str(ws.root / "nope"))), 2,
+         "is not a directory; pass a checkpoint-<step> directory", _no_output),
+]
+
+
+# ---- files on disk --------------------------------------------------------------------------
+
+def _previous_run(ws):
+    ws.out.mkdir()
+    (ws.out / "model.safetensors").write_bytes(b"weights of an earlier run")
+    return cli(*ws.train("--max_steps", "1"))
+
+
+def _killed_run(ws):
+    ws.copy_run()
+    return cli(*ws.train("--max_steps", "1"))
+
+
+def _output_is_a_file(ws):
+    ws.out.write_text("not a directory")
+    return cli(*ws.train("--max_steps", "1"))
+
+
+def _truncate(ws, name, size=100):
+    path = ws.out / name
+    os.truncate(path, size)
+
+
+def _resume_with(breakage, *flags):
+    """The copied run with its newest checkpoint broken, resumed for one more step."""
+
+    def prepare(ws):
+        ws.copy_run()
+        breakage(ws)
+        return cli(*ws.train("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1", "--resume", *flags))
+
+    return prepare
+
+
+def _resumed_from(name):
+    def check(ws):
+        state = json.loads((ws.out / "trainer_state.json").read_text())
+        assert state["global_step"] == 4
+        _complete(ws, "checkpoint-4")
+        text = ws.log.getvalue()
+        assert f"Resuming from {ws.out / name}" in text
+
+    return check
+
+
+RESUME_REWRITES = ("run/*.*", "run/checkpoint-4/*")
+
+
+def _remove(ws, name):
+    path = ws.out / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _empty_last_checkpoint(ws):
+    for path in (ws.out / "checkpoint-3").iterdir():
+        path.unlink()
+
+
+def _pickle_only(ws):
+    _remove(ws, "checkpoint-3/model.safetensors")
+    (ws.out / "checkpoint-3" / "pytorch_model.bin").write_bytes(b"planted")
+    _remove(ws, f"checkpoint-3/{MANIFEST_NAME}")
+
+
+def _no_callback_state(ws):
+    path = ws.out / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["stateful_callbacks"]["DEELBoCallback"]
+    path.write_text(json.dumps(state))
+    _remove(ws, f"checkpoint-3/{MANIFEST_NAME}")
+
+
+def _explicit(breakage):
+    def prepare(ws):
+        ws.copy_run()
+        breakage(ws)
+        return cli(*ws.train("--max_steps", "4", "--resume_from_checkpoint", str(ws.out / "checkpoint-3")))
+
+    return prepare
+
+
+def _all_broken(ws):
+    for step in (1, 2, 3):
+        _truncate(ws, f"checkpoint-{step}/optimizer.pt")
+
+
+def _live_lock(ws):
+    """A second process that holds the lock of output_dir (as a live run does)."""
+    ws.copy_run()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hf_deelbo import lock; lock.acquire(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(120)", str(ws.out)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    ws.state["holder"] = holder
+    return cli(*ws.train("--max_steps", "4", "--resume"))
+
+
+def _stop_holder(ws):
+    ws.state["holder"].kill()
+    ws.state["holder"].wait()
+
+
+def _stale_lock(ws):
+    ws.out.mkdir()
+    (ws.out / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 17, "host": socket.gethostname(), "started": "then"}))
+    return cli(*ws.train("--max_steps", "1"))
+
+
+def _lock_taken_over(ws):
+    assert (ws.out / "model.safetensors").is_file() and not (ws.out / LOCK_NAME).exists()
+
+
+FILE_CASES = [
+    Case("output-dir-holds-another-run", _previous_run, 2, "already holds files from another run; pass "
+         "--overwrite_output_dir"),
+    Case("output-dir-holds-a-killed-run", _killed_run, 2, "pass --resume to continue it from its newest complete"),
+    Case("output-dir-is-a-file", _output_is_a_file, 2, "is a file, not a directory"),
+    Case("resume-truncated-weights", _resume_with(lambda ws: _truncate(ws, "checkpoint-3/model.safetensors")), 0,
+         "Not resuming from checkpoint-3: model.safetensors", _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-missing-trainer-state", _resume_with(lambda ws: _remove(ws, "checkpoint-3/trainer_state.json")), 0,
+         "Not resuming from checkpoint-3: trainer_state.json is missing", _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-empty-checkpoint", _resume_with(_empty_last_checkpoint), 0,
+         "Not resuming from checkpoint-3: model.safetensors is missing", _resumed_from("checkpoint-2"),
+         RESUME_REWRITES),
+    Case("resume-missing-optimizer", _resume_with(lambda ws: _remove(ws, "checkpoint-3/optimizer.pt")), 0,
+         "Not resuming from checkpoint-3: optimizer.pt is missing", _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-missing-rng-state", _resume_with(lambda ws: _remove(ws, "checkpoint-3/rng_state.pth")), 0,
+         "Not resuming from checkpoint-3: rng_state.pth is missing", _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-missing-scheduler-no-manifest",
+         _resume_with(lambda ws: (_remove(ws, "checkpoint-3/scheduler.pt"), _remove(ws, f"checkpoint-3/{MANIFEST_NAME}"))),
+         0, "Not resuming from checkpoint-3: scheduler.pt is missing", _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-two-broken", _resume_with(lambda ws: (_truncate(ws, "checkpoint-3/optimizer.pt"),
+                                                       _remove(ws, "checkpoint-2/rng_state.pth"))),
+         0, "Not resuming from checkpoint-2: rng_state.pth is missing", _resumed_from("checkpoint-1"), RESUME_REWRITES),
+    Case("resume-pickle-only", _resume_with(_pickle_only), 0, "pytorch_model.bin (a pickle, which is never loaded)",
+         _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-no-callback-state", _resume_with(_no_callback_state), 0,
+         "trainer_state.json holds no state of DEELBoCallback", _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-every-checkpoint-broken", _resume_with(_all_broken), 2,
+         "holds no complete checkpoint to resume from (checkpoint-3: optimizer.pt is truncated or corrupt"),
+    Case("resume-explicit-truncated", _explicit(lambda ws: _truncate(ws, "checkpoint-3/model.safetensors")), 2,
+         "checkpoint-3' cannot be resumed from exactly: model.safetensors is truncated or corrupt"),
+    Case("resume-explicit-missing-rng", _explicit(lambda ws: _remove(ws, "checkpoint-3/rng_state.pth")), 2,
+         "cannot be resumed from exactly: rng_state.pth is missing"),
+    Case("output-dir-locked-by-a-live-run", _live_lock, 2, "is in use by another run (pid", _stop_holder),
+    Case("stale-lock-taken-over", _stale_lock, 0, "Taking over the lock", _lock_taken_over),
+]
+
+
+# ---- config.deelbo on read --------------------------------------------------------------------
+
+def _saved_model_with(entry_change):
+    """The copied run's final model with its config.json's `deelbo` changed."""
+
+    def prepare(ws, command):
+        ws.copy_run()
+        config_file = ws.out / "config.json"
+        config = json.loads(config_file.read_text())
+        entry_change(config)
+        config_file.write_text(json.dumps(config) if isinstance(config, dict) else config)
+        if command == "show":
+            return cli("show", str(ws.out))
+        return cli("evaluate", "--model_name_or_path", str(ws.out), "--validation_dir", ws.material["IMAGES"],
+                   "--bma_samples", "2")
+
+    return prepare
+
+
+def _set(key, value):
+    def change(config):
+        if value is _DELETE:
+            del config["deelbo"][key]
+        else:
+            config["deelbo"][key] = value
+
+    return change
+
+
+_DELETE = object()
+
+
+def _entry(value):
+    def change(config):
+        config["deelbo"] = value
+
+    return change
+
+
+CONFIG_VARIANTS = [
+    ("string", _entry("lambda=1"), "'deelbo' must be a JSON object of hyperparameters; got 'lambda=1'"),
+    ("list", _entry([1.0, 2.0]), "'deelbo' must be a JSON object of hyperparameters; got [1.0, 2.0]"),
+    ("empty", _entry({}), "'deelbo' has no 'lambda' (keys: [])"),
+    ("sigma-missing", _set("sigma", _DELETE), "'deelbo' has no 'sigma'"),
+    ("sigma-negative", _set("sigma", -0.1), "deelbo.sigma must be a finite number > 0; got -0.1"),
+    ("sigma-nan", _set("sigma", float("nan")), "deelbo.sigma must be a finite number > 0; got nan"),
+    ("lambda-string", _set("lambda", "big"), "deelbo.lambda must be a finite number > 0; got 'big'"),
+    ("count-float", _set("num_train_examples", 2.5), "deelbo.num_train_examples must be an int >= 0; got 2.5"),
+    ("format-version-newer", _set("format_version", 99), "deelbo.format_version is newer than this hf_deelbo reads"),
+]
+CONFIG_CASES = [
+    Case(f"{command}-config-{name}", lambda ws, c=change, command=command: _saved_model_with(c)(ws, command),
+         2, message)
+    for name, change, message in CONFIG_VARIANTS
+    for command in ("show", "evaluate")
+    if command == "show" or name in ("string", "sigma-nan", "empty", "format-version-newer")
+]
+
+
+def _not_json(ws):
+    ws.copy_run()
+    (ws.out / "config.json").write_text("{broken")
+    return cli("show", str(ws.out))
+
+
+def _posterior_from_bad_config(ws):
+    from hf_deelbo import posterior_from_config
+
+    model, _ = build_model("resnet")
+    model.config.deelbo = {"lambda": 1.0, "tau": 1.0, "sigma": float("nan"), "kappa": 1.0, "num_train_examples": 1,
+                           "num_backbone_params": 1, "num_head_params": 1}
+    return api(lambda: posterior_from_config(model))
+
+
+CONFIG_CASES += [
+    Case("show-config-not-json", _not_json, 2, "config.json is not valid JSON"),
+    Case("posterior-from-config-sigma-nan", _posterior_from_bad_config, ValueError,
+         "deelbo.sigma must be a finite number > 0; got nan"),
+]
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def _trainer(ws, dataset, kind="resnet", model=None, callbacks=None, **overrides):
+    model = model if model is not None else build_model(kind)[0]
+    values = dict(max_steps=4, remove_unused_columns=False, output_dir=str(ws.out))
+    return DEELBoTrainer(model=model, args=training_args(ws.root, **{**values, **overrides}), train_dataset=dataset,
+                         callbacks=callbacks)
+
+
+def _images(n=8, labels=None, nan_at=None):
+    pixel_values = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if nan_at is not None:
+        pixel_values[nan_at, 0, 0, 0] = float("nan")
+    labels = torch.randint(0, NUM_LABELS, (n,), generator=torch.Generator().manual_seed(1)) if labels is None else labels
+    return Dataset.from_dict({"pixel_values": pixel_values.numpy(), "labels": torch.as_tensor(labels).numpy()})
+
+
+class TorchImages(torch.utils.data.Dataset):
+    """A map-style dataset that is not Arrow: its labels can only be seen batch by batch."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)),
+                "labels": torch.tensor(self.labels[i])}
+
+
+class BatchNormNet(torch.nn.Module):
+    """BatchNorm over one value per channel: a batch of one example cannot be normalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8), torch.nn.BatchNorm1d(8))
+        self.head = torch.nn.Linear(8, NUM_LABELS)
+
+    def forward(self, pixel_values):
+        return self.head(self.body(pixel_values))
+
+
+def _data_case(make_trainer):
+    def prepare(ws):
+        return api(lambda: make_trainer(ws).train())
+
+    return prepare
+
+
+def _late_nan(ws):
+    # example 13 is NaN: the first batches are clean, shuffling decides when it is met
+    return _trainer(ws, _images(16, nan_at=13).with_format("torch"), max_steps=8)
+
+
+DATA_CASES = [
+    Case("labels-whole-number-floats",
+         _data_case(lambda ws: _trainer(ws, _images(labels=[0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 1.0, 2.0]).with_format("torch"))),
+         ValueError, "holds whole numbers stored as float"),
+    Case("labels-fractional", _data_case(lambda ws: _trainer(ws, _images(labels=[0.5] * 8).with_format("torch"))),
+         ValueError, "labels must be integer class ids 0..C-1"),
+    Case("labels-out-of-range-late-arrow",
+         _data_case(lambda ws: _trainer(ws, _images(16, labels=[0] * 15 + [9]).with_format("torch"))),
+         ValueError, "has label 9 at example 15, outside 0..4"),
+    Case("labels-out-of-range-late-torch-dataset",
+         _data_case(lambda ws: _trainer(ws, TorchImages([0, 1, 2, 3, 4, 0, 1, 7]), per_device_train_batch_size=4)),
+         ValueError, "has label 7, outside 0..4: the model predicts 5 classes"),
+    Case("missing-pixel-values",
+         _data_case(lambda ws: _trainer(ws, _images().rename_column("pixel_values", "image").with_format("torch"))),
+         ValueError, "train_dataset has no 'pixel_values' column, the model's input"),
+    Case("batch-norm-batch-of-one",
+         _data_case(lambda ws: _trainer(ws, _images(9).with_format("torch"), model=BatchNormNet(), head_modules=["head"],
+                                        per_device_train_batch_size=4)),
+         ValueError, "BatchNorm layers cannot train on a batch of 1 example"),
+    Case("late-nan-in-the-data", _data_case(_late_nan), FloatingPointError,
+         "the training data holds non-finite values (NaN or inf in pixel_values"),
+]
+
+
+# ---- Hub faults -----------------------------------------------------------------------------
+
+def _final_push_500(ws):
+    ws.hub.state.refuse_commits = 500
+    return cli(*ws.train("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--push_to_hub", "true",
+                         "--hub_model_id", "tester/final-500", "--hub_strategy", "end"))
+
+
+def _run_kept_and_resumable(ws):
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert (ws.out / name).is_file(), name
+    _complete(ws, "checkpoint-1", "checkpoint-2")
+
+
+def _checkpoint_pushes_fail(ws):
+    """Every checkpoint push fails (503) during training; the pushes after training succeed."""
+    ws.hub.state.refuse_commits = 503
+
+    def heal():
+        deadline = time.time() + 120
+        while "push(es) of checkpoints to the Hub repo" not in ws.log.getvalue() and time.time() < deadline:
+            time.sleep(0.01)
+        ws.hub.state.refuse_commits = None
+
+    threading.Thread(target=heal, daemon=True).start()
+    return cli(*ws.train("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--push_to_hub", "true",
+                         "--hub_model_id", "tester/every-save-503"))
+
+
+def _push_401(ws):
+    ws.copy_run()
+    ws.hub.state.refuse_writes = 401
+    return cli("push", str(ws.out), "--repo_id", "tester/refused")
+
+
+def _push_hangs(ws):
+    ws.copy_run()
+    ws.hub.state.hang_commits = 8
+    os.environ["HF_DEELBO_HUB_TIMEOUT"] = "1"
+    ws.state["restore_timeout"] = True
+    return cli("push", str(ws.out), "--repo_id", "tester/hanging")
+
+
+def _restore_timeout(ws):
+    from hf_deelbo.hub import set_hub_timeout
+
+    os.environ.pop("HF_DEELBO_HUB_TIMEOUT", None)
+    set_hub_timeout()
+
+
+def _repo_creation_refused(ws):
+    ws.hub.state.refuse_writes = 500
+    return cli(*ws.train("--max_steps", "1", "--push_to_hub", "true", "--hub_model_id", "tester/never-created"))
+
+
+HUB_CASES = [
+    # huggingface_hub retries 5xx answers and timeouts with backoff (about 25 s): slow
+    Case("final-push-500", _final_push_500, 1, "the Hub answered 500", _run_kept_and_resumable,
+         marks=(pytest.mark.slow,)),
+    Case("checkpoint-pushes-fail", _checkpoint_pushes_fail, 1, "checkpoint push(es) to the Hub failed",
+         lambda ws: _complete(ws, "checkpoint-1", "checkpoint-2"), marks=(pytest.mark.slow,)),
+    Case("push-401-names-the-token", _push_401, 2, "the Hub refused the token (401): log in with `hf auth login`"),
+    Case("push-that-never-answers-times-out", _push_hangs, 2, "the Hub did not answer within the timeout",
+         _restore_timeout, marks=(pytest.mark.slow,)),
+    Case("repo-creation-refused", _repo_creation_refused, 1, "Nothing was trained or written yet", _no_output),
+]
+
+
+# ---- signals and faults mid-run -----------------------------------------------------------------
+
+def _sigint_after_two_checkpoints(ws):
+    """A real SIGINT, sent once checkpoint-2 is complete, to a run of 300 steps saving every step."""
+    marker = ws.out / "checkpoint-2" / MANIFEST_NAME
+
+    def watch():
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.005)
+        ws.state["at_signal"] = _snapshot(ws.out / "checkpoint-1", ws.out / "checkpoint-2")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return cli(*ws.train("--max_steps", "300", "--save_strategy", "steps", "--save_steps", "1"))
+
+
+def _both_checkpoints_remain(ws):
+    assert _snapshot(ws.out / "checkpoint-1", ws.out / "checkpoint-2") == ws.state["at_signal"]
+    _complete(ws, "checkpoint-1", "checkpoint-2")
+
+
+class SigintOnSave(TrainerCallback):
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.after:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _api_sigint(ws):
+    trainer = _trainer(ws, image_dataset(16), max_steps=8, save_strategy="steps", save_steps=1,
+                       callbacks=[SigintOnSave(2)])
+    return api(trainer.train)
+
+
+def _diverge_after_a_checkpoint(ws):
+    # warmup: the first step has learning rate 0 and is saved; the second has 1e30
+    return cli(*ws.train("--max_steps", "4", "--learning_rate", "1e30", "--lr_scheduler_type", "constant_with_warmup",
+                         "--warmup_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--optim", "sgd"))
+
+
+def _first_checkpoint_loads(ws):
+    from transformers import AutoModelForImageClassification
+
+    _complete(ws, "checkpoint-1")
+    model = AutoModelForImageClassification.from_pretrained(ws.out / "checkpoint-1")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (ws.out / "checkpoint-2").exists()
+
+
+def _mount_tmpfs(path: Path, size_kb: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                            capture_output=True)
+    return result.returncode == 0
+
+
+def _disk_full(ws):
+    """A disk with room for the first two checkpoints only: a tmpfs sized from the copied run's
+    checkpoints where one can be mounted, else `torch.save` failing with ENOSPC from the third."""
+    used = sum(p.stat().st_size for p in (ws.finished_run() / "checkpoint-1").rglob("*") if p.is_file())
+    disk = ws.root / "disk"
+    if _mount_tmpfs(disk, size_kb=(2 * used + used // 2) // 1024 + 8):
+        ws.state["mounted"] = disk
+    else:
+        disk.mkdir(exist_ok=True)
+        real_save, calls = torch.save, []
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)) and "checkpoint-3" in str(f):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            calls.append(f)
+            return real_save(obj, f, *args, **kwargs)
+
+        ws.state["monkeypatch"] = pytest.MonkeyPatch()
+        ws.state["monkeypatch"].setattr(torch, "save", save)
+    return cli(*ws.train("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "1", out=disk / "run"))
+
+
+def _disk_full_then(ws):
+    if "monkeypatch" in ws.state:
+        ws.state["monkeypatch"].undo()
+    out = ws.root / "disk" / "run"
+    try:
+        assert checkpoint_problem(str(out / "checkpoint-1")) is None
+        assert checkpoint_problem(str(out / "checkpoint-2")) is None
+        assert checkpoint_problem(str(out / "checkpoint-3")) is not None  # the partial one is not complete
+    finally:
+        if "mounted" in ws.state:
+            copy = ws.root / "copied"
+            shutil.copytree(out, copy)
+            subprocess.run(["umount", str(ws.state["mounted"])], check=True)
+            out = copy
+    # the newest complete checkpoint is what a resume picks
+    from hf_deelbo.checkpoints import newest_complete_checkpoint
+
+    assert Path(newest_complete_checkpoint(str(out))[0]).name == "checkpoint-2"
+
+
+def _concurrent_runs(ws):
+    """A real second `hf-deelbo train` process into the same directory, stopped (SIGSTOP, so its
+    files hold still) while this one tries."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([os.path.join(BIN, "hf-deelbo"), *ws.train("--max_steps", "100000")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ws.state["holder"] = first
+    deadline = time.time() + 120
+    while not (ws.out / LOCK_NAME).exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    first.send_signal(signal.SIGSTOP)
+    return cli(*ws.train("--max_steps", "2", "--overwrite_output_dir", "true"))
+
+
+def _kill_first(ws):
+    first = ws.state["holder"]
+    first.kill()
+    first.wait()
+
+
+def _unsynchronised_ranks(ws):
+    """torchrun with 2 ranks on a CPU machine, without use_cpu=True (each rank would train alone)."""
+    script = Path(__file__).parent / "scripts" / "unsynchronised_ranks.py"
+
+    def run(ws):
+        result = subprocess.run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
+                                 str(ws.out)], capture_output=True, text=True, timeout=300)
+        return (1 if result.returncode else 0), result.stdout + result.stderr
+
+    return run
+
+
+def _grid_search_with_a_diverging_run(ws):
+    from hf_deelbo import L2SPTrainingArguments
+    from hf_deelbo.search import l2sp_grid_search
+
+    dataset = _images(20, labels=[i % 2 for i in range(20)]).with_format("torch")
+    args = L2SPTrainingArguments(output_dir=str(ws.out), max_steps=2, per_device_train_batch_size=4,
+                                 report_to="none", use_cpu=True, disable_tqdm=True, optim="sgd")
+
+    def run(ws):
+        result = l2sp_grid_search(lambda: build_model("resnet")[0], dataset, [i % 2 for i in range(20)], args,
+                                  alphas=[0.0], betas=[0.0], learning_rates=[1e30, 0.01])
+        ws.state["result"] = result
+        scores = {run.settings["learning_rate"]: run.score for run in result.runs}
+        return 0, f"scores {scores}; chosen {result.best['learning_rate']}"
+
+    return run
+
+
+SIGNAL_CASES = [
+    Case("sigint-after-two-checkpoints", _sigint_after_two_checkpoints, 130, "interrupted. Everything written is kept",
+         _both_checkpoints_remain),
+    Case("sigint-api-after-two-checkpoints", _api_sigint, KeyboardInterrupt, "",
+         lambda ws: _complete(ws, "checkpoint-1", "checkpoint-2")),
+    Case("divergence-after-a-checkpoint", _diverge_after_a_checkpoint, 1,
+         "diverged at step 2", _first_checkpoint_loads),
+    Case("disk-full-while-writing-the-third-checkpoint", _disk_full, 1, "No space left on device", _disk_full_then),
+    Case("two-concurrent-runs", _concurrent_runs, 2, "is in use by another run (pid", _kill_first),
+    Case("distributed-but-not-synchronised", _unsynchronised_ranks, 1,
+         "This process is one of 2 ranks (WORLD_SIZE=2), but the Trainer trains as 1 process", None,
+         marks=(pytest.mark.slow,)),
+    Case("grid-search-survives-a-diverging-run", _grid_search_with_a_diverging_run, 0,
+         "scores {1e+30: inf, 0.01: ", lambda ws: ws.state["result"].best["learning_rate"] == 0.01 or pytest.fail()),
+]
+
+CASES = ARGUMENT_CASES + FILE_CASES + CONFIG_CASES + DATA_CASES + HUB_CASES + SIGNAL_CASES
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40 and len({case.id for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=case.marks, id=case.id) for case in CASES])
+def test_failure_keeps_every_file(case, ws):
+    action = case.prepare(ws)
+    before = _snapshot(ws.root, ws.material["root"])
+    try:
+        status, text = action(ws)
+        assert status == case.status, text
+        assert case.message in text, text
+        if isinstance(case.status, int) and case.status and "hf-deelbo" in text:
+            assert "Traceback" not in text
+        after = _snapshot(ws.root, ws.material["root"])
+        rewritable = [p for p in before if any(fnmatch.fnmatch(os.path.relpath(p, ws.root), g) for g in case.may_change)]
+        lost = [p for p in before if p not in after]
+        changed = [p for p in before if p in after and after[p] != before[p] and p not in rewritable]
+        assert not lost, lost
+        assert not changed, changed
+    finally:
+        if case.then is not None:
+            case.then(ws)
