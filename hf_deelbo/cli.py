@@ -43,6 +43,7 @@ EMBEDDED_DEFAULTS = {
     "dataloader_pin_memory": False,  # a CPU-sized demo: pinning only warns there
 }
 EMBEDDED_MAX_TRAIN_SAMPLES = 100
+EMBEDDED_TEST_FRACTION = 0.3  # of digits 5-9, held out for evaluation
 # run_image_classification.py's default model, used when a dataset is given without a model.
 DEFAULT_HUB_MODEL = "google/vit-base-patch16-224-in21k"
 
@@ -304,7 +305,8 @@ def _embedded_data_and_model(data_args, training_args):
         return digits.load_backbone_with_new_head(backbone, len(digits.TARGET_CLASSES), seed=training_args.seed)
 
     num_train = data_args.max_train_samples if data_args.max_train_samples is not None else EMBEDDED_MAX_TRAIN_SAMPLES
-    train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), num_train, seed=training_args.seed)
+    train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), num_train, seed=training_args.seed,
+                               test_fraction=EMBEDDED_TEST_FRACTION)
     if data_args.max_eval_samples is not None:
         test = test.select(range(min(data_args.max_eval_samples, len(test))))
     train = digits.with_pixel_values(train)
@@ -327,15 +329,10 @@ def _hub_data_and_model(model_args, data_args, training_args):
         raise UsageError(f"The dataset has no 'train' split (splits: {list(datasets)}); pass --train_dir or another --dataset_name.")
     data_lib.check_columns(datasets["train"], data_args.image_column_name, data_args.label_column_name)
     names = data_lib.label_names(datasets["train"], data_args.label_column_name)
-    evaluation = datasets.get("validation")
-    train = datasets["train"]
-    if evaluation is None and data_args.train_val_split > 0:
-        parts = train.train_test_split(test_size=data_args.train_val_split, seed=training_args.seed)
-        train, evaluation = parts["train"], parts["test"]
-    if data_args.max_train_samples is not None:
-        train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
-    if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation = evaluation.shuffle(seed=training_args.seed).select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train, evaluation = data_lib.held_out_split(
+        datasets["train"], datasets.get("validation"), data_args.train_val_split, training_args.seed,
+        data_args.max_train_samples, data_args.max_eval_samples,
+    )
     model, processor, head_modules = load_pretrained_classifier(model_args, len(names), dict(enumerate(names)))
     train_tf, eval_tf = data_lib.image_transforms(model, processor)
     cols = (data_args.image_column_name, data_args.label_column_name)
@@ -408,6 +405,7 @@ def train_command(argv: list[str]) -> int:
             trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         trainer.save_state()
+        _record_split(_is_embedded(argv), data_args, training_args, train, evaluation)
         metrics = {}
         if evaluation is not None:
             output = trainer.predict(evaluation)
@@ -434,6 +432,29 @@ def train_command(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _record_split(embedded: bool, data_args, training_args, train, evaluation) -> None:
+    """`data_split.json` in output_dir: the data and the held-out split, for `hf-deelbo evaluate`."""
+    from .data import write_split_record
+
+    if embedded:
+        source = dict(source="embedded digits", evaluation="held out", test_fraction=EMBEDDED_TEST_FRACTION)
+    else:
+        source = dict(
+            source="dataset" if data_args.dataset_name else "image folder",
+            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+            train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
+            image_column_name=data_args.image_column_name, label_column_name=data_args.label_column_name,
+            # as `data.held_out_split` makes it: the validation split, else held out of train
+            evaluation=None if evaluation is None else "validation or held out",
+            test_fraction=data_args.train_val_split,
+        )
+    write_split_record(
+        training_args.output_dir, **source, seed=training_args.seed, max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples, num_train_examples=len(train),
+        num_eval_examples=len(evaluation) if evaluation is not None else 0,
+    )
 
 
 def _remove_previous_run(output_dir: str) -> None:
@@ -622,8 +643,15 @@ def evaluate_command(argv: list[str]) -> int:
         model_name_or_path: str = field(metadata={"help": "Output directory or Hub repo of a model trained with hf-deelbo."})
         bma_samples: int = field(default=0, metadata={"help": "0: posterior mean; S > 0: average over S posterior draws."})
         batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
-        seed: int = field(default=0, metadata={"help": "Seed of the digits split and of the posterior draws."})
-        split: str = field(default="validation", metadata={"help": "Dataset split to evaluate."})
+        seed: int | None = field(
+            default=None,
+            metadata={"help": "Seed of the posterior draws (--bma_samples). Default: the run's seed, as train used."},
+        )
+        split: str | None = field(
+            default=None,
+            metadata={"help": "Dataset split to evaluate. Default: the examples the run held out from training "
+                      "(its data_split.json: train's seed and fraction), or the dataset's validation split."},
+        )
 
     parser = HfArgumentParser((EvaluateArguments, DataTrainingArguments), prog="hf-deelbo evaluate")
     eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
@@ -632,16 +660,10 @@ def evaluate_command(argv: list[str]) -> int:
     margs = ModelArguments(model_name_or_path=eval_args.model_name_or_path)
     model, processor, _ = load_pretrained_classifier(margs)
     model.eval()
-    if data_args.dataset_name is None and data_args.validation_dir is None:
-        _, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), None, seed=eval_args.seed)
-        dataset = digits.with_pixel_values(test)
-    else:
-        datasets = data_lib.load_image_datasets(data_args.dataset_name, data_args.dataset_config_name, None,
-                                                data_args.validation_dir)
-        split = eval_args.split if eval_args.split in datasets else next(iter(datasets))
-        data_lib.check_columns(datasets[split], data_args.image_column_name, data_args.label_column_name)
-        _, eval_tf = data_lib.image_transforms(model, processor)
-        dataset = data_lib.with_pixel_values(datasets[split], eval_tf, data_args.image_column_name, data_args.label_column_name)
+    record = data_lib.read_split_record(eval_args.model_name_or_path)
+    dataset, description = evaluation_data(record, data_args, eval_args.split, model, processor)
+    if eval_args.seed is None:
+        eval_args.seed = record["seed"] if record else DEFAULT_SEED
     posterior = posterior_from_config(model) if eval_args.bma_samples else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=eval_args.batch_size, collate_fn=data_lib.collate)
     log_probs, labels = [], []
@@ -656,9 +678,71 @@ def evaluate_command(argv: list[str]) -> int:
             "or its config.deelbo hold NaN or inf; evaluate another checkpoint."
         )
     how = f"BMA over {eval_args.bma_samples} draws" if eval_args.bma_samples else "posterior mean"
-    print(f"{eval_args.model_name_or_path} ({how}, {len(dataset)} examples): "
+    print(f"{eval_args.model_name_or_path} ({how}, {len(dataset)} examples: {description}): "
           f"accuracy {metrics['accuracy']:.4f}  NLL {metrics['nll']:.4f}  ECE {metrics['ece']:.4f}")
     return 0
+
+
+# TrainingArguments' seed: what `train` split the embedded digits with when nothing says otherwise.
+DEFAULT_SEED = 42
+
+
+def evaluation_data(record: dict | None, data_args, split: str | None, model, processor):
+    """`(dataset, description)`: what `hf-deelbo evaluate` scores.
+
+    Without data flags, the examples the run held out from training, rebuilt from its
+    `data_split.json` (`record`) with train's source, seed, fraction and sizes, so that no
+    training example is scored. With --dataset_name / --validation_dir naming the run's data, the
+    same held-out part; naming other data, its `split` (default: validation). A run without a
+    record (trained before it was written, or not by `hf-deelbo train`) is scored on the digits
+    5-9 held out with train's default seed."""
+    from . import data as data_lib
+    from . import digits
+
+    given = data_args.dataset_name is not None or data_args.validation_dir is not None
+    if not given and (record is None or record["source"] == "embedded digits"):
+        seed = record["seed"] if record else DEFAULT_SEED
+        fraction = record["test_fraction"] if record else EMBEDDED_TEST_FRACTION
+        _, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), None, seed=seed, test_fraction=fraction)
+        limit = record.get("max_eval_samples") if record else None
+        if limit is not None:
+            test = test.select(range(min(limit, len(test))))
+        origin = "held out by the run" if record else "no data_split.json: train's default split"
+        return digits.with_pixel_values(test), f"digits 5-9, {fraction:.0%} {origin}, seed {seed}"
+    if given:
+        names = (data_args.dataset_name, data_args.dataset_config_name, data_args.validation_dir)
+        columns = (data_args.image_column_name, data_args.label_column_name)
+        same_data = record is not None and names == (
+            record.get("dataset_name"), record.get("dataset_config_name"), record.get("validation_dir"))
+    else:
+        names = (record.get("dataset_name"), record.get("dataset_config_name"), record.get("validation_dir"))
+        columns = (record["image_column_name"], record["label_column_name"])
+        same_data = True
+    train_dir = record.get("train_dir") if same_data else None
+    try:
+        datasets = data_lib.load_image_datasets(names[0], names[1], train_dir, names[2])
+    except FileNotFoundError as error:
+        raise UsageError(str(error))
+    if split is not None:
+        if split not in datasets:
+            raise UsageError(f"--split {split!r} is not a split of the data (splits: {list(datasets)}); pass one of them.")
+        dataset, description = datasets[split], f"split {split!r}"
+    elif same_data:
+        _, dataset = data_lib.held_out_split(
+            datasets.get("train"), datasets.get("validation"), record["test_fraction"], record["seed"],
+            record.get("max_train_samples"), record.get("max_eval_samples"),
+        )
+        if dataset is None:
+            raise UsageError("the run held out no evaluation data (--train_val_split 0, no validation split); "
+                             "pass --split, or --dataset_name / --validation_dir with other data.")
+        description = "held out by the run" if "validation" not in datasets else "the validation split"
+    elif "validation" in datasets:
+        dataset, description = datasets["validation"], "the validation split"
+    else:
+        raise UsageError(f"the data has no 'validation' split (splits: {list(datasets)}); pass --split NAME.")
+    data_lib.check_columns(dataset, *columns)
+    _, eval_tf = data_lib.image_transforms(model, processor)
+    return data_lib.with_pixel_values(dataset, eval_tf, *columns), description
 
 
 COMMANDS = {"train": train_command, "evaluate": evaluate_command, "push": push_command, "show": show_command}

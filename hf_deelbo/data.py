@@ -30,6 +30,60 @@ def load_image_datasets(
     return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
 
 
+def held_out_split(train, evaluation, train_val_split: float, seed: int, max_train_samples: int | None = None,
+                   max_eval_samples: int | None = None):
+    """`(train, evaluation)` as `hf-deelbo train` builds them, and `hf-deelbo evaluate` rebuilds
+    them from the run's `data_split.json`: without an evaluation split, `train_val_split` of the
+    training split is held out (seeded); then each part is cut to its maximum (shuffled, seeded)."""
+    if evaluation is None and train is not None and train_val_split > 0:
+        parts = train.train_test_split(test_size=train_val_split, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    if train is not None and max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
+    if evaluation is not None and max_eval_samples is not None:
+        evaluation = evaluation.shuffle(seed=seed).select(range(min(max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+# The record of the data a run trained and was evaluated on, written into its output directory.
+SPLIT_RECORD_NAME = "data_split.json"
+SPLIT_RECORD_VERSION = 1
+
+
+def write_split_record(output_dir: str, **record) -> dict:
+    """Write `data_split.json`: where the data came from (`source`: "embedded digits", "dataset" or
+    "image folder", with its name or folders and columns), how the evaluation part was made
+    (`evaluation`: "held out" of the training data with `seed` and `test_fraction`, "validation"
+    split, or None) and the sizes, so that `hf-deelbo evaluate` scores the same held-out examples."""
+    import json
+
+    record = {"format_version": SPLIT_RECORD_VERSION, **record}
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, SPLIT_RECORD_NAME), "w") as f:
+        json.dump(dict(sorted(record.items())), f, indent=2)
+    return record
+
+
+def read_split_record(path_or_repo: str, token: str | None = None, revision: str | None = None) -> dict | None:
+    """The `data_split.json` of a run (a local output directory or a Hub repo), or None if it has none."""
+    import json
+
+    if os.path.isdir(path_or_repo):
+        path = os.path.join(path_or_repo, SPLIT_RECORD_NAME)
+        if not os.path.isfile(path):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            path = hf_hub_download(path_or_repo, SPLIT_RECORD_NAME, token=token, revision=revision)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_columns(dataset, image_column: str, label_column: str) -> None:
     """Raises a ValueError naming the flag when a column is missing."""
     columns = dataset.column_names

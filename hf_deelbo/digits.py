@@ -54,11 +54,31 @@ def with_pixel_values(dataset: Dataset) -> Dataset:
 
 
 def tiny_timm_backbone(num_classes: int, seed: int = 0, architecture: str = "resnet10t"):
-    """A randomly initialised timm model sized for 32×32 digits."""
+    """A randomly initialised timm model sized for 32×32 digits, its `pretrained_cfg` describing
+    the digits' preprocessing (`digits_pretrained_cfg`)."""
     import timm
 
     torch.manual_seed(seed)
-    return timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    model.pretrained_cfg = digits_pretrained_cfg(model)
+    return model
+
+
+def digits_pretrained_cfg(model) -> dict:
+    """timm's `pretrained_cfg` for a model fed by `to_pixel_values`: 3×32×32 inputs, mean = std =
+    0.5, bilinear resizing, no crop, `num_classes` of the current head. timm's defaults for the
+    architecture describe ImageNet weights (`resnet10t`: tag `c3_in1k`, 176×176, ImageNet mean and
+    std, a download URL); none of that is true of these weights, so it is left out."""
+    from .hub import PRETRAINED_SOURCE_KEYS
+
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in PRETRAINED_SOURCE_KEYS}
+    for key in ("test_input_size", "test_crop_pct", "min_input_size", "label_names", "label_descriptions"):
+        cfg.pop(key, None)
+    cfg.update(
+        input_size=(3, IMAGE_SIZE, IMAGE_SIZE), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
+        crop_pct=1.0, crop_mode="center", pool_size=None, num_classes=model.num_classes,
+    )
+    return cfg
 
 
 def pretrain(model: torch.nn.Module, dataset: Dataset, epochs: int = 3, batch_size: int = 64, lr: float = 3e-3, seed: int = 0):
@@ -144,4 +164,5 @@ def load_backbone_with_new_head(path: str, num_classes: int, seed: int = 0):
     model = timm.create_model(f"local-dir:{path}", pretrained=True)
     torch.manual_seed(seed)
     model.reset_classifier(num_classes)
+    model.pretrained_cfg = digits_pretrained_cfg(model)  # also for backbones cached before it was set
     return model

@@ -12,14 +12,32 @@ METHOD_TEMPLATE_PATH = Path(__file__).parent / "method_card_template.md"
 TAGS = ["deelbo", "image-classification", "l2-sp", "variational-inference"]
 
 
-def _usage(library_name: str, repo_id: str, config_key: str = "deelbo", comment: str = "learned λ, τ, σ, κ") -> str:
+def _usage(library_name: str, repo_id: str | None, local_path: str | None = None, config_key: str = "deelbo",
+           comment: str = "learned λ, τ, σ, κ") -> str:
+    """The card's loading snippet: the Hub repo `repo_id` if there is one, else the directory the card
+    is written to (`local_path`), which is not on the Hub until pushed."""
     if library_name == "timm":
-        return f'import timm\n\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True)'
+        source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{local_path}"
+        return (
+            f'import timm\n\nmodel = timm.create_model("{source}", pretrained=True)\n'
+            f"# {comment}: config.json's `{config_key}`"
+        )
     return (
         "from transformers import AutoModelForImageClassification\n\n"
-        f'model = AutoModelForImageClassification.from_pretrained("{repo_id}")\n'
+        f'model = AutoModelForImageClassification.from_pretrained("{repo_id or local_path}")\n'
         f"print(model.config.{config_key})  # {comment}"
     )
+
+
+def set_card_repo_id(card_text: str, repo_id: str) -> str:
+    """The card with its "How to use" snippet loading the Hub repo `repo_id` instead of a local
+    directory (for a directory pushed after its card was written)."""
+    import re
+
+    head, sep, usage = card_text.partition("## How to use")
+    usage = re.sub(r'"local-dir:[^"\n]*"', f'"hf-hub:{repo_id}"', usage, count=1)
+    usage = re.sub(r'from_pretrained\("[^"\n]*"\)', f'from_pretrained("{repo_id}")', usage, count=1)
+    return head + sep + usage
 
 
 def _card_data(model_name: str, library_name: str, base_model: str | None, dataset: str | None,
@@ -46,6 +64,7 @@ def build_model_card(
     hyperparameters: dict | None = None,
     plot: str | None = None,
     repo_id: str | None = None,
+    local_path: str | None = None,
     extra_tags: list[str] | None = None,
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` with the DE ELBO section (λ, τ, σ, κ, N, D_b, K, α_eff, β_eff),
@@ -61,7 +80,7 @@ def build_model_card(
         eval_results=eval_results or {},
         hyperparameters=hyperparameters or {},
         plot=plot,
-        usage=_usage(library_name, repo_id or model_name),
+        usage=_usage(library_name, repo_id, local_path or model_name),
     )
 
 
@@ -90,6 +109,7 @@ def build_method_card(
     eval_results: dict | None = None,
     hyperparameters: dict | None = None,
     repo_id: str | None = None,
+    local_path: str | None = None,
     extra_tags: list[str] | None = None,
 ) -> ModelCard:
     """The model card of the baselines (L2-SP, TPGM, T1–T2): their `config.<config_key>` entry as a
@@ -108,6 +128,6 @@ def build_method_card(
         values={k: _card_value(v) for k, v in values.items() if k != "format_version"},
         eval_results=eval_results or {},
         hyperparameters=hyperparameters or {},
-        usage=_usage(library_name, repo_id or model_name, config_key, f"the {method} hyperparameters"),
+        usage=_usage(library_name, repo_id, local_path or model_name, config_key, f"the {method} hyperparameters"),
         citation=citation.strip(),
     )

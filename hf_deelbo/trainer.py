@@ -306,11 +306,11 @@ class DEELBoTrainer(FineTuningTrainer):
             "(docs/trainer.md, 'Using your own optimizer')."
         )
 
-    def build_model_card(self, **context):
+    def build_model_card(self, output_dir: str | None = None, **context):
         """The DE ELBO model card (tagged `deelbo`), with the plot of λ, τ, σ over training written
-        next to it; `push_to_hub` uploads both with the model."""
+        next to it (in `output_dir`); `save_model` and `push_to_hub` write both with the model."""
         plot = HYPERPARAMETERS_PLOT if plot_hyperparameters(
-            self.state.log_history, os.path.join(self.args.output_dir, HYPERPARAMETERS_PLOT)
+            self.state.log_history, os.path.join(output_dir or self.args.output_dir, HYPERPARAMETERS_PLOT)
         ) else None
         return build_model_card(self.learned_hyperparameters(), plot=plot, **context)
 

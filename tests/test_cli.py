@@ -44,20 +44,61 @@ def test_config_file_values_and_command_line_precedence(tmp_path):
     assert training_args.lr_scheduler_type.value == "cosine"
 
 
+def _image_bytes(dataset) -> set[bytes]:
+    import numpy as np
+
+    return {np.asarray(image).tobytes() for image in dataset.with_format(None)["image"]}
+
+
 @pytest.mark.slow
 def test_main_job_on_the_embedded_default(tmp_path, capsys):
+    import re
+
+    import timm
+
+    from hf_deelbo.cli import DataTrainingArguments, _embedded_data_and_model, evaluation_data
+    from hf_deelbo.data import read_split_record
+
     out = tmp_path / "run"
-    code = main(["train", "--output_dir", str(out), "--max_steps", "20", "--max_train_samples", "50",
-                 "--logging_steps", "5", "--disable_tqdm", "true"])
+    argv = ["--output_dir", str(out), "--max_steps", "20", "--max_train_samples", "50", "--logging_steps", "5",
+            "--disable_tqdm", "true", "--seed", "7"]
+    code = main(["train", *argv])
     assert code == 0
     for name in ("model.safetensors", "config.json", "README.md", "deelbo_hyperparameters.png",
-                 "training_loss.png", "reliability_diagram.png"):
+                 "training_loss.png", "reliability_diagram.png", "data_split.json"):
         assert (out / name).is_file(), name
-    deelbo = json.loads((out / "config.json").read_text())["deelbo"]
+    config = json.loads((out / "config.json").read_text())
+    deelbo = config["deelbo"]
     assert deelbo["num_train_examples"] == 50
-    assert f"{deelbo['lambda']:.4g}" in capsys.readouterr().out
+    trained = capsys.readouterr().out
+    assert f"{deelbo['lambda']:.4g}" in trained
     card = (out / "README.md").read_text()
     assert "deelbo" in card and f"{deelbo['tau']:.4g}" in card
+
+    # The card's "How to use" loads this (unpushed) directory, and config.json describes these
+    # weights: 32×32 digits normalised with mean = std = 0.5, none of timm's ImageNet provenance.
+    usage = card.split("## How to use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert f'"local-dir:{out}"' in usage and "hf-hub:" not in usage
+    namespace = {}
+    exec(usage, namespace)
+    assert isinstance(namespace["model"], torch.nn.Module) and namespace["model"].num_classes == 5
+    pretrained_cfg = config["pretrained_cfg"]
+    assert pretrained_cfg["input_size"] == [3, 32, 32]
+    assert pretrained_cfg["mean"] == pretrained_cfg["std"] == [0.5, 0.5, 0.5]
+    assert not {"tag", "url", "hf_hub_id", "origin_url", "test_input_size"} & set(pretrained_cfg)
+    assert timm.data.resolve_data_config({}, model=namespace["model"])["input_size"] == (3, 32, 32)
+
+    # evaluate scores the examples train held out (recorded with the run), none of the training ones,
+    # and reproduces train's test accuracy
+    record = read_split_record(str(out))
+    assert record["seed"] == 7 and record["source"] == "embedded digits" and record["num_train_examples"] == 50
+    _, data_args, training_args, _ = parse_train_args(argv)  # train's own data, rebuilt
+    _, train, _, test, *_ = _embedded_data_and_model(data_args, training_args)
+    evaluated, _ = evaluation_data(record, DataTrainingArguments(), None, None, None)
+    assert len(evaluated) == len(test) == record["num_eval_examples"]
+    assert not _image_bytes(evaluated) & _image_bytes(train)
+    assert _image_bytes(evaluated) == _image_bytes(test)
+    train_accuracy = re.search(r"Test accuracy (\S+)", trained).group(1)
 
     # show prints the values the run logged last (λ after the final optimizer step)
     capsys.readouterr()
@@ -67,7 +108,8 @@ def test_main_job_on_the_embedded_default(tmp_path, capsys):
 
     assert main(["evaluate", "--model_name_or_path", str(out)]) == 0
     mean_line = capsys.readouterr().out
-    assert "accuracy" in mean_line and "posterior mean" in mean_line
+    assert "posterior mean" in mean_line and "held out by the run, seed 7" in mean_line
+    assert f"accuracy {train_accuracy}" in mean_line
     assert main(["evaluate", "--model_name_or_path", str(out), "--bma_samples", "3"]) == 0
     assert "BMA over 3 draws" in capsys.readouterr().out
 
