@@ -47,11 +47,24 @@ class PretrainedAnchor:
         backbone, head = self.squared_distances_per_tensor()
         return backbone.sum(), head.sum()
 
-    def squared_distances_per_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def squared_distances_per_tensor(self, deferred: "DeferredDistanceGradients | None" = None):
         """(‖m_b,l − μ_l‖² for each backbone tensor l, ‖m_h,l‖² for each head tensor l): two float64
         vectors in `backbone_names` / `head_names` order, differentiable with respect to m (the
-        gradients are formed in backward, as in `squared_distances`)."""
-        return _SquaredDistances.apply(self, *self.backbone, *self.head)
+        gradients are formed in backward, as in `squared_distances`).
+
+        With `deferred`, backward does not form the gradients to m: it hands their coefficients to
+        `deferred`, whose `add_to_grads()` adds them to `.grad` later (after the weights, perturbed
+        in place during the backward pass, are back at m)."""
+        return _SquaredDistances.apply(self, deferred, *self.backbone, *self.head)
+
+    @torch.no_grad()
+    def add_distance_gradients(self, grad_backbone: torch.Tensor, grad_head: torch.Tensor) -> None:
+        """p.grad += d(loss)/d‖·‖² · 2(m − μ) per tensor (μ = 0 for the head): the gradients
+        `_SquaredDistances.backward` would have returned, from its incoming `grad_backbone`, `grad_head`."""
+        for p, mu, g in zip(self.backbone, self.prior_mean, grad_backbone):
+            _accumulate(p, torch.sub(p, mu).mul_(_coefficient(g, p.dtype)))
+        for p, g in zip(self.head, grad_head):
+            _accumulate(p, p.detach() * _coefficient(g, p.dtype))
 
     @torch.no_grad()
     def _squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,19 +81,47 @@ class _SquaredDistances(torch.autograd.Function):
     """Per-tensor ‖m_b,l − μ_l‖², ‖m_h,l‖² with d/dm_b,l = 2(m_b,l − μ_l), d/dm_h,l = 2 m_h,l formed in backward."""
 
     @staticmethod
-    def forward(ctx, anchor: PretrainedAnchor, *parameters):
-        ctx.anchor = anchor
+    def forward(ctx, anchor: PretrainedAnchor, deferred, *parameters):
+        ctx.anchor, ctx.deferred = anchor, deferred
         return anchor._squared_distances()
 
     @staticmethod
     def backward(ctx, grad_backbone, grad_head):
         anchor = ctx.anchor
+        if ctx.deferred is not None:
+            ctx.deferred.receive(grad_backbone, grad_head)
+            return (None, None, *(None for _ in range(len(anchor.backbone) + len(anchor.head))))
         grads = [
             torch.sub(p, mu).mul_(_coefficient(g, p.dtype))
             for p, mu, g in zip(anchor.backbone, anchor.prior_mean, grad_backbone)
         ]
         grads += [p.detach() * _coefficient(g, p.dtype) for p, g in zip(anchor.head, grad_head)]
-        return (None, *grads)
+        return (None, None, *grads)
+
+
+class DeferredDistanceGradients:
+    """The coefficients d(loss)/d‖m_b,l − μ_l‖², d(loss)/d‖m_h,l‖² from one backward pass, kept
+    until the weights are at m again; `add_to_grads` then adds 2·coefficient·(m − μ) to `.grad`."""
+
+    def __init__(self, anchor: PretrainedAnchor):
+        self.anchor = anchor
+        self.grads: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def receive(self, grad_backbone: torch.Tensor, grad_head: torch.Tensor) -> None:
+        self.grads = (grad_backbone, grad_head)
+
+    def add_to_grads(self) -> None:
+        if self.grads is not None:
+            self.anchor.add_distance_gradients(*self.grads)
+            self.grads = None
+
+
+@torch.no_grad()
+def _accumulate(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = grad
+    else:
+        p.grad.add_(grad)
 
 
 def _coefficient(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

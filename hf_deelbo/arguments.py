@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -62,6 +63,16 @@ class DEELBoTrainingArguments(TrainingArguments):
             are the wrong ones and inflate the objective of exactly the runs that trained well
             (docs/baselines.md, "BatchNorm in the training objective"). No effect on models
             without BatchNorm.
+        sampling_mechanism (`str`, *optional*, defaults to `"in_place"`):
+            How each training step runs the model at its draw w̃ = m + σε. `"in_place"` adds σε to
+            the weights themselves before the forward pass and, after the backward pass, subtracts
+            it again (ε is redrawn from the saved generator state, never stored), forming dL/dρ on
+            the way: the step needs the memory of plain training plus the prior mean μ only. The
+            restored weights are m up to one float rounding per step.
+            `"functional_call"` runs `torch.func.functional_call` with w̃ as a separate tensor (one
+            more copy of the weights and one of ε during the step; m exact). Both draw the
+            same ε (on CPU the same numbers) and compute the same gradients (docs/trainer.md,
+            "Memory").
     """
 
     # Overridden TrainingArguments default (see the class docstring).
@@ -107,6 +118,15 @@ class DEELBoTrainingArguments(TrainingArguments):
         },
     )
 
+    sampling_mechanism: Literal["in_place", "functional_call"] = field(
+        default="in_place",
+        metadata={
+            "help": "How the model runs at its draw w̃ = m + σε: 'in_place' (σε added to the weights and "
+            "removed after backward: plain training's memory + μ) or 'functional_call' (w̃ as a separate "
+            "copy of the weights)."
+        },
+    )
+
     def __post_init__(self):
         # Before the parent: its DeepSpeed/FSDP set-up fails with unrelated messages (a missing
         # package) before ours could say what to use instead.
@@ -149,6 +169,11 @@ class DEELBoTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"objective_batch_norm must be 'batch' (each batch's statistics, as in training) or 'running' "
                 f"(the running statistics); got {self.objective_batch_norm!r}"
+            )
+        if self.sampling_mechanism not in ("in_place", "functional_call"):
+            raise ValueError(
+                f"sampling_mechanism must be 'in_place' (the weights perturbed in place) or 'functional_call' "
+                f"(w̃ as a separate copy); got {self.sampling_mechanism!r}"
             )
         if self.bma_samples < 0:
             raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")

@@ -47,9 +47,11 @@ class DEELBoCallback(TrainerCallback, ExportableState):
         if self.posterior_rho is not None:
             posterior.rho.data.fill_(self.posterior_rho)
 
-    def prior_variances(self, squared_distances=None) -> tuple[float, float]:
+    def prior_variances(self, squared_distances=None):
         """(λ, τ), recomputed if an optimizer step has passed since they were last set; from
-        `squared_distances` = (‖m_b − μ‖², ‖m_h‖²) at the current m when the caller has them."""
+        `squared_distances` = (‖m_b − μ‖², ‖m_h‖²) at the current m when the caller has them.
+        Recomputed values are float64 tensors on the weights' device (no host–device
+        synchronisation in a training step); values restored from a checkpoint are floats."""
         if self._lam is None or self._tau is None:
             self._lam, self._tau = self.posterior.optimal_prior_variances(squared_distances)
         return self._lam, self._tau
@@ -58,7 +60,7 @@ class DEELBoCallback(TrainerCallback, ExportableState):
     @property
     def backbone_prior_variance(self) -> float:
         """λ, the backbone prior variance."""
-        return self.prior_variances()[0]
+        return float(self.prior_variances()[0])
 
     @backbone_prior_variance.setter
     def backbone_prior_variance(self, value: float | None) -> None:
@@ -67,7 +69,7 @@ class DEELBoCallback(TrainerCallback, ExportableState):
     @property
     def head_prior_variance(self) -> float:
         """τ, the head prior variance."""
-        return self.prior_variances()[1]
+        return float(self.prior_variances()[1])
 
     @head_prior_variance.setter
     def head_prior_variance(self, value: float | None) -> None:
@@ -87,7 +89,9 @@ class DEELBoCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         rho = self.posterior.rho.item() if self.posterior is not None else self.posterior_rho
-        values = self.prior_variances() if self.posterior is not None else (self._lam, self._tau)
+        values = (
+            tuple(float(v) for v in self.prior_variances()) if self.posterior is not None else (self._lam, self._tau)
+        )
         return {
             "args": {},
             "attributes": {

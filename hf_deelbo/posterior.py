@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anchor import PretrainedAnchor
+from .anchor import DeferredDistanceGradients, PretrainedAnchor
 from .groups import ParameterGroups
 from .objective import gaussian_kl, optimal_prior_variance
 
@@ -100,14 +100,15 @@ class IsotropicGaussianPosterior(nn.Module):
         )
 
     @torch.no_grad()
-    def optimal_prior_variances(self, squared_distances=None) -> tuple[float, float]:
+    def optimal_prior_variances(self, squared_distances=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(λ*, τ*) = (‖m_b − μ‖²/D_b + σ², ‖m_h‖²/K + σ²) for the current m and σ (from
-        `squared_distances` = `self.squared_distances()` when the caller already has them)."""
+        `squared_distances` = `self.squared_distances()` when the caller already has them), as
+        float64 scalar tensors on the weights' device: reading them needs no synchronisation."""
         backbone_sq, head_sq = squared_distances if squared_distances is not None else self.squared_distances()
         variance = self.posterior_variance()
-        lam = optimal_prior_variance(backbone_sq, self.num_backbone_params, variance)
-        tau = optimal_prior_variance(head_sq, self.num_head_params, variance)
-        return lam.item(), tau.item()
+        lam = optimal_prior_variance(backbone_sq.detach(), self.num_backbone_params, variance)
+        tau = optimal_prior_variance(head_sq.detach(), self.num_head_params, variance)
+        return lam, tau
 
     def _names_in(self, model: nn.Module) -> list[tuple[str, ...]]:
         """Every name of each trainable parameter in `model`: one, or several when weights are tied."""
@@ -142,6 +143,156 @@ class IsotropicGaussianPosterior(nn.Module):
         noise = torch.randn(self.num_params, device=tensors[0].device, generator=generator)
         draws = _Perturb.apply(noise.split(self._sizes), self.sigma(), *tensors)
         return {name: draw for names, draw in zip(self._names_in(model), draws) for name in names}
+
+    def perturb_in_place(self, model: nn.Module | None = None, generator: torch.Generator | None = None) -> "InPlaceDraw":
+        """One draw w̃ = m + σε written into the weights themselves, with the squared distances of m
+        (taken first) as `draw.squared_distances`; after the backward pass, `draw.finish()` forms
+        dL/dρ and puts the weights back at m (`InPlaceDraw`). ε is the same vector as
+        `sample_parameters`'s on CPU: same generator, same numbers, same generator state after.
+        `model`, if given, is checked to hold the posterior's parameters."""
+        if model is not None:
+            self._names_in(model)
+        return InPlaceDraw(self, generator)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator `torch.randn(..., device=device)` uses when given none."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    raise NotImplementedError(
+        f"sampling_mechanism='in_place' draws ε from the default generator of cpu or cuda devices; the weights are on "
+        f"{device}. Use sampling_mechanism='functional_call'."
+    )
+
+
+def _noise_pieces(sizes: list[int], generator: torch.Generator, device: torch.device):
+    """ε = torch.randn(sum(sizes), generator=generator) split into pieces of `sizes`, yielded one at a
+    time without ever holding ε whole.
+
+    torch's CPU normal sampler fills a float32 tensor of at least 16 numbers with one uniform draw per
+    number, in order, transforms consecutive blocks of 16 (Box–Muller), and, if the length is not a
+    multiple of 16, redraws the last 16. Drawn in chunks that start at multiples of 16 (the last one
+    at least 16 long), ε is therefore the same numbers and leaves the generator in the same state as
+    one call (tests/test_in_place.py checks both). On CUDA (Philox) the chunks are a different,
+    equally valid draw: the same in `InPlaceDraw`'s two passes, not the same as `sample_parameters`'s.
+    """
+    total, produced, start = sum(sizes), 0, 0
+    leftover = torch.empty(0, device=device)
+    for size in sizes:
+        stop = start + size
+        if stop > produced:
+            target = min(-(-stop // 16) * 16, total)
+            if total - target < 16:  # no chunk shorter than 16 at the end: the sampler treats those differently
+                target = total
+            chunk = torch.empty(target - start, device=device)
+            chunk[: produced - start].copy_(leftover)
+            chunk[produced - start :].normal_(generator=generator)
+            produced = target
+        else:
+            chunk = leftover
+        yield chunk[:size]
+        leftover = chunk[size:].clone()  # what the next piece starts with (fewer than 16 numbers, or the tail)
+        start = stop
+
+
+def _add_scaled_noise(m: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, sign: int) -> None:
+    """m += σε (sign 1), rounded as `_Perturb.forward` rounds m + σε (one fused addcmul in float32),
+    or m −= σε (sign −1) with σε rounded first: a weight at 0 (a fresh bias) comes back exactly 0,
+    and w̃ = m whenever σε is below half an ulp of m, so the restore is exact as σ → 0; a fused
+    subtraction would leave the product's rounding error behind instead."""
+    if sign > 0 and m.dtype == eps.dtype:
+        m.addcmul_(eps, sigma)
+    elif m.dtype == eps.dtype:
+        m.sub_(eps * sigma)
+    else:
+        m.add_((sigma * eps).to(m.dtype), alpha=sign)
+
+
+def _noise_dot(grad: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """⟨grad, ε⟩ in the wider of the two dtypes, as `_Perturb.backward` forms it."""
+    if grad.dtype == eps.dtype:
+        return torch.dot(grad.reshape(-1), eps)
+    dtype = torch.promote_types(grad.dtype, eps.dtype)
+    return torch.dot(grad.reshape(-1).to(dtype), eps.to(dtype))
+
+
+class InPlaceDraw:
+    """One draw w̃ = m + σε held in the model's own weights for one forward and backward pass.
+
+    The memory of the step is the memory of plain training plus μ and one tensor's ε at a time:
+    neither ε nor w̃ exists as a second copy of the weights. The steps:
+
+    1. the squared distances ‖m_b − μ‖², ‖m_h‖² at m (`squared_distances`), whose gradients to m are
+       deferred to step 4 (in backward the weights are w̃, not m);
+    2. the generator's state is saved, and for each trainable tensor l, in `named_parameters()` order:
+       ε_l, the next piece of ε; ⟨grad_l, ε_l⟩ if l already holds a gradient (gradient accumulation);
+       m_l ← m_l + σε_l in place;
+    3. the caller runs forward and backward: grad_l gains dNLL/dw̃_l (DDP all-reduces it, as usual);
+    4. `finish()` replays ε from the saved state, tensor by tensor: dL/dσ = Σ_l ⟨grad_l, ε_l⟩ (minus the
+       part from step 2), w̃_l ← w̃_l − σε_l, then adds the KL's 2c(m − μ) to grad_l and sends dL/dσ
+       through σ = softplus(ρ) to ρ.grad by autograd.
+
+    Step 4's subtraction restores m up to the rounding of w̃ (|m' − m| ≤ 2⁻²³·max(|m|, |σε|); exact
+    for about 99 % of weights at σ = 1e-4, for weights at 0, and whenever σε is below half an ulp of
+    m). Where σε is large next to m, m + σε has lost m's low bits and no restore can be exact. The draw is deterministic, so resume
+    and DDP stay exact. `restore()` puts the weights back without gradients (an aborted step, or a
+    forward pass without backward).
+    """
+
+    def __init__(self, posterior: IsotropicGaussianPosterior, generator: torch.Generator | None = None):
+        anchor = posterior.anchor
+        self._tensors, self._sizes = anchor.trainable, posterior._sizes
+        self._device = self._tensors[0].device
+        self._rho = posterior.rho
+        self._deferred = DeferredDistanceGradients(anchor)
+        per_tensor = anchor.squared_distances_per_tensor(self._deferred)
+        self.squared_distances = (per_tensor[0].sum(), per_tensor[1].sum())
+        self.sigma = posterior.sigma()  # differentiable: finish() sends dL/dσ through it
+        generator = generator if generator is not None else _default_generator(self._device)
+        self._state = generator.get_state()
+        self._earlier_dots = []
+        with torch.no_grad():
+            sigma = self.sigma.detach()
+            for m, eps in zip(self._tensors, _noise_pieces(self._sizes, generator, self._device)):
+                if m.grad is not None:
+                    self._earlier_dots.append(_noise_dot(m.grad, eps))
+                _add_scaled_noise(m, eps.view_as(m), sigma, 1)
+        self.pending = True
+
+    def _replay(self):
+        generator = torch.Generator(device=self._device)
+        generator.set_state(self._state)
+        return zip(self._tensors, _noise_pieces(self._sizes, generator, self._device))
+
+    def finish(self) -> None:
+        """After the backward pass: dL/dρ into ρ.grad, the weights back at m, the KL's gradients to m."""
+        if not self.pending:
+            raise RuntimeError("This in-place draw was already finished or restored.")
+        dots = []
+        with torch.no_grad():
+            sigma = self.sigma.detach()
+            for m, eps in self._replay():
+                if m.grad is not None:
+                    dots.append(_noise_dot(m.grad, eps))
+                _add_scaled_noise(m, eps.view_as(m), sigma, -1)
+            self.pending = False
+            self._deferred.add_to_grads()
+        if dots:
+            grad_sigma = torch.stack(dots).sum(dtype=torch.float64)
+            if self._earlier_dots:
+                grad_sigma = grad_sigma - torch.stack(self._earlier_dots).sum(dtype=torch.float64)
+            self.sigma.backward(grad_sigma.float())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """The weights back at m, no gradients formed."""
+        if self.pending:
+            sigma = self.sigma.detach()
+            for m, eps in self._replay():
+                _add_scaled_noise(m, eps.view_as(m), sigma, -1)
+            self.pending = False
 
 
 class _Perturb(torch.autograd.Function):

@@ -64,6 +64,7 @@ class DEELBoTrainer(FineTuningTrainer):
         )
         self.add_callback(DEELBoCallback())
         self.deelbo_callback.bind(self.posterior)
+        self._draw = None  # the pending InPlaceDraw of the current micro-batch (sampling_mechanism="in_place")
         self._window = torch.zeros(len(_WINDOW_METRICS) + 1, dtype=torch.float64, device=self.args.device)
         self._logged_constants = False
         if self.kappa is not None:
@@ -132,7 +133,14 @@ class DEELBoTrainer(FineTuningTrainer):
         return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self._draw is not None:
+                self._draw.finish()  # dL/dρ, the weights back at m, the KL's gradients to m
+        finally:
+            if self._draw is not None:
+                self._draw.restore()  # only if the step failed before finish()
+                self._draw = None
         rho = self.posterior.rho
         if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and rho.grad is not None:
             # ρ lives outside the DDP module, so its gradient is not all-reduced by DDP.
@@ -153,10 +161,13 @@ class DEELBoTrainer(FineTuningTrainer):
         if self.num_train_examples is None:
             raise ValueError(_MISSING_N_MESSAGE)
         labels = inputs[self.label_names[0]]
-        logits = self._forward(model, inputs, self.posterior.sample_parameters(model), tie_weights=False)
+        if self.args.sampling_mechanism == "in_place":
+            logits, distances = self._forward_in_place(model, inputs)
+        else:
+            logits = self._forward(model, inputs, self.posterior.sample_parameters(model), tie_weights=False)
+            distances = self.posterior.squared_distances()
         nll = F.cross_entropy(logits.float(), labels)
-        distances = self.posterior.squared_distances()
-        lam, tau = self.deelbo_callback.prior_variances(distances)  # read under no_grad
+        lam, tau = self.deelbo_callback.prior_variances(distances)  # read under no_grad, kept on the device
         kl = self.posterior.kl(lam, tau, distances)
         loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
         if model.training:
@@ -164,13 +175,35 @@ class DEELBoTrainer(FineTuningTrainer):
                 row = torch.stack([
                     nll.detach().double(),
                     kl.detach(),
-                    torch.tensor(lam, dtype=torch.float64, device=kl.device),
-                    torch.tensor(tau, dtype=torch.float64, device=kl.device),
+                    torch.as_tensor(lam, dtype=torch.float64, device=kl.device),
+                    torch.as_tensor(tau, dtype=torch.float64, device=kl.device),
                     self.posterior.sigma().detach().double(),
                     torch.ones((), dtype=torch.float64, device=kl.device),
                 ])
                 self._window += row.to(self._window.device)
         return (loss, logits) if return_outputs else loss
+
+    def _forward_in_place(self, model, inputs):
+        """The logits at w̃ = m + σε written into the weights (`InPlaceDraw`), and the squared distances
+        at m. With gradients enabled the draw stays pending until `training_step` finishes it after
+        the backward pass; without, the weights are restored at once."""
+        if self._draw is not None and self._draw.pending:
+            raise RuntimeError(
+                "compute_loss was called again before the previous in-place draw was finished: with "
+                "sampling_mechanism='in_place' each loss must go through training_step (which runs backward and "
+                "restores the weights) before the next one."
+            )
+        draw = self.posterior.perturb_in_place(model)
+        try:
+            logits = self._forward(model, inputs)
+        except BaseException:
+            draw.restore()
+            raise
+        if torch.is_grad_enabled():
+            self._draw = draw
+        else:
+            draw.restore()
+        return logits, draw.squared_distances
 
     # ---- prediction ---------------------------------------------------------------------------
 

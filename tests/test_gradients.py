@@ -55,13 +55,15 @@ def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam
     return nll.item() + prior_term.item(), weight_grads, rho_grad
 
 
+@pytest.mark.parametrize("mechanism", ["in_place", "functional_call"])
 @pytest.mark.parametrize("kind", ["vit", "resnet", "bert"])
-def test_loss_gradients_match_reference(kind, make_args):
+def test_loss_gradients_match_reference(kind, mechanism, make_args):
     model, head = build_model(kind)
     model = model.double()
     dataset = text_dataset(8) if kind == "bert" else image_dataset(8)
-    # Only compute_loss is used, on float64 inputs built below: N is given instead of a dataset.
-    trainer = DEELBoTrainer(model=model, args=make_args(sigma_init=0.01, num_train_examples=8))
+    # Only training_step is used, on float64 inputs built below: N is given instead of a dataset.
+    trainer = DEELBoTrainer(model=model, args=make_args(sigma_init=0.01, num_train_examples=8,
+                                                        sampling_mechanism=mechanism))
     # Move the backbone away from μ so the backbone prior pulls, and refresh λ, τ.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -81,13 +83,17 @@ def test_loss_gradients_match_reference(kind, make_args):
         model, inputs, labels, prior_mean, head_names, trainer.posterior.rho, lam, tau, trainer.kappa, 8, seed=123
     )
 
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.manual_seed(123)
-    loss = trainer.compute_loss(model, {**inputs, "labels": labels})
     model.zero_grad()
     trainer.posterior.rho.grad = None
-    loss.backward()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test skips
+    loss = trainer.training_step(model, {**inputs, "labels": labels})  # forward, backward, (in place) restore
 
     assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+    # the weights are back at m (in place: up to one rounding of w̃ = m + σε per weight)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), weights[name], rtol=0, atol=1e-15 if mechanism == "in_place" else 0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad.double(), ref_weight_grads[name], rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(trainer.posterior.rho.grad.double(), ref_rho_grad, rtol=1e-5, atol=0)
