@@ -173,6 +173,25 @@ def test_bma_after_reload_shrinks_with_sigma(hub, tmp_path):
     assert all(a > b for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 1e-3 < gaps[0]
 
 
+def test_card_loads_the_local_directory_until_pushed_then_the_repo(hub, tmp_path):
+    import conftest
+
+    model, _ = conftest.build_model("timm")
+    trainer = DEELBoTrainer(model=model, args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+                            train_dataset=conftest.image_dataset(8))
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "run"
+    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in (out / "README.md").read_text()
+    assert main(["push", str(out), "--repo_id", "tester/pushed-later"]) == 0
+    card = open(hf_hub_download("tester/pushed-later", "README.md")).read()
+    usage = card.split("## How to use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert 'timm.create_model("hf-hub:tester/pushed-later", pretrained=True)' in usage and str(out) not in card
+    namespace = {}
+    exec(usage, namespace)  # the snippet loads the pushed model from the Hub
+    torch.testing.assert_close(namespace["model"].state_dict(), model.state_dict())
+
+
 def _snapshot(directory):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 

@@ -70,6 +70,15 @@ def test_trains_and_saves(kind, bf16, make_args, tmp_path):
     assert deelbo["num_train_examples"] == 12
     weights = load_file(str(out / "model.safetensors"))
     assert not any("rho" in k for k in weights)
+    # save_model writes the model card and its plot next to the weights, and the card's
+    # "How to use" loads this directory (it is not on the Hub)
+    card = (out / "README.md").read_text()
+    assert f"{deelbo['lambda']:.4g}" in card and (out / "deelbo_hyperparameters.png").is_file()
+    usage = card.split("## How to use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert str(out) in usage and "hf-hub:" not in usage
+    namespace = {}
+    exec(usage, namespace)
+    assert isinstance(namespace["model"], torch.nn.Module)
     if kind == "timm":
         import timm
 
