@@ -15,9 +15,11 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed
 
-# The main job on the embedded default: offline, a few minutes on 2 CPU cores.
+# The main job on the embedded default, offline. Repeatable: each run replaces the previous demo's
+# output in $(DEMO_DIR) (git-ignored), and prints where it went.
+DEMO_DIR ?= demo_output/deelbo-digits
 demo: $(BIN)/.installed
-	$(BIN)/hf-deelbo train
+	$(BIN)/hf-deelbo train --output_dir $(DEMO_DIR) --overwrite_output_dir true
 
 # The whole test suite, slow tests included.
 test: $(BIN)/.installed
