@@ -755,6 +755,10 @@ SIGNAL_CASES = [
     Case("distributed-but-not-synchronised", _unsynchronised_ranks, 1,
          "This process is one of 2 ranks (WORLD_SIZE=2), but the Trainer trains as 1 process", None,
          marks=(pytest.mark.slow,)),
+    Case("no-better-than-uniform-warns",
+         lambda ws: cli(*ws.train("--max_steps", "2", "--learning_rate", "1e-12", "--logging_steps", "1")), 0,
+         "is no better than predicting every class equally (log C = 1.099, C = 3)",
+         lambda ws: (ws.out / "model.safetensors").is_file() or pytest.fail()),
     Case("grid-search-survives-a-diverging-run", _grid_search_with_a_diverging_run, 0,
          "scores {1e+30: inf, 0.01: ", lambda ws: ws.state["result"].best["learning_rate"] == 0.01 or pytest.fail()),
 ]
