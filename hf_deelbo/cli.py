@@ -614,6 +614,8 @@ def push_command(argv: list[str]) -> int:
     from .hub import HubPushError, check_repo_namespace, push_error, set_hub_timeout
 
     set_hub_timeout()
+    card_file = os.path.join(args.output_dir, "README.md")
+    card = open(card_file, "rb").read() if os.path.isfile(card_file) else None
     try:
         repo_id = check_repo_namespace(args.repo_id, args.token)
         api = HfApi(token=args.token)
@@ -623,10 +625,13 @@ def push_command(argv: list[str]) -> int:
             repo_id=repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
             revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
         )
-    except HubPushError as error:
-        raise UsageError(str(error))
     except Exception as error:  # noqa: BLE001 - one line, the cause named
-        raise UsageError(str(push_error(error, args.output_dir, args.repo_id)))
+        if card is not None:  # a failed push leaves the directory as it was
+            with open(card_file, "wb") as f:
+                f.write(card)
+        if isinstance(error, HubPushError):
+            raise UsageError(str(error)) from None
+        raise UsageError(str(push_error(error, args.output_dir, args.repo_id))) from None
     print(f"Pushed {args.output_dir} to {url}")
     return 0
 
