@@ -13,10 +13,12 @@ DEELBoTrainingArguments / TrainingArguments flag, and --config_file (JSON or YAM
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -55,8 +57,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub model id or local directory (transformers or timm format). "
-            "Default: the embedded backbone pretrained on digits 0-4."
+            "help": "Hub model id or local directory (transformers or timm format). Default: with a dataset, "
+            f"{DEFAULT_HUB_MODEL} (as run_image_classification.py); without one, the embedded backbone "
+            "pretrained on digits 0-4."
         },
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
@@ -173,12 +176,139 @@ def _is_embedded(argv: list[str]) -> bool:
     return not given & {"--model_name_or_path", "--dataset_name", "--train_dir"}
 
 
-def parse_train_args(argv: list[str]):
-    """(model_args, data_args, training_args, run_args) from the command line and --config_file."""
+class _OneLineErrors:
+    """argparse reports a bad value after printing the whole usage (130 lines for `train`); here it is
+    one `UsageError` line naming the flag and the value."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; `{self.prog} --help` lists the flags.")
+
+
+class _ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+def _hf_argument_parser(dataclass_types, prog: str):
+    """transformers' `HfArgumentParser` with one-line errors and no prefix matching (`--max_step`
+    is an error, not `--max_steps`)."""
     from transformers import HfArgumentParser
+
+    class Parser(_OneLineErrors, HfArgumentParser):
+        pass
+
+    return Parser(dataclass_types, prog=prog, allow_abbrev=False)
+
+
+def train_parser(embedded: bool = False):
+    """The parser of `hf-deelbo train`; `embedded`: with the embedded digits task's defaults."""
+    from .arguments import DEELBoTrainingArguments
+
+    parser = _hf_argument_parser(
+        (ModelArguments, DataTrainingArguments, DEELBoTrainingArguments, RunArguments), "hf-deelbo train"
+    )
+    parser.set_defaults(remove_unused_columns=False)  # the image transform reads the dataset's columns
+    if embedded:
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    return parser
+
+
+def _refuse_unknown_flags(parser, argv: list[str]) -> None:
+    import difflib
+
+    _, unknown = parser.parse_known_args(argv)
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
+    if not unknown:
+        return
+    if not flags:
+        raise UsageError(f"unexpected value(s) {' '.join(unknown)}; every value follows its --flag.")
+    known = [o for action in parser._actions for o in action.option_strings]
+    close = difflib.get_close_matches(flags[0], known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    every = ", --help-all all of them" if parser.prog == "hf-deelbo train" else ""
+    raise UsageError(f"unknown flag {flags[0]}; {hint}`{parser.prog} --help` lists the flags{every}.")
+
+
+# What `train --help` shows of transformers' TrainingArguments (`--help-all` shows every flag).
+TRAINER_FLAGS_IN_SHORT_HELP = (
+    "output_dir", "learning_rate", "optim", "optim_args", "lr_scheduler_type", "max_steps", "num_train_epochs",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed", "logging_steps",
+    "eval_strategy", "save_strategy", "report_to", "push_to_hub", "hub_model_id", "resume_from_checkpoint",
+)
+MODEL_FLAGS_IN_SHORT_HELP = ("model_name_or_path", "ignore_mismatched_sizes")
+
+
+def train_help(full: bool = False) -> str:
+    """`train --help`: the method's flags first, then the model, data and run flags, then a few of
+    TrainingArguments' (all of them with `full`, as `--help-all`). Defaults are the ones that apply
+    with a model or dataset; where the embedded digits task uses others, both are shown."""
+    import copy
+    import dataclasses
+
+    from transformers import TrainingArguments
 
     from .arguments import DEELBoTrainingArguments
 
+    parser = train_parser()
+    actions = {action.dest: action for action in parser._actions}
+    trainer_fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    method_fields = [f.name for f in dataclasses.fields(DEELBoTrainingArguments)
+                     if f.init and f.name not in trainer_fields]
+    names = lambda dataclass_type: [f.name for f in dataclasses.fields(dataclass_type)]  # noqa: E731
+    groups = [
+        ("DE ELBO (the method's own flags)", method_fields),
+        ("model (as in transformers' run_image_classification.py)",
+         names(ModelArguments) if full else list(MODEL_FLAGS_IN_SHORT_HELP)),
+        ("data (as in run_image_classification.py; none of them: the embedded digits task)",
+         names(DataTrainingArguments)),
+        ("run", names(RunArguments)),
+        (f"training: transformers' TrainingArguments ({'all' if full else 'a few'} of "
+         f"{len(trainer_fields)}{'' if full else '; --help-all lists every one'})",
+         trainer_fields if full else list(TRAINER_FLAGS_IN_SHORT_HELP)),
+    ]
+    shown = _ArgumentParser(
+        prog="hf-deelbo train", add_help=False,
+        usage="hf-deelbo train [--model_name_or_path MODEL] [--dataset_name NAME | --train_dir DIR] [flags]",
+        description="Fine-tune an image classifier with DE ELBO. With no --model_name_or_path, --dataset_name "
+        "or --train_dir: the embedded digits task (offline). docs/cli.md",
+    )
+    options = shown.add_argument_group("options")
+    options.add_argument("-h", "--help", action="help", help="show this message")
+    options.add_argument("--help-all", action="help", help="show every flag, TrainingArguments' included")
+    for title, dests in groups:
+        group = shown.add_argument_group(title)
+        for dest in dests:
+            action = actions.get(dest)
+            if action is None or action.help == argparse.SUPPRESS:
+                continue
+            action = copy.copy(action)
+            action.option_strings = action.option_strings[:1]  # not the --dashed-alias of each flag
+            if action.choices is not None and len(action.choices) > 8:
+                action.metavar = dest.upper()
+                action.help = f"{action.help} (Choices: see --help-all.)"
+            action.help = _with_defaults(action.help or "", dest, action.default)
+            group._group_actions.append(action)
+            shown._actions.append(action)
+    return shown.format_help()
+
+
+def _with_defaults(help_text: str, dest: str, default) -> str:
+    """The help text and its default, and the embedded digits task's where it differs; `%` escaped."""
+    from enum import Enum
+
+    show = lambda value: value.value if isinstance(value, Enum) else value  # noqa: E731
+    if dest == "output_dir" and default is None:
+        default = "trainer_output"  # what TrainingArguments uses for None
+    parts = []
+    if default is not None and default != [] and "Default:" not in help_text:
+        parts.append(f"default: {show(default)}")
+    if dest in EMBEDDED_DEFAULTS and EMBEDDED_DEFAULTS[dest] != default:
+        parts.append(f"embedded digits task: {EMBEDDED_DEFAULTS[dest]}")
+    text = help_text.replace("%", "%%") if "%(" not in help_text else help_text
+    return f"{text} ({'; '.join(parts)})" if parts else text
+
+
+def parse_train_args(argv: list[str]):
+    """(model_args, data_args, training_args, run_args) from the command line and --config_file."""
     config_file = None
     for i, arg in enumerate(argv):
         if arg == "--config_file" and i + 1 < len(argv):
@@ -187,12 +317,8 @@ def parse_train_args(argv: list[str]):
             config_file = arg.split("=", 1)[1]
     if config_file is not None:
         argv = _config_file_flags(config_file) + argv
-    parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, DEELBoTrainingArguments, RunArguments), prog="hf-deelbo train"
-    )
-    parser.set_defaults(remove_unused_columns=False)  # the image transform reads the dataset's columns
-    if _is_embedded(argv):
-        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    parser = train_parser(embedded=_is_embedded(argv))
+    _refuse_unknown_flags(parser, argv)
     try:
         model_args, data_args, training_args, run_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # raised by __post_init__ validation
@@ -352,6 +478,9 @@ def _hub_data_and_model(model_args, data_args, training_args):
 
 
 def train_command(argv: list[str]) -> int:
+    if "--help-all" in argv or "-h" in argv or "--help" in argv:
+        print(train_help(full="--help-all" in argv))
+        return 0
     from transformers.trainer_utils import set_seed
 
     from .digits import classification_metrics
@@ -496,6 +625,9 @@ def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, KeyboardInterrupt):
         return RunFailed(f"interrupted. {kept}", 130)
+    if isinstance(error, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a checkpoint file
+        return RunFailed(f"{_unpickled_file(error)} holds more than tensors, which is never unpickled "
+                         f"({first_line[:200]}); resume from another checkpoint. {kept}")
     if isinstance(error, (UsageError, OutputDirectoryInUse)):
         return UsageError(f"{first_line} {kept}")
     if isinstance(error, ValueError):  # data found invalid mid-run
@@ -509,6 +641,21 @@ def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
         return RunFailed(f"No space left on device ({type(error).__name__}). {kept}")
     print(f"hf-deelbo train: {kept}", file=sys.stderr)
     return None
+
+
+def _unpickled_file(error: BaseException) -> str:
+    """The checkpoint file whose load raised `error` (from the traceback), or "A checkpoint file"."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.name == "load" and frame.filename.endswith(os.path.join("torch", "serialization.py")):
+            break
+    names = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "training_args.bin", "pytorch_model.bin")
+    for line in traceback.format_exception(error):
+        for name in names:
+            if name in line:
+                return name if name != "rng_state" else "rng_state.pth"
+    return "A checkpoint file"
 
 
 def _num_labels(trainer) -> int | None:
@@ -564,7 +711,7 @@ def _read_deelbo(path_or_repo: str, token: str | None = None, revision: str | No
 def show_command(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="hf-deelbo show", description="Print the learned hyperparameters.")
+    parser = _ArgumentParser(prog="hf-deelbo show", description="Print the learned hyperparameters.", allow_abbrev=False)
     parser.add_argument("path_or_repo_id", help="Output directory or Hub repo id.")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--token", default=None)
@@ -602,7 +749,7 @@ def push_command(argv: list[str]) -> int:
 
     from huggingface_hub import HfApi
 
-    parser = argparse.ArgumentParser(prog="hf-deelbo push", description="Upload an output directory to the Hub.")
+    parser = _ArgumentParser(prog="hf-deelbo push", description="Upload an output directory to the Hub.", allow_abbrev=False)
     parser.add_argument("output_dir", help="Directory written by hf-deelbo train.")
     parser.add_argument("--repo_id", required=True, help="Target repo, 'namespace/name'.")
     parser.add_argument("--private", action="store_true")
@@ -658,7 +805,8 @@ def evaluate_command(argv: list[str]) -> int:
                       "(its data_split.json: train's seed and fraction), or the dataset's validation split."},
         )
 
-    parser = HfArgumentParser((EvaluateArguments, DataTrainingArguments), prog="hf-deelbo evaluate")
+    parser = _hf_argument_parser((EvaluateArguments, DataTrainingArguments), "hf-deelbo evaluate")
+    _refuse_unknown_flags(parser, argv)
     eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
     if eval_args.bma_samples < 0:
         raise UsageError(f"--bma_samples must be >= 0 (0 predicts with the posterior mean); got {eval_args.bma_samples}")

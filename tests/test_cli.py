@@ -184,6 +184,38 @@ def test_bad_input_exits_with_one_line(flags, message, tmp_path, tiny_vit_dir, c
     assert not out.exists()
 
 
+def test_train_help_is_short_led_by_the_method_and_shows_the_defaults_that_apply(capsys):
+    assert main(["train", "--help"]) == 0
+    short = capsys.readouterr().out
+    assert main(["train", "--help-all"]) == 0
+    full = capsys.readouterr().out
+    flags = [line.split()[0] for line in short.splitlines() if line.startswith("  --")]
+    assert len(short.splitlines()) < 200 and len(flags) < 60
+    assert flags.index("--kappa") < flags.index("--model_name_or_path") < flags.index("--dataset_name")
+    assert flags.index("--dataset_name") < flags.index("--learning_rate")
+    assert flags[flags.index("--kappa") - 1] == "--help-all"  # the method's flags come first
+    assert "--gradient_checkpointing" not in short and "--gradient_checkpointing" in full
+    # what applies with a dataset (TrainingArguments' default), and the embedded task's own
+    learning_rate = short.split("  --learning_rate LEARNING_RATE", 1)[1].split("\n  --", 1)[0]
+    assert "default: 5e-05; embedded digits task: 0.03" in " ".join(learning_rate.split())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--kappa", "abc"], "argument --kappa: invalid float value: 'abc'"),
+    (["train", "--max_step", "5"], "unknown flag --max_step; did you mean --max_steps?"),
+    (["train", "--optim", "adamw_pytorch"], "argument --optim: invalid choice: 'adamw_pytorch'"),
+    (["evaluate", "--model_name_or_path", "x", "--bma_sample", "2"], "unknown flag --bma_sample; did you mean"),
+    (["show", "x", "--jso"], "unrecognized arguments: --jso"),
+])
+def test_bad_flags_fail_in_one_line_without_prefix_matching(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and message in captured.err, captured.err
+    assert captured.err.startswith(f"hf-deelbo {argv[0]}: error: ")
+    assert not list(tmp_path.iterdir())
+
+
 def test_existing_output_dir_is_protected(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -270,7 +270,8 @@ def _empty_last_checkpoint(ws):
 
 def _pickle_only(ws):
     _remove(ws, "checkpoint-3/model.safetensors")
-    (ws.out / "checkpoint-3" / "pytorch_model.bin").write_bytes(b"planted")
+    ws.state["marker"] = ws.root / "payload-ran"
+    torch.save({"weight": Payload(str(ws.state["marker"]))}, ws.out / "checkpoint-3" / "pytorch_model.bin")
     _remove(ws, f"checkpoint-3/{MANIFEST_NAME}")
 
 
@@ -289,6 +290,35 @@ def _explicit(breakage):
         return cli(*ws.train("--max_steps", "4", "--resume_from_checkpoint", str(ws.out / "checkpoint-3")))
 
     return prepare
+
+
+class Payload:
+    """Unpickling this creates a file: a planted payload that must never run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _planted(name):
+    """Every checkpoint's `name` replaced by a torch archive whose pickle would run code; resumed
+    explicitly from the newest."""
+
+    def prepare(ws):
+        ws.copy_run()
+        ws.state["marker"] = ws.root / "payload-ran"
+        for step in (1, 2, 3):
+            torch.save({"state": Payload(str(ws.state["marker"]))}, ws.out / f"checkpoint-{step}" / name)
+            _remove(ws, f"checkpoint-{step}/{MANIFEST_NAME}")
+        return cli(*ws.train("--max_steps", "4", "--resume_from_checkpoint", str(ws.out / "checkpoint-3")))
+
+    return prepare
+
+
+def _payload_never_ran(ws):
+    assert not ws.state["marker"].exists()
 
 
 def _all_broken(ws):
@@ -347,7 +377,9 @@ FILE_CASES = [
                                                        _remove(ws, "checkpoint-2/rng_state.pth"))),
          0, "Not resuming from checkpoint-2: rng_state.pth is missing", _resumed_from("checkpoint-1"), RESUME_REWRITES),
     Case("resume-pickle-only", _resume_with(_pickle_only), 0, "pytorch_model.bin (a pickle, which is never loaded)",
-         _resumed_from("checkpoint-2"), RESUME_REWRITES),
+         lambda ws: (_resumed_from("checkpoint-2")(ws), _payload_never_ran(ws)), RESUME_REWRITES),
+    *[Case(f"pickle-payload-in-{name}", _planted(name), 1, f"{name} holds more than tensors", _payload_never_ran)
+      for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth")],
     Case("resume-no-callback-state", _resume_with(_no_callback_state), 0,
          "trainer_state.json holds no state of DEELBoCallback", _resumed_from("checkpoint-2"), RESUME_REWRITES),
     Case("resume-every-checkpoint-broken", _resume_with(_all_broken), 2,
@@ -789,3 +821,31 @@ def test_failure_keeps_every_file(case, ws):
     finally:
         if case.then is not None:
             case.then(ws)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bitwise_exact(ws):
+    """A real `hf-deelbo train` process killed with SIGKILL after its third checkpoint, resumed with
+    --resume (taking over its stale lock): the same weights and config.deelbo as a run never killed."""
+    import safetensors.torch
+
+    flags = ("--max_steps", "30", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "5")
+    straight = ws.root / "straight"
+    assert main(ws.train(*flags, out=straight)) == 0
+    killed = ws.out
+    run = subprocess.Popen([os.path.join(BIN, "hf-deelbo"), *ws.train(*flags, out=killed)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 180
+    while not (killed / "checkpoint-3" / MANIFEST_NAME).exists() and time.time() < deadline:
+        time.sleep(0.005)
+    run.kill()
+    run.wait()
+    assert not (killed / "checkpoint-30").exists() and (killed / LOCK_NAME).exists()
+    ws.capsys.readouterr()
+    assert main(ws.train(*flags, "--resume", out=killed)) == 0
+    assert "Taking over the lock" in ws.log.getvalue()
+    a = safetensors.torch.load_file(straight / "model.safetensors")
+    b = safetensors.torch.load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    deelbo = [json.loads((d / "config.json").read_text())["deelbo"] for d in (straight, killed)]
+    assert deelbo[0] == deelbo[1]
