@@ -461,7 +461,9 @@ def _hub_data_and_model(model_args, data_args, training_args):
     )
     model, processor, head_modules = load_pretrained_classifier(model_args, len(names), dict(enumerate(names)))
     train_tf, eval_tf = data_lib.image_transforms(model, processor)
-    cols = (data_args.image_column_name, data_args.label_column_name)
+    # The trainer checks the whole label column before training; it reads it under the name `labels`.
+    train, evaluation = (_labels_named_labels(d, data_args.label_column_name) for d in (train, evaluation))
+    cols = (data_args.image_column_name, "labels")
     objective_view = data_lib.with_pixel_values(train, eval_tf, *cols)  # the training set without augmentation
     train = data_lib.with_pixel_values(train, train_tf, *cols)
     evaluation = data_lib.with_pixel_values(evaluation, eval_tf, *cols) if evaluation is not None else None
@@ -475,6 +477,15 @@ def _hub_data_and_model(model_args, data_args, training_args):
         return load_pretrained_classifier(model_args, len(names), dict(enumerate(names)))[0]
 
     return model_init, train, objective_view, evaluation, model_args.model_name_or_path, data_args.dataset_name, processor
+
+
+def _labels_named_labels(dataset, label_column: str):
+    """`dataset` with its label column `label_column` renamed `labels` (None stays None)."""
+    if dataset is None or label_column == "labels":
+        return dataset
+    if "labels" in dataset.column_names:
+        dataset = dataset.remove_columns("labels")
+    return dataset.rename_column(label_column, "labels")
 
 
 def train_command(argv: list[str]) -> int:

@@ -849,3 +849,22 @@ def test_kill_9_then_resume_is_bitwise_exact(ws):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     deelbo = [json.loads((d / "config.json").read_text())["deelbo"] for d in (straight, killed)]
     assert deelbo[0] == deelbo[1]
+
+
+def test_a_label_column_of_another_name_is_checked_and_trains(ws):
+    """--label_column_name other than label/labels: the whole column is checked under the name
+    `labels` and the run trains (it was refused as having no label column)."""
+    from datasets import ClassLabel, Features
+    from datasets import Image as ImageFeature
+
+    images = [Image.open(p).convert("RGB") for p in sorted(Path(ws.material["IMAGES"]).rglob("*.png"))]
+    data = ws.root / "klass"
+    data.mkdir()
+    features = Features({"img": ImageFeature(), "klass": ClassLabel(names=["a", "b", "c"])})
+    Dataset.from_dict({"img": images, "klass": [i % 3 for i in range(len(images))]},
+                      features=features).to_parquet(data / "train.parquet")
+    argv = ["train", "--model_name_or_path", ws.material["VIT"], "--dataset_name", str(data), "--image_column_name",
+            "img", "--label_column_name", "klass", "--ignore_mismatched_sizes", "true", "--output_dir", str(ws.out),
+            "--max_steps", "2", "--report_to", "none", "--disable_tqdm", "true"]
+    assert main(argv) == 0, ws.capsys.readouterr().err[-1500:]
+    assert json.loads((ws.out / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
