@@ -30,7 +30,11 @@ class PretrainedAnchor:
         self.head_names = list(groups.head)
         self.backbone = [parameters[name] for name in self.backbone_names]
         self.head = [parameters[name] for name in self.head_names]
-        self.prior_mean = [p.detach().clone() for p in self.backbone]
+        self.prior_mean = [p.detach().clone() for p in self.backbone]  # sharded like the weights under FSDP2
+        self.process_group, self.sharded = _shard_layout(self.trainable)
+        sharded = dict(zip(map(id, self.trainable), self.sharded))
+        self._sharded_backbone = [sharded[id(p)] for p in self.backbone]
+        self._sharded_head = [sharded[id(p)] for p in self.head]
         self.num_backbone_params = sum(p.numel() for p in self.backbone)
         self.num_head_params = sum(p.numel() for p in self.head)
         self.num_params = self.num_backbone_params + self.num_head_params
@@ -62,19 +66,23 @@ class PretrainedAnchor:
         """p.grad += d(loss)/d‖·‖² · 2(m − μ) per tensor (μ = 0 for the head): the gradients
         `_SquaredDistances.backward` would have returned, from its incoming `grad_backbone`, `grad_head`."""
         for p, mu, g in zip(self.backbone, self.prior_mean, grad_backbone):
-            _accumulate(p, torch.sub(p, mu).mul_(_coefficient(g, p.dtype)))
+            _accumulate(p, torch.sub(local(p), local(mu)).mul_(_coefficient(g, p.dtype)))
         for p, g in zip(self.head, grad_head):
-            _accumulate(p, p.detach() * _coefficient(g, p.dtype))
+            _accumulate(p, local(p).detach() * _coefficient(g, p.dtype))
 
     @torch.no_grad()
     def _squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.trainable[0].device if self.trainable else None
-        backbone = [torch.sub(p, mu).square_().sum().double() for p, mu in zip(self.backbone, self.prior_mean)]
-        head = [p.square().sum().double() for p in self.head]
-        return (
+        backbone = [torch.sub(local(p), local(mu)).square_().sum().double() for p, mu in zip(self.backbone, self.prior_mean)]
+        head = [local(p).square().sum().double() for p in self.head]
+        backbone, head = (
             torch.stack(backbone) if backbone else torch.zeros(0, dtype=torch.float64, device=device),
             torch.stack(head) if head else torch.zeros(0, dtype=torch.float64, device=device),
         )
+        if self.process_group is not None:  # FSDP2: each rank summed its own shard of the sharded tensors
+            backbone, head = sum_over_shards(backbone, self._sharded_backbone, self.process_group), sum_over_shards(
+                head, self._sharded_head, self.process_group)
+        return backbone, head
 
 
 class _SquaredDistances(torch.autograd.Function):
@@ -118,10 +126,48 @@ class DeferredDistanceGradients:
 
 @torch.no_grad()
 def _accumulate(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """p.grad += grad, `grad` being the local shard's under FSDP2."""
     if p.grad is None:
-        p.grad = grad
-    else:
-        p.grad.add_(grad)
+        p.grad = grad if not _is_dtensor(p) else torch.zeros_like(p)
+        if not _is_dtensor(p):
+            return
+    local(p.grad).add_(grad)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own shard of a DTensor (FSDP2's sharded parameters), else the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_layout(tensors: list[torch.Tensor]):
+    """(process group, [is sharded]) of parameters sharded by FSDP2 (`fully_shard`: DTensors with
+    `Shard(0)` on one 1-D mesh); (None, [False, ...]) when none is a DTensor."""
+    sharded = [_is_dtensor(t) for t in tensors]
+    if not any(sharded):
+        return None, sharded
+    from torch.distributed.tensor import Shard
+
+    meshes = {t.device_mesh for t in tensors if _is_dtensor(t)}
+    layouts = {tuple(t.placements) for t in tensors if _is_dtensor(t)}
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1 or layouts != {(Shard(0),)}:
+        raise NotImplementedError(
+            f"Sharded parameters are supported as torch's fully_shard makes them (Shard(0) on one 1-D device mesh); got "
+            f"placements {sorted(map(str, layouts))} on {len(meshes)} mesh(es). Shard with fully_shard(model) on a 1-D mesh."
+        )
+    return next(iter(meshes)).get_group(), sharded
+
+
+def sum_over_shards(values: torch.Tensor, sharded: list[bool], group) -> torch.Tensor:
+    """`values` (one per tensor, each summed over this rank's shard where `sharded`) with the sharded
+    entries summed over the ranks of `group`; the others (replicated tensors) are left as they are."""
+    index = torch.tensor([i for i, flag in enumerate(sharded) if flag], dtype=torch.long, device=values.device)
+    part = values.index_select(0, index)
+    torch.distributed.all_reduce(part, group=group)
+    return values.index_copy(0, index, part)
 
 
 def _coefficient(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

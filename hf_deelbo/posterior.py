@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anchor import DeferredDistanceGradients, PretrainedAnchor
+from .anchor import DeferredDistanceGradients, PretrainedAnchor, local
 from .groups import ParameterGroups
 from .objective import gaussian_kl, optimal_prior_variance
 
@@ -140,6 +140,11 @@ class IsotropicGaussianPosterior(nn.Module):
         trainable parameters in `model.named_parameters()` order.
         """
         tensors = self.anchor.trainable
+        if self.anchor.process_group is not None:
+            raise NotImplementedError(
+                "The model's parameters are sharded (FSDP2), and functional_call substitutions are overwritten by "
+                "FSDP's unshard hooks: use perturb_in_place (DEELBoTrainingArguments(sampling_mechanism='in_place'))."
+            )
         noise = torch.randn(self.num_params, device=tensors[0].device, generator=generator)
         draws = _Perturb.apply(noise.split(self._sizes), self.sigma(), *tensors)
         return {name: draw for names, draw in zip(self._names_in(model), draws) for name in names}
@@ -210,12 +215,24 @@ def _add_scaled_noise(m: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, s
         m.add_((sigma * eps).to(m.dtype), alpha=sign)
 
 
+def _shard_of(m: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """ε_l (flat, for the whole tensor m_l) as m_l's local shard: all of it, or under FSDP2 the rows
+    [offset, offset + local rows) this rank holds, so every rank perturbs its shard with the same
+    numbers a single process would."""
+    if type(m).__name__ != "DTensor":
+        return eps.view_as(m)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(m.shape, m.device_mesh, m.placements)
+    return eps.view(m.shape).narrow(0, offset[0], shape[0])
+
+
 def _noise_dot(grad: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """⟨grad, ε⟩ in the wider of the two dtypes, as `_Perturb.backward` forms it."""
     if grad.dtype == eps.dtype:
-        return torch.dot(grad.reshape(-1), eps)
+        return torch.dot(grad.reshape(-1), eps.reshape(-1))
     dtype = torch.promote_types(grad.dtype, eps.dtype)
-    return torch.dot(grad.reshape(-1).to(dtype), eps.to(dtype))
+    return torch.dot(grad.reshape(-1).to(dtype), eps.reshape(-1).to(dtype))
 
 
 class InPlaceDraw:
@@ -246,6 +263,8 @@ class InPlaceDraw:
         self._tensors, self._sizes = anchor.trainable, posterior._sizes
         self._device = self._tensors[0].device
         self._rho = posterior.rho
+        self._group = anchor.process_group
+        self._sharded = dict(zip(map(id, self._tensors), anchor.sharded))
         self._deferred = DeferredDistanceGradients(anchor)
         per_tensor = anchor.squared_distances_per_tensor(self._deferred)
         self.squared_distances = (per_tensor[0].sum(), per_tensor[1].sum())
@@ -256,9 +275,10 @@ class InPlaceDraw:
         with torch.no_grad():
             sigma = self.sigma.detach()
             for m, eps in zip(self._tensors, _noise_pieces(self._sizes, generator, self._device)):
+                eps = _shard_of(m, eps)
                 if m.grad is not None:
-                    self._earlier_dots.append(_noise_dot(m.grad, eps))
-                _add_scaled_noise(m, eps.view_as(m), sigma, 1)
+                    self._earlier_dots.append((_noise_dot(local(m.grad), eps), m))
+                _add_scaled_noise(local(m), eps, sigma, 1)
         self.pending = True
 
     def _replay(self):
@@ -274,16 +294,29 @@ class InPlaceDraw:
         with torch.no_grad():
             sigma = self.sigma.detach()
             for m, eps in self._replay():
+                eps = _shard_of(m, eps)
                 if m.grad is not None:
-                    dots.append(_noise_dot(m.grad, eps))
-                _add_scaled_noise(m, eps.view_as(m), sigma, -1)
+                    dots.append((_noise_dot(local(m.grad), eps), m))
+                _add_scaled_noise(local(m), eps, sigma, -1)
             self.pending = False
             self._deferred.add_to_grads()
-        if dots:
-            grad_sigma = torch.stack(dots).sum(dtype=torch.float64)
+        if dots or self._group is not None:
+            grad_sigma = self._sum_dots(dots)
             if self._earlier_dots:
-                grad_sigma = grad_sigma - torch.stack(self._earlier_dots).sum(dtype=torch.float64)
+                grad_sigma = grad_sigma - self._sum_dots(self._earlier_dots)
             self.sigma.backward(grad_sigma.float())
+
+    def _sum_dots(self, dots: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Σ_l ⟨grad_l, ε_l⟩ in float64; under FSDP2 the sharded tensors' shares summed over ranks
+        (FSDP has averaged their gradients over ranks already, as DDP averages whole ones)."""
+        if self._group is None:
+            return torch.stack([d for d, _ in dots]).sum(dtype=torch.float64)
+        values = torch.stack([d.double() for d, _ in dots]) if dots else torch.zeros(0, dtype=torch.float64,
+                                                                                      device=self._device)
+        sharded = torch.tensor([self._sharded[id(m)] for _, m in dots], dtype=torch.bool, device=values.device)
+        shards = torch.where(sharded, values, 0.0).sum()
+        torch.distributed.all_reduce(shards, group=self._group)
+        return torch.where(sharded, 0.0, values).sum() + shards
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -291,7 +324,7 @@ class InPlaceDraw:
         if self.pending:
             sigma = self.sigma.detach()
             for m, eps in self._replay():
-                _add_scaled_noise(m, eps.view_as(m), sigma, -1)
+                _add_scaled_noise(local(m), _shard_of(m, eps), sigma, -1)
             self.pending = False
 
 

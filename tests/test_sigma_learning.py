@@ -32,8 +32,13 @@ def _one_step(make_args, optim: str, sigma_learning_rate):
     rho = trainer.posterior.rho
     rho_before, weight_before = rho.detach().clone(), model.body[0].weight.detach().clone()
     grads = {}
-    rho.register_hook(lambda g: grads.__setitem__("rho", g.detach().clone()))
-    model.body[0].weight.register_hook(lambda g: grads.__setitem__("weight", g.detach().clone()))
+
+    class Gradients(transformers.TrainerCallback):
+        # The gradients the optimizer steps with (the in-place draw adds parts of them after backward).
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads.update(rho=rho.grad.detach().clone(), weight=model.body[0].weight.grad.detach().clone())
+
+    trainer.add_callback(Gradients())
     trainer.train()
     return trainer, rho_before, grads["rho"], weight_before, grads["weight"], model.body[0].weight.detach()
 

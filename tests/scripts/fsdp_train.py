@@ -1,0 +1,89 @@
+"""DE ELBO steps on a small MLP, sharded with torch's fully_shard (FSDP2) or replicated with DDP;
+launched with 2 processes on gloo by tests/test_fsdp.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py fsdp OUTPUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py ddp OUTPUT_DIR
+
+Each step: the in-place draw w̃ = m + σε (each FSDP rank perturbs its own shard), λ*, τ* from the
+squared distances (summed over shards), loss = mean CE + KL/(κN) on the rank's half of the batch,
+backward, `draw.finish()` (dL/dρ summed over shards, weights restored), one SGD step on m and ρ.
+Each rank writes rank{R}.json with the full weights, λ, τ, σ and its losses.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from hf_deelbo.groups import split_parameters
+from hf_deelbo.posterior import IsotropicGaussianPosterior
+
+STEPS, GLOBAL_BATCH, NUM_TRAIN = 5, 8, 64
+
+
+def build():
+    torch.manual_seed(0)
+    # Odd sizes: the shards of every tensor are uneven (4 + 3 rows, 3 + 2, ...).
+    body = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5), torch.nn.Tanh())
+    return torch.nn.Sequential(body, torch.nn.Linear(5, 3))
+
+
+def main():
+    mode, output_dir = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build()
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0][0], model[0][2], model[1]):
+            fully_shard(layer)
+        fully_shard(model)
+        wrapped = model
+    else:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["1"]), sigma_init=0.05)
+    kappa = posterior.num_params / NUM_TRAIN
+    optimizer = torch.optim.SGD([*model.parameters(), posterior.rho], lr=0.2)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(STEPS, GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (STEPS, GLOBAL_BATCH), generator=generator)
+    share = GLOBAL_BATCH // world
+    torch.manual_seed(2)  # the noise stream: the same on every rank
+    losses, lambdas = [], []
+    for step in range(STEPS):
+        draw = posterior.perturb_in_place(model)
+        distances = draw.squared_distances
+        lam, tau = posterior.optimal_prior_variances(distances)
+        kl = posterior.kl(lam, tau, distances)
+        xs, ys = x[step, rank * share : (rank + 1) * share], y[step, rank * share : (rank + 1) * share]
+        loss = F.cross_entropy(wrapped(xs), ys) + kl / (kappa * NUM_TRAIN)
+        loss.backward()
+        draw.finish()
+        if mode == "ddp":  # ρ lives outside the DDP module (as DEELBoTrainer.training_step does)
+            dist.all_reduce(posterior.rho.grad)
+            posterior.rho.grad /= world
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        posterior.clamp_sigma()
+        losses.append(loss.item())
+        lambdas.append(float(lam))
+    lam, tau = posterior.optimal_prior_variances()
+    full = [p.full_tensor() if type(p).__name__ == "DTensor" else p for p in model.parameters()]
+    mu = posterior.anchor.prior_mean[0]
+    record = {
+        "weights": torch.cat([p.detach().flatten() for p in full]).tolist(),
+        "lambda": float(lam), "tau": float(tau), "sigma": posterior.sigma().item(), "losses": losses,
+        "lambdas": lambdas,
+        "prior_mean_sharded": type(mu).__name__ == "DTensor" and mu.to_local().numel() < mu.numel(),
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
