@@ -145,3 +145,38 @@ def test_info_messages_follow_transformers_verbosity(make_args, transformers_rec
 def test_bad_sigma_learning_rate_is_refused(value, make_args):
     with pytest.raises(ValueError, match=r"sigma_learning_rate must be a finite number > 0.*got"):
         make_args(sigma_learning_rate=value)
+
+
+@pytest.mark.slow
+def test_dropin_benchmark_quick_mode_writes_its_outputs(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "dropin.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--workers", "1", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "dropin.json").read_text())
+    assert {r["optimizer"] for r in saved["records"]} == {"AdamW 5e-5 linear", "SGD-Nesterov 0.1 cosine"}
+    for record in saved["records"]:  # both trainers ran, with the same data and seed
+        assert 0 <= record["Trainer"]["accuracy"] <= 1 and record["DEELBoTrainer"]["sigma"] > 0
+    assert (tmp_path / "dropin.png").is_file()
+    assert "Drop-in: DEELBoTrainer against Trainer" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_the_paper_recipe_is_unchanged_at_its_learning_rate(make_args):
+    """Under the paper's recipe at lr 0.1, the default ρ learning rate is the paper's own (ρ at
+    learning_rate): the two runs are identical, step for step."""
+    runs = []
+    for overrides in ({}, {"sigma_learning_rate": None}):  # the default, and ρ at learning_rate
+        model, _ = build_model("resnet")
+        args = make_args(optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.1,
+                         lr_scheduler_type="cosine", max_grad_norm=1.0, max_steps=6, logging_steps=1, **overrides)
+        trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
+        trainer.train()
+        runs.append(([e["sigma"] for e in trainer.state.log_history if "sigma" in e], model.state_dict()))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 6
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][name]), name
