@@ -398,12 +398,29 @@ def _check_model_path(name: str) -> None:
         )
 
 
+def _require_hub(what: str, local_alternative: str) -> None:
+    """A one-line error at once, instead of a minute of retries, when `what` needs an unreachable Hub."""
+    from .hub import HubUnreachableError, check_hub_reachable
+
+    try:
+        check_hub_reachable(what, local_alternative)
+    except HubUnreachableError as error:
+        raise UsageError(str(error))
+
+
+def _check_model_source(name: str) -> None:
+    """A local directory, or a Hub id with the Hub in reach (or offline mode)."""
+    _check_model_path(name)
+    if not os.path.isdir(os.path.expanduser(name)):
+        _require_hub(f"--model_name_or_path {name!r}", "a saved model directory")
+
+
 def load_pretrained_classifier(model_args, num_labels: int | None = None, id2label: dict | None = None):
     """`hub.load_classifier` with the command line's arguments and one-line errors."""
     from .hub import load_classifier
 
     name = model_args.model_name_or_path
-    _check_model_path(name)
+    _check_model_source(name)
     try:
         return load_classifier(
             name, num_labels, id2label, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
@@ -440,10 +457,25 @@ def _embedded_data_and_model(data_args, training_args):
     return model_init, train, train, digits.with_pixel_values(test), backbone, "digits 5-9 (scikit-learn)", None
 
 
+def _check_dataset_source(name: str | None) -> None:
+    """A Hub dataset id needs the Hub in reach, or datasets' offline mode (its cache)."""
+    import datasets
+
+    if name is not None and not os.path.exists(name) and not datasets.config.HF_HUB_OFFLINE:
+        _require_hub(f"--dataset_name {name!r}", "--train_dir DIR (an image folder, one sub-folder per class)")
+
+
+def _dataset_not_cached(name: str, error: Exception) -> str:
+    return (f"--dataset_name {name!r} is not in the local cache, and datasets is offline (HF_HUB_OFFLINE or "
+            f"HF_DATASETS_OFFLINE is 1: {str(error).splitlines()[0]}); unset it with the Hub in reach, or pass "
+            "--train_dir DIR.")
+
+
 def _hub_data_and_model(model_args, data_args, training_args):
     from . import data as data_lib
 
-    _check_model_path(model_args.model_name_or_path)  # before any download or dataset build
+    _check_model_source(model_args.model_name_or_path)  # before any download or dataset build
+    _check_dataset_source(data_args.dataset_name)
     try:
         datasets = data_lib.load_image_datasets(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.validation_dir,
@@ -451,6 +483,8 @@ def _hub_data_and_model(model_args, data_args, training_args):
         )
     except FileNotFoundError as error:
         raise UsageError(str(error))
+    except ConnectionError as error:  # offline mode, and the dataset is not in the cache
+        raise UsageError(_dataset_not_cached(data_args.dataset_name, error))
     if "train" not in datasets:
         raise UsageError(f"The dataset has no 'train' split (splits: {list(datasets)}); pass --train_dir or another --dataset_name.")
     data_lib.check_columns(datasets["train"], data_args.image_column_name, data_args.label_column_name)
@@ -701,6 +735,7 @@ def _read_deelbo(path_or_repo: str, token: str | None = None, revision: str | No
     else:
         if _looks_like_local_path(path_or_repo):
             raise UsageError(f"{path_or_repo!r} is not a directory; pass an output directory or a Hub repo id.")
+        _require_hub(repr(path_or_repo), "an output directory")
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

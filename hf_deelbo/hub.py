@@ -436,3 +436,33 @@ def load_classifier(
     except (OSError, ValueError):
         processor = None
     return model, processor, head_modules_from_loading_info(model, info)
+
+
+class HubUnreachableError(OSError):
+    """The Hub does not answer: raised before any download, in one line saying how to work offline."""
+
+
+def check_hub_reachable(what: str, local_alternative: str, timeout: float = 5.0) -> None:
+    """Fail fast when `what` (e.g. "--dataset_name 'beans'") needs the Hub and the Hub does not
+    answer: huggingface_hub and datasets retry a refused or timed-out connection for 20-60 s and
+    then raise a long traceback. One HEAD request to `HF_ENDPOINT` (any HTTP status means it
+    answers). Nothing is checked in offline mode (`HF_HUB_OFFLINE=1`), where the libraries read
+    their caches only.
+
+    Raises:
+        HubUnreachableError: naming `what`, the endpoint, the cause, `HF_HUB_OFFLINE=1` and
+            `local_alternative` (what to pass instead, e.g. "--train_dir DIR").
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - any transport error means the Hub is out of reach
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubUnreachableError(
+            f"{what} is on the Hub, which cannot be reached ({constants.ENDPOINT}: {reason}). To work offline, set "
+            f"HF_HUB_OFFLINE=1 (what is already in the cache is used) or pass {local_alternative}."
+        ) from None

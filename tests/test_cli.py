@@ -216,6 +216,39 @@ def test_bad_flags_fail_in_one_line_without_prefix_matching(argv, message, tmp_p
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv, what", [
+    (["train", "--dataset_name", "tester/beans", "--model_name_or_path", "MODEL"], "--dataset_name 'tester/beans'"),
+    (["train", "--train_dir", "IMAGES", "--model_name_or_path", "tester/vit"], "--model_name_or_path 'tester/vit'"),
+    (["evaluate", "--model_name_or_path", "tester/vit"], "--model_name_or_path 'tester/vit'"),
+    (["show", "tester/vit"], "'tester/vit' is on the Hub"),
+])
+def test_unreachable_hub_fails_fast_in_one_line(argv, what, hub, tmp_path, tiny_vit_dir, monkeypatch, capsys):
+    import time
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # conftest makes datasets offline
+    folder = _image_folder(tmp_path / "images", per_class=2)
+    argv = [{"MODEL": str(tiny_vit_dir), "IMAGES": str(folder)}.get(a, a) for a in argv]
+    hub.stop()  # connections to the Hub are refused, as on a machine without network
+    start = time.monotonic()
+    assert main([*argv, *(["--output_dir", str(tmp_path / "run")] if argv[0] == "train" else [])]) == 2
+    assert time.monotonic() - start < 10  # no minute of retries
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert what in err and "cannot be reached" in err and "HF_HUB_OFFLINE=1" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_offline_mode_names_a_dataset_missing_from_the_cache(tmp_path, tiny_vit_dir, capsys):
+    # conftest sets HF_DATASETS_OFFLINE=1: only cached datasets load
+    argv = ["train", "--dataset_name", "tester/beans", "--model_name_or_path", str(tiny_vit_dir),
+            "--output_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dataset_name 'tester/beans' is not in the local cache" in err, err
+
+
 def test_existing_output_dir_is_protected(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
