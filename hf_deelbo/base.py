@@ -77,7 +77,8 @@ class FineTuningTrainer(Trainer):
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):
             raise ValueError(
                 f"The model's parameters are sharded (DTensor, e.g. by torch's fully_shard): {name} does not "
-                "support FSDP. Pass the unsharded model and train with DDP (torchrun or accelerate launch --multi_gpu)."
+                "support FSDP (the DE ELBO posterior does, at the torch level: docs/trainer.md, 'Several processes'). "
+                "Pass the unsharded model and train with DDP (torchrun or accelerate launch --multi_gpu)."
             )
         groups = split_parameters(model, args.head_modules)
         check_distributed_launch(args)

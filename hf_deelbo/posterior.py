@@ -3,20 +3,26 @@
 m are the network's ordinary weights; one scalar σ = softplus(ρ) is shared by every coordinate.
 ρ is the only new trainable parameter; it stays in float32 whatever the model's precision.
 
-Sampling mechanism: each training forward pass runs the model through
-`torch.func.functional_call` with w̃ = m + σε substituted for the weights, and autograd carries
-the gradients to m (dL/dm = dL/dw̃) and to ρ (dL/dρ = Σ dL/dw̃ · ε · σ'(ρ)).
+Sampling mechanisms (`DEELBoTrainingArguments.sampling_mechanism`):
 
-The alternative, perturbing the weights in place and restoring them after backward, (i) cannot
-restore m bit-exactly from m + σε − σε, so it needs a saved copy of m, and (ii) must compute dρ by
-hand per micro-batch under gradient accumulation, where the gradient buffer already holds earlier
-micro-batches. `benchmarks/sampling.py` measures both side by side (docs/benchmarks.md): where the
-weights dominate the step, functional_call with the fused draw below takes 30 % less time and a
-third less extra memory (4.0× and 2.2× a plain step's, against 5.7× and 3.5×); where activations
-dominate, the two are within a few percent. The simpler, exact mechanism wins.
+- in place (`perturb_in_place`, `InPlaceDraw`, the default): σε is added to the weights before the
+  forward pass and subtracted after the backward pass; ε is drawn tensor by tensor and replayed
+  from the generator's saved state, never stored, so the step needs plain training's memory plus
+  μ and one tensor's ε. dL/dm = dL/dw̃ comes from backward; dL/dρ = Σ ⟨dL/dw̃, ε⟩ · σ'(ρ) and the KL's
+  gradients to m are formed after the restore. Works on DDP modules and on parameters sharded by
+  FSDP2's `fully_shard` (each rank perturbs its own shard; sums over shards are all-reduced). The
+  restore is exact up to the rounding of m + σε (`InPlaceDraw`).
+- `functional_call` (`sample_parameters`): the model runs through `torch.func.functional_call` with
+  w̃ = m + σε as separate tensors, autograd carrying the gradients to m and ρ (`_Perturb`). One more
+  copy of the weights and one of ε during the step; m is never touched. It must be called on the
+  *wrapped* model: on the DDP wrapper the gradient all-reduce still happens (on the unwrapped module
+  it is silently skipped); FSDP's unshard hooks overwrite its substitutions, so it refuses sharded
+  parameters.
 
-It must be called on the *wrapped* model: on the DDP wrapper the gradient all-reduce still
-happens (on the unwrapped module it is silently skipped).
+Both draw the same ε (one standard-normal vector of length D from the same generator, split in
+`named_parameters()` order; on CPU the very same numbers). `benchmarks/sampling.py` and
+`benchmarks/overhead.py` measure both (docs/benchmarks.md): in place holds ~1.2× plain training's
+peak memory on an 85M-parameter ViT against ~1.8× for functional_call, and draws ε twice per step.
 """
 
 from __future__ import annotations

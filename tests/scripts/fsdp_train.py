@@ -3,6 +3,10 @@ launched with 2 processes on gloo by tests/test_fsdp.py.
 
     torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py fsdp OUTPUT_DIR
     torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py ddp OUTPUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py fsdp OUTPUT_DIR cuda   # on 2 GPUs (nccl)
+
+(On CUDA the draw is a different, equally valid ε than one torch.randn(D): FSDP and DDP still
+draw the same one, so the two runs must agree as on CPU.)
 
 Each step: the in-place draw w̃ = m + σε (each FSDP rank perturbs its own shard), λ*, τ* from the
 squared distances (summed over shards), loss = mean CE + KL/(κN) on the rank's half of the batch,
@@ -33,9 +37,13 @@ def build():
 
 def main():
     mode, output_dir = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    model = build().to(device)
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -44,14 +52,15 @@ def main():
         fully_shard(model)
         wrapped = model
     else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["1"]), sigma_init=0.05)
     kappa = posterior.num_params / NUM_TRAIN
     optimizer = torch.optim.SGD([*model.parameters(), posterior.rho], lr=0.2)
     generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(STEPS, GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (STEPS, GLOBAL_BATCH), generator=generator)
+    x = torch.randn(STEPS, GLOBAL_BATCH, 6, generator=generator).to(device)
+    y = torch.randint(0, 3, (STEPS, GLOBAL_BATCH), generator=generator).to(device)
     share = GLOBAL_BATCH // world
-    torch.manual_seed(2)  # the noise stream: the same on every rank
+    torch.manual_seed(2)  # the noise stream: the same on every rank (cuda too: manual_seed seeds every device)
     losses, lambdas = [], []
     for step in range(STEPS):
         draw = posterior.perturb_in_place(model)
