@@ -14,7 +14,7 @@ Every run: `max_grad_norm` 1.0 (transformers' default), weight decay 0, batch 32
 the backbones of `transfer.py` (a timm ResNet, here as `TimmWrapperForImageClassification` so that
 the plain run is a real `Trainer`, and a transformers ViT; 16×16 inputs) pretrained on digits 0–4,
 fine-tuned on N ∈ {50, 100, 500} images of 5–9, 3 seeds, tested on the held-out 30 % of 5–9.
-DEELBoTrainer runs at its defaults (κ = D/N, σ₀ = 1e-4, `sigma_learning_rate` 0.1).
+DEELBoTrainer runs at its defaults (κ = D/N, σ₀ = 1e-4, `sigma_learning_rate` 1.0).
 
 `--calibrate` is the measurement behind `sigma_learning_rate`'s default, made on data the matrix
 does not use (N = 100, seed 10: another training subset, test split and head initialisation, both
@@ -24,6 +24,7 @@ fine-tuning over backbones and optimizers.
 
     python benchmarks/dropin.py --calibrate     # ≈ 15 min on 2 cores: benchmarks/results/dropin-calibration.json
     python benchmarks/dropin.py                 # the matrix (≈ 40 min on 2 cores): results/dropin.json, docs
+    python benchmarks/dropin.py --summarize     # the figure, summary and docs from the records so far
     python benchmarks/dropin.py --quick --output-dir /tmp/dropin-quick   # a smoke run (CI)
 """
 
@@ -61,6 +62,8 @@ OPTIMIZERS = {
 CALIBRATION_OPTIMIZERS = list(OPTIMIZERS)[:4]
 # Candidate ρ learning rates of the calibration; None trains ρ at the weights' learning rate.
 SIGMA_LEARNING_RATES = [None, 0.01, 0.03, 0.1, 0.3, 1.0]
+# What the matrix runs: DEELBoTrainingArguments' default (the `--calibrate` choice).
+DEFAULT = "default"
 
 
 def common_arguments(steps: int, seed: int) -> dict:
@@ -87,7 +90,7 @@ def metrics_of(trainer, test) -> dict:
     return digits.classification_metrics(torch.tensor(output.predictions), torch.tensor(output.label_ids))
 
 
-def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning_rates=(0.1,), plain=True) -> dict:
+def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning_rates=(DEFAULT,), plain=True) -> dict:
     """Plain `Trainer` and `DEELBoTrainer` (once per ρ learning rate) with the same arguments."""
     from transformers import Trainer, TrainingArguments
 
@@ -106,8 +109,8 @@ def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning
     for sigma_lr in sigma_learning_rates:
         start = time.perf_counter()
         name = DEELBO if len(sigma_learning_rates) == 1 else f"{DEELBO} sigma_lr={sigma_lr}"
-        args = DEELBoTrainingArguments(output_dir=os.path.join(output_dir, name), sigma_learning_rate=sigma_lr,
-                                       **arguments)
+        chosen = {} if sigma_lr == DEFAULT else {"sigma_learning_rate": sigma_lr}
+        args = DEELBoTrainingArguments(output_dir=os.path.join(output_dir, name), **chosen, **arguments)
         trainer = DEELBoTrainer(model=init(), args=args, train_dataset=train)
         try:
             trainer.train()
@@ -120,7 +123,7 @@ def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning
     return results
 
 
-def run_cell(task, sigma_learning_rates=(0.1,)) -> dict:
+def run_cell(task, sigma_learning_rates=(DEFAULT,)) -> dict:
     """One (backbone, N, seed, optimizer) of the matrix."""
     transfer._setup_thread()
     import transformers
@@ -187,7 +190,7 @@ def markdown(rows: list[dict], settings: dict, seconds: float, figure_link: str)
         "",
         f"`benchmarks/dropin.py`: {settings['steps']} steps, batch 32, `max_grad_norm` 1.0, weight decay 0, "
         f"seeds {settings['seeds']}; plain = `transformers.Trainer`, DE ELBO = `DEELBoTrainer` at its defaults "
-        f"(`sigma_learning_rate` 0.1). Means over seeds; per-seed accuracies in `benchmarks/results/dropin.json`. "
+        f"(`sigma_learning_rate` {settings.get('sigma_learning_rate', DEFAULT)}). Means over seeds; per-seed accuracies in `benchmarks/results/dropin.json`. "
         f"Whole run: {seconds / 60:.0f} min.",
         "",
         f"Acceptance: accuracy ≥ plain − 1 point in **{accuracy_ok} of {len(rows)}** cells; "
@@ -245,6 +248,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="A smoke run: ResNet, N=50, 1 seed, 2 optimizers, 5 steps.")
     parser.add_argument("--calibrate", action="store_true", help="Measure the candidates for sigma_learning_rate's default.")
+    parser.add_argument("--summarize", action="store_true",
+                        help="Only rebuild the figure, summary and docs section from OUTPUT_DIR/dropin.json.")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--docs", default=None, help="Markdown file to update (default: docs/benchmarks.md).")
     parser.add_argument("--workers", type=int, default=2)
@@ -275,13 +280,22 @@ def main(argv=None) -> None:
     if args.quick:
         settings = {"steps": 5, "seeds": [0], "ns": [50], "backbones": ["timm-resnet"],
                     "optimizers": ["AdamW 5e-5 linear", "SGD-Nesterov 0.1 cosine"]}
+    from hf_deelbo import DEELBoTrainingArguments
+
+    settings["sigma_learning_rate"] = DEELBoTrainingArguments.__dataclass_fields__["sigma_learning_rate"].default
+    results_path = os.path.join(args.output_dir, "dropin.json")
+    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
+                              else os.path.join(ROOT, "docs", "benchmarks.md"))
+    if args.summarize:
+        saved = json.load(open(results_path))
+        write_summary(saved["records"], saved["settings"], saved.get("seconds", 0.0), args.output_dir, docs_path)
+        return
     paths = {b: transfer.pretrained_path(b, os.path.join(args.output_dir, "pretrained")) for b in settings["backbones"]}
     tasks = [(b, n, s, o, settings["steps"], paths[b], os.path.join(args.output_dir, "runs", f"dropin-{b}-{n}-{s}-{o}"))
              for b, n, s, o in itertools.product(settings["backbones"], settings["ns"], settings["seeds"],
                                                  settings["optimizers"])]
-    tasks.sort(key=lambda t: -t[1])  # largest first, so the workers finish together
+    tasks.sort(key=lambda t: (t[2], -t[1]))  # every cell at one seed before the next seed
     records = []
-    results_path = os.path.join(args.output_dir, "dropin.json")
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_cell, tasks):
             records.append(record)
@@ -290,16 +304,19 @@ def main(argv=None) -> None:
                   f"DE ELBO {record[DEELBO].get('accuracy', float('nan')):.3f} "
                   f"σ {record[DEELBO].get('sigma', float('nan')):.2g}", flush=True)
             with open(results_path, "w") as f:  # after every cell: partial results survive
-                json.dump({"settings": settings, "records": records}, f, indent=1)
-    elapsed = time.perf_counter() - start
+                json.dump({"settings": settings, "seconds": time.perf_counter() - start, "records": records}, f,
+                          indent=1)
+    write_summary(records, settings, time.perf_counter() - start, args.output_dir, docs_path)
+
+
+def write_summary(records: list[dict], settings: dict, seconds: float, output_dir: str, docs_path: str) -> None:
+    """The figure, the stored summary and the docs section, from the records (complete or not)."""
     rows = summarize(records)
-    figure(rows, os.path.join(args.output_dir, "dropin.png"))
-    with open(results_path, "w") as f:
-        json.dump({"settings": settings, "seconds": elapsed, "summary": rows, "records": records}, f, indent=1)
-    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
-                              else os.path.join(ROOT, "docs", "benchmarks.md"))
-    link = os.path.relpath(os.path.join(args.output_dir, "dropin.png"), os.path.dirname(os.path.abspath(docs_path)))
-    section = markdown(rows, settings, elapsed, link)
+    figure(rows, os.path.join(output_dir, "dropin.png"))
+    with open(os.path.join(output_dir, "dropin.json"), "w") as f:
+        json.dump({"settings": settings, "seconds": seconds, "summary": rows, "records": records}, f, indent=1)
+    link = os.path.relpath(os.path.join(output_dir, "dropin.png"), os.path.dirname(os.path.abspath(docs_path)))
+    section = markdown(rows, settings, seconds, link)
     update_section(docs_path, SECTION, section)
     print(section)
 

@@ -36,14 +36,15 @@ class DEELBoTrainingArguments(TrainingArguments):
             The paper's 1e-4 was used on networks of 20–90M parameters; the prior's initial pull on
             the backbone grows as 1/(σ√D), which slows the first tens of steps on much smaller
             networks (`DEELBoTrainer` logs it; docs/method.md, "Initial σ").
-        sigma_learning_rate (`float`, *optional*, defaults to `0.1`):
+        sigma_learning_rate (`float`, *optional*, defaults to `1.0`):
             Learning rate of ρ (σ = softplus(ρ)), which gets an optimizer group of its own
             (following the same schedule, no weight decay). ρ is a log-scale parameter: how fast it
             must move does not depend on the weights' learning rate, and under Adam-family
             optimizers it moves by about one learning rate per step, so at the weights' 5e-5 σ
             would never leave `sigma_init` and the prior would pin the backbone at its pretrained
-            weights. `None` trains ρ at `learning_rate` (the paper's recipe, which is identical to
-            the default at its `learning_rate=0.1`). docs/trainer.md, "Using your own optimizer".
+            weights; under SGD, gradient clipping shrinks ρ's gradient with the weights'. The
+            default was measured (`benchmarks/dropin.py --calibrate`). `None` trains ρ at
+            `learning_rate`, the paper's recipe. docs/trainer.md, "Using your own optimizer".
         head_modules (`list[str]`, *optional*, defaults to `None`):
             Module-name prefixes of the new classification head (prior N(0, τI)); every other
             trainable parameter is backbone (prior N(μ, λI), μ = its pretrained value). `None`
@@ -89,7 +90,7 @@ class DEELBoTrainingArguments(TrainingArguments):
         metadata={"help": "Initial posterior standard deviation σ = softplus(ρ), shared by all weights."},
     )
     sigma_learning_rate: float | None = field(
-        default=0.1,
+        default=1.0,
         metadata={
             "help": "Learning rate of ρ (σ = softplus(ρ)) in its own optimizer group, on the same schedule. "
             "None: the weights' learning_rate (the paper's recipe)."

@@ -166,11 +166,11 @@ def test_dropin_benchmark_quick_mode_writes_its_outputs(tmp_path):
     assert "Drop-in: DEELBoTrainer against Trainer" in (tmp_path / "benchmarks.md").read_text()
 
 
-def test_the_paper_recipe_is_unchanged_at_its_learning_rate(make_args):
-    """Under the paper's recipe at lr 0.1, the default ρ learning rate is the paper's own (ρ at
-    learning_rate): the two runs are identical, step for step."""
+def test_sigma_learning_rate_none_is_the_paper_recipe(make_args):
+    """`sigma_learning_rate=None` trains ρ at `learning_rate`, as the paper does: the run is
+    identical, step for step, to one that names the same value explicitly."""
     runs = []
-    for overrides in ({}, {"sigma_learning_rate": None}):  # the default, and ρ at learning_rate
+    for overrides in ({"sigma_learning_rate": 0.1}, {"sigma_learning_rate": None}):
         model, _ = build_model("resnet")
         args = make_args(optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.1,
                          lr_scheduler_type="cosine", max_grad_norm=1.0, max_steps=6, logging_steps=1, **overrides)
