@@ -141,7 +141,7 @@ def is_timm_wrapper(model: nn.Module) -> bool:
 
 # What each entry of config.json the package writes must hold: key -> (kind, required). Kinds:
 # "positive" a finite float > 0; "nonnegative" a finite float >= 0; "strengths" a nonnegative
-# float or a dict of them (per-tensor values); "radii" None or a dict of positive floats; "count" an
+# float or a dict of them (per-tensor values); "radii" None or a dict of floats >= 0; "count" an
 # int >= 0; "names" a list of non-empty strings; "text" a string; "flag" a bool; "version" the entry's
 # format version, an int from 1 to the version this package writes (`ENTRY_FORMAT_VERSIONS`).
 ENTRY_SCHEMAS = {
@@ -186,9 +186,9 @@ def _value_problem(kind: str, value, key: str, entry_key: str) -> str | None:
             return "must be a finite number >= 0, or a dict of them"
     elif kind == "radii":
         if value is not None and not (
-            isinstance(value, dict) and all(_is_number(v) and math.isfinite(v) and v > 0 for v in value.values())
+            isinstance(value, dict) and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in value.values())
         ):
-            return "must be null or a dict of finite numbers > 0"
+            return "must be null or a dict of finite numbers >= 0"
     elif kind == "count":
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return "must be an int >= 0"
