@@ -182,7 +182,7 @@ def check_batch_norm_single_example(model: nn.Module, example_batch: dict, forwa
         ) from error
     finally:
         model.train(was_training)
-        for m, saved in zip(batch_norms, buffers):
+        for m, saved in zip(batch_norms, buffers, strict=True):
             for k, v in saved.items():
                 getattr(m, k).copy_(v)
 
