@@ -12,10 +12,13 @@ the time between optimizer steps after two warm-up steps: the median for Trainer
 DEELBoTrainer (every step costs the same), the mean over 10 steps for TPGM (radii updated every
 10 steps, a projection after every step) and T1–T2 (one hyper-step per 10 steps), compared with
 Trainer's mean. Peak memory is the process's peak RSS minus its RSS before the model was built
-(weights, gradients, optimizer state, μ, activations: all the training adds). Ratios are
-trainer / Trainer.
+(weights, gradients, optimizer state, μ, activations: all the training adds), with a breakdown
+(the tensors' sizes; the rest is activations, allocator slack and the sampling mechanism's own).
+Ratios are trainer / Trainer. DEELBoTrainer runs with each `sampling_mechanism`; the time of one
+`torch.randn(D)` in the same process gives the share of the step spent drawing ε.
 
-    python benchmarks/overhead.py        # ≈ 10 min on 2 cores; writes benchmarks/results/overhead.json, updates docs/benchmarks.md
+    python benchmarks/overhead.py        # ≈ 10 min on 2 idle cores; writes benchmarks/results/overhead.json, updates docs/benchmarks.md
+    python benchmarks/overhead.py --settings parameter-dominated --trainers DEELBoTrainer --repeats 1   # one setting, fewer trainers
 """
 
 from __future__ import annotations
@@ -98,9 +101,10 @@ def child(setting: str, kind: str, steps: int) -> dict:
 
             model = WithLoss()
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
-    elif kind == "DEELBoTrainer":
-        trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(**common), train_dataset=data,
-                                callbacks=[Clock()])
+    elif kind.startswith("DEELBoTrainer"):
+        mechanism = "functional_call" if "functional_call" in kind else "in_place"
+        trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(sampling_mechanism=mechanism, **common),
+                                train_dataset=data, callbacks=[Clock()])
     else:
         validation = data.select(range(batch))
         trainer_class, args_class, extra = {
@@ -110,9 +114,30 @@ def child(setting: str, kind: str, steps: int) -> dict:
         trainer = trainer_class(model=model, args=args_class(per_device_eval_batch_size=batch, **extra, **common),
                                 train_dataset=data, eval_dataset=validation, callbacks=[Clock()])
     trainer.train()
+    peak = status_mb("VmHWM") - before
     gaps = [b - a for a, b in zip(times[1:], times[2:])]  # steps 3, 4, ...: after two warm-up steps
-    return {"step_seconds": statistics.median(gaps), "mean_step_seconds": statistics.mean(gaps[:10]),
-            "peak_mb": status_mb("VmHWM") - before}
+    mb = 1 / 2**20
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    breakdown = {
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) * mb,
+        "gradients_mb": sum(p.numel() * p.element_size() for p in trainable) * mb,
+        "optimizer_mb": sum(v.numel() * v.element_size() for state in trainer.optimizer.state.values()
+                            for v in state.values() if torch.is_tensor(v)) * mb,
+    }
+    result = {"step_seconds": statistics.median(gaps), "mean_step_seconds": statistics.mean(gaps[:10]),
+              "peak_mb": peak, "breakdown": breakdown}
+    if kind.startswith("DEELBoTrainer"):
+        breakdown["prior_mean_mb"] = sum(mu.numel() * mu.element_size() for mu in trainer.posterior.anchor.prior_mean) * mb
+        # the step draws D normal numbers once (functional_call) or twice (in_place: the draw and its replay)
+        num_params = trainer.posterior.num_params
+        draws = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.randn(num_params)
+            draws.append(time.perf_counter() - start)
+        result["randn_d_seconds"] = statistics.median(draws)
+        result["draws_per_step"] = 1 if "functional_call" in kind else 2
+    return result
 
 
 def main(argv=None) -> None:
@@ -120,6 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--child", nargs=3, metavar=("SETTING", "KIND", "STEPS"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--trainers", nargs="+", default=None, help="a subset of the trainers (Trainer is always run)")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     args = parser.parse_args(argv)
@@ -127,8 +154,10 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]))))
         return
     results = {}
-    kinds = ("Trainer", "DEELBoTrainer", "TPGMTrainer", "T1T2Trainer")
-    for setting in SETTINGS:
+    kinds = ("Trainer", "DEELBoTrainer", "DEELBoTrainer (functional_call)", "TPGMTrainer", "T1T2Trainer")
+    if args.trainers:
+        kinds = ("Trainer", *(kind for kind in kinds[1:] if kind in args.trainers))
+    for setting in args.settings:
         runs = {kind: [] for kind in kinds}
         for _ in range(args.repeats):
             for kind in runs:  # alternating, so drift in machine load hits every trainer alike
@@ -136,13 +165,16 @@ def main(argv=None) -> None:
                                      capture_output=True, text=True, check=True)
                 runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
         summary = {kind: {key: statistics.median(r[key] for r in values)
-                          for key in ("step_seconds", "mean_step_seconds", "peak_mb")}
+                          for key in ("step_seconds", "mean_step_seconds", "peak_mb", "randn_d_seconds")
+                          if key in values[0]}
                    for kind, values in runs.items()}
+        for kind, values in runs.items():
+            summary[kind]["breakdown"] = values[0]["breakdown"]
         base = summary["Trainer"]
         ratios = {
             kind: {
                 # every DE ELBO step costs the same: medians; TPGM and T1–T2 do extra work every 10 steps: means
-                "step_time_ratio": (summary[kind]["step_seconds"] / base["step_seconds"] if kind == "DEELBoTrainer"
+                "step_time_ratio": (summary[kind]["step_seconds"] / base["step_seconds"] if kind.startswith("DEELBo")
                                     else summary[kind]["mean_step_seconds"] / base["mean_step_seconds"]),
                 "peak_memory_ratio": summary[kind]["peak_mb"] / base["peak_mb"],
             }
@@ -164,13 +196,31 @@ def main(argv=None) -> None:
     for setting, r in results.items():
         base = r["median"]["Trainer"]
         for kind, ratio in r["ratios"].items():
-            key = "step_seconds" if kind == "DEELBoTrainer" else "mean_step_seconds"
+            key = "step_seconds" if kind.startswith("DEELBo") else "mean_step_seconds"
             lines.append(f"| {setting}: {r['description']} | {kind} | {r['median'][kind][key]:.3f} | {base[key]:.3f} | "
                          f"{ratio['step_time_ratio']:.2f}× | {r['median'][kind]['peak_mb']:.0f} | {base['peak_mb']:.0f} "
                          f"| {ratio['peak_memory_ratio']:.2f}× |")
+    lines += ["", "Memory breakdown (MB): weights, gradients and optimizer state are the tensors' sizes; μ is the prior "
+              "mean; 'rest' is the measured peak minus those, i.e. activations, allocator slack and, for DE ELBO, what "
+              "its sampling mechanism holds during the step. RNG: the time of one `torch.randn(D)` in the same process, "
+              "times the draws per step (in_place draws ε and replays it; functional_call draws it once), as a share "
+              "of the step.", "",
+              "| setting | trainer | weights | gradients | optimizer | μ | rest | peak | RNG share of step |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for setting, r in results.items():
+        for kind, m in r["median"].items():
+            b = m["breakdown"]
+            known = b["weights_mb"] + b["gradients_mb"] + b["optimizer_mb"] + b.get("prior_mean_mb", 0.0)
+            rng = (f"{m['randn_d_seconds'] * r['runs'][kind][0]['draws_per_step'] / m['step_seconds']:.0%}"
+                   if "randn_d_seconds" in m else "")
+            lines.append(f"| {setting} | {kind} | {b['weights_mb']:.0f} | {b['gradients_mb']:.0f} | {b['optimizer_mb']:.0f} "
+                         f"| {b.get('prior_mean_mb', 0.0):.0f} | {m['peak_mb'] - known:.0f} | {m['peak_mb']:.0f} | {rng} |")
     lines += ["", "In the parameter-dominated setting every per-parameter cost of DE ELBO shows: the prior mean μ "
-              "(one copy of the backbone), the draw ε and the sampled weights w̃ (one copy each during the step), "
-              "and the O(D) work of drawing ε, forming w̃, the KL and the closed-form λ, τ. These are independent of "
+              "(one copy of the backbone); with `sampling_mechanism=\"functional_call\"` also the draw ε and the "
+              "sampled weights w̃ (one copy each during the step), which the default `\"in_place\"` never holds (it "
+              "adds σε to the weights and removes it after backward, replaying ε from the generator's state: two draws "
+              "per step instead of one); and the O(D) work of drawing ε, perturbing the weights, the KL and the "
+              "closed-form λ, τ. These are independent of "
               "the batch, so they vanish against activations as images and batches grow. TPGM and T1–T2 keep μ too, "
               "and every 10 steps run one validation batch forward and backward (TPGM also projects every backbone "
               "tensor after every step).", "", SECTION[1]]
