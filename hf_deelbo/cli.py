@@ -344,7 +344,8 @@ def _check_output_dir(training_args, run_args) -> bool:
     from .lock import LOCK_NAME, lock_holder
 
     path = training_args.output_dir
-    holder = lock_holder(path) if os.path.isdir(path) else None
+    # Under torchrun every rank runs this command; the main process speaks for the run.
+    holder = lock_holder(path) if os.path.isdir(path) and _is_main_process() else None
     if holder is not None:
         raise UsageError(
             f"--output_dir {path!r} is in use by another run ({holder}); wait for it to finish, or choose another "
@@ -553,9 +554,12 @@ def train_command(argv: list[str]) -> int:
         trainer = DEELBoTrainer(model=model_init(), args=training_args, train_dataset=train, **kwargs)
     from . import lock
 
-    lock.acquire(output_dir)  # from here on, nothing the run writes is ever removed
+    main_process = training_args.process_index == 0
+    if main_process:
+        lock.acquire(output_dir)  # from here on, nothing the run writes is ever removed
     if existed and run_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
-        _remove_previous_run(output_dir)
+        if main_process:
+            _remove_previous_run(output_dir)
     try:
         if run_args.learning_rates:
             from .search import select_learning_rate
@@ -596,7 +600,8 @@ def train_command(argv: list[str]) -> int:
             raise
         raise failure from error
     finally:
-        lock.release(output_dir)  # removes output_dir only if the run created it and wrote nothing
+        if main_process:
+            lock.release(output_dir)  # removes output_dir only if the run created it and wrote nothing
     _print_summary(trainer.learned_hyperparameters(), metrics, output_dir, trainer.state.log_history,
                    _num_labels(trainer))
     if trainer.failed_pushes:
@@ -629,6 +634,10 @@ def _record_split(embedded: bool, data_args, training_args, train, evaluation) -
         max_eval_samples=data_args.max_eval_samples, num_train_examples=len(train),
         num_eval_examples=len(evaluation) if evaluation is not None else 0,
     )
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _remove_previous_run(output_dir: str) -> None:
@@ -954,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nhf-deelbo: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    # Other libraries' INFO lines (timm's "Loading pretrained weights from ...") are noise here.
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)  # hf_deelbo's logger follows transformers' verbosity (warnings) otherwise
     from .hub import HubPushError
     from .lock import OutputDirectoryInUse
