@@ -200,8 +200,8 @@ class FineTuningTrainer(Trainer):
             raise FloatingPointError(
                 f"{type(self).__name__} diverged at step {self.state.global_step}: the loss or the weights are no "
                 f"longer finite{f' ({details})' if details else ''}. Lower learning_rate (now "
-                f"{self._get_learning_rate()}){self._divergence_hint()} and check the data. The last checkpoint saved "
-                "before this step is intact."
+                f"{self.args.learning_rate:g}, {self._get_learning_rate():g} at this step of the schedule)"
+                f"{self._divergence_hint()} and check the data. The last checkpoint saved before this step is intact."
             )
         return super()._maybe_log_save_evaluate(*args, **kwargs)
 
