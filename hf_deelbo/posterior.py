@@ -212,11 +212,12 @@ def _add_scaled_noise(m: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor, s
     """m += σε (sign 1), rounded as `_Perturb.forward` rounds m + σε (one fused addcmul in float32),
     or m −= σε (sign −1) with σε rounded first: a weight at 0 (a fresh bias) comes back exactly 0,
     and w̃ = m whenever σε is below half an ulp of m, so the restore is exact as σ → 0; a fused
-    subtraction would leave the product's rounding error behind instead."""
+    subtraction would leave the product's rounding error behind instead. The restore scales ε in
+    place (its last use), so it needs no tensor of its own."""
     if sign > 0 and m.dtype == eps.dtype:
         m.addcmul_(eps, sigma)
     elif m.dtype == eps.dtype:
-        m.sub_(eps * sigma)
+        m.sub_(eps.mul_(sigma))
     else:
         m.add_((sigma * eps).to(m.dtype), alpha=sign)
 
