@@ -135,16 +135,29 @@ def pretrained_backbone_path(
     architecture: str = "resnet10t", cache_dir: str | None = None, epochs: int = 3, seed: int = 0
 ) -> str:
     """A timm model pretrained on digits 0–4, saved in timm's Hub format (config.json +
-    model.safetensors) and built once: later calls return the cached directory. Load it with
+    model.safetensors) and built once: later calls return the cached directory (processes that
+    ask at the same time wait for the one that builds it). Load it with
     `timm.create_model(f"local-dir:{path}", pretrained=True)`, the same code path as a Hub id."""
+    import os
+
+    from huggingface_hub.utils import WeakFileLock
+
+    path = os.path.join(cache_dir or default_cache_dir(), f"digits0-4-{architecture}-e{epochs}-s{seed}")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with WeakFileLock(f"{path}.lock"):
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            _build_backbone(path, architecture, epochs, seed)
+    return path
+
+
+def _build_backbone(path: str, architecture: str, epochs: int, seed: int) -> None:
     import os
     import shutil
 
     from timm.models._hub import save_for_hf
 
-    path = os.path.join(cache_dir or default_cache_dir(), f"digits0-4-{architecture}-e{epochs}-s{seed}")
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
     source_train, _ = split(digits_dataset(SOURCE_CLASSES), None, seed)
     model = pretrain(tiny_timm_backbone(len(SOURCE_CLASSES), seed, architecture), source_train, epochs=epochs, seed=seed)
     # Written to a temporary directory and renamed, so a crash never leaves a half-written cache.
@@ -154,7 +167,6 @@ def pretrained_backbone_path(
         os.rename(tmp, path)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def load_backbone_with_new_head(path: str, num_classes: int, seed: int = 0):

@@ -150,10 +150,20 @@ def hub(local_hub):
     local_hub.state.refuse_writes = local_hub.state.refuse_commits = local_hub.state.hang_commits = None
 
 
+def shared_dir(tmp_path_factory, name: str):
+    """A directory of this test run shared by its xdist workers (their base temp's parent), so that
+    what is expensive to build (pretrained backbones) is built once per run, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def digits_backbone_cache(tmp_path_factory):
-    """One pretrained digits backbone per test session (the command line builds it on first use)."""
-    path = tmp_path_factory.mktemp("hf_deelbo_cache")
+    """One pretrained digits backbone per test run (the command line builds it on first use; the
+    workers that need it at the same time wait for the one building it)."""
+    path = shared_dir(tmp_path_factory, "hf_deelbo_cache")
     os.environ["HF_DEELBO_CACHE"] = str(path)
     return path
 
