@@ -1,7 +1,9 @@
 """How to draw w̃ = m + σε for each training step: `functional_call` versus in-place perturbation.
 
-Both mechanisms compute the same gradients (tests/test_gradients.py uses the in-place one as its
-independent reference). This measures what they cost, side by side in one run, for a
+Both mechanisms are the package's own (`IsotropicGaussianPosterior.sample_parameters` and
+`perturb_in_place`, the two `sampling_mechanism`s) and compute the same gradients
+(tests/test_gradients.py checks both against plain autograd). This measures what they cost, side
+by side in one run, for a
 parameter-dominated setting (a wide MLP, small batch) and an activation-dominated one (a ResNet
 on 64×64 images, batch 64), as ratios to a plain step without any sampling:
 
@@ -58,7 +60,6 @@ def make_step(mechanism: str, model, x, y, head):
     from hf_deelbo.posterior import IsotropicGaussianPosterior
 
     posterior = IsotropicGaussianPosterior(model, split_parameters(model, head), sigma_init=1e-4)
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def plain():
         model.zero_grad(set_to_none=True)
@@ -72,22 +73,10 @@ def make_step(mechanism: str, model, x, y, head):
 
     def in_place():
         model.zero_grad(set_to_none=True)
-        sigma = F.softplus(posterior.rho.detach())
-        noise = torch.randn(posterior.num_params)
-        pieces, offset = [], 0
-        saved = [p.detach().clone() for p in params]  # exact restore needs m itself
-        with torch.no_grad():
-            for p in params:
-                e = noise[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
-                pieces.append(e)
-                p.add_(sigma * e)
+        posterior.rho.grad = None
+        draw = posterior.perturb_in_place(model)  # σε added to the weights, ε not kept
         F.cross_entropy(model(x), y).backward()
-        with torch.no_grad():
-            data_term = sum((p.grad * e).sum() for p, e in zip(params, pieces))
-            posterior.rho.grad = data_term * torch.sigmoid(posterior.rho.detach())
-            for p, m in zip(params, saved):
-                p.copy_(m)
+        draw.finish()  # ε replayed: dL/dρ, the weights back at m
 
     return {"plain": plain, "functional_call": functional, "in_place": in_place}[mechanism]
 
