@@ -51,7 +51,7 @@ class PretrainedAnchor:
         backbone, head = self.squared_distances_per_tensor()
         return backbone.sum(), head.sum()
 
-    def squared_distances_per_tensor(self, deferred: "DeferredDistanceGradients | None" = None):
+    def squared_distances_per_tensor(self, deferred: DeferredDistanceGradients | None = None):
         """(‖m_b,l − μ_l‖² for each backbone tensor l, ‖m_h,l‖² for each head tensor l): two float64
         vectors in `backbone_names` / `head_names` order, differentiable with respect to m (the
         gradients are formed in backward, as in `squared_distances`).

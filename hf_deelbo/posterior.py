@@ -155,7 +155,7 @@ class IsotropicGaussianPosterior(nn.Module):
         draws = _Perturb.apply(noise.split(self._sizes), self.sigma(), *tensors)
         return {name: draw for names, draw in zip(self._names_in(model), draws) for name in names}
 
-    def perturb_in_place(self, model: nn.Module | None = None, generator: torch.Generator | None = None) -> "InPlaceDraw":
+    def perturb_in_place(self, model: nn.Module | None = None, generator: torch.Generator | None = None) -> InPlaceDraw:
         """One draw w̃ = m + σε written into the weights themselves, with the squared distances of m
         (taken first) as `draw.squared_distances`; after the backward pass, `draw.finish()` forms
         dL/dρ and puts the weights back at m (`InPlaceDraw`). ε is the same vector as
@@ -260,9 +260,9 @@ class InPlaceDraw:
 
     Step 4's subtraction restores m up to the rounding of w̃ (|m' − m| ≤ 2⁻²³·max(|m|, |σε|); exact
     for about 99 % of weights at σ = 1e-4, for weights at 0, and whenever σε is below half an ulp of
-    m). Where σε is large next to m, m + σε has lost m's low bits and no restore can be exact. The draw is deterministic, so resume
-    and DDP stay exact. `restore()` puts the weights back without gradients (an aborted step, or a
-    forward pass without backward).
+    m). Where σε is large next to m, m + σε has lost m's low bits and no restore can be exact. The
+    draw is deterministic, so resume and DDP stay exact. `restore()` puts the weights back without
+    gradients (an aborted step, or a forward pass without backward).
     """
 
     def __init__(self, posterior: IsotropicGaussianPosterior, generator: torch.Generator | None = None):
