@@ -50,6 +50,21 @@ def _image_bytes(dataset) -> set[bytes]:
     return {np.asarray(image).tobytes() for image in dataset.with_format(None)["image"]}
 
 
+@pytest.mark.parametrize("seed", [7, 42])
+def test_evaluate_rebuilds_the_split_train_recorded(seed, tmp_path):
+    from hf_deelbo.cli import DataTrainingArguments, _embedded_data_and_model, _record_split, evaluation_data
+    from hf_deelbo.data import read_split_record
+
+    argv = ["--output_dir", str(tmp_path / "run"), "--max_train_samples", "60", "--seed", str(seed)]
+    _, data_args, training_args, _ = parse_train_args(argv)
+    _, train, _, test, *_ = _embedded_data_and_model(data_args, training_args)  # what train trains and tests on
+    _record_split(True, data_args, training_args, train, test)
+    record = read_split_record(str(tmp_path / "run"))
+    evaluated, description = evaluation_data(record, DataTrainingArguments(), None, None, None)
+    assert not _image_bytes(evaluated) & _image_bytes(train)
+    assert _image_bytes(evaluated) == _image_bytes(test) and f"seed {seed}" in description
+
+
 @pytest.mark.slow
 def test_main_job_on_the_embedded_default(tmp_path, capsys):
     import re
