@@ -698,18 +698,14 @@ def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
 
 
 def _unpickled_file(error: BaseException) -> str:
-    """The checkpoint file whose load raised `error` (from the traceback), or "A checkpoint file"."""
-    import traceback
-
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if frame.name == "load" and frame.filename.endswith(os.path.join("torch", "serialization.py")):
-            break
-    names = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "training_args.bin", "pytorch_model.bin")
-    for line in traceback.format_exception(error):
-        for name in names:
-            if name in line:
-                return name if name != "rng_state" else "rng_state.pth"
-    return "A checkpoint file"
+    """The name of the file whose `torch.load` raised `error` (read from the traceback's frames)."""
+    tb, name = error.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "load" and code.co_filename.endswith("serialization.py"):
+            name = os.path.basename(str(tb.tb_frame.f_locals.get("f", ""))) or name
+        tb = tb.tb_next
+    return name or "A checkpoint file"
 
 
 def _num_labels(trainer) -> int | None:
