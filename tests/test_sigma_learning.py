@@ -100,10 +100,16 @@ class _Records(logging.Handler):
 def transformers_records():
     handler = _Records()
     verbosity = transformers.logging.get_verbosity()
+    # `hf-deelbo` (run in-process by other tests) sets its own logger's level; here hf_deelbo's
+    # loggers must follow transformers' verbosity, as in a user's script.
+    package_logger = logging.getLogger("hf_deelbo")
+    package_level = package_logger.level
+    package_logger.setLevel(logging.NOTSET)
     transformers.logging.add_handler(handler)
     yield handler
     transformers.logging.remove_handler(handler)
     transformers.logging.set_verbosity(verbosity)
+    package_logger.setLevel(package_level)
 
 
 def _train_vit(make_args, **overrides):
