@@ -69,7 +69,10 @@ def test_models_sharded_with_fully_shard_are_refused(tmp_path):
     from conftest import build_model, image_dataset
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29577", rank=0, world_size=1)
+    from conftest import _free_port
+
+    # A free port, not a fixed one: another test run on the machine may hold any given port.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         model, _ = build_model("resnet")
         fully_shard(model)
