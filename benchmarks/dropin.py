@@ -20,9 +20,12 @@ DEELBoTrainer runs at its defaults (κ = D/N, σ₀ = 1e-4, `sigma_learning_rate
 does not use (N = 100, seed 10: another training subset, test split and head initialisation, both
 backbones): DE ELBO under the four main optimizers for each candidate ρ learning rate, against
 plain fine-tuning. The default is the candidate with the smallest worst-case accuracy gap to plain
-fine-tuning over backbones and optimizers.
+fine-tuning over backbones and optimizers. `--calibrate sigma_momentum` is the second measurement,
+made the same way and with the same rule over all five optimizers: ρ's own Nesterov momentum under
+SGD (`sigma_momentum`) with ρ learning rates 1, 3 and 10, against the defaults of the first.
 
     python benchmarks/dropin.py --calibrate     # ≈ 15 min on 2 cores: benchmarks/results/dropin-calibration.json
+    python benchmarks/dropin.py --calibrate sigma_momentum   # ≈ 20 min: dropin-calibration-sigma_momentum.json
     python benchmarks/dropin.py                 # the matrix (≈ 40 min on 2 cores): results/dropin.json, docs
     python benchmarks/dropin.py --summarize     # the figure, summary and docs from the records so far
     python benchmarks/dropin.py --quick --output-dir /tmp/dropin-quick   # a smoke run (CI)
@@ -59,9 +62,18 @@ OPTIMIZERS = {
     "SGD-Nesterov 0.01 cosine": dict(SGD_NESTEROV, learning_rate=0.01),
     "SGD momentum 0, 0.1 cosine": dict(optim="sgd", learning_rate=0.1, lr_scheduler_type="cosine"),
 }
-CALIBRATION_OPTIMIZERS = list(OPTIMIZERS)[:4]
-# Candidate ρ learning rates of the calibration; None trains ρ at the weights' learning rate.
-SIGMA_LEARNING_RATES = [None, 0.01, 0.03, 0.1, 0.3, 1.0]
+# Each calibration: the optimizers it runs, and its candidates (name -> DEELBoTrainingArguments
+# overrides) in the order that breaks ties: the later (faster-adapting) one wins.
+# sigma_learning_rate=None trains ρ at the weights' learning rate.
+CALIBRATIONS = {
+    "sigma_learning_rate": (list(OPTIMIZERS)[:4], {f"sigma_lr={lr}": {"sigma_learning_rate": lr}
+                                                   for lr in (None, 0.01, 0.03, 0.1, 0.3, 1.0)}),
+    "sigma_momentum": (list(OPTIMIZERS), {
+        "sigma_lr=1.0": {"sigma_learning_rate": 1.0, "sigma_momentum": None},
+        **{f"sigma_lr={lr} sigma_momentum=0.9": {"sigma_learning_rate": lr, "sigma_momentum": 0.9}
+           for lr in (1.0, 3.0, 10.0)},
+    }),
+}
 # What the matrix runs: DEELBoTrainingArguments' default (the `--calibrate` choice).
 DEFAULT = "default"
 
@@ -90,8 +102,9 @@ def metrics_of(trainer, test) -> dict:
     return digits.classification_metrics(torch.tensor(output.predictions), torch.tensor(output.label_ids))
 
 
-def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning_rates=(DEFAULT,), plain=True) -> dict:
-    """Plain `Trainer` and `DEELBoTrainer` (once per ρ learning rate) with the same arguments."""
+def run_pair(init, train, test, arguments: dict, output_dir: str, candidates=None, plain=True) -> dict:
+    """Plain `Trainer` and `DEELBoTrainer` with the same arguments: at its defaults, or once per
+    candidate (name -> DEELBoTrainingArguments overrides)."""
     from transformers import Trainer, TrainingArguments
 
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
@@ -106,10 +119,9 @@ def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning
             results[PLAIN] = {**metrics_of(trainer, test), "seconds": time.perf_counter() - start}
         except FloatingPointError:
             results[PLAIN] = {"diverged": True}
-    for sigma_lr in sigma_learning_rates:
+    for candidate, chosen in (candidates or {None: {}}).items():
         start = time.perf_counter()
-        name = DEELBO if len(sigma_learning_rates) == 1 else f"{DEELBO} sigma_lr={sigma_lr}"
-        chosen = {} if sigma_lr == DEFAULT else {"sigma_learning_rate": sigma_lr}
+        name = DEELBO if candidate is None else f"{DEELBO} {candidate}"
         args = DEELBoTrainingArguments(output_dir=os.path.join(output_dir, name), **chosen, **arguments)
         trainer = DEELBoTrainer(model=init(), args=args, train_dataset=train)
         try:
@@ -123,7 +135,7 @@ def run_pair(init, train, test, arguments: dict, output_dir: str, sigma_learning
     return results
 
 
-def run_cell(task, sigma_learning_rates=(DEFAULT,)) -> dict:
+def run_cell(task, candidates=None) -> dict:
     """One (backbone, N, seed, optimizer) of the matrix."""
     transfer._setup_thread()
     import transformers
@@ -137,27 +149,22 @@ def run_cell(task, sigma_learning_rates=(DEFAULT,)) -> dict:
     raw_init = transfer.model_init(backbone, path, seed)
     init = raw_init if backbone == "vit" else (lambda: wrapped_timm(raw_init()))
     arguments = {**common_arguments(steps, seed), **OPTIMIZERS[optimizer]}
-    results = run_pair(init, train, test, arguments, work_dir, sigma_learning_rates)
+    results = run_pair(init, train, test, arguments, work_dir, candidates)
     return {"backbone": backbone, "n": n, "seed": seed, "optimizer": optimizer, **results}
 
 
 def run_calibration(task) -> dict:
-    backbone, optimizer, n, seed, steps, path, work_dir = task
-    return run_cell((backbone, n, seed, optimizer, steps, path, work_dir), SIGMA_LEARNING_RATES)
+    calibration, backbone, optimizer, n, seed, steps, path, work_dir = task
+    return run_cell((backbone, n, seed, optimizer, steps, path, work_dir), CALIBRATIONS[calibration][1])
 
 
-def calibration_choice(records: list[dict]) -> dict:
+def calibration_choice(records: list[dict], candidates: dict) -> dict:
     """Each candidate's accuracy gap to plain fine-tuning per optimizer, and the chosen default:
-    the smallest worst-case gap (ties: the larger ρ learning rate, which adapts σ sooner)."""
-    gaps = {}
-    for sigma_lr in SIGMA_LEARNING_RATES:
-        name = f"{DEELBO} sigma_lr={sigma_lr}"
-        gaps[str(sigma_lr)] = {f"{r['backbone']}, {r['optimizer']}": r[name].get("accuracy", 0.0) - r[PLAIN]["accuracy"]
-                               for r in records}
-    worst = {k: min(v.values()) for k, v in gaps.items()}
-    best = max(worst.values())
-    numeric = [k for k in worst if k != "None" and worst[k] >= best - 1e-9]
-    chosen = max(numeric, key=float) if numeric else "None"
+    the smallest worst-case gap (ties: the later candidate, which adapts σ sooner)."""
+    gaps = {name: {f"{r['backbone']}, {r['optimizer']}": r[f"{DEELBO} {name}"].get("accuracy", 0.0)
+                   - r[PLAIN]["accuracy"] for r in records} for name in candidates}
+    worst = {name: min(v.values()) for name, v in gaps.items()}
+    chosen = max(reversed(list(candidates)), key=lambda name: worst[name] + 1e-9 * (name != "sigma_lr=None"))
     return {"gaps": gaps, "worst_gap": worst, "chosen": chosen}
 
 
@@ -247,7 +254,8 @@ def figure(rows: list[dict], path: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="A smoke run: ResNet, N=50, 1 seed, 2 optimizers, 5 steps.")
-    parser.add_argument("--calibrate", action="store_true", help="Measure the candidates for sigma_learning_rate's default.")
+    parser.add_argument("--calibrate", nargs="?", const="sigma_learning_rate", choices=list(CALIBRATIONS),
+                        help="Measure the candidates for a default: sigma_learning_rate (the first) or sigma_momentum.")
     parser.add_argument("--summarize", action="store_true",
                         help="Only rebuild the figure, summary and docs section from OUTPUT_DIR/dropin.json.")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -263,16 +271,23 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     if args.calibrate:
         n, seed = 100, 10
+        optimizers, candidates = CALIBRATIONS[args.calibrate]
         paths = {b: transfer.pretrained_path(b, os.path.join(args.output_dir, "pretrained")) for b in args.backbones}
-        tasks = [(b, o, n, seed, args.steps, paths[b], os.path.join(args.output_dir, "runs", f"calibration-{b}-{o}"))
-                 for b in args.backbones for o in CALIBRATION_OPTIMIZERS]
+        tasks = [(args.calibrate, b, o, n, seed, args.steps, paths[b],
+                  os.path.join(args.output_dir, "runs", f"calibration-{args.calibrate}-{b}-{o}"))
+                 for b in args.backbones for o in optimizers]
+        name = "dropin-calibration" + ("" if args.calibrate == "sigma_learning_rate" else f"-{args.calibrate}")
+        records = []
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            records = list(pool.imap_unordered(run_calibration, tasks))
-        result = {"settings": {"steps": args.steps, "n": n, "seed": seed, "backbones": args.backbones,
-                               "candidates": SIGMA_LEARNING_RATES}, "seconds": time.perf_counter() - start,
-                  "records": records, "choice": calibration_choice(records)}
-        with open(os.path.join(args.output_dir, "dropin-calibration.json"), "w") as f:
-            json.dump(result, f, indent=1)
+            for record in pool.imap_unordered(run_calibration, tasks):
+                records.append(record)
+                result = {"settings": {"steps": args.steps, "n": n, "seed": seed, "backbones": args.backbones,
+                                       "optimizers": optimizers, "candidates": candidates},
+                          "seconds": time.perf_counter() - start, "records": records}
+                if len(records) == len(tasks):
+                    result["choice"] = calibration_choice(records, candidates)
+                with open(os.path.join(args.output_dir, name + ".json"), "w") as f:  # partial results survive
+                    json.dump(result, f, indent=1)
         print(json.dumps(result["choice"], indent=1))
         return
     settings = {"steps": args.steps, "seeds": args.seeds, "ns": args.ns, "backbones": args.backbones,

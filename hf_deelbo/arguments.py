@@ -45,6 +45,11 @@ class DEELBoTrainingArguments(TrainingArguments):
             weights; under SGD, gradient clipping shrinks ρ's gradient with the weights'. The
             default was measured (`benchmarks/dropin.py --calibrate`). `None` trains ρ at
             `learning_rate`, the paper's recipe. docs/trainer.md, "Using your own optimizer".
+        sigma_momentum (`float`, *optional*, defaults to `None`):
+            Under SGD (`optim="sgd"`), the (Nesterov) momentum of ρ's optimizer group, whatever the
+            weights' momentum: ρ's steps then do not shrink tenfold when a user trains the weights
+            without momentum at the same effective learning rate η/(1−m). `None` keeps the
+            weights' momentum. Ignored by other optimizers and when `sigma_learning_rate` is `None`.
         head_modules (`list[str]`, *optional*, defaults to `None`):
             Module-name prefixes of the new classification head (prior N(0, τI)); every other
             trainable parameter is backbone (prior N(μ, λI), μ = its pretrained value). `None`
@@ -94,6 +99,13 @@ class DEELBoTrainingArguments(TrainingArguments):
         metadata={
             "help": "Learning rate of ρ (σ = softplus(ρ)) in its own optimizer group, on the same schedule. "
             "None: the weights' learning_rate (the paper's recipe)."
+        },
+    )
+    sigma_momentum: float | None = field(
+        default=None,
+        metadata={
+            "help": "Under SGD, the Nesterov momentum of ρ's optimizer group whatever the weights' momentum. "
+            "None: the weights' momentum."
         },
     )
     head_modules: list[str] | None = field(
@@ -151,6 +163,10 @@ class DEELBoTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"sigma_learning_rate must be a finite number > 0, or None to train ρ at learning_rate; "
                 f"got {self.sigma_learning_rate}"
+            )
+        if self.sigma_momentum is not None and not 0 <= self.sigma_momentum < 1:
+            raise ValueError(
+                f"sigma_momentum must be in [0, 1), or None to keep the weights' momentum; got {self.sigma_momentum}"
             )
         if self.weight_decay != 0:
             raise ValueError(

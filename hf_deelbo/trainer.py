@@ -115,13 +115,17 @@ class DEELBoTrainer(FineTuningTrainer):
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, plus a group for ρ: no weight decay, learning rate
-        `sigma_learning_rate` (`learning_rate` if None), scaled by the same schedule."""
+        `sigma_learning_rate` (`learning_rate` if None), scaled by the same schedule; under SGD,
+        `sigma_momentum` (Nesterov) if set."""
         optimizer = super().create_optimizer(model)
         rho = self.posterior.rho
         if not any(p is rho for group in optimizer.param_groups for p in group["params"]):
             group = {"params": [rho], "weight_decay": 0.0}
             if self.args.sigma_learning_rate is not None:
                 group["lr"] = self.args.sigma_learning_rate
+                if self.args.sigma_momentum is not None and isinstance(optimizer, torch.optim.SGD):
+                    momentum = self.args.sigma_momentum
+                    group.update(momentum=momentum, nesterov=momentum > 0, dampening=0.0)
             optimizer.add_param_group(group)
         return optimizer
 

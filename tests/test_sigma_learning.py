@@ -61,6 +61,43 @@ def test_rho_update_follows_the_optimizer_at_its_own_learning_rate(optim, sigma_
     assert g_rho.abs() > 0 and (rho1 - rho0).abs() > 0
 
 
+@pytest.mark.parametrize("sigma_momentum", [0.9, None], ids=["own-momentum", "weights-momentum"])
+def test_rho_momentum_under_sgd_without_momentum(sigma_momentum, make_args):
+    """Under SGD without momentum, `sigma_momentum` gives ρ Nesterov momentum of its own while the
+    weights keep plain SGD; two steps against torch's update rules written out by hand."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    args = make_args(optim="sgd", learning_rate=1e-3, sigma_learning_rate=0.1, sigma_momentum=sigma_momentum,
+                     max_steps=2, per_device_train_batch_size=8, max_grad_norm=0.0, lr_scheduler_type="constant",
+                     sigma_init=0.05, head_modules=["head"])
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=_vector_dataset())
+    rho, weight = trainer.posterior.rho, model.body[0].weight
+    seen = [(rho.detach().clone(), weight.detach().clone())]
+
+    class Record(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.append((rho.grad.detach().clone(), weight.grad.detach().clone()))
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            seen.append((rho.detach().clone(), weight.detach().clone()))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    (rho0, w0), (g1, gw1), (rho1, w1), (g2, gw2), (rho2, w2) = seen
+    if sigma_momentum is None:  # ρ follows the weights' plain SGD
+        expected_rho1, expected_rho2 = rho0 - 0.1 * g1, rho0 - 0.1 * g1 - 0.1 * g2
+    else:  # Nesterov: b₁ = g₁, θ₁ = θ₀ − η(g₁ + μ b₁); b₂ = μ b₁ + g₂, θ₂ = θ₁ − η(g₂ + μ b₂)
+        b1 = g1
+        expected_rho1 = rho0 - 0.1 * (g1 + 0.9 * b1)
+        b2 = 0.9 * b1 + g2
+        expected_rho2 = expected_rho1 - 0.1 * (g2 + 0.9 * b2)
+    torch.testing.assert_close(rho1, expected_rho1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rho2, expected_rho2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w1, w0 - 1e-3 * gw1, rtol=1e-6, atol=1e-7)  # the weights: plain SGD
+    torch.testing.assert_close(w2, w1 - 1e-3 * gw2, rtol=1e-6, atol=1e-7)
+    assert g1.abs() > 0 and g2.abs() > 0
+
+
 def test_rho_group_follows_the_schedule(make_args):
     model, _ = build_model("vit")
     args = make_args(optim="adamw_torch", learning_rate=5e-5, sigma_learning_rate=0.2, max_steps=4,
@@ -153,6 +190,12 @@ def test_bad_sigma_learning_rate_is_refused(value, make_args):
         make_args(sigma_learning_rate=value)
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_bad_sigma_momentum_is_refused(value, make_args):
+    with pytest.raises(ValueError, match=r"sigma_momentum must be in \[0, 1\).*got"):
+        make_args(sigma_momentum=value)
+
+
 @pytest.mark.slow
 def test_dropin_benchmark_quick_mode_writes_its_outputs(tmp_path):
     import json
@@ -176,7 +219,9 @@ def test_sigma_learning_rate_none_is_the_paper_recipe(make_args):
     """`sigma_learning_rate=None` trains ρ at `learning_rate`, as the paper does: the run is
     identical, step for step, to one that names the same value explicitly."""
     runs = []
-    for overrides in ({"sigma_learning_rate": 0.1}, {"sigma_learning_rate": None}):
+    # sigma_momentum is ignored when ρ trains at the weights' learning rate.
+    for overrides in ({"sigma_learning_rate": 0.1, "sigma_momentum": None},
+                      {"sigma_learning_rate": None, "sigma_momentum": 0.5}):
         model, _ = build_model("resnet")
         args = make_args(optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.1,
                          lr_scheduler_type="cosine", max_grad_norm=1.0, max_steps=6, logging_steps=1, **overrides)
