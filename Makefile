@@ -23,8 +23,8 @@ demo: $(BIN)/.installed
 
 # The whole test suite, slow tests included.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 --durations=10
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=10
 
 # Without the slow tests.
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow"

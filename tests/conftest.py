@@ -32,6 +32,13 @@ NUM_LABELS = 5
 IMAGE_SIZE = 32
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort keeps the order within each kind): with two xdist workers
+    the long runs start early and the short tests fill the gaps at the end, instead of one worker
+    finishing a long test alone while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def build_model(kind: str, seed: int = 0):
     """A tiny classifier of `kind`, and the head module names it must be detected with."""
     import timm
