@@ -136,26 +136,28 @@ def run_pair(init, train, test, arguments: dict, output_dir: str, candidates=Non
 
 
 def run_cell(task, candidates=None) -> dict:
-    """One (backbone, N, seed, optimizer) of the matrix."""
+    """One (backbone, N, seed, optimizer) of the matrix; a plain record given with the task is
+    kept instead of training plain `Trainer` again."""
     transfer._setup_thread()
     import transformers
 
     transformers.logging.set_verbosity_error()
     from hf_deelbo import digits
 
-    backbone, n, seed, optimizer, steps, path, work_dir = task
+    backbone, n, seed, optimizer, steps, path, work_dir, plain = task
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
     train, test = transfer.tensor_dataset(train), transfer.tensor_dataset(test)
     raw_init = transfer.model_init(backbone, path, seed)
     init = raw_init if backbone == "vit" else (lambda: wrapped_timm(raw_init()))
     arguments = {**common_arguments(steps, seed), **OPTIMIZERS[optimizer]}
-    results = run_pair(init, train, test, arguments, work_dir, candidates)
-    return {"backbone": backbone, "n": n, "seed": seed, "optimizer": optimizer, **results}
+    results = run_pair(init, train, test, arguments, work_dir, candidates, plain=plain is None)
+    return {"backbone": backbone, "n": n, "seed": seed, "optimizer": optimizer, **({PLAIN: plain} if plain else {}),
+            **results}
 
 
 def run_calibration(task) -> dict:
     calibration, backbone, optimizer, n, seed, steps, path, work_dir = task
-    return run_cell((backbone, n, seed, optimizer, steps, path, work_dir), CALIBRATIONS[calibration][1])
+    return run_cell((backbone, n, seed, optimizer, steps, path, work_dir, None), CALIBRATIONS[calibration][1])
 
 
 def calibration_choice(records: list[dict], candidates: dict) -> dict:
@@ -197,7 +199,8 @@ def markdown(rows: list[dict], settings: dict, seconds: float, figure_link: str)
         "",
         f"`benchmarks/dropin.py`: {settings['steps']} steps, batch 32, `max_grad_norm` 1.0, weight decay 0, "
         f"seeds {settings['seeds']}; plain = `transformers.Trainer`, DE ELBO = `DEELBoTrainer` at its defaults "
-        f"(`sigma_learning_rate` {settings.get('sigma_learning_rate', DEFAULT)}). Means over seeds; per-seed accuracies in `benchmarks/results/dropin.json`. "
+        f"(`sigma_learning_rate` {settings.get('sigma_learning_rate', DEFAULT)}, `sigma_momentum` "
+        f"{settings.get('sigma_momentum')}). Means over seeds; per-seed accuracies in `benchmarks/results/dropin.json`. "
         f"Whole run: {seconds / 60:.0f} min.",
         "",
         f"Acceptance: accuracy ≥ plain − 1 point in **{accuracy_ok} of {len(rows)}** cells; "
@@ -258,6 +261,10 @@ def main(argv=None) -> None:
                         help="Measure the candidates for a default: sigma_learning_rate (the first) or sigma_momentum.")
     parser.add_argument("--summarize", action="store_true",
                         help="Only rebuild the figure, summary and docs section from OUTPUT_DIR/dropin.json.")
+    parser.add_argument("--rerun-deelbo", nargs="+", metavar="OPTIMIZER", choices=list(OPTIMIZERS),
+                        help="Train DEELBoTrainer again (at today's defaults) for these optimizers, keeping every other "
+                        "record of OUTPUT_DIR/dropin.json, and its plain Trainer runs: they do not depend on "
+                        "DEELBoTrainer's defaults.")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--docs", default=None, help="Markdown file to update (default: docs/benchmarks.md).")
     parser.add_argument("--workers", type=int, default=2)
@@ -297,7 +304,9 @@ def main(argv=None) -> None:
                     "optimizers": ["AdamW 5e-5 linear", "SGD-Nesterov 0.1 cosine"]}
     from hf_deelbo import DEELBoTrainingArguments
 
-    settings["sigma_learning_rate"] = DEELBoTrainingArguments.__dataclass_fields__["sigma_learning_rate"].default
+    defaults = DEELBoTrainingArguments.__dataclass_fields__
+    settings.update(sigma_learning_rate=defaults["sigma_learning_rate"].default,
+                    sigma_momentum=defaults["sigma_momentum"].default)
     results_path = os.path.join(args.output_dir, "dropin.json")
     docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
                               else os.path.join(ROOT, "docs", "benchmarks.md"))
@@ -306,11 +315,19 @@ def main(argv=None) -> None:
         write_summary(saved["records"], saved["settings"], saved.get("seconds", 0.0), args.output_dir, docs_path)
         return
     paths = {b: transfer.pretrained_path(b, os.path.join(args.output_dir, "pretrained")) for b in settings["backbones"]}
-    tasks = [(b, n, s, o, settings["steps"], paths[b], os.path.join(args.output_dir, "runs", f"dropin-{b}-{n}-{s}-{o}"))
-             for b, n, s, o in itertools.product(settings["backbones"], settings["ns"], settings["seeds"],
-                                                 settings["optimizers"])]
+    cells = itertools.product(settings["backbones"], settings["ns"], settings["seeds"], settings["optimizers"])
+    records, kept = [], {}
+    if args.rerun_deelbo:
+        saved = json.load(open(results_path))
+        settings = {**saved["settings"], "sigma_learning_rate": settings["sigma_learning_rate"],
+                    "sigma_momentum": settings["sigma_momentum"]}
+        cells = itertools.product(settings["backbones"], settings["ns"], settings["seeds"], args.rerun_deelbo)
+        key = lambda r: (r["backbone"], r["n"], r["seed"], r["optimizer"])  # noqa: E731
+        records = [r for r in saved["records"] if r["optimizer"] not in args.rerun_deelbo]
+        kept = {key(r): r[PLAIN] for r in saved["records"] if r["optimizer"] in args.rerun_deelbo}
+    tasks = [(b, n, s, o, settings["steps"], paths[b], os.path.join(args.output_dir, "runs", f"dropin-{b}-{n}-{s}-{o}"),
+              kept.get((b, n, s, o))) for b, n, s, o in cells]
     tasks.sort(key=lambda t: (t[2], -t[1]))  # every cell at one seed before the next seed
-    records = []
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_cell, tasks):
             records.append(record)

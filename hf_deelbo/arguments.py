@@ -45,11 +45,12 @@ class DEELBoTrainingArguments(TrainingArguments):
             weights; under SGD, gradient clipping shrinks ρ's gradient with the weights'. The
             default was measured (`benchmarks/dropin.py --calibrate`). `None` trains ρ at
             `learning_rate`, the paper's recipe. docs/trainer.md, "Using your own optimizer".
-        sigma_momentum (`float`, *optional*, defaults to `None`):
+        sigma_momentum (`float`, *optional*, defaults to `0.9`):
             Under SGD (`optim="sgd"`), the (Nesterov) momentum of ρ's optimizer group, whatever the
             weights' momentum: ρ's steps then do not shrink tenfold when a user trains the weights
-            without momentum at the same effective learning rate η/(1−m). `None` keeps the
-            weights' momentum. Ignored by other optimizers and when `sigma_learning_rate` is `None`.
+            without momentum at the same effective learning rate η/(1−m). The default was measured
+            (`benchmarks/dropin.py --calibrate sigma_momentum`). `None` keeps the weights' momentum.
+            Ignored by other optimizers and when `sigma_learning_rate` is `None`.
         head_modules (`list[str]`, *optional*, defaults to `None`):
             Module-name prefixes of the new classification head (prior N(0, τI)); every other
             trainable parameter is backbone (prior N(μ, λI), μ = its pretrained value). `None`
@@ -102,7 +103,7 @@ class DEELBoTrainingArguments(TrainingArguments):
         },
     )
     sigma_momentum: float | None = field(
-        default=None,
+        default=0.9,
         metadata={
             "help": "Under SGD, the Nesterov momentum of ρ's optimizer group whatever the weights' momentum. "
             "None: the weights' momentum."
