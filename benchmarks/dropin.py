@@ -324,6 +324,7 @@ def main(argv=None) -> None:
         cells = itertools.product(settings["backbones"], settings["ns"], settings["seeds"], args.rerun_deelbo)
         key = lambda r: (r["backbone"], r["n"], r["seed"], r["optimizer"])  # noqa: E731
         records = [r for r in saved["records"] if r["optimizer"] not in args.rerun_deelbo]
+        start -= saved.get("seconds", 0.0)  # the whole matrix's compute: the earlier runs and this one
         kept = {key(r): r[PLAIN] for r in saved["records"] if r["optimizer"] in args.rerun_deelbo}
     tasks = [(b, n, s, o, settings["steps"], paths[b], os.path.join(args.output_dir, "runs", f"dropin-{b}-{n}-{s}-{o}"),
               kept.get((b, n, s, o))) for b, n, s, o in cells]

@@ -49,8 +49,11 @@ def test_rho_update_follows_the_optimizer_at_its_own_learning_rate(optim, sigma_
     trainer, rho0, g_rho, w0, g_w, w1 = _one_step(make_args, optim, sigma_learning_rate)
     rho1 = trainer.posterior.rho.detach()
     rho_lr = 1e-3 if sigma_learning_rate is None else sigma_learning_rate
-    if optim == "sgd":  # plain SGD: θ ← θ − η g
-        expected_rho, expected_w = rho0 - rho_lr * g_rho, w0 - 1e-3 * g_w
+    if optim == "sgd":
+        # The weights: plain SGD, θ ← θ − η g. ρ with its own lr: Nesterov at `sigma_momentum` 0.9
+        # (first step: b = g, θ ← θ − η(g + 0.9 b)); tied to the weights' lr: their plain SGD.
+        rho_step = g_rho * (1.9 if sigma_learning_rate is not None else 1.0)
+        expected_rho, expected_w = rho0 - rho_lr * rho_step, w0 - 1e-3 * g_w
     else:
         # Adam's first step with bias correction: m̂ = g, v̂ = g², θ ← θ − η g / (|g| + 1e-8); no
         # weight decay on either (weight_decay is 0 for the weights, and ρ's group has none).
