@@ -107,7 +107,7 @@ def main(argv=None) -> None:
         l2sp_grid_search,
         select_learning_rate,
     )
-    from hf_deelbo.validation import stratified_split
+    from hf_deelbo.core.validation import stratified_split
 
     path = transfer.pretrained_path(args.backbone, args.cache_dir)
     train, _ = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), args.n, seed=0)

@@ -56,8 +56,8 @@ def build(setting: str):
 
 
 def make_step(mechanism: str, model, x, y, head):
-    from hf_deelbo.groups import split_parameters
-    from hf_deelbo.posterior import IsotropicGaussianPosterior
+    from hf_deelbo.core.groups import split_parameters
+    from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
 
     posterior = IsotropicGaussianPosterior(model, split_parameters(model, head), sigma_init=1e-4)
 

@@ -7,7 +7,7 @@ tested on a held-out 30 % of 5–9. Methods:
 - DE ELBO (κ = D/N): 4 runs, lr ∈ {0.1, 0.01, 0.001, 0.0001}, the lowest final training
   objective wins (no validation data); once with the paper's σ₀ = 1e-4, once with
   σ₀ = √D_b/(2D), the value at which the prior's largest pull on the backbone starts at 1 as
-  σ₀ = 1e-4 does on the paper's ResNet-50 (`hf_deelbo.objective.max_prior_pull`);
+  σ₀ = 1e-4 does on the paper's ResNet-50 (`hf_deelbo.methods.deelbo.objective.max_prior_pull`);
 - ELBO (κ = 1): the same, to show the collapse toward uniform predictions when D ≫ N;
 - L2-SP + grid search: α, β ∈ {1e-2, …, 1e-6, 0}, the same 4 lrs (144 runs) on 80 % of N,
   the lowest validation NLL wins, retrained on all N;
@@ -96,23 +96,15 @@ def pretrained_path(backbone: str, cache_dir: str) -> str:
     path = os.path.join(cache_dir, f"transfer-{backbone}-{IMAGE_SIZE}px-{epochs}ep")
     if os.path.isfile(os.path.join(path, "pretraining.json")):
         return path
+    from hf_deelbo.core.modeling import classifier_logits
+
     torch.manual_seed(0)
     source, source_test = digits.split(digits.digits_dataset(digits.SOURCE_CLASSES), None, seed=0)
     data, source_test = tensor_dataset(source), tensor_dataset(source_test)
-    model = new_model(backbone, 5)
-    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for batch in loader:
-            loss = torch.nn.functional.cross_entropy(_logits(model, batch["pixel_values"]), batch["labels"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    model = digits.pretrain(new_model(backbone, 5), data, epochs=epochs, batch_size=64, lr=3e-3, seed=None)
     with torch.no_grad():
         batch = source_test[:]
-        accuracy = (_logits(model, batch["pixel_values"]).argmax(-1) == batch["labels"]).float().mean().item()
+        accuracy = (classifier_logits(model, batch).argmax(-1) == batch["labels"]).float().mean().item()
     if backbone == "vit":
         model.save_pretrained(path)
     else:
@@ -127,11 +119,6 @@ def pretrained_path(backbone: str, cache_dir: str) -> str:
 def pretraining(path: str) -> dict:
     with open(os.path.join(path, "pretraining.json")) as f:
         return json.load(f)
-
-
-def _logits(model, pixel_values):
-    outputs = model(pixel_values)
-    return outputs if isinstance(outputs, torch.Tensor) else outputs.logits
 
 
 def new_model(backbone: str, num_classes: int):
@@ -241,8 +228,8 @@ def run_combo(task) -> dict:
 def scaled_sigma_init(model) -> float:
     """σ₀ = √D_b / (2D): the prior's largest pull on the backbone starts at 1 (`max_prior_pull`),
     as σ₀ = 1e-4 does on the paper's ResNet-50."""
-    from hf_deelbo.groups import split_parameters
-    from hf_deelbo.objective import sigma_for_prior_pull
+    from hf_deelbo.core.groups import split_parameters
+    from hf_deelbo.methods.deelbo.objective import sigma_for_prior_pull
 
     groups = split_parameters(model, None)
     parameters = dict(model.named_parameters())
@@ -253,34 +240,22 @@ def scaled_sigma_init(model) -> float:
 
 def run_validation_method(name, init, train, test, common, learning_rates, work_dir) -> dict:
     """TPGM or T1–T2: one run per learning rate on 80 % of N (the other 20 % is their validation
-    data), the lowest final validation NLL wins."""
+    data), the lowest final validation NLL wins (`select_learning_rate_by_validation`)."""
     from hf_deelbo import T1T2Trainer, T1T2TrainingArguments, TPGMTrainer, TPGMTrainingArguments
+    from hf_deelbo.search import select_learning_rate_by_validation
 
-    runs, best, start = [], None, time.perf_counter()
-    for lr in learning_rates:
-        run_start = time.perf_counter()
-        output_dir = os.path.join(work_dir, f"lr-{lr:g}")
-        if name == "TPGM":
-            args = TPGMTrainingArguments(output_dir=output_dir, validation_fraction=0.2, **{**common, "learning_rate": lr})
-            trainer = TPGMTrainer(model=init(), args=args, train_dataset=train)
-        else:
-            args = T1T2TrainingArguments(output_dir=output_dir, validation_fraction=0.2, **{**common, "learning_rate": lr})
-            trainer = T1T2Trainer(model=init(), args=args, train_dataset=train)
-        try:
-            metrics = trainer.train().metrics
-            score = trainer.evaluate(trainer.validation_dataset)["eval_loss"]
-        except FloatingPointError:  # a diverged learning rate is simply not chosen
-            metrics, score = {"train_runtime": float("nan"), "hyper_seconds": float("nan")}, float("inf")
-        score = float(score) if math.isfinite(score) else float("inf")
-        seconds = time.perf_counter() - run_start
-        runs.append({"learning_rate": lr, "validation_nll": score, "seconds": seconds,
-                     "train_seconds": metrics["train_runtime"], "hyper_seconds": metrics["hyper_seconds"]})
-        if best is None or score < best[0]:
-            best = (score, lr, trainer)
+    args_class, trainer_class = (TPGMTrainingArguments, TPGMTrainer) if name == "TPGM" else (
+        T1T2TrainingArguments, T1T2Trainer)
+    start = time.perf_counter()
+    args = args_class(output_dir=work_dir, validation_fraction=0.2, **common)
+    result = select_learning_rate_by_validation(trainer_class, init, train, args, learning_rates)
     seconds = time.perf_counter() - start
-    _, lr, trainer = best
+    runs = [{"learning_rate": run.settings["learning_rate"], "validation_nll": run.score, "seconds": run.seconds,
+             "train_seconds": run.metrics.get("train_runtime", float("nan")),
+             "hyper_seconds": run.metrics.get("hyper_seconds", float("nan"))} for run in result.runs]
+    trainer = result.trainer
     entry = trainer.config_entry()
-    result = {**evaluate(trainer, test), "seconds": seconds, "learning_rate": lr, "runs": runs}
+    result = {**evaluate(trainer, test), "seconds": seconds, "learning_rate": result.best["learning_rate"], "runs": runs}
     if name == "TPGM":
         radii = list((entry["radii"] or {}).values())
         result["median_radius"] = statistics.median(radii) if radii else float("nan")

@@ -16,7 +16,6 @@ With local image folders (one sub-folder per class) use --train_dir/--validation
 
 from dataclasses import dataclass, field
 
-import torch
 from datasets import load_dataset
 from torchvision.transforms import (
     CenterCrop,
@@ -28,9 +27,9 @@ from torchvision.transforms import (
     Resize,
     ToTensor,
 )
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, default_data_collator
 
-from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, load_classifier
+from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, compute_metrics, load_classifier
 
 
 @dataclass
@@ -86,19 +85,14 @@ def main():
 
         return apply
 
-    def collate(examples):
-        return {
-            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "labels": torch.tensor([e["labels"] for e in examples]),
-        }
-
     evaluation = dataset.get("validation")
     trainer = DEELBoTrainer(
         model=model,
         args=training_args,
         train_dataset=train.with_transform(transform(train_tf)),
         eval_dataset=evaluation.with_transform(transform(eval_tf)) if evaluation is not None else None,
-        data_collator=collate,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,  # accuracy, NLL and ECE
         processing_class=processor,
     )
     trainer.train()

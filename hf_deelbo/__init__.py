@@ -6,18 +6,20 @@ import logging as _logging
 
 from transformers.utils import logging as _transformers_logging
 
-from . import digits
-from .arguments import DEELBoTrainingArguments
-from .callback import DEELBoCallback
-from .groups import ParameterGroups, detect_head_modules, split_parameters
-from .hub import HubPushError, load_classifier, load_deelbo_config
-from .l2sp import L2SPTrainer, L2SPTrainingArguments
-from .posterior import IsotropicGaussianPosterior
-from .prediction import posterior_from_config, predictive_log_probs
+from .core.groups import ParameterGroups, detect_head_modules, split_parameters
+from .demo import digits
+from .evaluation.metrics import compute_metrics
+from .hub import HubPushError, load_classifier
+from .methods.deelbo.arguments import DEELBoTrainingArguments
+from .methods.deelbo.callback import DEELBoCallback
+from .methods.deelbo.config import load_deelbo_config
+from .methods.deelbo.posterior import IsotropicGaussianPosterior
+from .methods.deelbo.prediction import posterior_from_config, predictive_log_probs
+from .methods.deelbo.trainer import DEELBoTrainer
+from .methods.l2sp import L2SPTrainer, L2SPTrainingArguments
+from .methods.t1t2 import T1T2Callback, T1T2Trainer, T1T2TrainingArguments
+from .methods.tpgm import TPGMCallback, TPGMTrainer, TPGMTrainingArguments
 from .search import l2sp_grid_search, select_learning_rate
-from .t1t2 import T1T2Callback, T1T2Trainer, T1T2TrainingArguments
-from .tpgm import TPGMCallback, TPGMTrainer, TPGMTrainingArguments
-from .trainer import DEELBoTrainer
 
 # hf_deelbo's loggers sit under transformers' library logger: `transformers.logging.set_verbosity_info()`
 # (what the example scripts call) and TRANSFORMERS_VERBOSITY reveal their messages, printed by
@@ -33,6 +35,7 @@ __all__ = [
     "L2SPTrainer",
     "L2SPTrainingArguments",
     "ParameterGroups",
+    "compute_metrics",
     "detect_head_modules",
     "digits",
     "l2sp_grid_search",

@@ -1,4 +1,4 @@
-"""Choosing hyperparameters the two ways the benchmark compares.
+"""Choosing hyperparameters the ways the benchmark compares, all through one search loop (`search`).
 
 - `l2sp_grid_search`: the protocol DE ELBO replaces (Harvey et al., following Li et al. 2018):
   hold out a stratified 20 % of the N examples, train L2-SP for every (α, β, lr) of the grid on the
@@ -7,6 +7,8 @@
 - `select_learning_rate`: DE ELBO's only search, without any validation data: train one run per
   learning rate on all N examples and keep the one with the lowest final training objective (the
   DE ELBO loss on the non-augmented training set, averaged over 10 posterior draws).
+- `select_learning_rate_by_validation`: the same for the methods that learn on a validation split
+  (TPGM, T1–T2): one run per learning rate, the lowest final NLL on that split wins.
 
 Why not `Trainer.hyperparameter_search`: it needs an optional backend (optuna, ray, ...) and a
 `model_init`, searches one objective per trial, and knows nothing of the retrain on all data or
@@ -25,10 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arguments import DEELBoTrainingArguments
-from .l2sp import L2SPTrainer, L2SPTrainingArguments
-from .trainer import DEELBoTrainer
-from .validation import stratified_split
+from .core.validation import stratified_split
+from .methods.deelbo.arguments import DEELBoTrainingArguments
+from .methods.deelbo.trainer import DEELBoTrainer
+from .methods.l2sp import L2SPTrainer, L2SPTrainingArguments
 
 # The paper's grids (Harvey et al. 2024, Sec. 5, after Li et al. 2018).
 PAPER_STRENGTHS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0)
@@ -37,13 +39,15 @@ PAPER_LEARNING_RATES = (0.1, 0.01, 0.001, 0.0001)
 
 @dataclass
 class SearchRun:
-    """One training run of a search: its settings, its score (lower is better), wall time, and what
-    the run learned (`learned`: DE ELBO's `learned_hyperparameters()`; empty for L2-SP)."""
+    """One training run of a search: its settings, its score (lower is better), wall time, what
+    the run learned (`learned`: DE ELBO's `learned_hyperparameters()`; empty for the others) and
+    the metrics `train()` returned (empty for a run that diverged)."""
 
     settings: dict
     score: float
     seconds: float
     learned: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +68,52 @@ def _run_args(args, output_dir: str, **changes):
     return dataclasses.replace(
         args, output_dir=output_dir, save_strategy="no", push_to_hub=False, report_to="none", **changes
     )
+
+
+def search(
+    candidates: Sequence[dict],
+    make_trainer: Callable[[int, dict], object],
+    score: Callable[[object], float],
+    learned: Callable[[object], dict] | None = None,
+    keep_best: bool = False,
+) -> tuple[list[SearchRun], tuple[SearchRun, object] | None]:
+    """Train one run per settings in `candidates` and score it (lower is better).
+
+    A run that diverges (FloatingPointError) or scores NaN or inf is recorded with score inf and is
+    never chosen. Returns every run and, with `keep_best`, (the best run, its trainer): only that
+    run's model stays in memory; the first of equal scores wins.
+
+    Args:
+        make_trainer: (index, settings) -> a trainer for that run.
+        score: the run's score from its trained trainer.
+        learned: what the run learned, from its trained trainer (kept in `SearchRun.learned`).
+    """
+    runs, best = [], None
+    for i, settings in enumerate(candidates):
+        start = time.perf_counter()
+        trainer = make_trainer(i, settings)
+        metrics = {}
+        try:
+            metrics = trainer.train().metrics
+            value = float(score(trainer))
+        except FloatingPointError:
+            value = float("inf")
+        value = value if np.isfinite(value) else float("inf")
+        runs.append(SearchRun(dict(settings), value, time.perf_counter() - start,
+                              learned=learned(trainer) if learned else {}, metrics=metrics))
+        if keep_best and np.isfinite(value) and (best is None or value < best[0].score):
+            best = (runs[-1], trainer)
+        del trainer
+    return runs, best
+
+
+def _chosen_trainer(best_trainer, args):
+    """The best run's trainer, pointed at the search's output_dir and ready to be used again."""
+    best_trainer.args = dataclasses.replace(best_trainer.args, output_dir=args.output_dir)
+    # Building the later runs' arguments reset accelerate's process-wide state, which the best
+    # trainer's accelerator reads: give it a fresh one before it is used again.
+    best_trainer.create_accelerator_and_postprocess()
+    return best_trainer
 
 
 def l2sp_grid_search(
@@ -92,23 +142,13 @@ def l2sp_grid_search(
     train_idx, val_idx = stratified_split(labels, validation_fraction, args.seed)
     tuning_set = train_dataset.select(train_idx)
     validation_set = (validation_view if validation_view is not None else train_dataset).select(val_idx)
-    runs = []
-    for i, (alpha, beta, lr) in enumerate(itertools.product(alphas, betas, learning_rates)):
-        start = time.perf_counter()
-        trainer = L2SPTrainer(
-            model=model_init(),
-            args=_run_args(args, os.path.join(args.output_dir, f"grid-{i}"), alpha=alpha, beta=beta, learning_rate=lr),
-            train_dataset=tuning_set,
-            **trainer_kwargs,
-        )
-        try:
-            trainer.train()
-            nll = float(trainer.evaluate(validation_set)["eval_loss"])
-        except FloatingPointError:  # a diverged configuration is recorded, and never chosen
-            nll = float("inf")
-        nll = nll if np.isfinite(nll) else float("inf")
-        runs.append(SearchRun({"alpha": alpha, "beta": beta, "learning_rate": lr}, nll, time.perf_counter() - start))
-        del trainer
+    grid = [{"alpha": a, "beta": b, "learning_rate": lr} for a, b, lr in itertools.product(alphas, betas, learning_rates)]
+    runs, _ = search(
+        grid,
+        lambda i, settings: L2SPTrainer(model=model_init(), train_dataset=tuning_set, **trainer_kwargs,
+                                        args=_run_args(args, os.path.join(args.output_dir, f"grid-{i}"), **settings)),
+        lambda trainer: trainer.evaluate(validation_set)["eval_loss"],
+    )
     finite = [run for run in runs if np.isfinite(run.score)]
     if not finite:
         raise FloatingPointError(
@@ -134,31 +174,46 @@ def select_learning_rate(
     """DE ELBO with each learning rate on all N examples; the winner has the lowest final training
     objective (`DEELBoTrainer.training_objective` on `objective_dataset`, the training set without
     augmentation, default `train_dataset`, over `num_samples` draws). No validation data is used."""
-    runs, best = [], None
-    for lr in learning_rates:
-        start = time.perf_counter()
-        trainer = DEELBoTrainer(
-            model=model_init(),
-            args=_run_args(args, os.path.join(args.output_dir, f"lr-{lr:g}"), learning_rate=lr),
-            train_dataset=train_dataset,
-            **trainer_kwargs,
-        )
-        try:
-            trainer.train()
-            score = trainer.training_objective(objective_dataset or train_dataset, num_samples=num_samples)
-        except FloatingPointError:  # a diverged learning rate is simply not chosen
-            score = float("inf")
-        score = float(score) if np.isfinite(score) else float("inf")  # NaN or inf: never chosen
-        runs.append(SearchRun({"learning_rate": lr}, score, time.perf_counter() - start,
-                              learned=trainer.learned_hyperparameters()))
-        if np.isfinite(score) and (best is None or score < best[0].score):
-            best = (runs[-1], trainer)  # only the best run's model stays in memory
-        del trainer
+    return _learning_rate_search(
+        DEELBoTrainer, model_init, train_dataset, args, learning_rates,
+        score=lambda trainer: trainer.training_objective(objective_dataset or train_dataset, num_samples=num_samples),
+        learned=lambda trainer: trainer.learned_hyperparameters(), method_name="DE ELBO", **trainer_kwargs,
+    )
+
+
+def select_learning_rate_by_validation(
+    trainer_class: type,
+    model_init: Callable[[], object],
+    train_dataset,
+    args,
+    learning_rates: Sequence[float] = PAPER_LEARNING_RATES,
+    **trainer_kwargs,
+) -> SearchResult:
+    """A method that learns on validation data (`TPGMTrainer`, `T1T2Trainer`) with each learning rate;
+    the winner has the lowest final NLL on its validation set (`trainer.validation_dataset`:
+    `eval_dataset`, or the `validation_fraction` of `train_dataset` it held out)."""
+    return _learning_rate_search(
+        trainer_class, model_init, train_dataset, args, learning_rates,
+        score=lambda trainer: trainer.evaluate(trainer.validation_dataset)["eval_loss"],
+        method_name=trainer_class.__name__, **trainer_kwargs,
+    )
+
+
+def _learning_rate_search(trainer_class, model_init, train_dataset, args, learning_rates, score, method_name: str,
+                          learned=None, **trainer_kwargs) -> SearchResult:
+    """One `trainer_class` run per learning rate on `train_dataset`; the lowest `score` wins and its
+    trainer is returned, pointed at `args.output_dir`."""
+    runs, best = search(
+        [{"learning_rate": lr} for lr in learning_rates],
+        lambda _, settings: trainer_class(
+            model=model_init(), train_dataset=train_dataset, **trainer_kwargs,
+            args=_run_args(args, os.path.join(args.output_dir, f"lr-{settings['learning_rate']:g}"), **settings),
+        ),
+        score,
+        learned=learned,
+        keep_best=True,
+    )
     if best is None:
-        raise FloatingPointError(f"DE ELBO diverged at every learning rate of {list(learning_rates)}; try smaller ones.")
+        raise FloatingPointError(f"{method_name} diverged at every learning rate of {list(learning_rates)}; try smaller ones.")
     best_run, best_trainer = best
-    best_trainer.args = dataclasses.replace(best_trainer.args, output_dir=args.output_dir)
-    # Building the later runs' arguments reset accelerate's process-wide state, which the best
-    # trainer's accelerator reads: give it a fresh one before it is used again.
-    best_trainer.create_accelerator_and_postprocess()
-    return SearchResult(best=best_run.settings, runs=runs, final_seconds=0.0, trainer=best_trainer)
+    return SearchResult(best=best_run.settings, runs=runs, final_seconds=0.0, trainer=_chosen_trainer(best_trainer, args))

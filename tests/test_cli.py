@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_deelbo.cli import main, parse_train_args
+from hf_deelbo.cli import main
+from hf_deelbo.cli.train import parse_train_args
 
 # From transformers' examples/pytorch/image-classification/README.md
 RUN_IMAGE_CLASSIFICATION_README = """
@@ -52,8 +53,10 @@ def _image_bytes(dataset) -> set[bytes]:
 
 @pytest.mark.parametrize("seed", [7, 42])
 def test_evaluate_rebuilds_the_split_train_recorded(seed, tmp_path):
-    from hf_deelbo.cli import DataTrainingArguments, _embedded_data_and_model, _record_split, evaluation_data
-    from hf_deelbo.data import read_split_record
+    from hf_deelbo.cli.common import DataTrainingArguments
+    from hf_deelbo.cli.data import read_split_record
+    from hf_deelbo.cli.evaluate import evaluation_data
+    from hf_deelbo.cli.train import _embedded_data_and_model, _record_split
 
     argv = ["--output_dir", str(tmp_path / "run"), "--max_train_samples", "60", "--seed", str(seed)]
     _, data_args, training_args, _ = parse_train_args(argv)
@@ -71,8 +74,10 @@ def test_main_job_on_the_embedded_default(tmp_path, capsys):
 
     import timm
 
-    from hf_deelbo.cli import DataTrainingArguments, _embedded_data_and_model, evaluation_data
-    from hf_deelbo.data import read_split_record
+    from hf_deelbo.cli.common import DataTrainingArguments
+    from hf_deelbo.cli.data import read_split_record
+    from hf_deelbo.cli.evaluate import evaluation_data
+    from hf_deelbo.cli.train import _embedded_data_and_model
 
     out = tmp_path / "run"
     argv = ["--output_dir", str(out), "--max_steps", "20", "--max_train_samples", "50", "--logging_steps", "5",

@@ -66,10 +66,8 @@ def test_fsdp_and_deepspeed_are_refused_with_what_works_instead(tmp_path):
 
 def test_models_sharded_with_fully_shard_are_refused(tmp_path):
     import torch.distributed as dist
-    from conftest import build_model, image_dataset
+    from conftest import _free_port, build_model, image_dataset
     from torch.distributed.fsdp import fully_shard
-
-    from conftest import _free_port
 
     # A free port, not a fixed one: another test run on the machine may hold any given port.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)

@@ -33,9 +33,9 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from hf_deelbo import DEELBoTrainer
-from hf_deelbo.checkpoints import MANIFEST_NAME, checkpoint_problem
 from hf_deelbo.cli import main
-from hf_deelbo.lock import LOCK_NAME
+from hf_deelbo.core.checkpoints import MANIFEST_NAME, checkpoint_problem
+from hf_deelbo.core.lock import LOCK_NAME
 
 BIN = os.path.dirname(sys.executable)
 
@@ -330,7 +330,7 @@ def _live_lock(ws):
     """A second process that holds the lock of output_dir (as a live run does)."""
     ws.copy_run()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from hf_deelbo import lock; lock.acquire(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from hf_deelbo.core import lock; lock.acquire(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(120)", str(ws.out)],
         stdout=subprocess.PIPE, text=True,
     )
@@ -719,7 +719,7 @@ def _disk_full_then(ws):
             subprocess.run(["umount", str(ws.state["mounted"])], check=True)
             out = copy
     # the newest complete checkpoint is what a resume picks
-    from hf_deelbo.checkpoints import newest_complete_checkpoint
+    from hf_deelbo.core.checkpoints import newest_complete_checkpoint
 
     assert Path(newest_complete_checkpoint(str(out))[0]).name == "checkpoint-2"
 

@@ -118,8 +118,8 @@ def test_sampled_weights_and_their_gradients_match_plain_autograd():
     """`sample_parameters` against `m + (σε).to(dtype)` written out with plain autograd, on the same ε:
     the draws agree to one rounding (the fused float32 add rounds σε once, not twice), and so do
     the gradients to m and ρ, including a weight that gets no gradient and a bfloat16 layer."""
-    from hf_deelbo.groups import split_parameters
-    from hf_deelbo.posterior import IsotropicGaussianPosterior
+    from hf_deelbo.core.groups import split_parameters
+    from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
 
     torch.manual_seed(0)
     model = _PartlyUsedNet()
@@ -172,8 +172,8 @@ def test_a_tied_weight_gets_one_draw_under_all_its_names():
     """The draw names a tied weight under each of its names, so `functional_call(...,
     tie_weights=False)` (what the trainer runs) uses the same w̃ in both places; the reference
     lets `functional_call` find the tie itself."""
-    from hf_deelbo.groups import split_parameters
-    from hf_deelbo.posterior import IsotropicGaussianPosterior
+    from hf_deelbo.core.groups import split_parameters
+    from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
 
     torch.manual_seed(0)
     model = _TiedNet()

@@ -237,7 +237,7 @@ def test_repo_id_without_namespace_and_no_login(hub, tmp_path, monkeypatch, caps
 
     out = tmp_path / "done"
     out.mkdir()
-    from hf_deelbo.hub import deelbo_config
+    from hf_deelbo.methods.deelbo.config import deelbo_config
 
     entry = deelbo_config(backbone_prior_variance=1.0, head_prior_variance=1.0, sigma=0.1, kappa=10.0,
                           num_train_examples=8, num_backbone_params=100, num_head_params=10, head_modules=["fc"])

@@ -8,8 +8,8 @@ import torch
 from conftest import build_model, image_dataset, training_args
 
 from hf_deelbo import DEELBoTrainer
-from hf_deelbo.groups import split_parameters
-from hf_deelbo.posterior import IsotropicGaussianPosterior, _noise_pieces
+from hf_deelbo.core.groups import split_parameters
+from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior, _noise_pieces
 
 # Piece lengths around the sampler's blocks of 16, and a total shorter than 16.
 SIZES = [[1], [5, 3], [16], [15, 1, 16], [17, 31, 1, 2], [768, 10], [100, 3, 4096, 7, 9], [33] * 7 + [1]]

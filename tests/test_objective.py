@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch.distributions import Normal, kl_divergence
 
-from hf_deelbo.objective import (
+from hf_deelbo.methods.deelbo.objective import (
     deelbo_loss,
     effective_l2sp_strengths,
     gaussian_kl,
@@ -16,7 +16,7 @@ from hf_deelbo.objective import (
     resolve_kappa,
     sigma_for_prior_pull,
 )
-from hf_deelbo.posterior import inverse_softplus
+from hf_deelbo.methods.deelbo.posterior import inverse_softplus
 
 
 def _reference_kl(m, mu, sigma, prior_variance):

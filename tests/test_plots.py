@@ -3,8 +3,8 @@
 import torch
 from matplotlib.text import Annotation
 
-from hf_deelbo.digits import classification_metrics
-from hf_deelbo.plots import plot_hyperparameters, plot_reliability, plot_training_loss
+from hf_deelbo.evaluation.metrics import classification_metrics
+from hf_deelbo.evaluation.plots import plot_hyperparameters, plot_reliability, plot_training_loss
 
 
 def test_reliability_diagram_shows_the_reported_ece_and_the_bin_counts(tmp_path):

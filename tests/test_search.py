@@ -19,7 +19,7 @@ from hf_deelbo import (
     l2sp_grid_search,
     select_learning_rate,
 )
-from hf_deelbo.validation import stratified_split
+from hf_deelbo.core.validation import stratified_split
 
 COMMON = dict(per_device_train_batch_size=8, max_steps=2, report_to="none", disable_tqdm=True, use_cpu=True,
               save_strategy="no", optim="sgd", seed=0)

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from transformers import TrainerCallback
 
 from hf_deelbo import T1T2Trainer, T1T2TrainingArguments
-from hf_deelbo.t1t2 import t1t2_hypergradient
+from hf_deelbo.methods.t1t2 import t1t2_hypergradient
 
 
 def _look_ahead_validation_loss(model, pretrained, head_names, train, validation, lr, strengths):

@@ -12,9 +12,9 @@ from torch.func import functional_call
 from transformers import AutoModelForImageClassification, TrainerCallback
 
 from hf_deelbo import TPGMTrainer, TPGMTrainingArguments, split_parameters
-from hf_deelbo.anchor import PretrainedAnchor
+from hf_deelbo.core.anchor import PretrainedAnchor
 from hf_deelbo.hub import load_timm_model
-from hf_deelbo.tpgm import ProjectionBalls
+from hf_deelbo.methods.tpgm import ProjectionBalls
 
 
 def _args(tmp_path, **overrides):

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hf_deelbo.groups import split_parameters
-from hf_deelbo.posterior import IsotropicGaussianPosterior
+from hf_deelbo.core.groups import split_parameters
+from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
 
 STEPS, GLOBAL_BATCH, NUM_TRAIN = 5, 8, 64
 

@@ -1,0 +1,60 @@
+"""The `hf-deelbo` command.
+
+    hf-deelbo train      fine-tune with DE ELBO (no model/dataset: the embedded digits task, offline)
+    hf-deelbo evaluate   accuracy, NLL and ECE of a saved model, at the posterior mean or with --bma_samples
+    hf-deelbo push       upload an output directory to the Hub
+    hf-deelbo show       print the learned hyperparameters of a local directory or Hub repo
+
+`train` takes the flags of transformers' run_image_classification.py where they overlap
+(--model_name_or_path, --dataset_name, --train_dir, --validation_dir, --image_column_name,
+--label_column_name, --max_train_samples, --ignore_mismatched_sizes, ...), every
+DEELBoTrainingArguments / TrainingArguments flag, and --config_file (JSON or YAML)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from . import evaluate, push, show, train
+from .common import RunFailed, UsageError
+
+logger = logging.getLogger("hf_deelbo")
+
+COMMANDS = {"train": train.main, "evaluate": evaluate.main, "push": push.main, "show": show.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip().split("\n\n")[0] + "\n\n" + "\n".join(__doc__.strip().split("\n\n")[1:2]), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nhf-deelbo: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    # Other libraries' INFO lines (timm's "Loading pretrained weights from ...") are noise here.
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)  # hf_deelbo's logger follows transformers' verbosity (warnings) otherwise
+    from ..core.lock import OutputDirectoryInUse
+    from ..hub.push import HubPushError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (UsageError, OutputDirectoryInUse) as error:
+        print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+    except RunFailed as error:
+        print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
+        return error.status
+    except (HubPushError, FloatingPointError) as error:
+        print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hf-deelbo {argv[0]}: error: interrupted.", file=sys.stderr)
+        return 130
+    except ValueError as error:
+        # Argument and data validation (DEELBoTrainingArguments, DEELBoTrainer, datasets).
+        print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

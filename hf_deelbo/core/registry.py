@@ -1,0 +1,82 @@
+"""The methods the package knows, each registered once by its own module under `methods/`.
+
+A method's `MethodSpec` is everything the shared layers need to know about it: the entry of
+config.json its trainer writes (`key`, with the typed schema and format version that the one
+reader, `hub.config.read_config_entry`, checks), and the model card's title, tag and citation.
+Nothing outside a method's module names the method by a string literal; the hub and the card
+read these specs (peft's `register_peft_method` plays the same part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Kinds of value an entry's schema names (checked by `hub.config.read_config_entry`):
+# "positive" a finite float > 0; "nonnegative" a finite float >= 0; "strengths" a nonnegative
+# float or a dict of them (per-tensor values); "radii" None or a dict of floats >= 0; "count" an
+# int >= 0; "names" a list of non-empty strings; "text" a string; "flag" a bool; "version" the
+# entry's format version, an int from 1 to the version this package writes.
+VALUE_KINDS = ("positive", "nonnegative", "strengths", "radii", "count", "names", "text", "flag", "version")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One fine-tuning method.
+
+    Attributes:
+        key: the entry of config.json holding the method's hyperparameters (`config.<key>`; raw
+            timm models: `model.<key>_config`).
+        title: the method's name in the model card ("L2-SP").
+        tags: the model card's tags for the method, its own first ("l2-sp").
+        citation: BibTeX entry of the method's paper.
+        schema: name -> (kind, required) of every value the entry may hold (`VALUE_KINDS`).
+        format_version: the entry's format version this package writes; None for an entry
+            without one.
+    """
+
+    key: str
+    title: str
+    tags: tuple[str, ...]
+    citation: str
+    schema: dict = field(default_factory=dict)
+    format_version: int | None = None
+
+    def __post_init__(self):
+        unknown = {kind for kind, _ in self.schema.values()} - set(VALUE_KINDS)
+        if unknown:
+            raise ValueError(f"{self.key}: unknown value kinds {sorted(unknown)} in the schema; use {VALUE_KINDS}")
+
+    def config_entry(self, values: dict) -> dict:
+        """The JSON dict stored as `config.<key>`: `values`, the format version, keys sorted."""
+        if self.format_version is not None:
+            values = {**values, "format_version": self.format_version}
+        return dict(sorted(values.items()))
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add `spec` to the registry (once per key) and return it."""
+    if spec.key in _METHODS and _METHODS[spec.key] != spec:
+        raise ValueError(f"a method with config key {spec.key!r} is already registered: {_METHODS[spec.key].title}")
+    _METHODS[spec.key] = spec
+    return spec
+
+
+def registered_methods() -> tuple[MethodSpec, ...]:
+    """Every registered method, in registration order."""
+    return tuple(_METHODS.values())
+
+
+def method_spec(key: str) -> MethodSpec:
+    """The registered method whose config entry is `key`."""
+    try:
+        return _METHODS[key]
+    except KeyError:
+        raise KeyError(f"no method with config key {key!r}; registered: {sorted(_METHODS)}") from None
+
+
+def config_keys() -> tuple[str, ...]:
+    """The config.json entries the package writes, one per registered method."""
+    return tuple(_METHODS)

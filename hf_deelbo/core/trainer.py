@@ -1,0 +1,472 @@
+"""What every fine-tuning trainer of the package shares, whatever its regularizer: the
+backbone/head split, checks before any work, forward passes for transformers and timm models,
+exact checkpoint restore, prediction at the current weights, and saving/pushing the
+hyperparameters in the model's config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerState
+from transformers.modelcard import extract_hyperparameters_from_trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.utils import logging as transformers_logging
+
+from ..hub import model_card as cards
+from ..hub.config import set_model_config_entry
+from ..hub.push import HubPushError, check_repo_namespace, push_error, set_hub_timeout
+from ..hub.timm import is_timm_wrapper, make_timm_wrapper_checkpoint_portable, save_timm_config
+from . import lock
+from .callback import MethodStateCallback
+from .checkpoints import checkpoint_problem, newest_complete_checkpoint, write_manifest
+from .checks import (
+    check_batch_labels,
+    check_distributed_launch,
+    check_training_data,
+    has_checked_label_column,
+    num_model_labels,
+)
+from .groups import split_parameters
+from .metrics import MetricsRecorder
+from .modeling import classifier_logits
+from .registry import MethodSpec
+
+logger = transformers_logging.get_logger(__name__)
+
+
+class FineTuningTrainer(Trainer):
+    """Base of every method's trainer; not used directly.
+
+    Subclasses set `args_class` (their arguments, a `FineTuningArguments`), `method` (their
+    registered `MethodSpec`: the config.json entry their hyperparameters go to, the model card's
+    title, tags and citation) and implement `config_entry()`. They record the metrics named in
+    `logged_metrics` once per training micro-batch (`self.metrics.record(...)`), which `log` adds
+    as window means; `logged_values` adds others. A method whose learned state lives in a callback
+    sets `callback_class` and calls `install_method_callback` at the end of its `__init__`.
+    """
+
+    args_class: type = None
+    method: MethodSpec = None
+    logged_metrics: tuple[str, ...] = ()
+    callback_class: type[MethodStateCallback] | None = None
+
+    # compute_loss returns a per-micro-batch mean, so Trainer must divide by the accumulation
+    # steps. Without this, models whose forward takes **kwargs (ResNet) get loss × GA.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: nn.Module | None = None, args=None, **kwargs):
+        name = type(self).__name__
+        if model is None:
+            raise ValueError(f"{name} needs a model (model_init is not supported: the prior mean is taken from it).")
+        if args is None:
+            args = self.args_class(output_dir="trainer_output")
+        if not isinstance(args, self.args_class):
+            raise TypeError(
+                f"args must be {self.args_class.__name__}, got {type(args).__name__}; "
+                f"build it with {self.args_class.__name__}(output_dir=..., ...)."
+            )
+        # Everything is validated before Trainer does any work (it creates output_dir and Hub repos).
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise ValueError(
+                f"The model's parameters are sharded (DTensor, e.g. by torch's fully_shard): {name} does not "
+                f"support FSDP ({args.sharding_note}). Pass the unsharded model and train with DDP (torchrun or "
+                "accelerate launch --multi_gpu)."
+            )
+        groups = split_parameters(model, args.head_modules)
+        check_distributed_launch(args)
+        self._check_before_init(args, kwargs)
+        self._check_model_before_init(model, groups, args)
+        if kwargs.get("train_dataset") is not None:
+            check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"), args)
+        super().__init__(model=model, args=args, **kwargs)
+        # Datasets without an Arrow label column had their first batch checked only: every batch is.
+        train_dataset = kwargs.get("train_dataset")
+        self._labels_to_check = (
+            num_model_labels(model) or 0
+            if train_dataset is not None and not has_checked_label_column(train_dataset)
+            else None
+        )
+        self._nonfinite_inputs: dict[str, torch.Tensor] = {}
+        self._checkpoint_pushes: list = []  # (step, future) of every push started from a checkpoint
+        self.failed_pushes: list[str] = []
+        self.groups = groups
+        self.head_modules = groups.head_modules
+        self._is_transformers_model = isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel)
+        if not self.label_names:  # raw timm models have no `labels` argument to detect
+            self.label_names = ["labels"]
+        self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
+        self.metrics = MetricsRecorder(self.logged_metrics, self.args.device)
+        self._callback_target = None
+
+    @property
+    def config_key(self) -> str:
+        """The entry of config.json the method's hyperparameters go to."""
+        return self.method.key
+
+    def installed_callback(self, callback_class: type):
+        """The installed instance of `callback_class` (Trainer builds a new one when resuming)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, callback_class):
+                return callback
+        raise RuntimeError(
+            f"{callback_class.__name__} was removed from the trainer; {type(self).__name__} cannot train without it."
+        )
+
+    def install_method_callback(self, target) -> None:
+        """Install the method's `callback_class`, bound to `target` (what its state is written into);
+        after a resume, `_load_callback_state` binds Trainer's new instance to the same target."""
+        self._callback_target = target
+        self.add_callback(self.callback_class())
+        self.method_callback.bind(target)
+
+    @property
+    def method_callback(self) -> MethodStateCallback:
+        """The installed instance of `callback_class` (Trainer replaces it when resuming)."""
+        return self.installed_callback(self.callback_class)
+
+    def _load_callback_state(self) -> None:
+        super()._load_callback_state()
+        if self.callback_class is not None:
+            self.method_callback.bind(self._callback_target)
+
+    def _load_best_model(self) -> None:
+        checkpoint = self.state.best_model_checkpoint
+        if not self._restore_weights(checkpoint):
+            super()._load_best_model()
+            return
+        if self.callback_class is None:
+            return
+        # The method's learned state at the best checkpoint goes with its weights.
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        saved = state.stateful_callbacks.get(self.callback_class.__name__, {}).get("attributes", {})
+        callback = self.method_callback
+        for name, value in saved.items():
+            setattr(callback, name, value)
+        callback.bind(self._callback_target)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds to training logs the window means of `logged_metrics` (averaged over processes),
+        and to every log what `logged_values` returns."""
+        if "loss" in logs:
+            logs.update(self.metrics.means(self.accelerator))
+        logs.update(self.logged_values(logs))
+        super().log(logs, start_time)
+
+    def logged_values(self, logs: dict) -> dict:
+        """Subclass hook: more values for the log entry `logs` (Python numbers)."""
+        return {}
+
+    def _check_before_init(self, args, kwargs) -> None:
+        """Subclass hook: more validation before Trainer's __init__."""
+
+    def _check_model_before_init(self, model: nn.Module, groups, args) -> None:
+        """Subclass hook: validation of the arguments against the model (its parameter `groups`)."""
+
+    def config_entry(self) -> dict:
+        """The JSON dict stored as `config.<config_key>`."""
+        raise NotImplementedError
+
+    # ---- model calls --------------------------------------------------------------------------
+
+    def _forward(
+        self, model: nn.Module, inputs: dict, parameters: dict | None = None, tie_weights: bool = True
+    ) -> torch.Tensor:
+        return classifier_logits(model, inputs, parameters, self._is_transformers_model, tie_weights=tie_weights)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None and not self._is_transformers_model:
+            # timm's forward(x) names no dataset column; it is fed `pixel_values`.
+            self._signature_columns = ["pixel_values", "label", "label_ids", *self.label_names]
+        super()._set_signature_columns_if_needed()
+
+    def _prediction_logits(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """What evaluation and prediction return: the model's logits at its current weights."""
+        return self._forward(model, inputs).float()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss is the mean NLL of the batch; the predictions are the logits (or,
+        when a subclass averages several draws, log predictive probabilities, which are logits too)."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get(self.label_names[0])
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = self._prediction_logits(model, inputs)
+        loss = F.cross_entropy(logits, labels).detach() if labels is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits.detach(), labels
+
+    # ---- faults -------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._labels_to_check is not None:
+            check_batch_labels(inputs.get(self.label_names[0]), self._labels_to_check, self.state.global_step + 1)
+        for key, value in inputs.items():  # no device sync here; checked once per step
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                bad = ~torch.isfinite(value).all()
+                self._nonfinite_inputs[key] = self._nonfinite_inputs[key] | bad if key in self._nonfinite_inputs else bad
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_loss |= ~torch.isfinite(loss)
+        return loss
+
+    def _divergence_details(self) -> str | None:
+        """Subclass hook: a description of non-finite state after this step's optimizer step (a full
+        pass over the weights is fine: it runs only at steps that log, evaluate or save), or None."""
+        return None
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Runs after every optimizer step, before anything of that step is logged, evaluated or
+        # saved. A non-finite loss stops the run at the step it appears. Weights that an optimizer
+        # step made non-finite give a non-finite loss one step later; where this step is logged,
+        # evaluated or saved, or is the last, they are checked now (`_divergence_details`), so a
+        # diverged run never overwrites the last good checkpoint.
+        control = self.control
+        due = control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
+        details = self._divergence_details() if due else None
+        bad_inputs = sorted(key for key, flag in self._nonfinite_inputs.items() if bool(flag)) if (
+            bool(self._nonfinite_loss) or details) else []
+        if bad_inputs:
+            raise FloatingPointError(
+                f"{type(self).__name__} stopped at step {self.state.global_step}: the training data holds non-finite "
+                f"values (NaN or inf in {', '.join(bad_inputs)} of a batch since the last check). This is the data, "
+                "not the learning rate: remove or repair those examples. The last checkpoint saved before this step "
+                "is intact."
+            )
+        if bool(self._nonfinite_loss) or details:
+            raise FloatingPointError(
+                f"{type(self).__name__} diverged at step {self.state.global_step}: the loss or the weights are no "
+                f"longer finite{f' ({details})' if details else ''}. Lower learning_rate (now "
+                f"{self.args.learning_rate:g}, {self._get_learning_rate():g} at this step of the schedule)"
+                f"{self._divergence_hint()} and check the data. The last checkpoint saved before this step is intact."
+            )
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _divergence_hint(self) -> str:
+        return ""
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _restore_weights(self, checkpoint: str) -> bool:
+        """Load a checkpoint's weights into the model exactly (strict). False if not applicable."""
+        weights_file = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(weights_file):
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PreTrainedModel):
+            # save_pretrained may write legacy key names (ViT: `encoder.layer.0.attention.attention.query`)
+            # that Trainer's load_state_dict(strict=False) silently skips, so resuming would keep the
+            # fresh weights (transformers issue 43701). from_pretrained converts the names.
+            state_dict = type(model).from_pretrained(checkpoint, config=model.config).state_dict()
+        else:
+            state_dict = safetensors.torch.load_file(weights_file, device="cpu")
+        model.load_state_dict(state_dict, strict=True)
+        return True
+
+    def _stateful_callback_names(self) -> tuple[str, ...]:
+        if not self.args.restore_callback_states_from_checkpoint:
+            return ()
+        return tuple(type(cb).__name__ for cb in self.callback_handler.callbacks if isinstance(cb, ExportableState))
+
+    def _complete_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint `train` resumes from: for `True`, the newest complete one in output_dir
+        (logging the newer ones skipped and why); a path only if it is complete (`checkpoints.py`)."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        requirements = dict(callback_names=self._stateful_callback_names(), num_processes=self.args.world_size,
+                            process_index=self.args.process_index)
+        if resume_from_checkpoint is True:
+            checkpoint, skipped = newest_complete_checkpoint(self.args.output_dir, **requirements)
+            for name, why in skipped:
+                logger.warning(f"Not resuming from {name}: {why}.")
+            if checkpoint is None:
+                found = "; ".join(f"{name}: {why}" for name, why in skipped) or "no checkpoint-<step> directory"
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but output_dir {self.args.output_dir!r} holds no complete checkpoint "
+                    f"({found}); train without resuming, or pass a checkpoint directory."
+                )
+            if skipped:
+                logger.warning(f"Resuming from {checkpoint}, the newest complete checkpoint.")
+            return checkpoint
+        checkpoint = str(resume_from_checkpoint)
+        problem = checkpoint_problem(checkpoint, **requirements)
+        if problem:
+            raise ValueError(
+                f"resume_from_checkpoint {checkpoint!r} cannot be resumed from exactly: {problem}. Pass "
+                "resume_from_checkpoint=True to resume from the newest complete checkpoint of output_dir."
+            )
+        return checkpoint
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Written last, the manifest marks the checkpoint complete (a save that fails halfway leaves none).
+        super()._save_checkpoint(model, trial)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
+        if self.args.should_save:
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(checkpoint):
+                write_manifest(checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._restore_weights(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _write_config_entry(self) -> None:
+        set_model_config_entry(self.accelerator.unwrap_model(self.model), self.config_key, self.config_entry())
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer's `train`, holding output_dir's lock (`lock.py`: a second live run into it is
+        refused), resuming only from a complete checkpoint (`_complete_checkpoint`), and reporting
+        checkpoint pushes to the Hub that failed (`failed_pushes`) at the end."""
+        resume_from_checkpoint = self._complete_checkpoint(resume_from_checkpoint)
+        holds_lock = self.is_world_process_zero()
+        if holds_lock:
+            lock.acquire(self.args.output_dir)
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if holds_lock:
+                lock.release(self.args.output_dir)
+        self._write_config_entry()
+        self._report_failed_pushes()
+        return output
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        self._write_config_entry()
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_timm_wrapper(unwrapped):
+            make_timm_wrapper_checkpoint_portable(unwrapped, output_dir)
+        elif not self._is_transformers_model and isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
+            save_timm_config(unwrapped, output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's `save_model` (weights, config.json with the hyperparameters), plus, when called
+        by the user, the model card (README.md) and its plots in the same directory, as
+        `push_to_hub` writes them. Checkpoints (`_internal_call`) get no card."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self.create_model_card(output_dir=output_dir)
+
+    # ---- the model card -----------------------------------------------------------------------
+
+    def build_model_card(self, output_dir: str | None = None, **context):
+        """Subclass hook: the `ModelCard` for this run, from the context `create_model_card` gathered;
+        figures the card shows go to `output_dir`."""
+        return cards.build_model_card(self.method, self.config_entry(), **context)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """Writes README.md (the method's model card: its hyperparameters from `config.<config_key>`,
+        the last evaluation, the training settings, the citation) into `output_dir` (default:
+        `args.output_dir`); `save_model` and `push_to_hub` write it with the model. Its "How to use"
+        loads the Hub repo (`hub_model_id`) if there is one, else the local directory. Works for raw
+        timm models too (Trainer's own card needs a config)."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if finetuned_from is None:
+            finetuned_from = getattr(getattr(unwrapped, "config", None), "_name_or_path", None) or None
+        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        eval_results = {
+            ("nll" if k == "eval_loss" else k.removeprefix("eval_")): v
+            for k, v in (evaluations[-1] if evaluations else {}).items()
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(("runtime", "per_second"))
+        }
+        args = self.args
+        # Plain Trainer's card lists these (transformers.modelcard); ours adds the steps taken and the clipping.
+        hyperparameters = {name: str(value).replace("\n", " ") for name, value in
+                           extract_hyperparameters_from_trainer(self).items()}
+        hyperparameters.update(optimizer_steps=self.state.global_step, max_grad_norm=args.max_grad_norm)
+        card = self.build_model_card(
+            output_dir=output_dir,
+            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+            library_name="transformers" if self._is_transformers_model else "timm",
+            base_model=finetuned_from,
+            dataset=dataset if isinstance(dataset, str) else None,
+            eval_results=eval_results,
+            hyperparameters=hyperparameters,
+            repo_id=self.hub_model_id or args.hub_model_id,
+            local_path=output_dir,
+            extra_tags=([tags] if isinstance(tags, str) else list(tags or []))
+            + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else []),
+        )
+        card.save(os.path.join(output_dir, "README.md"))
+
+    # ---- the Hub ------------------------------------------------------------------------------
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates the Hub repo (Trainer does this when the trainer is built with push_to_hub=True),
+        with one clear error when the repo id lacks a namespace nobody can supply, or the Hub is
+        unreachable or refuses."""
+        if not self.is_world_process_zero():
+            return
+        token = token if token is not None else self.args.hub_token
+        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.args.hub_model_id = check_repo_namespace(name, token)
+        set_hub_timeout()
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
+            output_dir = self.args.output_dir
+            wrote_output = os.path.isdir(output_dir) and bool(set(os.listdir(output_dir)) - {lock.LOCK_NAME})
+            raise push_error(error, output_dir, self.args.hub_model_id, wrote_output=wrote_output) from error
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        known = set(map(id, (job for _, job in self._checkpoint_pushes)))
+        super()._push_from_checkpoint(checkpoint_folder)
+        progress = getattr(self, "push_in_progress", None)
+        for job in progress.jobs if progress is not None else []:
+            if id(job) not in known:
+                self._checkpoint_pushes.append((self.state.global_step, job))
+
+    def _report_failed_pushes(self) -> None:
+        """Checkpoint pushes run in the background and Trainer never looks at their outcome: each
+        one that failed is added to `failed_pushes` and the whole list logged as one warning."""
+        from concurrent import futures
+
+        futures.wait([job for _, job in self._checkpoint_pushes])
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        for step, job in self._checkpoint_pushes:
+            if not job.cancelled() and job.exception() is not None:
+                self.failed_pushes.append(f"step {step}: {push_error(job.exception(), self.args.output_dir, repo_id).reason}")
+        self._checkpoint_pushes = []
+        if self.failed_pushes:
+            logger.warning(
+                f"{len(self.failed_pushes)} push(es) of checkpoints to the Hub repo {repo_id} failed "
+                f"({'; '.join(self.failed_pushes)}). The local checkpoints in {self.args.output_dir} are intact; push "
+                f"them with trainer.push_to_hub() or hf-deelbo push {self.args.output_dir} --repo_id {repo_id}."
+            )
+
+    def push_to_hub(self, *args, **kwargs):
+        """Trainer's push (weights, config.json with the hyperparameters, model card); a failure
+        raises one `HubPushError` and leaves the local output directory as it was."""
+        set_hub_timeout()
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except HubPushError:
+            raise
+        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
+            raise push_error(error, self.args.output_dir, self.hub_model_id or self.args.hub_model_id) from error

@@ -1,0 +1,1 @@
+"""The embedded transfer task: scikit-learn digits 0–4 → 5–9."""

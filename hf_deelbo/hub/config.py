@@ -1,0 +1,125 @@
+"""The entries the package writes into a model's config.json (`config.<key>`, one per method of
+the registry): storing them on a model, and the one reader that checks them against the
+method's typed, versioned schema (`core.registry.MethodSpec`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from torch import nn
+
+from ..core.registry import config_keys, method_spec
+
+
+def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
+    """Store `values` as `model.config.<key>` for transformers models (saved in config.json). Raw
+    timm models have no such config: they get `model.<key>_config`, written to timm's config.json
+    by `save_timm_config`."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        setattr(config, key, values)
+    else:
+        setattr(model, f"{key}_config", values)
+
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _value_problem(kind: str, value, entry_key: str) -> str | None:
+    if kind in ("positive", "nonnegative"):
+        if not _is_number(value) or not math.isfinite(value) or value < 0 or (kind == "positive" and value == 0):
+            return f"must be a finite number {'> 0' if kind == 'positive' else '>= 0'}"
+    elif kind == "strengths":
+        values = list(value.values()) if isinstance(value, dict) else [value]
+        if not values or not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in values):
+            return "must be a finite number >= 0, or a dict of them"
+    elif kind == "radii":
+        if value is not None and not (
+            isinstance(value, dict) and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in value.values())
+        ):
+            return "must be null or a dict of finite numbers >= 0"
+    elif kind == "count":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return "must be an int >= 0"
+    elif kind == "names":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return "must be a list of module names"
+    elif kind == "text":
+        if not isinstance(value, str):
+            return "must be a string"
+    elif kind == "flag":
+        if not isinstance(value, bool):
+            return "must be true or false"
+    elif kind == "version":
+        supported = method_spec(entry_key).format_version or 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return "must be an int >= 1"
+        if value > supported:
+            return f"is newer than this hf_deelbo reads ({supported}): upgrade hf_deelbo"
+    return None
+
+
+
+def read_config_entry(config, key: str, source: str = "the model's config") -> dict:
+    """The validated `key` entry (a registered method's, e.g. `config.deelbo`) of a config: a dict
+    (as read from config.json) or an object with that attribute (`model.config`). The one reader of
+    these entries: `show`, `evaluate`, `load_classifier` and `posterior_from_config` go through it.
+
+    Raises:
+        KeyError: the config has no such entry.
+        ValueError: the entry is malformed; the message names the key, the value and `source`.
+    """
+    entry = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    if entry is None:
+        raise KeyError(f"{source} has no {key!r} entry: the model was not trained with it.")
+    fix = "fix config.json or save the model again with the trainer"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{source}: {key!r} must be a JSON object of hyperparameters; got {entry!r}; {fix}.")
+    for name, (kind, required) in method_spec(key).schema.items():
+        if name not in entry:
+            if required:
+                raise ValueError(f"{source}: {key!r} has no {name!r} (keys: {sorted(entry)}); {fix}.")
+            continue
+        problem = _value_problem(kind, entry[name], key)
+        if problem:
+            raise ValueError(f"{source}: {key}.{name} {problem}; got {entry[name]!r}; {fix}.")
+    return entry
+
+
+def load_config_entry(path: str, key: str) -> dict:
+    """Read the `key` entry from the config.json of a saved model directory (validated, `read_config_entry`).
+
+    Raises:
+        FileNotFoundError: no config.json in `path`.
+        KeyError: config.json has no `key` entry (the model was not trained with that method).
+        ValueError: config.json is not JSON, or its entry is malformed.
+    """
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"No config.json in {path}: is it a saved model directory?")
+    return read_config_entry(read_json_config(config_file), key, config_file)
+
+
+def read_json_config(config_file: str) -> dict:
+    """config.json as a dict, or one ValueError naming the file."""
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}); fix or replace it.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object; got {type(config).__name__}.")
+    return config
+
+
+def check_config_entries(config, source: str) -> None:
+    """Validate every registered method's entry the config holds."""
+    for key in config_keys():
+        present = key in config if isinstance(config, dict) else getattr(config, key, None) is not None
+        if present:
+            read_config_entry(config, key, source)
+

@@ -1,0 +1,130 @@
+"""The model card: one builder, a template (`method_card_template.md`: the method's values as a
+table; a method may bring its own, as DE ELBO does) plus the run's data. The method's title, tags
+and citation come from its `MethodSpec` (`core.registry`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from ..core.registry import MethodSpec
+
+METHOD_TEMPLATE_PATH = Path(__file__).parent / "method_card_template.md"
+TASK = "image-classification"
+
+
+def _usage(library_name: str, repo_id: str | None, local_path: str | None, config_key: str, comment: str) -> str:
+    """The card's loading snippet: the Hub repo `repo_id` if there is one, else the directory the card
+    is written to (`local_path`), which is not on the Hub until pushed."""
+    if library_name == "timm":
+        source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{local_path}"
+        return (
+            f'import timm\n\nmodel = timm.create_model("{source}", pretrained=True)\n'
+            f"# {comment}: config.json's `{config_key}`"
+        )
+    return (
+        "from transformers import AutoModelForImageClassification\n\n"
+        f'model = AutoModelForImageClassification.from_pretrained("{repo_id or local_path}")\n'
+        f"print(model.config.{config_key})  # {comment}"
+    )
+
+
+def set_card_repo_id(card_text: str, repo_id: str) -> str:
+    """The card with its "How to use" snippet loading the Hub repo `repo_id` instead of a local
+    directory (for a directory pushed after its card was written)."""
+    head, sep, usage = card_text.partition("## How to use")
+    usage = re.sub(r'"local-dir:[^"\n]*"', f'"hf-hub:{repo_id}"', usage, count=1)
+    usage = re.sub(r'from_pretrained\("[^"\n]*"\)', f'from_pretrained("{repo_id}")', usage, count=1)
+    return head + sep + usage
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` if it can be a Hub id; local paths and descriptions are not, so they are left out of the metadata."""
+    if not name or os.path.isdir(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _card_data(model_name: str, library_name: str, base_model: str | None, dataset: str | None,
+               tags: list[str], eval_results: dict) -> ModelCardData:
+    """The card's metadata, with the evaluation results as model-index entries (as plain Trainer's card
+    has them) when the data they were measured on has a name."""
+    dataset_id = _hub_id(dataset)
+    results = [
+        EvalResult(task_type=TASK, dataset_type=dataset_id, dataset_name=dataset_id, metric_type=name,
+                   metric_name=name, metric_value=value)
+        for name, value in eval_results.items()
+    ] if dataset_id and eval_results else None
+    return ModelCardData(
+        library_name=library_name,
+        base_model=_hub_id(base_model),
+        datasets=[dataset_id] if dataset_id else None,
+        tags=sorted(set(tags)),
+        pipeline_tag=TASK,
+        model_name=model_name,
+        eval_results=results,
+    )
+
+
+def _card_value(value) -> str:
+    """A table cell: numbers to 4 significant digits; per-tensor dicts summarised by count and range."""
+    if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+        values = list(value.values())
+        return f"{len(values)} values, {min(values):.4g} … {max(values):.4g}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def build_model_card(
+    spec: MethodSpec,
+    values: dict,
+    *,
+    model_name: str,
+    template_path: str | Path = METHOD_TEMPLATE_PATH,
+    usage_comment: str | None = None,
+    library_name: str = "transformers",
+    base_model: str | None = None,
+    dataset: str | None = None,
+    eval_results: dict | None = None,
+    hyperparameters: dict | None = None,
+    plot: str | None = None,
+    repo_id: str | None = None,
+    local_path: str | None = None,
+    extra_tags: list[str] | None = None,
+) -> ModelCard:
+    """A `huggingface_hub.ModelCard` for a run of the method `spec`, from `template_path`: its
+    `config.<key>` entry `values` (in the template: `entry` as it is, `values` formatted for a
+    table), the evaluation results (also as model-index metadata), the training settings, a plot
+    and the method's citation; tagged with the method's tags and `image-classification`."""
+    eval_results = eval_results or {}
+    card_data = _card_data(model_name, library_name, base_model, dataset, [TASK, *spec.tags, *(extra_tags or [])],
+                           eval_results)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        base_model=card_data.base_model,
+        dataset=dataset,
+        method=spec.title,
+        config_key=spec.key,
+        entry=values,
+        values={k: _card_value(v) for k, v in values.items() if k != "format_version"},
+        eval_results=eval_results,
+        hyperparameters=hyperparameters or {},
+        plot=plot,
+        usage=_usage(library_name, repo_id, local_path or model_name, spec.key,
+                     usage_comment or f"the {spec.title} hyperparameters"),
+        citation=spec.citation.strip(),
+    )

@@ -1,0 +1,134 @@
+"""Talking to the Hub: a timeout for every request, fast failure when it is out of reach, and one
+clear `HubPushError` for a push that failed."""
+
+from __future__ import annotations
+
+import os
+
+# Seconds a request to the Hub may wait for an answer (a commit that never answers fails instead of
+# hanging): HF_DEELBO_HUB_TIMEOUT, default 300. Connecting is limited to 10 s.
+DEFAULT_HUB_TIMEOUT = 300.0
+
+
+def set_hub_timeout(seconds: float | None = None) -> None:
+    """Give huggingface_hub's HTTP client a timeout (its default waits forever), through its own
+    `set_client_factory`. A client factory the user installed is left alone."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    if seconds is None:
+        seconds = float(os.environ.get("HF_DEELBO_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT))
+    current = _http._GLOBAL_CLIENT_FACTORY
+    if current is not _http.default_client_factory and not getattr(current, "hf_deelbo_timeout", None):
+        return
+    if getattr(current, "hf_deelbo_timeout", None) == seconds:
+        return
+
+    def client_factory() -> httpx2.Client:
+        client = _http.default_client_factory()
+        client.timeout = httpx2.Timeout(seconds, connect=min(10.0, seconds))
+        return client
+
+    client_factory.hf_deelbo_timeout = seconds
+    _http.set_client_factory(client_factory)
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the local output directory is untouched. `reason`: the cause
+    and what to do, in a few words; `status_code`: the HTTP status, if the Hub answered."""
+
+    def __init__(self, message: str, reason: str = "", status_code: int | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+        self.status_code = status_code
+
+
+def check_repo_namespace(repo_id: str, token: str | bool | None = None) -> str:
+    """`namespace/name` for `repo_id`: as given, or with the logged-in user's namespace.
+
+    Raises:
+        HubPushError: `repo_id` has no namespace and no Hub login tells whose it is.
+    """
+    if "/" in repo_id:
+        return repo_id
+    from huggingface_hub import HfApi
+
+    try:
+        namespace = HfApi().whoami(token=token)["name"]
+    except Exception as error:  # noqa: BLE001 - no token, an invalid one, or an unreachable Hub
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubPushError(
+            f"repo id {repo_id!r} has no namespace and the Hub cannot tell whose it is ({reason}). "
+            f"Pass 'your-namespace/{repo_id}', or log in with `hf auth login`."
+        ) from None
+    return f"{namespace}/{repo_id}"
+
+
+def push_error(error: Exception, output_dir: str, repo_id: str | None, wrote_output: bool = True) -> HubPushError:
+    """One clear error for a failed push: the cause (the HTTP status where the Hub answered: 401/403
+    name the token), what to do, and, once something was written (`wrote_output`), that nothing
+    local was lost."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HubPushError):
+        return error
+    cause = error
+    while not isinstance(cause, (HfHubHTTPError, httpx2.TimeoutException)) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
+    status = getattr(response, "status_code", None)
+    target = repo_id or "namespace/name"
+    if status in (401, 403):
+        action = (
+            f"the Hub refused the token ({status}): log in with `hf auth login` (or set HF_TOKEN / pass --token) "
+            f"with a token that may write to {target}"
+        )
+    elif isinstance(cause, httpx2.TimeoutException):
+        action = (f"the Hub did not answer within the timeout ({type(cause).__name__}; HF_DEELBO_HUB_TIMEOUT sets it); "
+                  "push again later")
+    elif status is not None:
+        action = f"the Hub answered {status} ({text}); push again later"
+    else:
+        action = f"the Hub is unreachable ({type(cause).__name__}: {text}); push again once it is reachable"
+    if wrote_output:
+        then = (f"The local output in {output_dir} is intact; {action} (trainer.push_to_hub(), or "
+                f"hf-deelbo push {output_dir} --repo_id {target}).")
+    else:
+        then = f"Nothing was trained or written yet; {action}, then start again."
+    return HubPushError(f"Could not push to {constants.ENDPOINT}/{repo_id or ''}: {then}", reason=action,
+                        status_code=status)
+
+
+
+class HubUnreachableError(OSError):
+    """The Hub does not answer: raised before any download, in one line saying how to work offline."""
+
+
+def check_hub_reachable(what: str, local_alternative: str, timeout: float = 5.0) -> None:
+    """Fail fast when `what` (e.g. "--dataset_name 'beans'") needs the Hub and the Hub does not
+    answer: huggingface_hub and datasets retry a refused or timed-out connection for 20-60 s and
+    then raise a long traceback. One HEAD request to `HF_ENDPOINT` (any HTTP status means it
+    answers). Nothing is checked in offline mode (`HF_HUB_OFFLINE=1`), where the libraries read
+    their caches only.
+
+    Raises:
+        HubUnreachableError: naming `what`, the endpoint, the cause, `HF_HUB_OFFLINE=1` and
+            `local_alternative` (what to pass instead, e.g. "--train_dir DIR").
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - any transport error means the Hub is out of reach
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubUnreachableError(
+            f"{what} is on the Hub, which cannot be reached ({constants.ENDPOINT}: {reason}). To work offline, set "
+            f"HF_HUB_OFFLINE=1 (what is already in the cache is used) or pass {local_alternative}."
+        ) from None
+

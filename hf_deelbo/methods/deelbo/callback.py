@@ -1,0 +1,98 @@
+"""The callback that keeps DE ELBO's learned state: λ (backbone), τ (head) and ρ."""
+
+from __future__ import annotations
+
+from ...core.callback import MethodStateCallback
+from .posterior import IsotropicGaussianPosterior
+
+
+class _PriorVariance:
+    """λ or τ as a plain attribute to `Trainer` (which restores it with setattr on resume), read
+    through `DEELBoCallback.prior_variances` so that a value gone out of date is recomputed."""
+
+    def __init__(self, index: int, doc: str):
+        self.index = index
+        self.__doc__ = doc
+
+    def __get__(self, callback, owner=None):
+        if callback is None:
+            return self
+        return float(callback.prior_variances()[self.index])
+
+    def __set__(self, callback, value: float | None) -> None:
+        callback._variances[self.index] = value
+
+
+class DEELBoCallback(MethodStateCallback):
+    """Holds λ and τ at their optimum given q (coordinate ascent), and ρ across checkpoints:
+
+        λ* = ‖m_b − μ‖² / D_b + σ²        τ* = ‖m_h‖² / K + σ²
+
+    The update itself happens where the values are read: the gradient step on (m, ρ) runs at
+    fixed λ, τ, which gives the same gradients as profiling λ*, τ* inside the KL (envelope
+    theorem). After every optimizer step the values go out of date (`on_step_end`) and the next
+    read recomputes them from the new m and σ; during training that read is
+    `DEELBoTrainer.compute_loss`, which hands over the squared distances it computes for the KL,
+    so the update costs no pass over the weights of its own. `on_step_end` also clears ρ's
+    gradient, which `Trainer`'s `model.zero_grad()` does not reach, and keeps σ above its floor.
+
+    State (JSON, stored in `trainer_state.json` with each checkpoint): λ, τ and ρ. `Trainer`
+    rebuilds the callback from that state on resume; `DEELBoTrainer` binds the posterior to
+    whichever instance is installed (`bind`), which writes a restored ρ into it.
+
+    Args:
+        backbone_prior_variance (`float`, *optional*): λ; computed from the posterior when `None`.
+        head_prior_variance (`float`, *optional*): τ; computed from the posterior when `None`.
+        posterior_rho (`float`, *optional*): ρ as last saved, restored into the posterior on resume.
+    """
+
+    state_attributes = ("backbone_prior_variance", "head_prior_variance", "posterior_rho")
+    backbone_prior_variance = _PriorVariance(0, "λ, the backbone prior variance.")
+    head_prior_variance = _PriorVariance(1, "τ, the head prior variance.")
+
+    def __init__(
+        self,
+        backbone_prior_variance: float | None = None,
+        head_prior_variance: float | None = None,
+        posterior_rho: float | None = None,
+    ):
+        self._variances = [None, None]
+        super().__init__(backbone_prior_variance=backbone_prior_variance, head_prior_variance=head_prior_variance,
+                         posterior_rho=posterior_rho)
+
+    @property
+    def posterior(self) -> IsotropicGaussianPosterior | None:
+        return self.target
+
+    def saved_state(self) -> dict:
+        lam, tau = self._variances
+        return {"backbone_prior_variance": lam, "head_prior_variance": tau, "posterior_rho": self.posterior_rho}
+
+    def restore(self, posterior: IsotropicGaussianPosterior) -> None:
+        if self.posterior_rho is not None:
+            posterior.rho.data.fill_(self.posterior_rho)
+
+    def current_state(self) -> dict:
+        lam, tau = (float(v) for v in self.prior_variances())
+        return {"backbone_prior_variance": lam, "head_prior_variance": tau, "posterior_rho": self.posterior.rho.item()}
+
+    def prior_variances(self, squared_distances=None):
+        """(λ, τ), recomputed if an optimizer step has passed since they were last set; from
+        `squared_distances` = (‖m_b − μ‖², ‖m_h‖²) at the current m when the caller has them.
+        Recomputed values are float64 tensors on the weights' device (no host–device
+        synchronisation in a training step); values restored from a checkpoint are floats."""
+        if self._variances[0] is None or self._variances[1] is None:
+            self._variances = list(self.posterior.optimal_prior_variances(squared_distances))
+        return tuple(self._variances)
+
+    def update(self) -> None:
+        """λ, τ ← λ*, τ* for the posterior's current m and σ, now."""
+        self._variances = [None, None]
+        self.prior_variances()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Trainer clears gradients with model.zero_grad(), which does not reach ρ (it lives
+        # outside the model); without this its gradient would accumulate across steps.
+        self.posterior.rho.grad = None
+        self.posterior.clamp_sigma()
+        self._variances = [None, None]  # m and σ moved: λ*, τ* are recomputed at the next read

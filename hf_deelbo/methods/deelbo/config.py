@@ -1,0 +1,70 @@
+"""DE ELBO's entry of config.json (`config.deelbo`): its schema and format version, registered
+once, and the writer of its values."""
+
+from __future__ import annotations
+
+from ...core.registry import MethodSpec, register_method
+from ...hub.config import load_config_entry
+from .objective import effective_l2sp_strengths
+
+CITATION = """
+@inproceedings{harvey2026learning,
+  title     = {Learning Hyperparameters via a Data-Emphasized Variational Objective},
+  author    = {Harvey, Ethan and Petrov, Mikhail and Hughes, Michael C.},
+  booktitle = {International Conference on Artificial Intelligence and Statistics (AISTATS)},
+  year      = {2026},
+  note      = {arXiv:2502.01861}
+}"""
+
+DEELBO = register_method(MethodSpec(key="deelbo", title="DE ELBO", tags=("deelbo", "l2-sp", "variational-inference"), citation=CITATION, format_version=1, schema={
+    "lambda": ("positive", True), "tau": ("positive", True), "sigma": ("positive", True),
+    "kappa": ("positive", True), "alpha_eff": ("nonnegative", False), "beta_eff": ("nonnegative", False),
+    "num_train_examples": ("count", True), "num_backbone_params": ("count", True),
+    "num_head_params": ("count", True), "head_modules": ("names", False), "format_version": ("version", False),
+}))
+DEELBO_CONFIG_KEY = DEELBO.key
+DEELBO_FORMAT_VERSION = DEELBO.format_version
+
+
+def deelbo_config(
+    *,
+    backbone_prior_variance: float,
+    head_prior_variance: float,
+    sigma: float,
+    kappa: float,
+    num_train_examples: int,
+    num_backbone_params: int,
+    num_head_params: int,
+    head_modules: list[str],
+) -> dict:
+    """The JSON dict stored as `config.deelbo`, keys sorted.
+
+    `lambda`, `tau`: learned prior variances of backbone and head; `sigma`: posterior std;
+    `kappa`: data emphasis; `alpha_eff`, `beta_eff`: the equivalent L2-SP strengths 1/(Dλ), 1/(Dτ).
+    """
+    alpha_eff, beta_eff = effective_l2sp_strengths(
+        backbone_prior_variance, head_prior_variance, num_backbone_params + num_head_params
+    )
+    return DEELBO.config_entry({
+        "alpha_eff": float(alpha_eff),
+        "beta_eff": float(beta_eff),
+        "head_modules": list(head_modules),
+        "kappa": float(kappa),
+        "lambda": float(backbone_prior_variance),
+        "num_backbone_params": int(num_backbone_params),
+        "num_head_params": int(num_head_params),
+        "num_train_examples": int(num_train_examples),
+        "sigma": float(sigma),
+        "tau": float(head_prior_variance),
+    })
+
+
+def load_deelbo_config(path: str) -> dict:
+    """Read `deelbo` from the config.json of a saved model directory (validated, `hub.read_config_entry`).
+
+    Raises:
+        FileNotFoundError: no config.json in `path`.
+        KeyError: config.json has no `deelbo` entry (the model was not trained with DEELBoTrainer).
+        ValueError: config.json is not JSON, or its `deelbo` entry is malformed.
+    """
+    return load_config_entry(path, DEELBO.key)

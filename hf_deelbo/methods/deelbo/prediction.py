@@ -1,0 +1,70 @@
+"""Prediction at the posterior mean or by Bayesian model averaging, inside or outside a trainer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.groups import split_parameters
+from ...core.modeling import classifier_logits
+from ...hub.config import read_config_entry
+from .config import DEELBO
+from .posterior import IsotropicGaussianPosterior
+
+
+@torch.no_grad()
+def predictive_log_probs(
+    model: nn.Module,
+    inputs: dict,
+    posterior: IsotropicGaussianPosterior | None = None,
+    num_samples: int = 0,
+    seed: int = 0,
+    transformers_model: bool | None = None,
+) -> torch.Tensor:
+    """log p(y | x): log softmax f(x; m) when `num_samples` is 0, else the Bayesian model average
+
+        log (1/S) Σ_s softmax f(x; m + σ ε_s),    ε_s ~ N(0, I)
+
+    with draws from a generator seeded by `seed` (the global RNG is left untouched).
+    """
+    if num_samples == 0:
+        return F.log_softmax(classifier_logits(model, inputs, None, transformers_model).float(), dim=-1)
+    if posterior is None:
+        raise ValueError("num_samples > 0 needs the posterior (see posterior_from_config) to draw weights from.")
+    generator = torch.Generator(device=posterior.rho.device).manual_seed(seed)
+    draws = torch.stack([
+        F.log_softmax(
+            classifier_logits(
+                model, inputs, posterior.sample_parameters(model, generator), transformers_model, tie_weights=False
+            ).float(),
+            dim=-1,
+        )
+        for _ in range(num_samples)
+    ])
+    return torch.logsumexp(draws, dim=0) - math.log(num_samples)
+
+
+def posterior_from_config(model: nn.Module) -> IsotropicGaussianPosterior:
+    """Rebuild q(w) = N(m, σ²I) of a model saved by `DEELBoTrainer`: m are its weights, σ and
+    the head split come from `model.config.deelbo` (or timm's `model.deelbo_config`).
+
+    Example:
+
+        model = AutoModelForImageClassification.from_pretrained("org/model")
+        posterior = posterior_from_config(model)
+        log_probs = predictive_log_probs(model, {"pixel_values": x}, posterior, num_samples=16)
+    """
+    source = getattr(model, "config", None)
+    if getattr(source, DEELBO.key, None) is None:
+        source = {DEELBO.key: getattr(model, f"{DEELBO.key}_config", None)}
+    try:
+        config = read_config_entry(source, DEELBO.key, f"{type(model).__name__}'s config")
+    except KeyError:
+        raise ValueError(
+            f"{type(model).__name__} carries no DE ELBO hyperparameters (config.deelbo): it was not saved by DEELBoTrainer."
+        ) from None
+    groups = split_parameters(model, config.get("head_modules"))
+    return IsotropicGaussianPosterior(model, groups, sigma_init=float(config["sigma"]))

@@ -1,0 +1,377 @@
+"""`DEELBoTrainer`: a `Trainer` that learns the L2-SP strengths with the data-emphasized ELBO."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+from ...core.trainer import FineTuningTrainer
+from ...evaluation.plots import HYPERPARAMETERS_PLOT, plot_hyperparameters
+from ...hub import model_card as cards
+from .arguments import DEELBoTrainingArguments
+from .callback import DEELBoCallback
+from .config import DEELBO, deelbo_config
+from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
+from .posterior import IsotropicGaussianPosterior
+from .prediction import predictive_log_probs
+
+logger = logging.get_logger(__name__)
+
+# DE ELBO's card lays out the learned values with their meaning (hub's generic card tabulates them).
+MODEL_CARD_TEMPLATE = Path(__file__).parent / "model_card_template.md"
+
+# A run whose σ ends below this multiple of sigma_init was held by the prior (`_warn_if_sigma_stayed_at_init`).
+PINNED_SIGMA_FACTOR = 3.0
+
+
+class DEELBoTrainer(FineTuningTrainer):
+    """Fine-tunes a classifier with the data-emphasized ELBO (DE ELBO).
+
+    Drop-in replacement for [`~transformers.Trainer`] taking [`DEELBoTrainingArguments`]. Each
+    training step minimises, on a minibatch B of a training set of N examples,
+
+        mean_{i∈B} CE(f(x_i; m + σε), y_i) + KL(q ‖ p_{λ,τ}) / (κ N),    ε ~ N(0, I)
+
+    over the weights m and ρ (σ = softplus(ρ)), with the backbone and head prior variances λ, τ
+    at their closed-form optimum for the current m and σ: recomputed in the first `compute_loss`
+    after each optimizer step, from the squared distances the KL needs anyway, and kept (with ρ,
+    across checkpoints) by `DEELBoCallback`. Evaluation and prediction use the posterior mean m
+    (`bma_samples=0`) or a Bayesian model average.
+
+    Works with transformers models (`model(**inputs).logits`) and raw timm / `nn.Module`
+    classifiers (`model(pixel_values)` returning logits). The learned values end up in
+    `model.config.deelbo` (timm: `config.json`'s `deelbo`) in every checkpoint and saved model.
+    """
+
+    args_class = DEELBoTrainingArguments
+    method = DEELBO
+    callback_class = DEELBoCallback
+    logged_metrics = ("nll", "kl", "lambda", "tau", "sigma")
+
+    def __init__(self, model: nn.Module | None = None, args: DEELBoTrainingArguments | None = None, **kwargs):
+        super().__init__(model=model, args=args, **kwargs)
+        args = self.args
+        self.posterior = IsotropicGaussianPosterior(self.model, self.groups, args.sigma_init)
+        self.num_train_examples = _resolve_num_train_examples(args, self.train_dataset)
+        self.kappa = (
+            resolve_kappa(args.kappa, self.posterior.num_params, self.num_train_examples)
+            if self.num_train_examples
+            else None
+        )
+        self.install_method_callback(self.posterior)
+        self._draw = None  # the pending InPlaceDraw of the current micro-batch (sampling_mechanism="in_place")
+        self._logged_constants = False
+        if self.kappa is not None:
+            pull = max_prior_pull(args.sigma_init, self.posterior.num_backbone_params, self.kappa, self.num_train_examples)
+            if pull > 4.0:
+                suggested = sigma_for_prior_pull(1.0, self.posterior.num_backbone_params, self.kappa, self.num_train_examples)
+                logger.info(
+                    f"sigma_init={args.sigma_init:g} lets the prior hold the backbone back with a gradient norm up to "
+                    f"{pull:.3g} (√D_b/(2κNσ); about 1 on the paper's ResNet-50) until σ grows, so a run of only tens "
+                    f"of steps may leave the backbone near its pretrained weights; sigma_init={suggested:.2g} would start "
+                    f"at 1. σ grows at sigma_learning_rate={args.sigma_learning_rate}; DEELBoTrainer warns at the end of "
+                    "training if it never did (docs/method.md, 'Initial σ')."
+                )
+        logger.info(
+            f"DE ELBO: D_b={self.posterior.num_backbone_params:,} backbone and K={self.posterior.num_head_params:,} "
+            f"head parameters (head: {self.head_modules}), N={self.num_train_examples}, kappa={self.kappa}"
+        )
+
+    def _check_before_init(self, args, kwargs) -> None:
+        _resolve_num_train_examples(args, kwargs.get("train_dataset"))
+
+    def _check_model_before_init(self, model, groups, args) -> None:
+        check_sigma_init(model, groups.backbone, args.sigma_init)
+
+    # ---- wiring -------------------------------------------------------------------------------
+
+    @property
+    def deelbo_callback(self) -> DEELBoCallback:
+        """The installed `DEELBoCallback` (Trainer replaces the instance when resuming)."""
+        return self.method_callback
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, plus a group for ρ: no weight decay, learning rate
+        `sigma_learning_rate` (`learning_rate` if None), scaled by the same schedule; under SGD,
+        `sigma_momentum` (Nesterov) if set."""
+        optimizer = super().create_optimizer(model)
+        rho = self.posterior.rho
+        if not any(p is rho for group in optimizer.param_groups for p in group["params"]):
+            group = {"params": [rho], "weight_decay": 0.0}
+            if self.args.sigma_learning_rate is not None:
+                group["lr"] = self.args.sigma_learning_rate
+                if self.args.sigma_momentum is not None and isinstance(optimizer, torch.optim.SGD):
+                    momentum = self.args.sigma_momentum
+                    group.update(momentum=momentum, nesterov=momentum > 0, dampening=0.0)
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        # Trainer clips model.parameters() only; the method clips the joint gradient including ρ.
+        if self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        parameters = itertools.chain(model.parameters(), [self.posterior.rho])
+        return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self._draw is not None:
+                self._draw.finish()  # dL/dρ, the weights back at m, the KL's gradients to m
+        finally:
+            if self._draw is not None:
+                self._draw.restore()  # only if the step failed before finish()
+                self._draw = None
+        rho = self.posterior.rho
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and rho.grad is not None:
+            # ρ lives outside the DDP module, so its gradient is not all-reduced by DDP.
+            torch.distributed.all_reduce(rho.grad)
+            rho.grad /= self.accelerator.num_processes
+        return loss
+
+    # ---- the objective ------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """DE ELBO loss of one micro-batch, at one fresh draw w̃ = m + σε:
+
+            loss = mean_i CE(f(x_i; w̃), y_i) + KL(q ‖ p_{λ,τ}) / (κ N)
+
+        λ, τ are fixed here: λ*, τ* of the current m and σ, which `DEELBoCallback` recomputes once
+        per optimizer step from the squared distances the KL needs anyway.
+        """
+        if self.num_train_examples is None:
+            raise ValueError(_MISSING_N_MESSAGE)
+        labels = inputs[self.label_names[0]]
+        if self.args.sampling_mechanism == "in_place":
+            logits, distances = self._forward_in_place(model, inputs)
+        else:
+            logits = self._forward(model, inputs, self.posterior.sample_parameters(model), tie_weights=False)
+            distances = self.posterior.squared_distances()
+        nll = F.cross_entropy(logits.float(), labels)
+        lam, tau = self.deelbo_callback.prior_variances(distances)  # read under no_grad, kept on the device
+        kl = self.posterior.kl(lam, tau, distances)
+        loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
+        if model.training:
+            self.metrics.record(nll=nll, kl=kl, sigma=self.posterior.sigma(), **{"lambda": lam, "tau": tau})
+        return (loss, logits) if return_outputs else loss
+
+    def _forward_in_place(self, model, inputs):
+        """The logits at w̃ = m + σε written into the weights (`InPlaceDraw`), and the squared distances
+        at m. With gradients enabled the draw stays pending until `training_step` finishes it after
+        the backward pass; without, the weights are restored at once."""
+        if self._draw is not None and self._draw.pending:
+            raise RuntimeError(
+                "compute_loss was called again before the previous in-place draw was finished: with "
+                "sampling_mechanism='in_place' each loss must go through training_step (which runs backward and "
+                "restores the weights) before the next one."
+            )
+        draw = self.posterior.perturb_in_place(model)
+        try:
+            logits = self._forward(model, inputs)
+        except BaseException:
+            draw.restore()
+            raise
+        if torch.is_grad_enabled():
+            self._draw = draw
+        else:
+            draw.restore()
+        return logits, draw.squared_distances
+
+    # ---- prediction ---------------------------------------------------------------------------
+
+    def _prediction_logits(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The logits at the posterior mean (`bma_samples=0`), or the log of the average of the
+        predictive distributions of `bma_samples` draws, from a generator seeded with `args.seed`
+        (evaluation never consumes the training noise stream, and repeated evaluations agree)."""
+        if self.args.bma_samples == 0:
+            return super()._prediction_logits(model, inputs)
+        return predictive_log_probs(
+            model, inputs, self.posterior, self.args.bma_samples, self.args.seed, self._is_transformers_model
+        )
+
+    # ---- logging and saving -------------------------------------------------------------------
+
+    def logged_values(self, logs: dict) -> dict:
+        """`kappa`, `num_backbone_params`, `num_head_params`, `num_train_examples` in the first
+        training log (the window means of `nll`, `kl`, `lambda`, `tau`, `sigma` are in every one)."""
+        if "loss" not in logs or self._logged_constants:
+            return {}
+        self._logged_constants = True
+        return dict(
+            kappa=float(self.kappa),
+            num_backbone_params=self.posterior.num_backbone_params,
+            num_head_params=self.posterior.num_head_params,
+            num_train_examples=self.num_train_examples,
+        )
+
+    def learned_hyperparameters(self) -> dict:
+        """The `config.deelbo` dict for the current state: λ, τ, σ, κ, N, D_b, K, α_eff, β_eff."""
+        callback = self.deelbo_callback
+        return deelbo_config(
+            backbone_prior_variance=callback.backbone_prior_variance,
+            head_prior_variance=callback.head_prior_variance,
+            sigma=self.posterior.sigma().item(),
+            kappa=self.kappa if self.kappa is not None else float("nan"),
+            num_train_examples=self.num_train_examples or 0,
+            num_backbone_params=self.posterior.num_backbone_params,
+            num_head_params=self.posterior.num_head_params,
+            head_modules=self.head_modules,
+        )
+
+    def config_entry(self) -> dict:
+        return self.learned_hyperparameters()
+
+    @torch.no_grad()
+    def training_objective(self, dataset=None, num_samples: int = 10) -> float:
+        """The DE ELBO objective at the current q, on `dataset` (default: the training set; pass it
+        without augmentation), with the model in eval mode (BatchNorm aside, below):
+
+            (1/S) Σ_s mean_i CE(f(x_i; m + σε_s), y_i) + KL(q ‖ p_{λ*,τ*}) / (κ N)
+
+        One draw ε_s is shared by every example, from a generator seeded with `args.seed + s`. The
+        paper picks the learning rate whose run has the lowest value (S = 10). BatchNorm layers
+        normalize with each batch's statistics unless `args.objective_batch_norm="running"`; their
+        running statistics are left as they are."""
+        dataset = dataset if dataset is not None else self.train_dataset
+        model = self.model
+        device = self.posterior.rho.device
+        batches = [self._prepare_inputs(batch) for batch in self.get_eval_dataloader(dataset)]
+        batch_norms = _batch_norms(model) if self.args.objective_batch_norm == "batch" else []
+        if batch_norms:
+            batches = _without_single_example_batch(batches, self.label_names[0])
+        was_training = model.training
+        model.eval()
+        # In training mode without tracking, BatchNorm (torch's and timm's) normalizes with the
+        # batch's statistics and leaves its running statistics and counter as they are.
+        for m in batch_norms:
+            m.train()
+            m.track_running_stats = False
+        try:
+            nlls = []
+            for s in range(num_samples):
+                generator = torch.Generator(device=device).manual_seed(self.args.seed + s)
+                parameters = self.posterior.sample_parameters(model, generator)
+                total, count = 0.0, 0
+                for batch in batches:
+                    with self.compute_loss_context_manager():
+                        logits = self._forward(model, batch, parameters, tie_weights=False).float()
+                    labels = batch[self.label_names[0]]
+                    total += float(F.cross_entropy(logits, labels, reduction="sum"))
+                    count += len(labels)
+                nlls.append(total / count)
+        finally:
+            model.train(was_training)
+            for m in batch_norms:
+                m.track_running_stats = True
+        callback = self.deelbo_callback
+        kl = float(self.posterior.kl(callback.backbone_prior_variance, callback.head_prior_variance))
+        return deelbo_loss(sum(nlls) / len(nlls), kl, self.kappa, self.num_train_examples)
+
+    def _divergence_details(self) -> str | None:
+        callback = self.deelbo_callback
+        values = (callback.backbone_prior_variance, callback.head_prior_variance)
+        if all(math.isfinite(v) for v in values):
+            return None
+        return f"lambda={values[0]}, tau={values[1]}"
+
+    def _divergence_hint(self) -> str:
+        return f", or check kappa ({self.kappa})"
+
+    def train(self, *args, **kwargs):
+        if self.num_train_examples is None:
+            raise ValueError(_MISSING_N_MESSAGE)
+        output = super().train(*args, **kwargs)
+        self._warn_if_sigma_stayed_at_init()
+        return output
+
+    def _warn_if_sigma_stayed_at_init(self) -> None:
+        """One warning when σ ends the run below `PINNED_SIGMA_FACTOR` × `sigma_init`: λ* ≥ σ²
+        then stays tiny, the prior's pull on the backbone (α_eff = 1/(Dλ)) stays huge, and the
+        model may end up worse than plain fine-tuning with the same arguments."""
+        sigma, sigma_init = self.posterior.sigma().item(), self.args.sigma_init
+        if sigma >= PINNED_SIGMA_FACTOR * sigma_init or not self.is_world_process_zero():
+            return
+        learned = self.learned_hyperparameters()
+        rho_lr = self.args.sigma_learning_rate
+        now = f"{rho_lr:g}" if rho_lr is not None else f"None, i.e. learning_rate={self.args.learning_rate:g}"
+        logger.warning(
+            f"σ ended the run at {sigma:.3g}, less than {PINNED_SIGMA_FACTOR:g}× sigma_init={sigma_init:g} after "
+            f"{self.state.global_step} steps: the posterior never widened, so the learned prior (λ={learned['lambda']:.3g}, "
+            f"α_eff={learned['alpha_eff']:.3g}) held the backbone near its pretrained weights, and the model may be "
+            f"worse than plain fine-tuning. Raise sigma_learning_rate (now {now}) or train longer "
+            "(docs/trainer.md, 'Using your own optimizer')."
+        )
+
+    def build_model_card(self, output_dir: str | None = None, **context):
+        """The DE ELBO model card (tagged `deelbo`), with the plot of λ, τ, σ over training written
+        next to it (in `output_dir`); `save_model` and `push_to_hub` write both with the model."""
+        plot = HYPERPARAMETERS_PLOT if plot_hyperparameters(
+            self.state.log_history, os.path.join(output_dir or self.args.output_dir, HYPERPARAMETERS_PLOT)
+        ) else None
+        return cards.build_model_card(self.method, self.learned_hyperparameters(), template_path=MODEL_CARD_TEMPLATE,
+                                      usage_comment="learned λ, τ, σ, κ", plot=plot, **context)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that track running statistics (timm's BatchNormAct2d included)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _without_single_example_batch(batches: list[dict], label_name: str) -> list[dict]:
+    """Batch statistics need two examples: a last batch of one joins the batch before it."""
+    if len(batches[-1][label_name]) > 1:
+        return batches
+    if len(batches) == 1:
+        raise ValueError(
+            "training_objective with objective_batch_norm='batch' needs at least 2 examples to compute BatchNorm "
+            "statistics; got 1. Set DEELBoTrainingArguments(objective_batch_norm='running')."
+        )
+    *rest, previous, last = batches
+    return [*rest, {key: torch.cat([value, last[key]]) if isinstance(value, torch.Tensor) else value
+                    for key, value in previous.items()}]
+
+
+_MISSING_N_MESSAGE = (
+    "The training set size N is unknown: train_dataset has no length. "
+    "Set DEELBoTrainingArguments(num_train_examples=N)."
+)
+
+
+def _resolve_num_train_examples(args: DEELBoTrainingArguments, train_dataset) -> int | None:
+    if args.num_train_examples is not None:
+        return args.num_train_examples
+    if train_dataset is None:
+        return None
+    try:
+        size = len(train_dataset)
+    except TypeError:
+        raise ValueError(_MISSING_N_MESSAGE) from None
+    if size == 0:
+        raise ValueError("train_dataset is empty (0 examples); DE ELBO needs N > 0 training examples.")
+    return size
+
+
+def check_sigma_init(model: nn.Module, backbone_names: list[str], sigma_init: float) -> None:
+    """Refuse a posterior standard deviation larger than the backbone's typical weight (its root
+    mean square): every draw m + σε would then bury the pretrained weights in noise, and the run
+    ends at chance accuracy while exiting normally. The paper's 1e-4 is far below any network's."""
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        squares = sum(float(parameters[n].detach().double().pow(2).sum()) for n in backbone_names)
+        count = sum(parameters[n].numel() for n in backbone_names)
+    if not count:
+        return
+    rms = (squares / count) ** 0.5
+    if sigma_init > rms:
+        raise ValueError(
+            f"sigma_init={sigma_init:g} is larger than the backbone's weights themselves (root mean square {rms:.3g}): "
+            "every posterior draw would bury the pretrained weights in noise. Use a value well below it (the paper "
+            "uses 1e-4)."
+        )
