@@ -369,7 +369,7 @@ def figure(records: list[dict], task: str, path: str, reference: dict | None) ->
     backbones = sorted({c["backbone"] for c in cells})
     deelbo = {(r["backbone"], r["n"]): r for r in method_rows(records, task) if r["method"] == DEELBO}
     fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
-    for ax, backbone in zip(axes[0], backbones):
+    for ax, backbone in zip(axes[0], backbones, strict=True):
         for i, cell in enumerate(c for c in cells if c["backbone"] == backbone):
             color = f"C{i}"
             xs = [_x(p["alpha"]) for p in cell["points"]]
