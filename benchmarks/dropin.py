@@ -166,7 +166,7 @@ def calibration_choice(records: list[dict], candidates: dict) -> dict:
     gaps = {name: {f"{r['backbone']}, {r['optimizer']}": r[f"{DEELBO} {name}"].get("accuracy", 0.0)
                    - r[PLAIN]["accuracy"] for r in records} for name in candidates}
     worst = {name: min(v.values()) for name, v in gaps.items()}
-    chosen = max(reversed(list(candidates)), key=lambda name: worst[name] + 1e-9 * (name != "sigma_lr=None"))
+    chosen = max(reversed(list(candidates)), key=worst.get)  # max keeps the first of equals: the later candidate
     return {"gaps": gaps, "worst_gap": worst, "chosen": chosen}
 
 

@@ -144,6 +144,7 @@ def run_one(job) -> dict:
         l2sp_grid_search,
         select_learning_rate,
     )
+    from hf_deelbo.search import learning_rate_search
 
     task, kind, backbone, n, seed, alpha, steps, learning_rates, path, work_dir = job
     train, test = task_data(task, n, seed)
@@ -170,23 +171,13 @@ def run_one(job) -> dict:
                       runs=[{"learning_rate": r.settings["learning_rate"], "validation_nll": r.score,
                              "seconds": r.seconds} for r in result.runs])
     elif kind == PLAIN_TRAIN:
-        runs, best = [], None
-        for lr in learning_rates:
-            run_start = time.perf_counter()
-            args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, f"lr-{lr:g}"), alpha=0.0, beta=0.0,
-                                         **{**common, "learning_rate": lr})
-            trainer = L2SPTrainer(model=init(), args=args, train_dataset=train)
-            try:
-                trainer.train()
-                score = float(trainer.evaluate(train)["eval_loss"])
-            except FloatingPointError:  # a diverged learning rate is simply not chosen
-                score = float("inf")
-            score = score if math.isfinite(score) else float("inf")
-            runs.append({"learning_rate": lr, "training_loss": score, "seconds": time.perf_counter() - run_start})
-            if best is None or score < best[0]:
-                best = (score, lr, trainer)
-            del trainer
-        record.update(**evaluate(best[2], test), learning_rate=best[1], num_runs=len(runs), runs=runs)
+        args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **common)
+        result = learning_rate_search(L2SPTrainer, init, train, args, learning_rates, method_name="Plain fine-tuning",
+                                      score=lambda trainer: trainer.evaluate(train)["eval_loss"])
+        record.update(**evaluate(result.trainer, test), learning_rate=result.best["learning_rate"],
+                      num_runs=len(result.runs),
+                      runs=[{"learning_rate": r.settings["learning_rate"], "training_loss": r.score,
+                             "seconds": r.seconds} for r in result.runs])
     elif kind == DEELBO:
         args = DEELBoTrainingArguments(output_dir=work_dir, **common)
         result = select_learning_rate(init, train, args, learning_rates=learning_rates)

@@ -174,7 +174,7 @@ def select_learning_rate(
     """DE ELBO with each learning rate on all N examples; the winner has the lowest final training
     objective (`DEELBoTrainer.training_objective` on `objective_dataset`, the training set without
     augmentation, default `train_dataset`, over `num_samples` draws). No validation data is used."""
-    return _learning_rate_search(
+    return learning_rate_search(
         DEELBoTrainer, model_init, train_dataset, args, learning_rates,
         score=lambda trainer: trainer.training_objective(objective_dataset or train_dataset, num_samples=num_samples),
         learned=lambda trainer: trainer.learned_hyperparameters(), method_name="DE ELBO", **trainer_kwargs,
@@ -192,17 +192,18 @@ def select_learning_rate_by_validation(
     """A method that learns on validation data (`TPGMTrainer`, `T1T2Trainer`) with each learning rate;
     the winner has the lowest final NLL on its validation set (`trainer.validation_dataset`:
     `eval_dataset`, or the `validation_fraction` of `train_dataset` it held out)."""
-    return _learning_rate_search(
+    return learning_rate_search(
         trainer_class, model_init, train_dataset, args, learning_rates,
         score=lambda trainer: trainer.evaluate(trainer.validation_dataset)["eval_loss"],
         method_name=trainer_class.__name__, **trainer_kwargs,
     )
 
 
-def _learning_rate_search(trainer_class, model_init, train_dataset, args, learning_rates, score, method_name: str,
+def learning_rate_search(trainer_class, model_init, train_dataset, args, learning_rates, score, method_name: str,
                           learned=None, **trainer_kwargs) -> SearchResult:
-    """One `trainer_class` run per learning rate on `train_dataset`; the lowest `score` wins and its
-    trainer is returned, pointed at `args.output_dir`."""
+    """One `trainer_class` run per learning rate on `train_dataset`; the lowest `score(trainer)` wins
+    and its trainer is returned, pointed at `args.output_dir` (e.g. plain fine-tuning's lr chosen by
+    the final training loss: `L2SPTrainer` at α = β = 0, `score=lambda t: t.evaluate(train)["eval_loss"]`)."""
     runs, best = search(
         [{"learning_rate": lr} for lr in learning_rates],
         lambda _, settings: trainer_class(

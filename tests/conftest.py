@@ -2,7 +2,10 @@
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 
 def _free_port() -> int:
@@ -164,6 +167,37 @@ def shared_dir(tmp_path_factory, name: str):
     path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     path.mkdir(exist_ok=True)
     return path
+
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_backbone(tmp_path_factory):
+    """The benchmarks' pretrained timm ResNet (benchmarks/transfer.py's `pretrained_path`), built
+    once per test run and shared by the benchmark tests, which would each build it again."""
+    from huggingface_hub.utils import WeakFileLock
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import transfer
+
+    cache = shared_dir(tmp_path_factory, "benchmark_pretrained")
+    with WeakFileLock(cache / "build.lock"):
+        return transfer.pretrained_path("timm-resnet", str(cache))
+
+
+def with_benchmark_backbone(output_dir, backbone: str) -> None:
+    """OUTPUT_DIR/pretrained/ as a benchmark script caches it, holding the shared backbone."""
+    (output_dir / "pretrained").mkdir(parents=True, exist_ok=True)
+    os.symlink(backbone, output_dir / "pretrained" / os.path.basename(backbone))
+
+
+def run_benchmark(script: str, *arguments, timeout: float = 900) -> subprocess.CompletedProcess:
+    """benchmarks/SCRIPT with `arguments` in a subprocess of this environment; it must succeed."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, arguments)],
+                            capture_output=True, text=True, env=dict(os.environ), timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="session", autouse=True)

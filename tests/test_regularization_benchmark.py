@@ -1,19 +1,15 @@
 """The regularization benchmark's smoke run writes every output it promises."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_benchmark, with_benchmark_backbone
 
 
 @pytest.mark.slow
-def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path):
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "regularization.py")
-    result = subprocess.run([sys.executable, script, "--quick", "--workers", "1", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path, benchmark_backbone):
+    with_benchmark_backbone(tmp_path, benchmark_backbone)
+    run_benchmark("regularization.py", "--quick", "--workers", 1, "--output-dir", tmp_path)
     saved = json.loads((tmp_path / "regularization.json").read_text())
     kinds = {(r["task"], r["kind"]) for r in saved["records"]}
     assert {("digits", "plain, lr by validation"), ("digits", "plain, lr by training loss"), ("digits", "α-curve"),

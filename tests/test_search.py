@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_model, image_dataset, shared_dir
+from conftest import build_model, image_dataset, run_benchmark, with_benchmark_backbone
 from torch.distributions import Normal, kl_divergence
 
 from hf_deelbo import (
@@ -137,33 +137,10 @@ def test_learning_rate_selection_picks_the_lowest_training_objective(tmp_path):
     assert result.trainer.predict(dataset).predictions.shape == (12, 5)
 
 
-@pytest.fixture(scope="session")
-def benchmark_backbone(tmp_path_factory):
-    """The benchmarks' pretrained timm ResNet (benchmarks/transfer.py's `pretrained_path`), built
-    once per test run and shared by the benchmark tests, which would each build it again."""
-    from huggingface_hub.utils import WeakFileLock
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    import transfer
-
-    cache = shared_dir(tmp_path_factory, "benchmark_pretrained")
-    with WeakFileLock(cache / "build.lock"):
-        return transfer.pretrained_path("timm-resnet", str(cache))
-
-
-def _with_benchmark_backbone(output_dir, backbone: str) -> None:
-    """OUTPUT_DIR/pretrained/ as a benchmark script caches it, holding the shared backbone."""
-    (output_dir / "pretrained").mkdir(parents=True, exist_ok=True)
-    os.symlink(backbone, output_dir / "pretrained" / os.path.basename(backbone))
-
-
 @pytest.mark.slow
 def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path, benchmark_backbone):
-    _with_benchmark_backbone(tmp_path, benchmark_backbone)
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "transfer.py")
-    result = subprocess.run([sys.executable, script, "--quick", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    with_benchmark_backbone(tmp_path, benchmark_backbone)
+    run_benchmark("transfer.py", "--quick", "--output-dir", tmp_path)
     for name in ("transfer.json", "transfer.png", "benchmarks.md"):
         assert (tmp_path / name).is_file(), name
     assert "L2-SP grid search" in (tmp_path / "benchmarks.md").read_text()
@@ -171,10 +148,7 @@ def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path, benchmark_ba
     saved = json.loads((tmp_path / "transfer.json").read_text())
     summary = saved.pop("summary")
     (tmp_path / "transfer.json").write_text(json.dumps(saved))
-    replot = subprocess.run([sys.executable, script, "--replot", "--output-dir", str(tmp_path),
-                             "--docs", str(tmp_path / "replotted.md")],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=300)
-    assert replot.returncode == 0, replot.stderr[-3000:]
+    run_benchmark("transfer.py", "--replot", "--output-dir", tmp_path, "--docs", tmp_path / "replotted.md", timeout=300)
     assert json.loads((tmp_path / "transfer.json").read_text())["summary"] == summary
     assert "L2-SP grid search" in (tmp_path / "replotted.md").read_text()
 
@@ -222,12 +196,9 @@ def test_transfer_compares_each_method_with_the_grid_on_the_seeds_both_have():
 
 @pytest.mark.slow
 def test_run_cost_benchmark_writes_its_ratio(tmp_path, benchmark_backbone):
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
     output = tmp_path / "run_cost.json"
-    result = subprocess.run([sys.executable, script, "--steps", "3", "--repeats", "1", "--output", str(output),
-                             "--cache-dir", os.path.dirname(benchmark_backbone)],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("run_cost.py", "--steps", 3, "--repeats", 1, "--output", output,
+                  "--cache-dir", os.path.dirname(benchmark_backbone), timeout=600)
     saved = json.loads(output.read_text())
     medians = saved["median_seconds"]
     assert set(medians) == {"grid tuning run", "grid retrain", "DE ELBO run"} and min(medians.values()) > 0
@@ -268,12 +239,9 @@ def test_run_cost_rejects_bad_arguments_before_any_work(tmp_path, arguments, mes
 
 @pytest.mark.slow
 def test_kappa_benchmark_writes_its_outputs(tmp_path, benchmark_backbone):
-    _with_benchmark_backbone(tmp_path, benchmark_backbone)
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "kappa.py")
+    with_benchmark_backbone(tmp_path, benchmark_backbone)
     docs = tmp_path / "benchmarks.md"
-    result = subprocess.run([sys.executable, script, "--steps", "2", "--seeds", "0", "--output-dir", str(tmp_path),
-                             "--docs", str(docs)], capture_output=True, text=True, env=dict(os.environ), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("kappa.py", "--steps", 2, "--seeds", 0, "--output-dir", tmp_path, "--docs", docs, timeout=600)
     saved = json.loads((tmp_path / "kappa.json").read_text())
     assert [row["kappa"] for row in saved["summary"]][0] == 1 and (tmp_path / "kappa.png").is_file()
     assert "| κ | test accuracy |" in docs.read_text()

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import transformers
-from conftest import TinyNet, build_model, image_dataset
+from conftest import TinyNet, build_model, image_dataset, run_benchmark, with_benchmark_backbone
 from datasets import Dataset
 
 from hf_deelbo import DEELBoTrainer
@@ -200,16 +200,11 @@ def test_bad_sigma_momentum_is_refused(value, make_args):
 
 
 @pytest.mark.slow
-def test_dropin_benchmark_quick_mode_writes_its_outputs(tmp_path):
+def test_dropin_benchmark_quick_mode_writes_its_outputs(tmp_path, benchmark_backbone):
     import json
-    import os
-    import subprocess
-    import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "dropin.py")
-    result = subprocess.run([sys.executable, script, "--quick", "--workers", "1", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    with_benchmark_backbone(tmp_path, benchmark_backbone)
+    run_benchmark("dropin.py", "--quick", "--workers", 1, "--output-dir", tmp_path)
     saved = json.loads((tmp_path / "dropin.json").read_text())
     assert {r["optimizer"] for r in saved["records"]} == {"AdamW 5e-5 linear", "SGD-Nesterov 0.1 cosine"}
     for record in saved["records"]:  # both trainers ran, with the same data and seed
