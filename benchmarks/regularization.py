@@ -102,7 +102,21 @@ PLAIN_VAL = "plain, lr by validation"
 PLAIN_TRAIN = "plain, lr by training loss"
 DEELBO = "DE ELBO"
 CURVE = "α-curve"
-KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE)
+BO = "L2-SP + BO"  # one job: a 36-trial study, read as two procedures (its first 12 trials, all 36)
+BO_TRIALS = (12, 36)
+# The paper's boxes for MAP + Bayesian optimization (Harvey et al. 2024, Sec. 5), log-uniform.
+BO_BOX = {"alpha": (1e-6, 1e-2), "beta": (1e-6, 1e-2), "learning_rate": (1e-4, 1e-1)}
+KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO)
+BASELINES = (BO,)  # what a user would pick instead: `--stage baselines`
+
+
+def bo_kind(n_trials: int) -> str:
+    return f"{BO}, {n_trials} trials"
+
+
+def job_outputs(job) -> tuple[str, ...]:
+    """The kinds of the records a job writes (it is done when all of them are stored)."""
+    return tuple(bo_kind(n) for n in job[10]) if job[1] == BO else (job[1],)
 
 
 def noisy_labels(labels: torch.Tensor, fraction: float, seed: int, num_classes: int = 5) -> torch.Tensor:
@@ -131,8 +145,73 @@ def task_data(task: str, n: int, seed: int):
     return train, test
 
 
-def run_one(job) -> dict:
-    """One job: a plain fine-tuning procedure, a DE ELBO procedure, or one point of an α-curve."""
+def bayesian_optimization(init, train, common: dict, work_dir: str, n_trials: int, seed: int, quick: bool = False):
+    """L2-SP + Bayesian optimization as a transformers user runs it: `Trainer.hyperparameter_search`
+    (optuna's TPE sampler, seeded) over log-uniform α, β, lr in `BO_BOX`, each trial trained on a
+    stratified 80 % of N and scored by its validation NLL on the other 20 % at the last step (the
+    grid search's split and score). Returns every trial (settings, validation NLL, seconds) in order.
+
+    TPE proposes trial k from trials 0..k−1 only, so the first 12 trials of a 36-trial study are
+    the 12-trial study: one study gives both procedures."""
+    import optuna
+    from transformers.trainer_callback import PrinterCallback
+
+    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
+    from hf_deelbo.core.validation import stratified_split
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    labels = [int(v) for v in train.with_format(None)["labels"]]
+    train_idx, val_idx = stratified_split(labels, 0.2, seed)
+    args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "search"), alpha=0.0, beta=0.0, **common)
+    trainer = L2SPTrainer(model_init=init, args=args, train_dataset=train.select(train_idx),
+                          eval_dataset=train.select(val_idx))
+    trainer.remove_callback(PrinterCallback)  # 36 trials' metrics on stdout otherwise
+
+    def space(trial):
+        return {name: trial.suggest_float(name, low, high, log=True) for name, (low, high) in BO_BOX.items()}
+
+    storage = optuna.storages.InMemoryStorage()
+    trainer.hyperparameter_search(
+        hp_space=space, backend="optuna", n_trials=n_trials, direction="minimize", storage=storage,
+        study_name="l2sp", compute_objective=lambda metrics: metrics["eval_loss"],
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=2 if quick else 10),
+        catch=(FloatingPointError,))
+    trials = optuna.load_study(study_name="l2sp", storage=storage).trials
+    return [{**t.params, "validation_nll": t.value if t.value is not None and math.isfinite(t.value) else float("inf"),
+             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()} for t in trials]
+
+
+def bo_records(init, train, test, common: dict, work_dir: str, seed: int, base: dict, trial_counts) -> list[dict]:
+    """One study of max(trial_counts) trials, read as one procedure per count n: the best of its
+    first n trials, retrained on all N (a winner shared by two procedures is retrained once)."""
+    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
+
+    quick = max(trial_counts) < 10
+    trials = bayesian_optimization(init, train, common, work_dir, max(trial_counts), seed, quick)
+    retrained, records = {}, []
+    for n_trials in trial_counts:
+        kind = bo_kind(n_trials)
+        best = min(trials[:n_trials], key=lambda t: t["validation_nll"])
+        settings = {k: best[k] for k in BO_BOX}
+        key = tuple(settings.values())
+        if key not in retrained:
+            start = time.perf_counter()
+            args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "retrain"), **{**common, **settings})
+            trainer = L2SPTrainer(model=init(), args=args, train_dataset=train)
+            trainer.train()
+            retrained[key] = (evaluate(trainer, test), time.perf_counter() - start)
+        metrics, retrain_seconds = retrained[key]
+        # The chosen α, β stay out of the record's top level, where `alpha` names an α-curve point.
+        records.append({**base, "kind": kind, **metrics, "learning_rate": settings["learning_rate"],
+                        "chosen": settings, "num_runs": n_trials + 1,
+                        "seconds": sum(t["seconds"] for t in trials[:n_trials]) + retrain_seconds,
+                        "runs": trials[:n_trials]})
+    return records
+
+
+def run_one(job) -> list[dict]:
+    """One job: a plain fine-tuning procedure, a DE ELBO procedure, one point of an α-curve, or a
+    Bayesian-optimization study (two procedures). Returns its records."""
     _setup_thread()
     import transformers
 
@@ -146,12 +225,14 @@ def run_one(job) -> dict:
     )
     from hf_deelbo.search import learning_rate_search
 
-    task, kind, backbone, n, seed, alpha, steps, learning_rates, path, work_dir = job
+    task, kind, backbone, n, seed, alpha, steps, learning_rates, path, work_dir, trial_counts = job
     train, test = task_data(task, n, seed)
     common = training_settings(steps, seed)
     init = model_init(backbone, path, seed)
     record = {"task": task, "kind": kind, "backbone": backbone, "n": n, "seed": seed, "steps": steps}
     start = time.perf_counter()
+    if kind == BO:
+        return bo_records(init, train, test, common, work_dir, seed, record, trial_counts)
     if kind == CURVE:
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=alpha, beta=CURVE_BETA,
                                      **{**common, "learning_rate": CURVE_LR})
@@ -190,7 +271,7 @@ def run_one(job) -> dict:
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     record["seconds"] = time.perf_counter() - start
-    return record
+    return [record]
 
 
 def record_key(r: dict) -> tuple:
@@ -198,7 +279,9 @@ def record_key(r: dict) -> tuple:
 
 
 class Store:
-    """regularization.json: settings, every record, the screen and the choice; written after every job."""
+    """regularization.json: settings, every record, the screen and the choice; written after every
+    job. Several stages may run at once (each its own process): every write first merges the
+    records the others wrote since, under a file lock."""
 
     def __init__(self, path: str, fresh: bool = False):
         self.path = path
@@ -217,26 +300,39 @@ class Store:
         self.save()
 
     def save(self) -> None:
-        with open(self.path, "w") as f:
-            json.dump(self.data, f, indent=1)
+        from filelock import FileLock
+
+        with FileLock(self.path + ".lock"):
+            if os.path.exists(self.path):
+                for record in json.load(open(self.path))["records"]:
+                    if record_key(record) not in self.done:
+                        self.records.append(record)
+                        self.done.add(record_key(record))
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.data, f, indent=1)
+            os.replace(self.path + ".tmp", self.path)
 
 
 def run_jobs(store: Store, jobs: list, workers: int) -> None:
-    jobs = [j for j in jobs if (j[0], j[1], j[2], j[3], j[4], j[5]) not in store.done]
+    jobs = [j for j in jobs if any((j[0], kind, *j[2:6]) not in store.done for kind in job_outputs(j))]
     if not jobs:
         return
     start = time.perf_counter()
     base = store.data.get("seconds", 0.0)
     # Longest first (procedures before single runs, large N first), so the workers finish together.
-    jobs.sort(key=lambda j: (-j[6] * (1 if j[1] == CURVE else 4.5), -j[3]))
+    jobs.sort(key=lambda j: (-j[6] * RELATIVE_COST.get(j[1], 4.5), -j[3]))
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for record in pool.imap_unordered(run_one, jobs):
+        for records in pool.imap_unordered(run_one, jobs):
             store.data["seconds"] = base + time.perf_counter() - start
-            store.add(record)
-            alpha = f" α={record['alpha']:g}" if record["kind"] == CURVE else f" lr={record['learning_rate']:g}"
-            print(f"{record['task']} {record['kind']} {record['backbone']} N={record['n']} seed={record['seed']}"
-                  f"{alpha}: acc {record['accuracy']:.3f} nll {record['nll']:.3f} ({record['seconds']:.0f} s)",
-                  flush=True)
+            for record in records:
+                store.add(record)
+                alpha = f" α={record['alpha']:g}" if record["kind"] == CURVE else f" lr={record['learning_rate']:g}"
+                print(f"{record['task']} {record['kind']} {record['backbone']} N={record['n']} seed={record['seed']}"
+                      f"{alpha}: acc {record['accuracy']:.3f} nll {record['nll']:.3f} ({record['seconds']:.0f} s)",
+                      flush=True)
+
+
+RELATIVE_COST = {CURVE: 1, BO: 38}  # runs per job (the procedures: ~4.5)
 
 
 def make_jobs(task, kinds, backbones, ns, seeds, alphas, settings, paths, work_dir) -> list:
@@ -246,7 +342,8 @@ def make_jobs(task, kinds, backbones, ns, seeds, alphas, settings, paths, work_d
         for alpha in (alphas if kind == CURVE else [None]):
             name = f"{task}-{kind}-{backbone}-{n}-{seed}" + (f"-a{alpha:g}" if alpha is not None else "")
             jobs.append((task, kind, backbone, n, seed, alpha, steps, settings["learning_rates"], paths[backbone],
-                         os.path.join(work_dir, name.replace(" ", "_").replace(",", ""))))
+                         os.path.join(work_dir, name.replace(" ", "_").replace(",", "").replace("+", "")),
+                         tuple(settings["bo_trials"])))
     return jobs
 
 
@@ -505,10 +602,11 @@ def rebuild(store: Store, output_dir: str, docs_path: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", nargs="+", default=["plain", "curve"],
-                        choices=["plain", "curve", "screen", "chosen"],
+                        choices=["plain", "curve", "screen", "chosen", "baselines"],
                         help="plain: plain fine-tuning rows; curve: the α-curve, both on the existing task; screen: "
                         "the candidates' α-curves, the choice, the chosen task's full curve; chosen: DE ELBO and "
-                        "plain rows on the chosen task.")
+                        "plain rows on the chosen task; baselines: L2-SP + Bayesian optimization (and the other "
+                        "baselines) on the chosen task, then on the existing one.")
     parser.add_argument("--quick", action="store_true",
                         help="A smoke run: 1 backbone, N=50, 1 seed, 5 steps, 2 α values, 1 candidate, every stage.")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results", "regularization"))
@@ -526,12 +624,13 @@ def main(argv=None) -> None:
     global CANDIDATES, SCREEN_CELL
     if args.quick:
         settings = {"steps": 5, "learning_rates": [0.1, 0.01], "alphas": [0.0, 1e-2], "ns": [50], "seeds": [0],
-                    "backbones": ["timm-resnet"], "candidates": ["noise-20"]}
+                    "backbones": ["timm-resnet"], "candidates": ["noise-20"], "bo_trials": [2, 3]}
         CANDIDATES, SCREEN_CELL = ("noise-20",), ("timm-resnet", 50)
-        args.stage = ["plain", "curve", "screen", "chosen"]
+        args.stage = ["plain", "curve", "screen", "chosen", "baselines"]
     else:
         settings = {"steps": None, "learning_rates": list(LEARNING_RATES), "alphas": list(ALPHAS), "ns": args.ns,
-                    "seeds": args.seeds, "backbones": args.backbones, "candidates": list(CANDIDATES)}
+                    "seeds": args.seeds, "backbones": args.backbones, "candidates": list(CANDIDATES),
+                    "bo_trials": list(BO_TRIALS)}
     os.makedirs(args.output_dir, exist_ok=True)
     docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
                               else os.path.join(ROOT, "docs", "benchmarks.md"))
@@ -596,6 +695,11 @@ def main(argv=None) -> None:
             raise SystemExit("--stage chosen: no task has been chosen yet (run --stage screen first)")
         run_jobs(store, jobs(chosen, [DEELBO, PLAIN_VAL, PLAIN_TRAIN]), args.workers)
         rebuild(store, args.output_dir, docs_path)
+    if "baselines" in args.stage:  # the chosen task first, then the existing one
+        chosen = (store.data.get("choice") or {}).get("task")
+        for task in ([chosen] if chosen else []) + [EXISTING]:
+            run_jobs(store, jobs(task, BASELINES), args.workers)
+            rebuild(store, args.output_dir, docs_path)
     print(f"wrote {store.path} and the section of {docs_path}")
 
 

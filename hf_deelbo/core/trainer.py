@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, Trainer, TrainerState
 from transformers.modelcard import extract_hyperparameters_from_trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils import logging as transformers_logging
 
@@ -57,15 +57,25 @@ class FineTuningTrainer(Trainer):
     method: MethodSpec = None
     logged_metrics: tuple[str, ...] = ()
     callback_class: type[MethodStateCallback] | None = None
+    # Whether the method can be trained from a `model_init` (a fresh model for every `train()`, as
+    # `Trainer.hyperparameter_search` needs): what is tied to the model's parameters is rebuilt
+    # by `_bind_model` each time.
+    supports_model_init: bool = False
 
     # compute_loss returns a per-micro-batch mean, so Trainer must divide by the accumulation
     # steps. Without this, models whose forward takes **kwargs (ResNet) get loss × GA.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: nn.Module | None = None, args=None, **kwargs):
+    def __init__(self, model: nn.Module | None = None, args=None, model_init=None, **kwargs):
         name = type(self).__name__
-        if model is None:
-            raise ValueError(f"{name} needs a model (model_init is not supported: the prior mean is taken from it).")
+        if model_init is not None and not self.supports_model_init:
+            raise ValueError(
+                f"{name} does not take model_init (its learned state is tied to one model); pass model=... instead."
+            )
+        if model is not None and model_init is not None:
+            raise ValueError(f"{name} takes a model or a model_init, not both.")
+        if model is None and model_init is None:
+            raise ValueError(f"{name} needs a model" + (" or a model_init." if self.supports_model_init else "."))
         if args is None:
             args = self.args_class(output_dir="trainer_output")
         if not isinstance(args, self.args_class):
@@ -73,6 +83,14 @@ class FineTuningTrainer(Trainer):
                 f"args must be {self.args_class.__name__}, got {type(args).__name__}; "
                 f"build it with {self.args_class.__name__}(output_dir=..., ...)."
             )
+        if model_init is not None:
+            if kwargs.get("optimizers", (None, None)) != (None, None):
+                raise ValueError(f"{name}: model_init cannot be combined with optimizers (a new model per run).")
+            # As Trainer does: the seed is set before the model is built. The first model is
+            # checked here, before any work; train() builds a fresh one, bound by `_bind_model`.
+            set_seed(args.seed)
+            self.model_init = model_init
+            model = self.call_model_init()
         # Everything is validated before Trainer does any work (it creates output_dir and Hub repos).
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):
             raise ValueError(
@@ -87,6 +105,7 @@ class FineTuningTrainer(Trainer):
         if kwargs.get("train_dataset") is not None:
             check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"), args)
         super().__init__(model=model, args=args, **kwargs)
+        self.model_init = model_init
         # Datasets without an Arrow label column had their first batch checked only: every batch is.
         train_dataset = kwargs.get("train_dataset")
         self._labels_to_check = (
@@ -163,6 +182,23 @@ class FineTuningTrainer(Trainer):
     def logged_values(self, logs: dict) -> dict:
         """Subclass hook: more values for the log entry `logs` (Python numbers)."""
         return {}
+
+    def call_model_init(self, trial=None) -> nn.Module:
+        """Trainer's `call_model_init`; from `train()` (a new run), the new model is bound too."""
+        model = super().call_model_init(trial)
+        if getattr(self, "groups", None) is not None:
+            self._bind_model(model)
+        return model
+
+    def _bind_model(self, model: nn.Module) -> None:
+        """Rebuild, for a model from `model_init`, what is tied to the model's parameters: the
+        backbone/head split (checked as at __init__); subclasses add theirs (the anchor μ)."""
+        groups = split_parameters(model, self.args.head_modules)
+        self._check_model_before_init(model, groups, self.args)
+        if self.place_model_on_device:  # μ is snapshotted on the device the weights train on
+            model.to(self.args.device)
+        self.groups, self.head_modules = groups, groups.head_modules
+        self._is_transformers_model = isinstance(model, PreTrainedModel)
 
     def _check_before_init(self, args, kwargs) -> None:
         """Subclass hook: more validation before Trainer's __init__."""

@@ -88,10 +88,15 @@ class L2SPTrainer(FineTuningTrainer):
     args_class = L2SPTrainingArguments
     method = L2SP
     logged_metrics = ("nll", "penalty")
+    supports_model_init = True  # e.g. `hyperparameter_search` over alpha, beta and the learning rate
 
     def __init__(self, model: nn.Module | None = None, args: L2SPTrainingArguments | None = None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
         self.anchor = PretrainedAnchor(self.model, self.groups)
+
+    def _bind_model(self, model: nn.Module) -> None:
+        super()._bind_model(model)
+        self.anchor = PretrainedAnchor(model, self.groups)
 
     def penalty(self) -> torch.Tensor:
         """(α/2)‖w_b − μ‖² + (β/2)‖w_h‖² at the current weights."""
