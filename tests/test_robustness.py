@@ -73,8 +73,13 @@ def test_bf16_stays_finite_and_close_to_fp32(tmp_path):
 
 
 class Explode(TrainerCallback):
+    """lr 1e30 for optimizer step `at` + 1 (it makes the weights non-finite)."""
+
+    def __init__(self, at: int = 2):
+        self.at = at
+
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step == 2:
+        if state.global_step == self.at:
             for group in optimizer.param_groups:
                 group["lr"] = 1e30
 
@@ -168,3 +173,14 @@ def test_config_written_once_per_checkpoint_with_rho(make_args, tmp_path):
     trainer, _, _ = _run("resnet", tmp_path / "run", save_steps=4)
     state = json.loads((tmp_path / "run" / "out" / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["stateful_callbacks"]["DEELBoCallback"]["attributes"]["posterior_rho"] == trainer.posterior.rho.item()
+
+
+def test_a_loss_that_turns_non_finite_between_checks_is_reported_with_its_step(make_args, tmp_path):
+    # The flags are read only where a step logs or saves (steps 3 and 6 here): the loss of step 5,
+    # computed at the weights step 4 blew up, is found at step 6, before step 6's checkpoint exists.
+    model, _ = build_model("resnet")
+    args = make_args(max_steps=8, save_strategy="steps", save_steps=3, logging_steps=3, optim="sgd", learning_rate=0.01)
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), callbacks=[Explode(at=3)])
+    with pytest.raises(FloatingPointError, match=r"diverged at step 5, found at step 6"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]

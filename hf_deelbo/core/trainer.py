@@ -122,6 +122,7 @@ class FineTuningTrainer(Trainer):
         if not self.label_names:  # raw timm models have no `labels` argument to detect
             self.label_names = ["labels"]
         self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
+        self._first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.args.device)
         self.metrics = MetricsRecorder(self.logged_metrics, self.args.device)
         self._callback_target = None
 
@@ -244,12 +245,16 @@ class FineTuningTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._labels_to_check is not None:
             check_batch_labels(inputs.get(self.label_names[0]), self._labels_to_check, self.state.global_step + 1)
-        for key, value in inputs.items():  # no device sync here; checked once per step
+        for key, value in inputs.items():  # no device sync here; checked where a step logs or saves
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 bad = ~torch.isfinite(value).all()
                 self._nonfinite_inputs[key] = self._nonfinite_inputs[key] | bad if key in self._nonfinite_inputs else bad
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._nonfinite_loss |= ~torch.isfinite(loss)
+        bad = ~torch.isfinite(loss)
+        # The first optimizer step whose loss was not finite, kept on the device (no sync).
+        step = self.state.global_step + 1
+        self._first_nonfinite_step = torch.where(bad & ~self._nonfinite_loss, step, self._first_nonfinite_step)
+        self._nonfinite_loss |= bad
         return loss
 
     def _divergence_details(self) -> str | None:
@@ -259,25 +264,30 @@ class FineTuningTrainer(Trainer):
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         # Runs after every optimizer step, before anything of that step is logged, evaluated or
-        # saved. A non-finite loss stops the run at the step it appears. Weights that an optimizer
-        # step made non-finite give a non-finite loss one step later; where this step is logged,
-        # evaluated or saved, or is the last, they are checked now (`_divergence_details`), so a
-        # diverged run never overwrites the last good checkpoint.
+        # saved. Where this step logs, evaluates or saves, or is the last, the loss flags of the
+        # steps since the last check and the weights (`_divergence_details`) are read: so a
+        # diverged run never writes a checkpoint, a log or a model, and the steps in between
+        # never wait for the device (a non-finite loss is found, at the latest, `logging_steps`
+        # steps later, and reported with the step where it first appeared).
         control = self.control
-        due = control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
-        details = self._divergence_details() if due else None
+        if not (control.should_log or control.should_evaluate or control.should_save or control.should_training_stop):
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+        details = self._divergence_details()
+        nonfinite_loss = bool(self._nonfinite_loss)
         bad_inputs = sorted(key for key, flag in self._nonfinite_inputs.items() if bool(flag)) if (
-            bool(self._nonfinite_loss) or details) else []
+            nonfinite_loss or details) else []
+        step = int(self._first_nonfinite_step) if nonfinite_loss else self.state.global_step
+        found = f", found at step {self.state.global_step}" if step != self.state.global_step else ""
         if bad_inputs:
             raise FloatingPointError(
-                f"{type(self).__name__} stopped at step {self.state.global_step}: the training data holds non-finite "
+                f"{type(self).__name__} stopped at step {step}{found}: the training data holds non-finite "
                 f"values (NaN or inf in {', '.join(bad_inputs)} of a batch since the last check). This is the data, "
                 "not the learning rate: remove or repair those examples. The last checkpoint saved before this step "
                 "is intact."
             )
-        if bool(self._nonfinite_loss) or details:
+        if nonfinite_loss or details:
             raise FloatingPointError(
-                f"{type(self).__name__} diverged at step {self.state.global_step}: the loss or the weights are no "
+                f"{type(self).__name__} diverged at step {step}{found}: the loss or the weights are no "
                 f"longer finite{f' ({details})' if details else ''}. Lower learning_rate (now "
                 f"{self.args.learning_rate:g}, {self._get_learning_rate():g} at this step of the schedule)"
                 f"{self._divergence_hint()} and check the data. The last checkpoint saved before this step is intact."
