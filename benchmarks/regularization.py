@@ -106,8 +106,10 @@ BO = "L2-SP + BO"  # one job: a 36-trial study, read as two procedures (its firs
 BO_TRIALS = (12, 36)
 # The paper's boxes for MAP + Bayesian optimization (Harvey et al. 2024, Sec. 5), log-uniform.
 BO_BOX = {"alpha": (1e-6, 1e-2), "beta": (1e-6, 1e-2), "learning_rate": (1e-4, 1e-1)}
-KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO)
-BASELINES = (BO,)  # what a user would pick instead: `--stage baselines`
+LAPLACE = "Laplace LA-LML"  # benchmarks/_baselines.py: online marglik, diagonal EF, prior centred at μ
+IVON = "IVON"  # benchmarks/_baselines.py: ivon-opt, its own fixed prior precision
+KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO, LAPLACE, IVON)
+BASELINES = (BO, LAPLACE, IVON)  # what a user would pick instead: `--stage baselines`
 
 
 def bo_kind(n_trials: int) -> str:
@@ -233,6 +235,13 @@ def run_one(job) -> list[dict]:
     start = time.perf_counter()
     if kind == BO:
         return bo_records(init, train, test, common, work_dir, seed, record, trial_counts)
+    if kind in (LAPLACE, IVON):
+        from _baselines import ivon_procedure, laplace_procedure
+
+        procedure = laplace_procedure if kind == LAPLACE else ivon_procedure
+        trainer, fields = procedure(init, train, common, learning_rates, work_dir)
+        record.update(**evaluate(trainer, test), **fields, seconds=time.perf_counter() - start)
+        return [record]
     if kind == CURVE:
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=alpha, beta=CURVE_BETA,
                                      **{**common, "learning_rate": CURVE_LR})
@@ -275,7 +284,8 @@ def run_one(job) -> list[dict]:
 
 
 def record_key(r: dict) -> tuple:
-    return (r["task"], r["kind"], r["backbone"], r["n"], r["seed"], r.get("alpha"))
+    # `alpha` tells the points of an α-curve apart; other records may carry a learned or chosen α.
+    return (r["task"], r["kind"], r["backbone"], r["n"], r["seed"], r.get("alpha") if r["kind"] == CURVE else None)
 
 
 class Store:
@@ -332,7 +342,7 @@ def run_jobs(store: Store, jobs: list, workers: int) -> None:
                       flush=True)
 
 
-RELATIVE_COST = {CURVE: 1, BO: 38}  # runs per job (the procedures: ~4.5)
+RELATIVE_COST = {CURVE: 1, BO: 38, LAPLACE: 12}  # about the runs per job (the other procedures: ~4.5)
 
 
 def make_jobs(task, kinds, backbones, ns, seeds, alphas, settings, paths, work_dir) -> list:
@@ -607,6 +617,8 @@ def main(argv=None) -> None:
                         "the candidates' α-curves, the choice, the chosen task's full curve; chosen: DE ELBO and "
                         "plain rows on the chosen task; baselines: L2-SP + Bayesian optimization (and the other "
                         "baselines) on the chosen task, then on the existing one.")
+    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
+                        help="The baselines `--stage baselines` runs (default: all).")
     parser.add_argument("--quick", action="store_true",
                         help="A smoke run: 1 backbone, N=50, 1 seed, 5 steps, 2 α values, 1 candidate, every stage.")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results", "regularization"))
@@ -698,7 +710,7 @@ def main(argv=None) -> None:
     if "baselines" in args.stage:  # the chosen task first, then the existing one
         chosen = (store.data.get("choice") or {}).get("task")
         for task in ([chosen] if chosen else []) + [EXISTING]:
-            run_jobs(store, jobs(task, BASELINES), args.workers)
+            run_jobs(store, jobs(task, args.baselines), args.workers)
             rebuild(store, args.output_dir, docs_path)
     print(f"wrote {store.path} and the section of {docs_path}")
 

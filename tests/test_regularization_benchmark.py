@@ -15,6 +15,16 @@ def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path, benchm
     assert {("digits", "plain, lr by validation"), ("digits", "plain, lr by training loss"), ("digits", "α-curve"),
             ("noise-20", "α-curve"), ("noise-20", "DE ELBO")} <= kinds
     assert {r["alpha"] for r in saved["records"] if r["kind"] == "α-curve"} == {0.0, 1e-2}
+    # the baselines, on both tasks: one 3-trial study read as 2 and 3 trials, Laplace, IVON
+    baselines = ("L2-SP + BO, 2 trials", "L2-SP + BO, 3 trials", "Laplace LA-LML", "IVON")
+    assert {(task, kind) for task in ("digits", "noise-20") for kind in baselines} <= kinds
+    studies = [r for r in saved["records"] if r["kind"].startswith("L2-SP + BO")]
+    for record in studies:
+        assert len(record["runs"]) == int(record["kind"].split(", ")[1].split()[0]) == record["num_runs"] - 1
+        assert record["learning_rate"] == record["chosen"]["learning_rate"]
+        assert 1e-6 <= record["chosen"]["alpha"] <= 1e-2 and 1e-4 <= record["learning_rate"] <= 1e-1
+    laplace = [r for r in saved["records"] if r["kind"] == "Laplace LA-LML"]
+    assert all(r["alpha"] != 1e-4 and r["num_hyper_updates"] > 0 for r in laplace)
     for record in saved["records"]:
         assert 0 <= record["accuracy"] <= 1 and record["seconds"] > 0
     assert saved["screen"][0]["task"] == "noise-20" and saved["choice"]["task"] == "noise-20"
