@@ -170,6 +170,10 @@ def test_layerwise_config_entry_survives_save_and_load(make_args, tmp_path):
     assert entry["alpha_eff"] == pytest.approx(1 / (entry["num_backbone_params"] + entry["num_head_params"])
                                                / harmonic, rel=1e-6)
     assert max(expected.values()) > 10 * min(expected.values())  # the check sees the tensors differ
+    # the model card names λ̄ as the harmonic mean, in an unbroken table
+    card = (tmp_path / "saved" / "README.md").read_text().splitlines()
+    row = next(i for i, line in enumerate(card) if line.startswith("| λ̄ |"))
+    assert "harmonic mean" in card[row] and f"{entry['lambda']:.4g}" in card[row] and card[row + 1].startswith("| τ |")
     # the logs carry the harmonic mean as a float
     logged = [e["lambda"] for e in trainer.state.log_history if "lambda" in e]
     assert logged and all(isinstance(v, float) and 0 < v < 1 for v in logged)
