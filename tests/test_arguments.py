@@ -28,6 +28,9 @@ class _NoLength(torch.utils.data.IterableDataset):
         ({"bma_samples": -1}, "bma_samples must be >= 0 (0 predicts with the posterior mean); got -1"),
         ({"num_train_examples": 0}, "num_train_examples must be a positive int or None"),
         ({"head_modules": []}, "head_modules must be None (detect) or a non-empty list of module names"),
+        ({"prior_variance_grouping": "block"},
+         "prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per backbone tensor); "
+         "got 'block'"),
     ],
 )
 def test_bad_arguments(overrides, message, tmp_path):

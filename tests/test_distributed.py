@@ -14,10 +14,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_train.py")
 BIN = os.path.dirname(sys.executable)
 
 
-def _launch(command, tmp_path, name):
+def _launch(command, tmp_path, name, *script_args):
     out = tmp_path / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command + [SCRIPT, str(out), "4" if "single" not in name else "8"],
+    result = subprocess.run(command + [SCRIPT, str(out), "4" if "single" not in name else "8", *script_args],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2 if "single" not in name else 1)]
@@ -54,6 +54,24 @@ def test_two_processes_agree_with_each_other_and_with_one(launcher, tmp_path, si
     single = [e["nll"] for e in single_process["log_history"] if "nll" in e]
     np.testing.assert_allclose(logged, single, rtol=1e-5)
     # the config is written once, by the main process, with the learned values
+    assert json.loads((out / "config.json").read_text())["deelbo"] == rank0["learned"]
+
+
+@pytest.mark.slow
+def test_layer_wise_prior_variances_agree_across_two_processes_and_with_one(tmp_path):
+    """prior_variance_grouping="layer" under DDP (torchrun): every λ_l is the same on both ranks
+    and matches one process with the same global batch."""
+    grouping = ("in_place", "layer")
+    _, (single,) = _launch([sys.executable], tmp_path, "single-layer", *grouping)
+    out, (rank0, rank1) = _launch(LAUNCHERS["torchrun"], tmp_path, "torchrun-layer", *grouping)
+    assert rank0["weights_sha"] == rank1["weights_sha"]
+    assert rank0["learned"] == rank1["learned"] and rank0["learned"]["prior_variance_grouping"] == "layer"
+    np.testing.assert_allclose(rank0["weights"], single["weights"], rtol=0, atol=1e-6)
+    per_tensor, single_per_tensor = rank0["learned"]["backbone_prior_variances"], single["learned"]["backbone_prior_variances"]
+    assert list(per_tensor) == list(single_per_tensor) and len(per_tensor) > 1
+    np.testing.assert_allclose(list(per_tensor.values()), list(single_per_tensor.values()), rtol=1e-5)
+    for key in ("lambda", "tau", "sigma"):
+        assert rank0["learned"][key] == pytest.approx(single["learned"][key], rel=1e-5), key
     assert json.loads((out / "config.json").read_text())["deelbo"] == rank0["learned"]
 
 

@@ -14,7 +14,8 @@ from hf_deelbo import DEELBoTrainer
 
 
 def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam, tau, kappa, n, seed):
-    """Returns (loss, {name: dL/dm}, dL/dρ) for the DE ELBO loss, without hf_deelbo's code."""
+    """Returns (loss, {name: dL/dm}, dL/dρ) for the DE ELBO loss, without hf_deelbo's code; `lam` is
+    one backbone prior variance or a dict of one per backbone tensor (layer-wise)."""
     model = copy.deepcopy(model)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     d = sum(p.numel() for _, p in params)
@@ -44,7 +45,7 @@ def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam
         if name in head_names:
             mean, var = torch.zeros_like(m), tau
         else:
-            mean, var = prior_mean[name].double(), lam
+            mean, var = prior_mean[name].double(), lam[name] if isinstance(lam, dict) else lam
         kl = kl + kl_divergence(Normal(m, ref_sigma.expand_as(m)), Normal(mean, torch.full_like(m, math.sqrt(var)))).sum()
     prior_term = kl / (kappa * n)
     prior_term.backward()
@@ -55,15 +56,17 @@ def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam
     return nll.item() + prior_term.item(), weight_grads, rho_grad
 
 
+@pytest.mark.parametrize("grouping", ["backbone", "layer"])
 @pytest.mark.parametrize("mechanism", ["in_place", "functional_call"])
 @pytest.mark.parametrize("kind", ["vit", "resnet", "bert"])
-def test_loss_gradients_match_reference(kind, mechanism, make_args):
+def test_loss_gradients_match_reference(kind, mechanism, grouping, make_args):
     model, head = build_model(kind)
     model = model.double()
     dataset = text_dataset(8) if kind == "bert" else image_dataset(8)
     # Only training_step is used, on float64 inputs built below: N is given instead of a dataset.
     trainer = DEELBoTrainer(model=model, args=make_args(sigma_init=0.01, num_train_examples=8,
-                                                        sampling_mechanism=mechanism))
+                                                        sampling_mechanism=mechanism,
+                                                        prior_variance_grouping=grouping))
     # Move the backbone away from μ so the backbone prior pulls, and refresh λ, τ.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -71,6 +74,9 @@ def test_loss_gradients_match_reference(kind, mechanism, make_args):
     trainer.deelbo_callback.update()
     prior_mean = {name: mu.clone() for name, mu in trainer.posterior.prior_mean.items()}
     lam, tau = trainer.deelbo_callback.backbone_prior_variance, trainer.deelbo_callback.head_prior_variance
+    if grouping == "layer":
+        lam = dict(zip(trainer.posterior.backbone_names, lam, strict=True))
+        assert len(set(lam.values())) > 1  # the tensors' λ_l differ, so a wrong pairing would show
 
     batch = dataset[:8]
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -24,13 +24,25 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(kind, out, resume=None, stop_at=None, **overrides):
+class _RestoredLambda(TrainerCallback):
+    """Records λ as the resumed run's first step finds it (restored from the checkpoint)."""
+
+    trainer = None  # set by `_run`
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not hasattr(self, "value"):
+            self.value = self.trainer.deelbo_callback._variances[0]
+
+
+def _run(kind, out, resume=None, stop_at=None, extra_callbacks=(), **overrides):
     model, _ = build_model(kind)
     pretrained = {k: v.detach().clone() for k, v in model.named_parameters()}
     values = dict(max_steps=8, save_strategy="steps", save_steps=100, per_device_train_batch_size=4, learning_rate=0.05)
     args = training_args(out, **{**values, **overrides})
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16),
-                            callbacks=[StopAt(stop_at)] if stop_at else None)
+                            callbacks=[*([StopAt(stop_at)] if stop_at else []), *extra_callbacks] or None)
+    for callback in extra_callbacks:
+        callback.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
     return trainer, model, pretrained
 
@@ -40,12 +52,23 @@ def _rho_optimizer_state(trainer):
     return {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
 
 
-@pytest.mark.parametrize("kind", ["vit", "resnet", "timm"])
-def test_resume_is_exact(kind, tmp_path):
-    straight, straight_model, _ = _run(kind, tmp_path / "straight")
-    _run(kind, tmp_path / "interrupted", stop_at=4)
+@pytest.mark.parametrize("kind, grouping", [("vit", "backbone"), ("resnet", "backbone"), ("timm", "backbone"),
+                                            ("resnet", "layer")])
+def test_resume_is_exact(kind, grouping, tmp_path):
+    straight, straight_model, _ = _run(kind, tmp_path / "straight", prior_variance_grouping=grouping)
+    _run(kind, tmp_path / "interrupted", stop_at=4, prior_variance_grouping=grouping)
     checkpoint = tmp_path / "interrupted" / "out" / "checkpoint-4"
-    resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint))
+    if grouping == "layer":  # the checkpoint holds one λ_l per backbone tensor, restored as a float64 vector
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["DEELBoCallback"]
+        saved_lam = saved["attributes"]["backbone_prior_variance"]
+        restored = _RestoredLambda()
+        resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint),
+                                                  prior_variance_grouping=grouping, extra_callbacks=[restored])
+        assert restored.value.dtype == torch.float64 and restored.value.tolist() == saved_lam
+        assert len(saved_lam) == len(resumed.posterior.backbone_names)
+    else:
+        resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint),
+                                                  prior_variance_grouping=grouping)
 
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name

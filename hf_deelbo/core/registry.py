@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 # Kinds of value an entry's schema names (checked by `hub.config.read_config_entry`):
 # "positive" a finite float > 0; "nonnegative" a finite float >= 0; "strengths" a nonnegative
-# float or a dict of them (per-tensor values); "radii" None or a dict of floats >= 0; "count" an
+# float or a dict of them (per-tensor values); "variances" a dict of finite floats > 0 by name
+# (per-tensor variances); "radii" None or a dict of floats >= 0; "count" an
 # int >= 0; "names" a list of non-empty strings; "text" a string; "flag" a bool; "version" the
 # entry's format version, an int from 1 to the version this package writes.
-VALUE_KINDS = ("positive", "nonnegative", "strengths", "radii", "count", "names", "text", "flag", "version")
+VALUE_KINDS = ("positive", "nonnegative", "strengths", "variances", "radii", "count", "names", "text", "flag", "version")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ def _value_problem(kind: str, value, entry_key: str) -> str | None:
         values = list(value.values()) if isinstance(value, dict) else [value]
         if not values or not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in values):
             return "must be a finite number >= 0, or a dict of them"
+    elif kind == "variances":
+        if not (isinstance(value, dict) and value
+                and all(isinstance(k, str) and _is_number(v) and math.isfinite(v) and v > 0 for k, v in value.items())):
+            return "must be a non-empty dict of names to finite numbers > 0"
     elif kind == "radii":
         if value is not None and not (
             isinstance(value, dict) and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in value.values())

@@ -1,6 +1,6 @@
 """Trains a tiny ViT with DEELBoTrainer; launched with 1 or 2 processes by tests/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/scripts/ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SAMPLING_MECHANISM]
+    torchrun --standalone --nproc_per_node 2 tests/scripts/ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SAMPLING_MECHANISM [PRIOR_VARIANCE_GROUPING]]
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH
 
 Each rank writes rank{R}.json with checksums of its weights and its λ, τ, σ, ρ.
@@ -34,6 +34,7 @@ def main():
         optim="sgd", report_to="none", save_strategy="no", logging_steps=2, disable_tqdm=True, use_cpu=True,
         seed=0, ddp_find_unused_parameters=False, sigma_init=1e-3,
         sampling_mechanism=sys.argv[3] if len(sys.argv) > 3 else "in_place",
+        prior_variance_grouping=sys.argv[4] if len(sys.argv) > 4 else "backbone",
     )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=data)
     trainer.train()

@@ -4,6 +4,7 @@ launched with 2 processes on gloo by tests/test_fsdp.py.
     torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py fsdp OUTPUT_DIR
     torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py ddp OUTPUT_DIR
     torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py fsdp OUTPUT_DIR cuda   # on 2 GPUs (nccl)
+    torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_train.py fsdp OUTPUT_DIR cpu layer  # one λ_l per tensor
 
 (On CUDA the draw is a different, equally valid ε than one torch.randn(D): FSDP and DDP still
 draw the same one, so the two runs must agree as on CPU.)
@@ -53,7 +54,9 @@ def main():
         wrapped = model
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["1"]), sigma_init=0.05)
+    grouping = sys.argv[4] if len(sys.argv) > 4 else "backbone"
+    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["1"]), sigma_init=0.05,
+                                           prior_variance_grouping=grouping)
     kappa = posterior.num_params / NUM_TRAIN
     optimizer = torch.optim.SGD([*model.parameters(), posterior.rho], lr=0.2)
     generator = torch.Generator().manual_seed(1)
@@ -78,13 +81,14 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         posterior.clamp_sigma()
         losses.append(loss.item())
-        lambdas.append(float(lam))
+        lambdas.append(float(posterior.mean_backbone_prior_variance(lam)))
     lam, tau = posterior.optimal_prior_variances()
     full = [p.full_tensor() if type(p).__name__ == "DTensor" else p for p in model.parameters()]
     mu = posterior.anchor.prior_mean[0]
     record = {
         "weights": torch.cat([p.detach().flatten() for p in full]).tolist(),
-        "lambda": float(lam), "tau": float(tau), "sigma": posterior.sigma().item(), "losses": losses,
+        "lambda": float(posterior.mean_backbone_prior_variance(lam)), "tau": float(tau),
+        "backbone_prior_variances": lam.tolist() if lam.ndim else [float(lam)], "sigma": posterior.sigma().item(), "losses": losses,
         "lambdas": lambdas,
         "prior_mean_sharded": type(mu).__name__ == "DTensor" and mu.to_local().numel() < mu.numel(),
     }

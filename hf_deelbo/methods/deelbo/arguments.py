@@ -75,6 +75,14 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             more copy of the weights and one of ε during the step; m exact). Both draw the
             same ε (on CPU the same numbers) and compute the same gradients (docs/trainer.md,
             "Memory").
+        prior_variance_grouping (`str`, *optional*, defaults to `"backbone"`):
+            How the backbone's prior variance is shared. `"backbone"`: one λ for the whole
+            backbone, p(w_b) = N(μ, λI), the paper's prior. `"layer"`: one λ_l per backbone
+            parameter tensor, p(w_b,l) = N(μ_l, λ_l I), each learned in closed form,
+            λ_l* = ‖m_l − μ_l‖²/D_l + σ², with the KL summed over tensors; κ and N are unchanged and
+            the head keeps one τ. The logged and stored `lambda` is then the harmonic mean
+            λ̄ = D_b / Σ_l (D_l/λ_l) and `config.deelbo.backbone_prior_variances` holds every λ_l
+            (docs/method.md, "Layer-wise prior variances").
     """
 
     trainer_name: ClassVar[str] = "DEELBoTrainer"
@@ -133,6 +141,14 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
         },
     )
 
+    prior_variance_grouping: Literal["backbone", "layer"] = field(
+        default="backbone",
+        metadata={
+            "help": "The backbone's prior variance: 'backbone' (one λ, the paper's N(μ, λI)) or 'layer' (one λ_l per "
+            "backbone tensor, each in closed form; the logged lambda is their harmonic mean)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
@@ -163,6 +179,11 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             raise ValueError(
                 f"sampling_mechanism must be 'in_place' (the weights perturbed in place) or 'functional_call' "
                 f"(w̃ as a separate copy); got {self.sampling_mechanism!r}"
+            )
+        if self.prior_variance_grouping not in ("backbone", "layer"):
+            raise ValueError(
+                f"prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per "
+                f"backbone tensor); got {self.prior_variance_grouping!r}"
             )
         if self.bma_samples < 0:
             raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import torch
+from transformers.utils import logging
+
 from ...core.callback import MethodStateCallback
 from .posterior import IsotropicGaussianPosterior
+
+logger = logging.get_logger(__name__)
+
+
+def _as_json(value):
+    """A prior variance as JSON: a float, or a list of floats for layer-wise λ_l."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return float(value)
 
 
 class _PriorVariance:
     """λ or τ as a plain attribute to `Trainer` (which restores it with setattr on resume), read
-    through `DEELBoCallback.prior_variances` so that a value gone out of date is recomputed."""
+    through `DEELBoCallback.prior_variances` so that a value gone out of date is recomputed: a
+    float, or for layer-wise λ_l (`prior_variance_grouping="layer"`) a list of floats."""
 
     def __init__(self, index: int, doc: str):
         self.index = index
@@ -17,7 +32,7 @@ class _PriorVariance:
     def __get__(self, callback, owner=None):
         if callback is None:
             return self
-        return float(callback.prior_variances()[self.index])
+        return _as_json(callback.prior_variances()[self.index])
 
     def __set__(self, callback, value: float | None) -> None:
         callback._variances[self.index] = value
@@ -36,12 +51,16 @@ class DEELBoCallback(MethodStateCallback):
     so the update costs no pass over the weights of its own. `on_step_end` also clears ρ's
     gradient, which `Trainer`'s `model.zero_grad()` does not reach, and keeps σ above its floor.
 
+    With `prior_variance_grouping="layer"` λ is the vector of λ_l* = ‖m_l − μ_l‖²/D_l + σ², one per
+    backbone tensor (a float64 tensor on the weights' device; a list of floats in the JSON state).
+
     State (JSON, stored in `trainer_state.json` with each checkpoint): λ, τ and ρ. `Trainer`
     rebuilds the callback from that state on resume; `DEELBoTrainer` binds the posterior to
     whichever instance is installed (`bind`), which writes a restored ρ into it.
 
     Args:
-        backbone_prior_variance (`float`, *optional*): λ; computed from the posterior when `None`.
+        backbone_prior_variance (`float` or `list[float]`, *optional*): λ (the list of λ_l with
+            "layer" grouping); computed from the posterior when `None`.
         head_prior_variance (`float`, *optional*): τ; computed from the posterior when `None`.
         posterior_rho (`float`, *optional*): ρ as last saved, restored into the posterior on resume.
     """
@@ -71,9 +90,26 @@ class DEELBoCallback(MethodStateCallback):
     def restore(self, posterior: IsotropicGaussianPosterior) -> None:
         if self.posterior_rho is not None:
             posterior.rho.data.fill_(self.posterior_rho)
+        lam = self._variances[0]
+        if lam is None or isinstance(lam, torch.Tensor):
+            return
+        groups = posterior.backbone_group_names
+        is_list = isinstance(lam, list)
+        fits = (is_list and len(lam) == len(groups)) if groups is not None else not is_list
+        if not fits:
+            # λ* is a closed form of the restored m and σ: recomputing it loses nothing.
+            saved = len(lam) if isinstance(lam, list) else 1
+            logger.warning(
+                f"The checkpoint holds {saved} backbone prior variance(s), which does not fit "
+                f"prior_variance_grouping={posterior.prior_variance_grouping!r} ({len(groups) if groups else 1} "
+                "expected); λ is recomputed from the restored weights."
+            )
+            self._variances = [None, None]
+        elif groups is not None:
+            self._variances[0] = posterior.as_backbone_prior_variance(lam)  # a float64 tensor on the device
 
     def current_state(self) -> dict:
-        lam, tau = (float(v) for v in self.prior_variances())
+        lam, tau = (_as_json(v) for v in self.prior_variances())
         return {"backbone_prior_variance": lam, "head_prior_variance": tau, "posterior_rho": self.posterior.rho.item()}
 
     def prior_variances(self, squared_distances=None):

@@ -21,6 +21,9 @@ DEELBO = register_method(MethodSpec(key="deelbo", title="DE ELBO", tags=("deelbo
     "kappa": ("positive", True), "alpha_eff": ("nonnegative", False), "beta_eff": ("nonnegative", False),
     "num_train_examples": ("count", True), "num_backbone_params": ("count", True),
     "num_head_params": ("count", True), "head_modules": ("names", False), "format_version": ("version", False),
+    # Layer-wise prior variances (`prior_variance_grouping`). Optional: entries written before
+    # them are one-λ entries, and readers that predate them ignore keys they do not know.
+    "prior_variance_grouping": ("text", False), "backbone_prior_variances": ("variances", False),
 }))
 DEELBO_CONFIG_KEY = DEELBO.key
 DEELBO_FORMAT_VERSION = DEELBO.format_version
@@ -36,11 +39,16 @@ def deelbo_config(
     num_backbone_params: int,
     num_head_params: int,
     head_modules: list[str],
+    prior_variance_grouping: str = "backbone",
+    backbone_prior_variances: dict[str, float] | None = None,
 ) -> dict:
     """The JSON dict stored as `config.deelbo`, keys sorted.
 
     `lambda`, `tau`: learned prior variances of backbone and head; `sigma`: posterior std;
-    `kappa`: data emphasis; `alpha_eff`, `beta_eff`: the equivalent L2-SP strengths 1/(Dλ), 1/(Dτ).
+    `kappa`: data emphasis; `alpha_eff`, `beta_eff`: the equivalent L2-SP strengths 1/(Dλ), 1/(Dτ);
+    `prior_variance_grouping`: "backbone" (one λ) or "layer" (one λ_l per backbone tensor, listed
+    by name in `backbone_prior_variances`; `lambda` is then their harmonic mean
+    λ̄ = D_b / Σ_l (D_l/λ_l), the one-λ prior with the same mean precision).
     """
     alpha_eff, beta_eff = effective_l2sp_strengths(
         backbone_prior_variance, head_prior_variance, num_backbone_params + num_head_params
@@ -56,6 +64,9 @@ def deelbo_config(
         "num_train_examples": int(num_train_examples),
         "sigma": float(sigma),
         "tau": float(head_prior_variance),
+        "prior_variance_grouping": str(prior_variance_grouping),
+        **({"backbone_prior_variances": {name: float(v) for name, v in backbone_prior_variances.items()}}
+           if backbone_prior_variances is not None else {}),
     })
 
 

@@ -31,14 +31,17 @@ def _log(x):
     return torch.log(x) if isinstance(x, torch.Tensor) else math.log(x)
 
 
-def gaussian_kl(squared_distance, num_params: int, posterior_variance, prior_variance):
+def gaussian_kl(squared_distance, num_params, posterior_variance, prior_variance):
     """KL(N(m, σ²I) ‖ N(μ, λI)) over `num_params` coordinates, in closed form:
 
         KL = ½ [ D σ²/λ + ‖m − μ‖²/λ − D + D log λ − D log σ² ]
 
+    Elementwise over tensors: with vectors of per-group ‖m_l − μ_l‖², D_l and λ_l (layer-wise
+    prior variances) it returns the vector of the groups' KLs, whose sum is the KL of the whole.
+
     Args:
         squared_distance: ‖m − μ‖² (for the head, μ = 0 so it is ‖m‖²).
-        num_params: D, the number of coordinates.
+        num_params: D, the number of coordinates (an int, or a tensor of group sizes D_l).
         posterior_variance: σ².
         prior_variance: λ (or τ for the head).
     """
@@ -52,15 +55,30 @@ def gaussian_kl(squared_distance, num_params: int, posterior_variance, prior_var
     )
 
 
-def optimal_prior_variance(squared_distance, num_params: int, posterior_variance):
+def optimal_prior_variance(squared_distance, num_params, posterior_variance):
     """The prior variance that minimises `gaussian_kl` for a fixed posterior:
 
         λ* = ‖m − μ‖² / D + σ²
+
+    Elementwise over tensors of groups: λ_l* = ‖m_l − μ_l‖² / D_l + σ² minimises each group's KL
+    and so their sum (each λ_l enters one term only).
 
     Setting ∂KL/∂λ = ½ [ −D σ²/λ² − ‖m − μ‖²/λ² + D/λ ] to zero gives λ*; the σ² term keeps
     λ* > 0 when m = μ (at the first step). Plugged back in, KL* = (D/2) log(λ*/σ²).
     """
     return squared_distance / num_params + posterior_variance
+
+
+def mean_prior_variance(prior_variances, num_params):
+    """The isotropic prior variance with the same mean precision as per-group variances λ_l over
+    groups of D_l coordinates, their D-weighted harmonic mean:
+
+        λ̄ = Σ_l D_l / Σ_l (D_l / λ_l)
+
+    N(μ, λ̄I) and N(μ, diag(λ_l)) have the same trace of the precision, so α_eff = 1/(D λ̄) is the
+    L2-SP strength ‖m_b − μ‖²/(2λ̄) would apply if every coordinate moved alike. One group: λ̄ = λ.
+    """
+    return num_params.sum() / (num_params / prior_variances).sum()
 
 
 def resolve_kappa(kappa: float | None, num_params: int, num_train_examples: int) -> float:

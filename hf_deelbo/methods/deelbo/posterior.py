@@ -35,7 +35,11 @@ from torch import nn
 
 from ...core.anchor import DeferredDistanceGradients, PretrainedAnchor, local
 from ...core.groups import ParameterGroups
-from .objective import gaussian_kl, optimal_prior_variance
+from .objective import gaussian_kl, mean_prior_variance, optimal_prior_variance
+
+# How the backbone's prior variance is shared (`DEELBoTrainingArguments.prior_variance_grouping`):
+# one λ for the whole backbone, or one λ_l per backbone tensor.
+PRIOR_VARIANCE_GROUPINGS = ("backbone", "layer")
 
 
 def inverse_softplus(y: float) -> float:
@@ -50,22 +54,42 @@ class IsotropicGaussianPosterior(nn.Module):
         model: the model being fine-tuned; its trainable parameters are m.
         groups: backbone and head parameter names (`split_parameters`).
         sigma_init: initial σ (the paper uses 1e-4).
+        prior_variance_grouping: `"backbone"`, one prior variance λ for the whole backbone
+            (p(w_b) = N(μ, λI)), or `"layer"`, one λ_l per backbone tensor l (p(w_b,l) =
+            N(μ_l, λ_l I)), in `backbone_names` order; the head keeps one τ either way.
 
     The prior mean μ is a snapshot of the backbone weights taken here, so it stays the
     pretrained weights when a checkpoint is later loaded into the model.
+
+    With `"layer"` grouping the backbone's squared distances, sizes and prior variances are
+    float64 vectors over its G tensors (‖m_l − μ_l‖², D_l, λ_l), and KL_b = Σ_l KL_l:
+
+        KL_b = Σ_l ½ [ D_l σ²/λ_l + ‖m_l − μ_l‖²/λ_l − D_l + D_l log λ_l − D_l log σ² ]
+        λ_l* = ‖m_l − μ_l‖² / D_l + σ²
     """
 
     # σ never goes below this (ρ is projected after each step): σ² stays a normal float64, so the
     # KL's log σ² and λ* = ‖m_b − μ‖²/D_b + σ² stay finite and positive.
     min_sigma = 1e-30
 
-    def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4):
+    def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4,
+                 prior_variance_grouping: str = "backbone"):
         super().__init__()
+        if prior_variance_grouping not in PRIOR_VARIANCE_GROUPINGS:
+            raise ValueError(
+                f"prior_variance_grouping must be one of {PRIOR_VARIANCE_GROUPINGS} ('backbone': one λ for the "
+                f"backbone, 'layer': one λ_l per backbone tensor); got {prior_variance_grouping!r}"
+            )
         self.anchor = PretrainedAnchor(model, groups)
         device = self.anchor.trainable[0].device
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(sigma_init), dtype=torch.float32, device=device))
         self._wrapped_names: dict[int, list[str]] = {}
         self._sizes = [m.numel() for m in self.anchor.trainable]
+        self.prior_variance_grouping = prior_variance_grouping
+        self._backbone_group_sizes = None
+        if self.layer_wise:
+            sizes = [p.numel() for p in self.anchor.backbone]  # the global size of an FSDP2-sharded tensor
+            self._backbone_group_sizes = torch.tensor(sizes, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def clamp_sigma(self) -> None:
@@ -84,6 +108,42 @@ class IsotropicGaussianPosterior(nn.Module):
     num_head_params = property(lambda self: self.anchor.num_head_params)
     num_params = property(lambda self: self.anchor.num_params)
 
+    @property
+    def layer_wise(self) -> bool:
+        """Whether each backbone tensor has a prior variance λ_l of its own (`prior_variance_grouping="layer"`)."""
+        return self.prior_variance_grouping == "layer"
+
+    @property
+    def backbone_group_names(self) -> list[str] | None:
+        """The backbone tensors λ_l belong to, in order ("layer" grouping); None for one λ."""
+        return list(self.backbone_names) if self.layer_wise else None
+
+    @property
+    def backbone_group_sizes(self):
+        """D_b (an int) for one λ; the float64 vector of the tensors' sizes D_l ("layer" grouping)."""
+        return self._backbone_group_sizes if self.layer_wise else self.num_backbone_params
+
+    def grouped_distances(self, per_tensor: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(backbone, head) squared distances as the prior variances are grouped, from the per-tensor
+        vectors of `PretrainedAnchor.squared_distances_per_tensor`: the backbone's summed to one
+        scalar ("backbone") or kept per tensor ("layer"); the head's summed."""
+        backbone, head = per_tensor
+        return (backbone if self.layer_wise else backbone.sum()), head.sum()
+
+    def as_backbone_prior_variance(self, value):
+        """λ as `kl` takes it: a vector given as a list (restored from JSON) becomes a float64 tensor
+        on the weights' device; anything else is returned as it is."""
+        if self.layer_wise and not isinstance(value, torch.Tensor):
+            return torch.tensor(value, dtype=torch.float64, device=self.rho.device)
+        return value
+
+    def mean_backbone_prior_variance(self, backbone_prior_variance):
+        """λ itself for one λ; for layer-wise λ_l their D-weighted harmonic mean λ̄ = D_b / Σ_l (D_l/λ_l)
+        (`objective.mean_prior_variance`), the scalar that is logged and stored as `lambda`."""
+        if not self.layer_wise:
+            return backbone_prior_variance
+        return mean_prior_variance(self.as_backbone_prior_variance(backbone_prior_variance), self._backbone_group_sizes)
+
     def sigma(self) -> torch.Tensor:
         """σ = softplus(ρ) (at least `min_sigma`), float32, differentiable."""
         return F.softplus(self.rho).clamp_min(self.min_sigma)
@@ -93,26 +153,33 @@ class IsotropicGaussianPosterior(nn.Module):
         return F.softplus(self.rho.double()).clamp_min(self.min_sigma) ** 2
 
     def squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars (`PretrainedAnchor.squared_distances`)."""
+        """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars (`PretrainedAnchor.squared_distances`); with "layer"
+        grouping the backbone's is the vector of ‖m_l − μ_l‖² (`grouped_distances`)."""
+        if self.layer_wise:
+            return self.grouped_distances(self.anchor.squared_distances_per_tensor())
         return self.anchor.squared_distances()
 
     def kl(self, backbone_prior_variance, head_prior_variance, squared_distances=None) -> torch.Tensor:
         """KL(q ‖ p_{λ,τ}) = KL_b + KL_h (float64, differentiable w.r.t. m and ρ) at fixed λ, τ;
-        `squared_distances` = `self.squared_distances()` when the caller already has them."""
+        `squared_distances` = `self.squared_distances()` when the caller already has them. With
+        "layer" grouping λ is the vector of λ_l and KL_b = Σ_l KL_l."""
         backbone_sq, head_sq = squared_distances if squared_distances is not None else self.squared_distances()
         variance = self.posterior_variance()
-        return gaussian_kl(backbone_sq, self.num_backbone_params, variance, backbone_prior_variance) + gaussian_kl(
-            head_sq, self.num_head_params, variance, head_prior_variance
-        )
+        backbone_kl = gaussian_kl(backbone_sq, self.backbone_group_sizes, variance,
+                                  self.as_backbone_prior_variance(backbone_prior_variance))
+        if self.layer_wise:
+            backbone_kl = backbone_kl.sum()
+        return backbone_kl + gaussian_kl(head_sq, self.num_head_params, variance, head_prior_variance)
 
     @torch.no_grad()
     def optimal_prior_variances(self, squared_distances=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(λ*, τ*) = (‖m_b − μ‖²/D_b + σ², ‖m_h‖²/K + σ²) for the current m and σ (from
         `squared_distances` = `self.squared_distances()` when the caller already has them), as
-        float64 scalar tensors on the weights' device: reading them needs no synchronisation."""
+        float64 scalar tensors on the weights' device: reading them needs no synchronisation.
+        With "layer" grouping λ* is the vector of λ_l* = ‖m_l − μ_l‖²/D_l + σ²."""
         backbone_sq, head_sq = squared_distances if squared_distances is not None else self.squared_distances()
         variance = self.posterior_variance()
-        lam = optimal_prior_variance(backbone_sq.detach(), self.num_backbone_params, variance)
+        lam = optimal_prior_variance(backbone_sq.detach(), self.backbone_group_sizes, variance)
         tau = optimal_prior_variance(head_sq.detach(), self.num_head_params, variance)
         return lam, tau
 
@@ -248,7 +315,8 @@ class InPlaceDraw:
     The memory of the step is the memory of plain training plus μ and one tensor's ε at a time:
     neither ε nor w̃ exists as a second copy of the weights. The steps:
 
-    1. the squared distances ‖m_b − μ‖², ‖m_h‖² at m (`squared_distances`), whose gradients to m are
+    1. the squared distances ‖m_b − μ‖² (per tensor with "layer" grouping), ‖m_h‖² at m
+       (`squared_distances`), whose gradients to m are
        deferred to step 4 (in backward the weights are w̃, not m);
     2. the generator's state is saved, and for each trainable tensor l, in `named_parameters()` order:
        ε_l, the next piece of ε; ⟨grad_l, ε_l⟩ if l already holds a gradient (gradient accumulation);
@@ -273,8 +341,7 @@ class InPlaceDraw:
         self._group = anchor.process_group
         self._sharded = dict(zip(map(id, self._tensors), anchor.sharded))
         self._deferred = DeferredDistanceGradients(anchor)
-        per_tensor = anchor.squared_distances_per_tensor(self._deferred)
-        self.squared_distances = (per_tensor[0].sum(), per_tensor[1].sum())
+        self.squared_distances = posterior.grouped_distances(anchor.squared_distances_per_tensor(self._deferred))
         self.sigma = posterior.sigma()  # differentiable: finish() sends dL/dσ through it
         generator = generator if generator is not None else _default_generator(self._device)
         self._state = generator.get_state()

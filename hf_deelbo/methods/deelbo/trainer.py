@@ -58,7 +58,8 @@ class DEELBoTrainer(FineTuningTrainer):
     def __init__(self, model: nn.Module | None = None, args: DEELBoTrainingArguments | None = None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
         args = self.args
-        self.posterior = IsotropicGaussianPosterior(self.model, self.groups, args.sigma_init)
+        self.posterior = IsotropicGaussianPosterior(self.model, self.groups, args.sigma_init,
+                                                    args.prior_variance_grouping)
         self.num_train_examples = _resolve_num_train_examples(args, self.train_dataset)
         self.kappa = (
             resolve_kappa(args.kappa, self.posterior.num_params, self.num_train_examples)
@@ -144,7 +145,9 @@ class DEELBoTrainer(FineTuningTrainer):
             loss = mean_i CE(f(x_i; w̃), y_i) + KL(q ‖ p_{λ,τ}) / (κ N)
 
         λ, τ are fixed here: λ*, τ* of the current m and σ, which `DEELBoCallback` recomputes once
-        per optimizer step from the squared distances the KL needs anyway.
+        per optimizer step from the squared distances the KL needs anyway. With
+        `prior_variance_grouping="layer"`, λ is one λ_l per backbone tensor, KL_b = Σ_l KL_l, and
+        the logged `lambda` is their harmonic mean λ̄ = D_b / Σ_l (D_l/λ_l).
         """
         if self.num_train_examples is None:
             raise ValueError(_MISSING_N_MESSAGE)
@@ -159,7 +162,8 @@ class DEELBoTrainer(FineTuningTrainer):
         kl = self.posterior.kl(lam, tau, distances)
         loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
         if model.training:
-            self.metrics.record(nll=nll, kl=kl, sigma=self.posterior.sigma(), **{"lambda": lam, "tau": tau})
+            mean_lam = self.posterior.mean_backbone_prior_variance(lam)
+            self.metrics.record(nll=nll, kl=kl, sigma=self.posterior.sigma(), **{"lambda": mean_lam, "tau": tau})
         return (loss, logits) if return_outputs else loss
 
     def _forward_in_place(self, model, inputs):
@@ -212,11 +216,19 @@ class DEELBoTrainer(FineTuningTrainer):
         )
 
     def learned_hyperparameters(self) -> dict:
-        """The `config.deelbo` dict for the current state: λ, τ, σ, κ, N, D_b, K, α_eff, β_eff."""
+        """The `config.deelbo` dict for the current state: λ, τ, σ, κ, N, D_b, K, α_eff, β_eff, the
+        grouping of λ and, with "layer" grouping, every λ_l by tensor name (`lambda` is then their
+        harmonic mean λ̄)."""
         callback = self.deelbo_callback
+        lam, per_tensor = callback.backbone_prior_variance, None
+        if self.posterior.layer_wise:
+            per_tensor = dict(zip(self.posterior.backbone_group_names, lam, strict=True))
+            lam = float(self.posterior.mean_backbone_prior_variance(lam))
         return deelbo_config(
-            backbone_prior_variance=callback.backbone_prior_variance,
+            backbone_prior_variance=lam,
             head_prior_variance=callback.head_prior_variance,
+            prior_variance_grouping=self.posterior.prior_variance_grouping,
+            backbone_prior_variances=per_tensor,
             sigma=self.posterior.sigma().item(),
             kappa=self.kappa if self.kappa is not None else float("nan"),
             num_train_examples=self.num_train_examples or 0,
@@ -276,10 +288,15 @@ class DEELBoTrainer(FineTuningTrainer):
 
     def _divergence_details(self) -> str | None:
         callback = self.deelbo_callback
-        values = (callback.backbone_prior_variance, callback.head_prior_variance)
-        if all(math.isfinite(v) for v in values):
+        lam, tau = callback.backbone_prior_variance, callback.head_prior_variance
+        if isinstance(lam, list):  # layer-wise λ_l: name the tensors whose λ_l is not finite
+            bad = {name: v for name, v in zip(self.posterior.backbone_group_names, lam, strict=True) if not math.isfinite(v)}
+            if not bad and math.isfinite(tau):
+                return None
+            return f"lambda of {bad or 'every tensor finite'}, tau={tau}"
+        if math.isfinite(lam) and math.isfinite(tau):
             return None
-        return f"lambda={values[0]}, tau={values[1]}"
+        return f"lambda={lam}, tau={tau}"
 
     def _divergence_hint(self) -> str:
         return f", or check kappa ({self.kappa})"
