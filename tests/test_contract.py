@@ -1,6 +1,8 @@
 """One table of every trainer's config entry through save → load → equal, for a transformers
 model and a raw timm model."""
 
+import logging
+
 import pytest
 import torch
 from conftest import build_model, image_dataset
@@ -17,6 +19,7 @@ from hf_deelbo import (
     TPGMTrainingArguments,
 )
 from hf_deelbo.hub import load_timm_model
+from hf_deelbo.hub.config import read_config_entry
 
 TRAINERS = {
     "deelbo": (DEELBoTrainer, DEELBoTrainingArguments, {}),
@@ -28,7 +31,7 @@ TRAINERS = {
 
 @pytest.mark.parametrize("kind", ["vit", "timm"])
 @pytest.mark.parametrize("key", list(TRAINERS))
-def test_config_entry_survives_save_and_load(key, kind, tmp_path):
+def test_config_entry_survives_save_and_load(key, kind, tmp_path, caplog):
     trainer_class, args_class, extra = TRAINERS[key]
     model, _ = build_model(kind)
     args = args_class(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2,

@@ -9,8 +9,11 @@ import math
 import os
 
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 from ..core.registry import config_keys, method_spec
+
+logger = transformers_logging.get_logger(__name__)
 
 
 def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
@@ -83,7 +86,14 @@ def read_config_entry(config, key: str, source: str = "the model's config") -> d
     fix = "fix config.json or save the model again with the trainer"
     if not isinstance(entry, dict):
         raise ValueError(f"{source}: {key!r} must be a JSON object of hyperparameters; got {entry!r}; {fix}.")
-    for name, (kind, required) in method_spec(key).schema.items():
+    schema = method_spec(key).schema
+    unknown = sorted(set(entry) - set(schema))
+    if unknown:
+        logger.warning_once(
+            f"{source}: {key!r} has keys this version of hf_deelbo does not know, which it ignores: {unknown} "
+            "(written by a newer hf_deelbo, or edited by hand)."
+        )
+    for name, (kind, required) in schema.items():
         if name not in entry:
             if required:
                 raise ValueError(f"{source}: {key!r} has no {name!r} (keys: {sorted(entry)}); {fix}.")
