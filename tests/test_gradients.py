@@ -41,7 +41,7 @@ def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam
     # KL part, at the unperturbed weights, via torch.distributions in float64.
     ref_rho = rho.detach().double().clone().requires_grad_()
     ref_sigma = F.softplus(ref_rho)
-    originals = {name: p.detach().double() - (s * e).double() for (name, p), e, s in zip(params, pieces, sigmas)}
+    originals = {name: p.detach().double() - (s * e).double() for (name, p), e, s in zip(params, pieces, sigmas, strict=True)}
     leaves = {name: v.clone().requires_grad_() for name, v in originals.items()}
     kl, offset = 0.0, 0
     for name, m in leaves.items():
@@ -56,7 +56,7 @@ def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam
     prior_term.backward()
     weight_grads = {name: grads_at_sample[name].double() + leaves[name].grad for name in leaves}
     # dL/dρ = Σ dL/dw̃ · ε · σ'(ρ) + ∂(KL/κN)/∂ρ,  σ'(ρ) = sigmoid(ρ); diagonal: dL/dρ_i = dL/dw̃_i ε_i σ'(ρ_i) + ...
-    products = [grads_at_sample[name].double() * e.double() for (name, _), e in zip(params, pieces)]
+    products = [grads_at_sample[name].double() * e.double() for (name, _), e in zip(params, pieces, strict=True)]
     data_term = torch.cat([t.reshape(-1) for t in products]) if rho.ndim else sum(t.sum() for t in products)
     rho_grad = data_term * torch.sigmoid(rho.detach().double()) + ref_rho.grad
     return nll.item() + prior_term.item(), weight_grads, rho_grad
