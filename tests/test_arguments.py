@@ -31,6 +31,9 @@ class _NoLength(torch.utils.data.IterableDataset):
         ({"prior_variance_grouping": "block"},
          "prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per backbone tensor); "
          "got 'block'"),
+        ({"posterior_covariance": "full"},
+         "posterior_covariance must be 'isotropic' (one σ for every weight) or 'diagonal' (one σ_i per weight); "
+         "got 'full'"),
     ],
 )
 def test_bad_arguments(overrides, message, tmp_path):

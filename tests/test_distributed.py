@@ -75,6 +75,23 @@ def test_layer_wise_prior_variances_agree_across_two_processes_and_with_one(tmp_
     assert json.loads((out / "config.json").read_text())["deelbo"] == rank0["learned"]
 
 
+@pytest.mark.slow
+def test_diagonal_posterior_agrees_across_two_processes_and_with_one(tmp_path):
+    """posterior_covariance="diagonal" under DDP (torchrun): every ρ_i is all-reduced, so it is the same on
+    both ranks, and it matches one process with the same global batch."""
+    options = ("in_place", "layer", "diagonal")
+    _, (single,) = _launch([sys.executable], tmp_path, "single-diagonal", *options)
+    out, (rank0, rank1) = _launch(LAUNCHERS["torchrun"], tmp_path, "torchrun-diagonal", *options)
+    assert rank0["weights_sha"] == rank1["weights_sha"] and rank0["rho"] == rank1["rho"]
+    assert rank0["learned"] == rank1["learned"] and rank0["learned"]["posterior_covariance"] == "diagonal"
+    assert len(rank0["rho"]) == len(rank0["weights"]) and len(set(rank0["rho"])) > 1  # one ρ_i per weight, moved
+    np.testing.assert_allclose(rank0["weights"], single["weights"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rank0["rho"], single["rho"], rtol=1e-5, atol=0)
+    for key in ("lambda", "tau", "sigma"):
+        assert rank0["learned"][key] == pytest.approx(single["learned"][key], rel=1e-5), key
+    assert json.loads((out / "config.json").read_text())["deelbo"] == rank0["learned"]
+
+
 def test_fsdp_and_deepspeed_are_refused_with_what_works_instead(tmp_path):
     with pytest.raises(ValueError, match=r"FSDP is not supported by DEELBoTrainer.*DDP instead"):
         DEELBoTrainingArguments(output_dir=str(tmp_path / "o"), fsdp=True, use_cpu=True, report_to="none")

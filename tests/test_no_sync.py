@@ -52,16 +52,19 @@ class _CountFromStep(TrainerCallback):
             self.mode.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("mechanism, accumulation, grouping", [
-    ("in_place", 1, "backbone"), ("in_place", 2, "backbone"), ("functional_call", 1, "backbone"),
-    ("in_place", 1, "layer"), ("functional_call", 1, "layer"),
+@pytest.mark.parametrize("mechanism, accumulation, grouping, covariance", [
+    ("in_place", 1, "backbone", "isotropic"), ("in_place", 2, "backbone", "isotropic"),
+    ("functional_call", 1, "backbone", "isotropic"), ("in_place", 1, "layer", "isotropic"),
+    ("functional_call", 1, "layer", "isotropic"),
+    ("in_place", 2, "layer", "diagonal"), ("functional_call", 1, "backbone", "diagonal"),
 ])
-def test_training_steps_that_do_not_log_never_synchronise(mechanism, accumulation, grouping, make_args):
+def test_training_steps_that_do_not_log_never_synchronise(mechanism, accumulation, grouping, covariance, make_args):
     """Neither DE ELBO nor the divergence check every trainer of the package shares (which reads its
     on-device flags only at steps that log, evaluate or save) synchronises in between."""
     model, _ = build_model("vit")
     args = make_args(max_steps=6, logging_steps=6, sampling_mechanism=mechanism, optim="adamw_torch",
                      gradient_accumulation_steps=accumulation, max_grad_norm=1.0, prior_variance_grouping=grouping,
+                     posterior_covariance=covariance,
                      logging_nan_inf_filter=False)  # plain Trainer's own per-micro-batch check of the loss syncs
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(48))
     counter = _CountFromStep(first=2, last=6)

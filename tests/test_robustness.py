@@ -4,12 +4,14 @@ import json
 import math
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import NUM_LABELS, build_model, image_dataset, training_args
 from datasets import Dataset
 from transformers import TrainerCallback
 
 from hf_deelbo import DEELBoTrainer
+from hf_deelbo.methods.deelbo.posterior import POSTERIOR_RHO_NAME
 
 
 class StopAt(TrainerCallback):
@@ -34,6 +36,16 @@ class _RestoredLambda(TrainerCallback):
             self.value = self.trainer.deelbo_callback._variances[0]
 
 
+class _RestoredRho(TrainerCallback):
+    """Records ρ as the resumed run's first step finds it (restored from the checkpoint)."""
+
+    trainer = None  # set by `_run`
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not hasattr(self, "value"):
+            self.value = self.trainer.posterior.rho.detach().clone()
+
+
 def _run(kind, out, resume=None, stop_at=None, extra_callbacks=(), **overrides):
     model, _ = build_model(kind)
     pretrained = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -52,23 +64,36 @@ def _rho_optimizer_state(trainer):
     return {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
 
 
-@pytest.mark.parametrize("kind, grouping", [("vit", "backbone"), ("resnet", "backbone"), ("timm", "backbone"),
-                                            ("resnet", "layer")])
-def test_resume_is_exact(kind, grouping, tmp_path):
-    straight, straight_model, _ = _run(kind, tmp_path / "straight", prior_variance_grouping=grouping)
-    _run(kind, tmp_path / "interrupted", stop_at=4, prior_variance_grouping=grouping)
+@pytest.mark.parametrize("kind, grouping, covariance", [
+    ("vit", "backbone", "isotropic"), ("resnet", "backbone", "isotropic"), ("timm", "backbone", "isotropic"),
+    ("resnet", "layer", "isotropic"), ("resnet", "layer", "diagonal"),
+])
+def test_resume_is_exact(kind, grouping, covariance, tmp_path):
+    options = dict(prior_variance_grouping=grouping, posterior_covariance=covariance)
+    straight, straight_model, _ = _run(kind, tmp_path / "straight", **options)
+    interrupted, _, _ = _run(kind, tmp_path / "interrupted", stop_at=4, **options)
     checkpoint = tmp_path / "interrupted" / "out" / "checkpoint-4"
-    if grouping == "layer":  # the checkpoint holds one λ_l per backbone tensor, restored as a float64 vector
+    if covariance == "diagonal":  # ρ, one per weight, is in the checkpoint's safetensors file, not in the JSON state
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["DEELBoCallback"]
+        assert saved["attributes"]["posterior_rho"] is None
+        saved_rho = safetensors.torch.load_file(str(checkpoint / POSTERIOR_RHO_NAME))
+        assert torch.equal(torch.cat([saved_rho[n].reshape(-1) for n in interrupted.posterior.parameter_names]),
+                           interrupted.posterior.rho.detach())
+        assert interrupted.posterior.rho.unique().numel() > 1
+        restored = _RestoredRho()
+        resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint),
+                                                  extra_callbacks=[restored], **options)
+        assert torch.equal(restored.value, interrupted.posterior.rho.detach())
+    elif grouping == "layer":  # the checkpoint holds one λ_l per backbone tensor, restored as a float64 vector
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["DEELBoCallback"]
         saved_lam = saved["attributes"]["backbone_prior_variance"]
         restored = _RestoredLambda()
         resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint),
-                                                  prior_variance_grouping=grouping, extra_callbacks=[restored])
+                                                  extra_callbacks=[restored], **options)
         assert restored.value.dtype == torch.float64 and restored.value.tolist() == saved_lam
         assert len(saved_lam) == len(resumed.posterior.backbone_names)
     else:
-        resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint),
-                                                  prior_variance_grouping=grouping)
+        resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint), **options)
 
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -1,6 +1,6 @@
 """Trains a tiny ViT with DEELBoTrainer; launched with 1 or 2 processes by tests/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/scripts/ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SAMPLING_MECHANISM [PRIOR_VARIANCE_GROUPING]]
+    torchrun --standalone --nproc_per_node 2 tests/scripts/ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SAMPLING_MECHANISM [PRIOR_VARIANCE_GROUPING [POSTERIOR_COVARIANCE]]]
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH
 
 Each rank writes rank{R}.json with checksums of its weights and its λ, τ, σ, ρ.
@@ -35,6 +35,7 @@ def main():
         seed=0, ddp_find_unused_parameters=False, sigma_init=1e-3,
         sampling_mechanism=sys.argv[3] if len(sys.argv) > 3 else "in_place",
         prior_variance_grouping=sys.argv[4] if len(sys.argv) > 4 else "backbone",
+        posterior_covariance=sys.argv[5] if len(sys.argv) > 5 else "isotropic",
     )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
@@ -45,7 +46,7 @@ def main():
         "world_size": trainer.args.world_size,
         "weights_sha": hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
         "weights": weights.tolist(),
-        "rho": trainer.posterior.rho.item(),
+        "rho": trainer.posterior.rho.tolist(),
         "learned": trainer.learned_hyperparameters(),
         "log_history": trainer.state.log_history,
     }

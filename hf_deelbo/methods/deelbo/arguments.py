@@ -83,6 +83,15 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             the head keeps one τ. The logged and stored `lambda` is then the harmonic mean
             λ̄ = D_b / Σ_l (D_l/λ_l) and `config.deelbo.backbone_prior_variances` holds every λ_l
             (docs/method.md, "Layer-wise prior variances").
+        posterior_covariance (`str`, *optional*, defaults to `"isotropic"`):
+            The posterior's covariance. `"isotropic"`: q(w) = N(m, σ²I), one σ shared by every weight,
+            the paper's posterior. `"diagonal"`: q(w) = N(m, diag(σ_i²)), one σ_i = softplus(ρ_i) per
+            weight, each starting at `sigma_init`, with the prior variances in closed form per group g,
+            λ_g* = (‖m_g − μ_g‖² + Σ_{i∈g} σ_i²)/D_g (composes with either `prior_variance_grouping`).
+            ρ is then a vector of D numbers: one more D-sized float32 tensor, its gradient and its
+            optimizer state, saved in each checkpoint as `deelbo_posterior_rho.safetensors`. The logged
+            and stored `sigma` is the root mean square √(Σ_i σ_i²/D). Not with parameters sharded by
+            FSDP2 (docs/method.md, "Diagonal posterior").
     """
 
     trainer_name: ClassVar[str] = "DEELBoTrainer"
@@ -149,6 +158,14 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
         },
     )
 
+    posterior_covariance: Literal["isotropic", "diagonal"] = field(
+        default="isotropic",
+        metadata={
+            "help": "The posterior's covariance: 'isotropic' (one σ for every weight, the paper's N(m, σ²I)) or "
+            "'diagonal' (one σ_i per weight; the logged sigma is their root mean square)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
@@ -184,6 +201,11 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             raise ValueError(
                 f"prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per "
                 f"backbone tensor); got {self.prior_variance_grouping!r}"
+            )
+        if self.posterior_covariance not in ("isotropic", "diagonal"):
+            raise ValueError(
+                f"posterior_covariance must be 'isotropic' (one σ for every weight) or 'diagonal' (one σ_i per "
+                f"weight); got {self.posterior_covariance!r}"
             )
         if self.bma_samples < 0:
             raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")

@@ -54,7 +54,10 @@ class DEELBoCallback(MethodStateCallback):
     With `prior_variance_grouping="layer"` λ is the vector of λ_l* = ‖m_l − μ_l‖²/D_l + σ², one per
     backbone tensor (a float64 tensor on the weights' device; a list of floats in the JSON state).
 
-    State (JSON, stored in `trainer_state.json` with each checkpoint): λ, τ and ρ. `Trainer`
+    With `posterior_covariance="diagonal"`, λ_g* = (‖m_g − μ_g‖² + Σ_{i∈g} σ_i²)/D_g for each group g.
+
+    State (JSON, stored in `trainer_state.json` with each checkpoint): λ, τ and ρ (`None` for a
+    diagonal posterior, whose D-sized ρ goes to the checkpoint's `deelbo_posterior_rho.safetensors`). `Trainer`
     rebuilds the callback from that state on resume; `DEELBoTrainer` binds the posterior to
     whichever instance is installed (`bind`), which writes a restored ρ into it.
 
@@ -62,7 +65,8 @@ class DEELBoCallback(MethodStateCallback):
         backbone_prior_variance (`float` or `list[float]`, *optional*): λ (the list of λ_l with
             "layer" grouping); computed from the posterior when `None`.
         head_prior_variance (`float`, *optional*): τ; computed from the posterior when `None`.
-        posterior_rho (`float`, *optional*): ρ as last saved, restored into the posterior on resume.
+        posterior_rho (`float`, *optional*): ρ as last saved, restored into the posterior on resume (into
+            every ρ_i of a diagonal posterior: an isotropic checkpoint resumed as diagonal).
     """
 
     state_attributes = ("backbone_prior_variance", "head_prior_variance", "posterior_rho")
@@ -110,7 +114,9 @@ class DEELBoCallback(MethodStateCallback):
 
     def current_state(self) -> dict:
         lam, tau = (_as_json(v) for v in self.prior_variances())
-        return {"backbone_prior_variance": lam, "head_prior_variance": tau, "posterior_rho": self.posterior.rho.item()}
+        # A diagonal posterior's ρ (D numbers) is saved next to the weights instead (`DEELBoTrainer._save`).
+        rho = None if self.posterior.diagonal else self.posterior.rho.item()
+        return {"backbone_prior_variance": lam, "head_prior_variance": tau, "posterior_rho": rho}
 
     def prior_variances(self, squared_distances=None):
         """(λ, τ), recomputed if an optimizer step has passed since they were last set; from

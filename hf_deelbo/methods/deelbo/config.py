@@ -24,6 +24,8 @@ DEELBO = register_method(MethodSpec(key="deelbo", title="DE ELBO", tags=("deelbo
     # Layer-wise prior variances (`prior_variance_grouping`). Optional: entries written before
     # them are one-λ entries, and readers that predate them ignore keys they do not know.
     "prior_variance_grouping": ("text", False), "backbone_prior_variances": ("variances", False),
+    # The diagonal posterior (`posterior_covariance`); optional for the same reason.
+    "posterior_covariance": ("text", False),
 }))
 DEELBO_CONFIG_KEY = DEELBO.key
 DEELBO_FORMAT_VERSION = DEELBO.format_version
@@ -41,6 +43,7 @@ def deelbo_config(
     head_modules: list[str],
     prior_variance_grouping: str = "backbone",
     backbone_prior_variances: dict[str, float] | None = None,
+    posterior_covariance: str = "isotropic",
 ) -> dict:
     """The JSON dict stored as `config.deelbo`, keys sorted.
 
@@ -48,7 +51,9 @@ def deelbo_config(
     `kappa`: data emphasis; `alpha_eff`, `beta_eff`: the equivalent L2-SP strengths 1/(Dλ), 1/(Dτ);
     `prior_variance_grouping`: "backbone" (one λ) or "layer" (one λ_l per backbone tensor, listed
     by name in `backbone_prior_variances`; `lambda` is then their harmonic mean
-    λ̄ = D_b / Σ_l (D_l/λ_l), the one-λ prior with the same mean precision).
+    λ̄ = D_b / Σ_l (D_l/λ_l), the one-λ prior with the same mean precision);
+    `posterior_covariance`: "isotropic" (one σ) or "diagonal" (one σ_i per weight; `sigma` is then
+    their root mean square √(Σ_i σ_i²/D)).
     """
     alpha_eff, beta_eff = effective_l2sp_strengths(
         backbone_prior_variance, head_prior_variance, num_backbone_params + num_head_params
@@ -65,6 +70,7 @@ def deelbo_config(
         "sigma": float(sigma),
         "tau": float(head_prior_variance),
         "prior_variance_grouping": str(prior_variance_grouping),
+        "posterior_covariance": str(posterior_covariance),
         **({"backbone_prior_variances": {name: float(v) for name, v in backbone_prior_variances.items()}}
            if backbone_prior_variances is not None else {}),
     })

@@ -10,7 +10,8 @@ Symbols, used the same way in every docstring of the package:
     K    number of trainable head parameters     (prior N(0, τI))
     D    D_b + K
     N    number of training examples
-    σ    the posterior's shared standard deviation, q(w) = N(m, σ²I)
+    σ    the posterior's shared standard deviation, q(w) = N(m, σ²I); with the diagonal
+         posterior q(w) = N(m, diag(s)), s_i = σ_i², one σ_i per weight
     κ    data emphasis; κ = 1 is the ordinary ELBO, the DE ELBO uses κ = D/N
 
 The loss minimised on a minibatch B is
@@ -67,6 +68,43 @@ def optimal_prior_variance(squared_distance, num_params, posterior_variance):
     λ* > 0 when m = μ (at the first step). Plugged back in, KL* = (D/2) log(λ*/σ²).
     """
     return squared_distance / num_params + posterior_variance
+
+
+def diagonal_gaussian_kl(squared_distance, num_params, summed_posterior_variance, summed_log_posterior_variance,
+                         prior_variance):
+    """KL(N(m, diag(s)) ‖ N(μ, λI)) over a group of D coordinates, s_i = σ_i² (diagonal posterior):
+
+        KL = ½ [ Σ_i s_i/λ + ‖m − μ‖²/λ − D + D log λ − Σ_i log s_i ]
+
+    the sum over coordinates of KL(N(m_i, s_i) ‖ N(μ_i, λ)). With every s_i = σ² it is `gaussian_kl`.
+    Elementwise over tensors of groups, as `gaussian_kl`.
+
+    Args:
+        squared_distance: ‖m − μ‖² (for the head, μ = 0).
+        num_params: D, the number of coordinates (an int, or a tensor of group sizes D_l).
+        summed_posterior_variance: Σ_i s_i over the group.
+        summed_log_posterior_variance: Σ_i log s_i over the group.
+        prior_variance: λ (or τ for the head).
+    """
+    d = num_params
+    return 0.5 * (
+        summed_posterior_variance / prior_variance
+        + squared_distance / prior_variance
+        - d
+        + d * _log(prior_variance)
+        - summed_log_posterior_variance
+    )
+
+
+def optimal_diagonal_prior_variance(squared_distance, num_params, summed_posterior_variance):
+    """The prior variance that minimises `diagonal_gaussian_kl` for a fixed posterior:
+
+        λ* = (‖m − μ‖² + Σ_i s_i) / D
+
+    from ∂KL/∂λ = ½ [ −(Σ_i s_i + ‖m − μ‖²)/λ² + D/λ ] = 0; with every s_i = σ² it is
+    `optimal_prior_variance`'s ‖m − μ‖²/D + σ². Elementwise over tensors of groups.
+    """
+    return (squared_distance + summed_posterior_variance) / num_params
 
 
 def mean_prior_variance(prior_variances, num_params):

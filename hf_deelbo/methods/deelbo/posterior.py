@@ -3,6 +3,12 @@
 m are the network's ordinary weights; one scalar σ = softplus(ρ) is shared by every coordinate.
 ρ is the only new trainable parameter; it stays in float32 whatever the model's precision.
 
+With `posterior_covariance="diagonal"`, q(w) = N(m, diag(s)), s_i = σ_i², σ_i = softplus(ρ_i): ρ
+is one flat float32 vector of D numbers, split over the trainable tensors in `named_parameters()`
+order as ε is, each ρ_i initialised so that σ_i = `sigma_init`. The draw is w̃ = m + σ ⊙ ε and
+
+    dL/dρ_i = (dL/dw̃_i · ε_i) σ'(ρ_i) + ∂(KL/(κN))/∂ρ_i,    σ'(ρ) = sigmoid(ρ).
+
 Sampling mechanisms (`DEELBoTrainingArguments.sampling_mechanism`):
 
 - in place (`perturb_in_place`, `InPlaceDraw`, the default): σε is added to the weights before the
@@ -35,11 +41,22 @@ from torch import nn
 
 from ...core.anchor import DeferredDistanceGradients, PretrainedAnchor, local
 from ...core.groups import ParameterGroups
-from .objective import gaussian_kl, mean_prior_variance, optimal_prior_variance
+from .objective import (
+    diagonal_gaussian_kl,
+    gaussian_kl,
+    mean_prior_variance,
+    optimal_diagonal_prior_variance,
+    optimal_prior_variance,
+)
 
 # How the backbone's prior variance is shared (`DEELBoTrainingArguments.prior_variance_grouping`):
 # one λ for the whole backbone, or one λ_l per backbone tensor.
 PRIOR_VARIANCE_GROUPINGS = ("backbone", "layer")
+# The posterior's covariance (`DEELBoTrainingArguments.posterior_covariance`): σ²I with one σ, or
+# diag(σ_i²) with one σ_i per weight.
+POSTERIOR_COVARIANCES = ("isotropic", "diagonal")
+# A diagonal posterior's ρ, by parameter name, in each checkpoint and next to a saved model's weights.
+POSTERIOR_RHO_NAME = "deelbo_posterior_rho.safetensors"
 
 
 def inverse_softplus(y: float) -> float:
@@ -57,6 +74,8 @@ class IsotropicGaussianPosterior(nn.Module):
         prior_variance_grouping: `"backbone"`, one prior variance λ for the whole backbone
             (p(w_b) = N(μ, λI)), or `"layer"`, one λ_l per backbone tensor l (p(w_b,l) =
             N(μ_l, λ_l I)), in `backbone_names` order; the head keeps one τ either way.
+        posterior_covariance: `"isotropic"`, q(w) = N(m, σ²I) with ρ a scalar, or `"diagonal"`,
+            q(w) = N(m, diag(σ_i²)) with ρ a vector of D (not with FSDP2-sharded parameters).
 
     The prior mean μ is a snapshot of the backbone weights taken here, so it stays the
     pretrained weights when a checkpoint is later loaded into the model.
@@ -66,6 +85,14 @@ class IsotropicGaussianPosterior(nn.Module):
 
         KL_b = Σ_l ½ [ D_l σ²/λ_l + ‖m_l − μ_l‖²/λ_l − D_l + D_l log λ_l − D_l log σ² ]
         λ_l* = ‖m_l − μ_l‖² / D_l + σ²
+
+    With the diagonal posterior, every group g (the backbone or each backbone tensor, and the head)
+    of D_g coordinates with prior N(μ_g, λ_g I) has (`objective.diagonal_gaussian_kl`)
+
+        KL_g = ½ [ Σ_{i∈g} s_i/λ_g + ‖m_g − μ_g‖²/λ_g − D_g + D_g log λ_g − Σ_{i∈g} log s_i ]
+        λ_g* = (‖m_g − μ_g‖² + Σ_{i∈g} s_i) / D_g
+
+    (τ alike with μ = 0); with all σ_i equal to σ these are the isotropic formulas.
     """
 
     # σ never goes below this (ρ is projected after each step): σ² stays a normal float64, so the
@@ -73,18 +100,35 @@ class IsotropicGaussianPosterior(nn.Module):
     min_sigma = 1e-30
 
     def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4,
-                 prior_variance_grouping: str = "backbone"):
+                 prior_variance_grouping: str = "backbone", posterior_covariance: str = "isotropic"):
         super().__init__()
         if prior_variance_grouping not in PRIOR_VARIANCE_GROUPINGS:
             raise ValueError(
                 f"prior_variance_grouping must be one of {PRIOR_VARIANCE_GROUPINGS} ('backbone': one λ for the "
                 f"backbone, 'layer': one λ_l per backbone tensor); got {prior_variance_grouping!r}"
             )
+        if posterior_covariance not in POSTERIOR_COVARIANCES:
+            raise ValueError(
+                f"posterior_covariance must be one of {POSTERIOR_COVARIANCES} ('isotropic': one σ, 'diagonal': one "
+                f"σ_i per weight); got {posterior_covariance!r}"
+            )
         self.anchor = PretrainedAnchor(model, groups)
+        if posterior_covariance == "diagonal" and self.anchor.process_group is not None:
+            raise NotImplementedError(
+                "posterior_covariance='diagonal' does not support parameters sharded by FSDP2's fully_shard (ρ would "
+                "have to be sharded like each weight): use posterior_covariance='isotropic', or DDP."
+            )
         device = self.anchor.trainable[0].device
-        self.rho = nn.Parameter(torch.tensor(inverse_softplus(sigma_init), dtype=torch.float32, device=device))
+        self.posterior_covariance = posterior_covariance
+        shape = (self.anchor.num_params,) if posterior_covariance == "diagonal" else ()
+        self.rho = nn.Parameter(torch.full(shape, inverse_softplus(sigma_init), dtype=torch.float32, device=device))
         self._wrapped_names: dict[int, list[str]] = {}
         self._sizes = [m.numel() for m in self.anchor.trainable]
+        # Where each backbone and head tensor sits in `anchor.trainable` (the order of ρ's pieces).
+        position = {id(p): i for i, p in enumerate(self.anchor.trainable)}
+        self._backbone_index = torch.tensor([position[id(p)] for p in self.anchor.backbone], dtype=torch.long,
+                                            device=device)
+        self._head_index = torch.tensor([position[id(p)] for p in self.anchor.head], dtype=torch.long, device=device)
         self.prior_variance_grouping = prior_variance_grouping
         self._backbone_group_sizes = None
         if self.layer_wise:
@@ -107,6 +151,57 @@ class IsotropicGaussianPosterior(nn.Module):
     num_backbone_params = property(lambda self: self.anchor.num_backbone_params)
     num_head_params = property(lambda self: self.anchor.num_head_params)
     num_params = property(lambda self: self.anchor.num_params)
+
+    @property
+    def diagonal(self) -> bool:
+        """Whether each weight has a σ_i of its own (`posterior_covariance="diagonal"`)."""
+        return self.posterior_covariance == "diagonal"
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """The trainable parameters' names in the order of ε and of a diagonal ρ's pieces."""
+        return list(self.anchor.parameter_names)
+
+    def rho_pieces(self) -> dict[str, torch.Tensor]:
+        """A diagonal posterior's ρ by parameter name, each piece shaped like its weight (copies: ready
+        for `safetensors.torch.save_file`, which refuses views of one storage)."""
+        return {name: piece.detach().view(m.shape).clone()
+                for name, piece, m in zip(self.parameter_names, self.rho.split(self._sizes), self.anchor.trainable,
+                                          strict=True)}
+
+    @torch.no_grad()
+    def load_rho_pieces(self, pieces: dict[str, torch.Tensor]) -> None:
+        """Write a diagonal posterior's ρ from `rho_pieces`'s dict (bit for bit)."""
+        missing = [name for name in self.parameter_names if name not in pieces]
+        if missing:
+            raise ValueError(f"The saved ρ lacks the trainable parameters {missing[:5]}{'...' if len(missing) > 5 else ''}.")
+        for name, target, m in zip(self.parameter_names, self.rho.split(self._sizes), self.anchor.trainable,
+                                   strict=True):
+            if pieces[name].shape != m.shape:
+                raise ValueError(f"The saved ρ of {name} has shape {tuple(pieces[name].shape)}; the weight has "
+                                 f"{tuple(m.shape)}.")
+            target.copy_(pieces[name].reshape(-1))
+
+    def root_mean_square_sigma(self) -> torch.Tensor:
+        """The scalar σ that is logged and stored: σ itself, or for a diagonal posterior the root mean
+        square √(Σ_i σ_i² / D) over all D weights (float32, on the device; no synchronisation)."""
+        if not self.diagonal:
+            return self.sigma()
+        return self.posterior_variance().detach().mean().sqrt().float()
+
+    def summed_posterior_variances(self):
+        """A diagonal posterior's (Σ s_i, Σ log s_i) per group as the prior variances are grouped:
+        ((backbone Σ s_i, head Σ s_i), (backbone Σ log s_i, head Σ log s_i)), float64 and
+        differentiable w.r.t. ρ; the backbone's are vectors over its tensors with "layer" grouping."""
+        variance = self.posterior_variance()
+        per_tensor = torch.stack([piece.sum() for piece in variance.split(self._sizes)])
+        logs = torch.stack([piece.log().sum() for piece in variance.split(self._sizes)])
+
+        def grouped(values):
+            backbone, head = values[self._backbone_index], values[self._head_index].sum()
+            return (backbone if self.layer_wise else backbone.sum()), head
+
+        return grouped(per_tensor), grouped(logs)
 
     @property
     def layer_wise(self) -> bool:
@@ -145,11 +240,13 @@ class IsotropicGaussianPosterior(nn.Module):
         return mean_prior_variance(self.as_backbone_prior_variance(backbone_prior_variance), self._backbone_group_sizes)
 
     def sigma(self) -> torch.Tensor:
-        """σ = softplus(ρ) (at least `min_sigma`), float32, differentiable."""
+        """σ = softplus(ρ) (at least `min_sigma`), float32, differentiable; the vector of σ_i for a
+        diagonal posterior."""
         return F.softplus(self.rho).clamp_min(self.min_sigma)
 
     def posterior_variance(self) -> torch.Tensor:
-        """σ² (σ at least `min_sigma`), float64, differentiable."""
+        """σ² (σ at least `min_sigma`), float64, differentiable; the vector of s_i = σ_i² for a
+        diagonal posterior."""
         return F.softplus(self.rho.double()).clamp_min(self.min_sigma) ** 2
 
     def squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +259,15 @@ class IsotropicGaussianPosterior(nn.Module):
     def kl(self, backbone_prior_variance, head_prior_variance, squared_distances=None) -> torch.Tensor:
         """KL(q ‖ p_{λ,τ}) = KL_b + KL_h (float64, differentiable w.r.t. m and ρ) at fixed λ, τ;
         `squared_distances` = `self.squared_distances()` when the caller already has them. With
-        "layer" grouping λ is the vector of λ_l and KL_b = Σ_l KL_l."""
+        "layer" grouping λ is the vector of λ_l and KL_b = Σ_l KL_l. A diagonal posterior's KL is
+        `objective.diagonal_gaussian_kl`, group by group."""
         backbone_sq, head_sq = squared_distances if squared_distances is not None else self.squared_distances()
+        if self.diagonal:
+            (backbone_s, head_s), (backbone_log_s, head_log_s) = self.summed_posterior_variances()
+            backbone_kl = diagonal_gaussian_kl(backbone_sq, self.backbone_group_sizes, backbone_s, backbone_log_s,
+                                               self.as_backbone_prior_variance(backbone_prior_variance))
+            head_kl = diagonal_gaussian_kl(head_sq, self.num_head_params, head_s, head_log_s, head_prior_variance)
+            return (backbone_kl.sum() if self.layer_wise else backbone_kl) + head_kl
         variance = self.posterior_variance()
         backbone_kl = gaussian_kl(backbone_sq, self.backbone_group_sizes, variance,
                                   self.as_backbone_prior_variance(backbone_prior_variance))
@@ -176,8 +280,13 @@ class IsotropicGaussianPosterior(nn.Module):
         """(λ*, τ*) = (‖m_b − μ‖²/D_b + σ², ‖m_h‖²/K + σ²) for the current m and σ (from
         `squared_distances` = `self.squared_distances()` when the caller already has them), as
         float64 scalar tensors on the weights' device: reading them needs no synchronisation.
-        With "layer" grouping λ* is the vector of λ_l* = ‖m_l − μ_l‖²/D_l + σ²."""
+        With "layer" grouping λ* is the vector of λ_l* = ‖m_l − μ_l‖²/D_l + σ². A diagonal posterior's
+        are λ_g* = (‖m_g − μ_g‖² + Σ_{i∈g} s_i)/D_g (`objective.optimal_diagonal_prior_variance`)."""
         backbone_sq, head_sq = squared_distances if squared_distances is not None else self.squared_distances()
+        if self.diagonal:
+            backbone_s, head_s = self.summed_posterior_variances()[0]
+            lam = optimal_diagonal_prior_variance(backbone_sq.detach(), self.backbone_group_sizes, backbone_s)
+            return lam, optimal_diagonal_prior_variance(head_sq.detach(), self.num_head_params, head_s)
         variance = self.posterior_variance()
         lam = optimal_prior_variance(backbone_sq.detach(), self.backbone_group_sizes, variance)
         tau = optimal_prior_variance(head_sq.detach(), self.num_head_params, variance)
@@ -309,6 +418,13 @@ def _noise_dot(grad: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.dot(grad.reshape(-1).to(dtype), eps.reshape(-1).to(dtype))
 
 
+def _noise_product(grad: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """grad ⊙ ε in float32 (or float64 for a float64 gradient), shaped like grad: a diagonal
+    posterior's dL/dσ_l, as `_Perturb.backward` forms it."""
+    dtype = torch.promote_types(grad.dtype, eps.dtype)
+    return grad.to(dtype) * eps.view(grad.shape).to(dtype)
+
+
 class InPlaceDraw:
     """One draw w̃ = m + σε held in the model's own weights for one forward and backward pass.
 
@@ -331,6 +447,11 @@ class InPlaceDraw:
     m). Where σε is large next to m, m + σε has lost m's low bits and no restore can be exact. The
     draw is deterministic, so resume and DDP stay exact. `restore()` puts the weights back without
     gradients (an aborted step, or a forward pass without backward).
+
+    With a diagonal posterior the draw is m_l ± σ_l ⊙ ε_l (σ_l the piece of the vector σ belonging
+    to tensor l), and step 4 forms the vector dL/dσ_l = grad_l ⊙ ε_l instead of the dot product
+    (step 2 subtracts the earlier micro-batches' grad_l ⊙ ε_l from a D-sized buffer, so nothing
+    else is stored), sent through σ = softplus(ρ) to ρ.grad by autograd.
     """
 
     def __init__(self, posterior: IsotropicGaussianPosterior, generator: torch.Generator | None = None):
@@ -343,17 +464,38 @@ class InPlaceDraw:
         self._deferred = DeferredDistanceGradients(anchor)
         self.squared_distances = posterior.grouped_distances(anchor.squared_distances_per_tensor(self._deferred))
         self.sigma = posterior.sigma()  # differentiable: finish() sends dL/dσ through it
+        self._diagonal = posterior.diagonal
         generator = generator if generator is not None else _default_generator(self._device)
         self._state = generator.get_state()
         self._earlier_dots = []
+        self._grad_sigma = None  # diagonal: the D-sized dL/dσ, formed in place
         with torch.no_grad():
-            sigma = self.sigma.detach()
-            for m, eps in zip(self._tensors, _noise_pieces(self._sizes, generator, self._device)):
+            for m, eps, sigma in self._with_sigma(zip(self._tensors, _noise_pieces(self._sizes, generator,
+                                                                                   self._device), strict=True)):
                 eps = _shard_of(m, eps)
                 if m.grad is not None:
-                    self._earlier_dots.append((_noise_dot(local(m.grad), eps), m))
+                    if self._diagonal:
+                        self._grad_sigma_of(m).sub_(_noise_product(local(m.grad), eps))
+                    else:
+                        self._earlier_dots.append((_noise_dot(local(m.grad), eps), m))
                 _add_scaled_noise(local(m), eps, sigma, 1)
         self.pending = True
+
+    def _with_sigma(self, pieces):
+        """(m_l, ε_l, σ) per tensor: the scalar σ, or a diagonal posterior's σ_l shaped like m_l."""
+        sigma = self.sigma.detach()
+        if not self._diagonal:
+            return ((m, eps, sigma) for m, eps in pieces)
+        return ((m, eps, s.view(m.shape)) for (m, eps), s in zip(pieces, sigma.split(self._sizes), strict=True))
+
+    def _grad_sigma_of(self, m: torch.Tensor) -> torch.Tensor:
+        """The piece of the diagonal dL/dσ buffer that belongs to tensor m, shaped like m."""
+        if self._grad_sigma is None:
+            self._grad_sigma = torch.zeros_like(self.sigma, dtype=torch.float32)
+            self._pieces_by_id = {id(t): (piece, t.shape) for t, piece in
+                                  zip(self._tensors, self._grad_sigma.split(self._sizes), strict=True)}
+        piece, shape = self._pieces_by_id[id(m)]
+        return piece.view(shape)
 
     def _replay(self):
         generator = torch.Generator(device=self._device)
@@ -366,14 +508,20 @@ class InPlaceDraw:
             raise RuntimeError("This in-place draw was already finished or restored.")
         dots = []
         with torch.no_grad():
-            sigma = self.sigma.detach()
-            for m, eps in self._replay():
+            for m, eps, sigma in self._with_sigma(self._replay()):
                 eps = _shard_of(m, eps)
                 if m.grad is not None:
-                    dots.append((_noise_dot(local(m.grad), eps), m))
+                    if self._diagonal:
+                        self._grad_sigma_of(m).add_(_noise_product(local(m.grad), eps))
+                    else:
+                        dots.append((_noise_dot(local(m.grad), eps), m))
                 _add_scaled_noise(local(m), eps, sigma, -1)
             self.pending = False
             self._deferred.add_to_grads()
+        if self._diagonal:
+            if self._grad_sigma is not None:
+                self.sigma.backward(self._grad_sigma)
+            return
         if dots or self._group is not None:
             grad_sigma = self._sum_dots(dots)
             if self._earlier_dots:
@@ -396,8 +544,7 @@ class InPlaceDraw:
     def restore(self) -> None:
         """The weights back at m, no gradients formed."""
         if self.pending:
-            sigma = self.sigma.detach()
-            for m, eps in self._replay():
+            for m, eps, sigma in self._with_sigma(self._replay()):
                 _add_scaled_noise(local(m), _shard_of(m, eps), sigma, -1)
             self.pending = False
 
@@ -406,7 +553,8 @@ class _Perturb(torch.autograd.Function):
     """w̃_l = m_l + σ ε_l for every tensor l, one fused pass per tensor (`addcmul`).
 
     Backward passes dL/dw̃_l to m_l unchanged and forms dL/dσ = Σ_l ⟨dL/dw̃_l, ε_l⟩ with one dot
-    product per tensor. Plain autograd of `m + σ * ε` would also write σε, concatenate the
+    product per tensor. With a diagonal posterior σ is the vector of σ_i (split over the tensors
+    as ε is), w̃_l = m_l + σ_l ⊙ ε_l and dL/dσ_l = dL/dw̃_l ⊙ ε_l. Plain autograd of `m + σ * ε` would also write σε, concatenate the
     gradients and multiply them by ε: three more weight-sized passes per step, which dominate the
     step when the batch's activations are small next to the weights.
     """
@@ -415,15 +563,24 @@ class _Perturb(torch.autograd.Function):
     def forward(ctx, pieces, sigma, *tensors):
         ctx.set_materialize_grads(False)
         ctx.pieces = pieces  # flat views of one noise vector
+        ctx.diagonal = sigma.ndim > 0
+        sigmas = [s.view(m.shape) for s, m in zip(sigma.split([p.numel() for p in pieces]), tensors, strict=True)] if (
+            ctx.diagonal) else [sigma] * len(tensors)
         # σε is formed in ε's precision (float32) and then added in the weight's; the fused
         # addcmul does exactly that for float32 weights.
         return tuple(
-            torch.addcmul(m, eps.view_as(m), sigma) if m.dtype == eps.dtype else m + (sigma * eps.view_as(m)).to(m.dtype)
-            for m, eps in zip(tensors, pieces)
+            torch.addcmul(m, eps.view_as(m), s) if m.dtype == eps.dtype else m + (s * eps.view_as(m)).to(m.dtype)
+            for m, eps, s in zip(tensors, pieces, sigmas, strict=True)
         )
 
     @staticmethod
     def backward(ctx, *grads):
+        if ctx.diagonal:  # dL/dσ_l = dL/dw̃_l ⊙ ε_l; zero for a weight the forward pass did not use
+            grad_sigma = torch.cat([
+                _noise_product(grad, eps).reshape(-1).float() if grad is not None else torch.zeros_like(eps)
+                for grad, eps in zip(grads, ctx.pieces, strict=True)
+            ])
+            return (None, grad_sigma, *grads)
         # Each dot product in the wider of the two dtypes (a bfloat16 gradient against float32 ε
         # is summed in float32; a float64 one in float64).
         dots = [

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +20,7 @@ from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
 from .config import DEELBO, deelbo_config
 from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
-from .posterior import IsotropicGaussianPosterior
+from .posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior
 from .prediction import predictive_log_probs
 
 logger = logging.get_logger(__name__)
@@ -59,7 +60,7 @@ class DEELBoTrainer(FineTuningTrainer):
         super().__init__(model=model, args=args, **kwargs)
         args = self.args
         self.posterior = IsotropicGaussianPosterior(self.model, self.groups, args.sigma_init,
-                                                    args.prior_variance_grouping)
+                                                    args.prior_variance_grouping, args.posterior_covariance)
         self.num_train_examples = _resolve_num_train_examples(args, self.train_dataset)
         self.kappa = (
             resolve_kappa(args.kappa, self.posterior.num_params, self.num_train_examples)
@@ -147,7 +148,10 @@ class DEELBoTrainer(FineTuningTrainer):
         λ, τ are fixed here: λ*, τ* of the current m and σ, which `DEELBoCallback` recomputes once
         per optimizer step from the squared distances the KL needs anyway. With
         `prior_variance_grouping="layer"`, λ is one λ_l per backbone tensor, KL_b = Σ_l KL_l, and
-        the logged `lambda` is their harmonic mean λ̄ = D_b / Σ_l (D_l/λ_l).
+        the logged `lambda` is their harmonic mean λ̄ = D_b / Σ_l (D_l/λ_l). With
+        `posterior_covariance="diagonal"`, w̃ = m + σ ⊙ ε with one σ_i per weight, the KL is the
+        diagonal one (`objective.diagonal_gaussian_kl`) and the logged `sigma` is the root mean
+        square √(Σ_i σ_i²/D).
         """
         if self.num_train_examples is None:
             raise ValueError(_MISSING_N_MESSAGE)
@@ -163,7 +167,8 @@ class DEELBoTrainer(FineTuningTrainer):
         loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
         if model.training:
             mean_lam = self.posterior.mean_backbone_prior_variance(lam)
-            self.metrics.record(nll=nll, kl=kl, sigma=self.posterior.sigma(), **{"lambda": mean_lam, "tau": tau})
+            self.metrics.record(nll=nll, kl=kl, sigma=self.posterior.root_mean_square_sigma(),
+                                **{"lambda": mean_lam, "tau": tau})
         return (loss, logits) if return_outputs else loss
 
     def _forward_in_place(self, model, inputs):
@@ -218,7 +223,8 @@ class DEELBoTrainer(FineTuningTrainer):
     def learned_hyperparameters(self) -> dict:
         """The `config.deelbo` dict for the current state: λ, τ, σ, κ, N, D_b, K, α_eff, β_eff, the
         grouping of λ and, with "layer" grouping, every λ_l by tensor name (`lambda` is then their
-        harmonic mean λ̄)."""
+        harmonic mean λ̄), and the posterior's covariance (with "diagonal", `sigma` is the root
+        mean square of the σ_i)."""
         callback = self.deelbo_callback
         lam, per_tensor = callback.backbone_prior_variance, None
         if self.posterior.layer_wise:
@@ -229,7 +235,8 @@ class DEELBoTrainer(FineTuningTrainer):
             head_prior_variance=callback.head_prior_variance,
             prior_variance_grouping=self.posterior.prior_variance_grouping,
             backbone_prior_variances=per_tensor,
-            sigma=self.posterior.sigma().item(),
+            posterior_covariance=self.posterior.posterior_covariance,
+            sigma=self.posterior.root_mean_square_sigma().item(),
             kappa=self.kappa if self.kappa is not None else float("nan"),
             num_train_examples=self.num_train_examples or 0,
             num_backbone_params=self.posterior.num_backbone_params,
@@ -239,6 +246,32 @@ class DEELBoTrainer(FineTuningTrainer):
 
     def config_entry(self) -> dict:
         return self.learned_hyperparameters()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The model as `FineTuningTrainer` saves it, plus, for a diagonal posterior, its ρ by parameter
+        name in `POSTERIOR_RHO_NAME` (in every checkpoint, where resume reads it back bit for bit, and
+        next to a saved model's weights, for `posterior_from_config`)."""
+        super()._save(output_dir, state_dict)
+        if self.posterior.diagonal and self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            safetensors.torch.save_file({k: v.cpu() for k, v in self.posterior.rho_pieces().items()},
+                                        os.path.join(output_dir, POSTERIOR_RHO_NAME), metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The checkpoint's weights, and a diagonal posterior's ρ from its `POSTERIOR_RHO_NAME` (a scalar ρ
+        is in the callback's JSON state instead)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.posterior.diagonal:
+            return
+        path = os.path.join(resume_from_checkpoint, POSTERIOR_RHO_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"{resume_from_checkpoint} holds no {POSTERIOR_RHO_NAME} (it was not saved with "
+                "posterior_covariance='diagonal'): every σ_i starts from the checkpoint's σ, or sigma_init."
+            )
+            return
+        self.posterior.load_rho_pieces(safetensors.torch.load_file(path, device=str(self.posterior.rho.device)))
 
     @torch.no_grad()
     def training_objective(self, dataset=None, num_samples: int = 10) -> float:
@@ -312,7 +345,7 @@ class DEELBoTrainer(FineTuningTrainer):
         """One warning when σ ends the run below `PINNED_SIGMA_FACTOR` × `sigma_init`: λ* ≥ σ²
         then stays tiny, the prior's pull on the backbone (α_eff = 1/(Dλ)) stays huge, and the
         model may end up worse than plain fine-tuning with the same arguments."""
-        sigma, sigma_init = self.posterior.sigma().item(), self.args.sigma_init
+        sigma, sigma_init = self.posterior.root_mean_square_sigma().item(), self.args.sigma_init
         if sigma >= PINNED_SIGMA_FACTOR * sigma_init or not self.is_world_process_zero():
             return
         learned = self.learned_hyperparameters()
