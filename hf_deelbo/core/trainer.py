@@ -36,7 +36,7 @@ from .checks import (
 )
 from .groups import split_parameters
 from .metrics import MetricsRecorder
-from .modeling import classifier_logits
+from .modeling import classifier_logits, is_transformers_model
 from .registry import MethodSpec
 
 logger = transformers_logging.get_logger(__name__)
@@ -118,7 +118,7 @@ class FineTuningTrainer(Trainer):
         self.failed_pushes: list[str] = []
         self.groups = groups
         self.head_modules = groups.head_modules
-        self._is_transformers_model = isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel)
+        self._is_transformers_model = is_transformers_model(self.accelerator.unwrap_model(self.model))
         if not self.label_names:  # raw timm models have no `labels` argument to detect
             self.label_names = ["labels"]
         self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
@@ -199,7 +199,7 @@ class FineTuningTrainer(Trainer):
         if self.place_model_on_device:  # μ is snapshotted on the device the weights train on
             model.to(self.args.device)
         self.groups, self.head_modules = groups, groups.head_modules
-        self._is_transformers_model = isinstance(model, PreTrainedModel)
+        self._is_transformers_model = is_transformers_model(model)
 
     def _check_before_init(self, args, kwargs) -> None:
         """Subclass hook: more validation before Trainer's __init__."""
