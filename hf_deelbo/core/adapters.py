@@ -75,3 +75,36 @@ def peft_type(model: nn.Module) -> str | None:
     value = getattr(config.peft_type, "value", config.peft_type)
     return str(value).lower()
 
+
+# peft.utils.SAFETENSORS_WEIGHTS_NAME: the file `PeftModel.save_pretrained` (and Trainer's checkpoints) write.
+ADAPTER_SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def restore_adapter_weights(model: nn.Module, weights_file: str) -> None:
+    """Copy the adapter weights of `weights_file` (a checkpoint's adapter_model.safetensors) into the
+    PeftModel `model`'s active adapter, in place and strictly: every saved tensor must be one of the
+    adapter's and every one of the adapter's must be saved, with the same shape.
+
+    Trainer resumes a PeftModel with `PeftModel.load_adapter`, which only warns about adapter tensors
+    the checkpoint lacks and resumes with their fresh values. In place because the trainer's μ,
+    posterior and optimizer hold the parameter tensors themselves.
+    """
+    import safetensors.torch
+    import torch
+    from peft import get_peft_model_state_dict
+
+    saved = safetensors.torch.load_file(weights_file, device="cpu")
+    expected = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    mismatched = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{weights_file} does not hold the adapter {model.active_adapter!r} of this model: missing {missing}, "
+            f"unexpected {unexpected}, different shapes {mismatched}. Resume with the PEFT configuration that wrote it."
+        )
+    parameters = {p.data_ptr(): p for p in model.parameters()}
+    with torch.no_grad():
+        for key, target in expected.items():
+            if target.data_ptr() not in parameters:
+                raise RuntimeError(f"peft's state dict entry {key} is not a view of a parameter of the model.")
+            target.copy_(saved[key])

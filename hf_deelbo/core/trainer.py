@@ -26,7 +26,7 @@ from ..hub.config import ADAPTER_CONFIG_ENTRIES_NAME, save_adapter_config_entrie
 from ..hub.push import HubPushError, check_repo_namespace, push_error, set_hub_timeout
 from ..hub.timm import is_timm_wrapper, make_timm_wrapper_checkpoint_portable, save_timm_config
 from . import lock
-from .adapters import is_peft_model, peft_type
+from .adapters import ADAPTER_SAFE_WEIGHTS_NAME, is_peft_model, peft_type, restore_adapter_weights
 from .callback import MethodStateCallback
 from .checkpoints import checkpoint_problem, newest_complete_checkpoint, write_manifest
 from .checks import (
@@ -304,9 +304,14 @@ class FineTuningTrainer(Trainer):
     def _restore_weights(self, checkpoint: str) -> bool:
         """Load a checkpoint's weights into the model exactly (strict). False if not applicable."""
         weights_file = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+        model = self.accelerator.unwrap_model(self.model)
+        adapter_file = os.path.join(checkpoint, ADAPTER_SAFE_WEIGHTS_NAME)
+        if is_peft_model(model) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and os.path.isfile(
+                adapter_file):
+            restore_adapter_weights(model, adapter_file)
+            return True
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(weights_file):
             return False
-        model = self.accelerator.unwrap_model(self.model)
         if isinstance(model, PreTrainedModel):
             # save_pretrained may write legacy key names (ViT: `encoder.layer.0.attention.attention.query`)
             # that Trainer's load_state_dict(strict=False) silently skips, so resuming would keep the
