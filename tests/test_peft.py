@@ -74,6 +74,23 @@ def test_adapter_weights_are_the_backbone_and_the_head_copy_the_head(tmp_path):
         assert torch.isfinite(torch.tensor(entry[key])) and entry[key] > 0, key
 
 
+@pytest.mark.parametrize("kind, targets, head", [
+    ("resnet", ["convolution"], "classifier"),  # transformers' ResNet: its head is `classifier.1` in a Sequential
+    ("timm", ["layer1.0.conv1", "layer1.0.conv2"], "fc"),  # a raw timm model: `get_classifier()`
+])
+def test_lora_on_convolutions_saves_the_adapter_format(tmp_path, kind, targets, head):
+    model, _ = build_model(kind)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets, modules_to_save=[head]))
+    trainer = _trainer(tmp_path, model, max_steps=2)
+    assert trainer.head_modules == [f"base_model.model.{head}.modules_to_save.default"]
+    assert all(".lora_" in name for name in trainer.groups.backbone)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    files = set(os.listdir(tmp_path / "saved"))
+    assert {"adapter_model.safetensors", "adapter_config.json", ENTRIES_FILE} <= files and "config.json" not in files
+    assert load_deelbo_config(str(tmp_path / "saved")) == trainer.learned_hyperparameters()
+
+
 def test_head_given_by_its_base_model_name(tmp_path):
     trainer = _trainer(tmp_path, head_modules=["classifier"])
     assert trainer.head_modules == ["base_model.model.classifier.modules_to_save.default"]
