@@ -5,7 +5,8 @@ Trainer writes a checkpoint file by file into `checkpoint-<step>/`; a run killed
 space halfway leaves a directory that `get_last_checkpoint` would pick. A checkpoint is complete
 when every file an exact resume reads is present and readable (without unpickling anything):
 
-- the weights: `model.safetensors` (or its sharded index and every shard), header and size intact;
+- the weights: `model.safetensors` (or its sharded index and every shard; a PEFT model's
+  `adapter_model.safetensors`), header and size intact;
 - `trainer_state.json`, valid JSON, holding the state of every stateful callback of the trainer;
 - `optimizer.pt`, `scheduler.pt` and this process's RNG state (`rng_state.pth`, or
   `rng_state_<rank>.pth` when several processes train), each an intact torch archive (its zip
@@ -24,6 +25,8 @@ import zipfile
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+from .adapters import ADAPTER_SAFE_WEIGHTS_NAME
 
 MANIFEST_NAME = "checkpoint_complete.json"
 
@@ -84,6 +87,10 @@ def _weights_problem(checkpoint: str) -> str | None:
             if problem:
                 return problem
         return None
+    if not os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)) and os.path.isfile(
+        os.path.join(checkpoint, ADAPTER_SAFE_WEIGHTS_NAME)
+    ):  # a PEFT model's checkpoint holds its adapter only
+        return _safetensors_problem(os.path.join(checkpoint, ADAPTER_SAFE_WEIGHTS_NAME), ADAPTER_SAFE_WEIGHTS_NAME)
     if not os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)) and os.path.isfile(
         os.path.join(checkpoint, WEIGHTS_NAME)
     ):

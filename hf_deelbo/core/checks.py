@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import peft_base_model
 from .modeling import LABEL_KEYS as LABEL_COLUMNS
 from .modeling import classifier_logits, is_transformers_model
 
@@ -229,7 +230,8 @@ def check_training_data(model: nn.Module, dataset, data_collator=None, args=None
     transformers_model = is_transformers_model(model)
     accepted = None
     if transformers_model:
-        accepted = set(inspect.signature(model.forward).parameters) | set(LABEL_COLUMNS)
+        # A PeftModel's forward takes (*args, **kwargs) and passes them to the model it adapts.
+        accepted = set(inspect.signature(peft_base_model(model).forward).parameters) | set(LABEL_COLUMNS)
     with preserved_rng():
         if isinstance(dataset, torch.utils.data.IterableDataset):
             examples = list(itertools.islice(iter(dataset), 2))

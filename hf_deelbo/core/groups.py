@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .adapters import is_peft_model, peft_base_model, peft_module_name, peft_modules_to_save_hint
+
 # Top-level module names that hold the classification head in transformers' classifiers:
 # ViT, DeiT, BEiT, Swin, ConvNeXt and BERT use `classifier` (ResNet's is `classifier.1` inside
 # a Sequential), DeiT's distilled variant has two heads, sequence classifiers of decoder models
@@ -39,8 +41,12 @@ def detect_head_modules(model: nn.Module) -> list[str]:
 
     - raw timm models: `model.get_classifier()`;
     - `TimmWrapperForImageClassification`: the wrapped timm model's `get_classifier()`;
-    - other transformers models: top-level children named in `HF_HEAD_MODULE_NAMES`.
+    - other transformers models: top-level children named in `HF_HEAD_MODULE_NAMES`;
+    - `peft.PeftModel`: the head of its base model, as the trainable copy `modules_to_save` made
+      of it (`base_model.model.classifier.modules_to_save.default`), if it made one.
     """
+    if is_peft_model(model):
+        return [peft_module_name(model, name) for name in detect_head_modules(peft_base_model(model))]
     timm_model = model if hasattr(model, "get_classifier") else getattr(model, "timm_model", None)
     if timm_model is not None and hasattr(timm_model, "get_classifier"):
         name = _module_name(model, timm_model.get_classifier())
@@ -58,7 +64,8 @@ def split_parameters(model: nn.Module, head_modules: list[str] | None = None) ->
     Args:
         model: the model to fine-tune.
         head_modules: module-name prefixes of the head (e.g. `["classifier"]`, `["head.fc"]`);
-            `None` detects them with `detect_head_modules`.
+            `None` detects them with `detect_head_modules`. For a `peft.PeftModel`, names of its
+            base model's modules are accepted too (`["classifier"]`: the `modules_to_save` copy).
 
     Raises:
         ValueError: when the head matches no trainable parameter or every trainable parameter.
@@ -78,12 +85,15 @@ def split_parameters(model: nn.Module, head_modules: list[str] | None = None) ->
         source = "detected"
     else:
         source = "given"
+        if is_peft_model(model):
+            head_modules = [peft_module_name(model, name) for name in head_modules]
     head = [name for name in trainable if _matches(name, head_modules)]
     backbone = [name for name in trainable if not _matches(name, head_modules)]
     if not head:
         raise ValueError(
             f"head_modules={head_modules} ({source}) matches no trainable parameter of "
             f"{type(model).__name__}. Use module-name prefixes from the model, e.g. one of {top_level}."
+            + peft_modules_to_save_hint(model, head_modules)
         )
     if not backbone:
         raise ValueError(

@@ -8,15 +8,18 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .adapters import peft_base_model
+
 LABEL_KEYS = ("labels", "label", "label_ids")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    """Whether `model` (or the model inside a DDP / DataParallel / compiled wrapper) is a transformers model."""
+    """Whether `model` (or the model inside a DDP / DataParallel / compiled wrapper) is a transformers
+    model, or a `peft.PeftModel` adapting one (called as the model it adapts is)."""
     from accelerate.utils import extract_model_from_parallel
     from transformers import PreTrainedModel
 
-    return isinstance(extract_model_from_parallel(model), PreTrainedModel)
+    return isinstance(peft_base_model(extract_model_from_parallel(model)), PreTrainedModel)
 
 
 def classifier_logits(

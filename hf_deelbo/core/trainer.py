@@ -6,6 +6,7 @@ hyperparameters in the model's config."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -21,10 +22,11 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils import logging as transformers_logging
 
 from ..hub import model_card as cards
-from ..hub.config import set_model_config_entry
+from ..hub.config import ADAPTER_CONFIG_ENTRIES_NAME, save_adapter_config_entries, set_model_config_entry
 from ..hub.push import HubPushError, check_repo_namespace, push_error, set_hub_timeout
 from ..hub.timm import is_timm_wrapper, make_timm_wrapper_checkpoint_portable, save_timm_config
 from . import lock
+from .adapters import ADAPTER_SAFE_WEIGHTS_NAME, is_peft_model, peft_type, restore_adapter_weights
 from .callback import MethodStateCallback
 from .checkpoints import checkpoint_problem, newest_complete_checkpoint, write_manifest
 from .checks import (
@@ -36,7 +38,7 @@ from .checks import (
 )
 from .groups import split_parameters
 from .metrics import MetricsRecorder
-from .modeling import classifier_logits
+from .modeling import classifier_logits, is_transformers_model
 from .registry import MethodSpec
 
 logger = transformers_logging.get_logger(__name__)
@@ -118,7 +120,7 @@ class FineTuningTrainer(Trainer):
         self.failed_pushes: list[str] = []
         self.groups = groups
         self.head_modules = groups.head_modules
-        self._is_transformers_model = isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel)
+        self._is_transformers_model = is_transformers_model(self.accelerator.unwrap_model(self.model))
         if not self.label_names:  # raw timm models have no `labels` argument to detect
             self.label_names = ["labels"]
         self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
@@ -199,7 +201,7 @@ class FineTuningTrainer(Trainer):
         if self.place_model_on_device:  # μ is snapshotted on the device the weights train on
             model.to(self.args.device)
         self.groups, self.head_modules = groups, groups.head_modules
-        self._is_transformers_model = isinstance(model, PreTrainedModel)
+        self._is_transformers_model = is_transformers_model(model)
 
     def _check_before_init(self, args, kwargs) -> None:
         """Subclass hook: more validation before Trainer's __init__."""
@@ -302,9 +304,14 @@ class FineTuningTrainer(Trainer):
     def _restore_weights(self, checkpoint: str) -> bool:
         """Load a checkpoint's weights into the model exactly (strict). False if not applicable."""
         weights_file = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+        model = self.accelerator.unwrap_model(self.model)
+        adapter_file = os.path.join(checkpoint, ADAPTER_SAFE_WEIGHTS_NAME)
+        if is_peft_model(model) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and os.path.isfile(
+                adapter_file):
+            restore_adapter_weights(model, adapter_file)
+            return True
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(weights_file):
             return False
-        model = self.accelerator.unwrap_model(self.model)
         if isinstance(model, PreTrainedModel):
             # save_pretrained may write legacy key names (ViT: `encoder.layer.0.attention.attention.query`)
             # that Trainer's load_state_dict(strict=False) silently skips, so resuming would keep the
@@ -390,7 +397,10 @@ class FineTuningTrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if is_timm_wrapper(unwrapped):
+        if is_peft_model(unwrapped):
+            # Trainer saved the adapter (adapter_model.safetensors, adapter_config.json), not config.json.
+            save_adapter_config_entries(output_dir, {self.config_key: self.config_entry()})
+        elif is_timm_wrapper(unwrapped):
             make_timm_wrapper_checkpoint_portable(unwrapped, output_dir)
         elif not self._is_transformers_model and isinstance(getattr(unwrapped, "pretrained_cfg", None), dict):
             save_timm_config(unwrapped, output_dir)
@@ -446,10 +456,16 @@ class FineTuningTrainer(Trainer):
         hyperparameters = {name: str(value).replace("\n", " ") for name, value in
                            extract_hyperparameters_from_trainer(self).items()}
         hyperparameters.update(optimizer_steps=self.state.global_step, max_grad_norm=args.max_grad_norm)
+        adapter = peft_type(unwrapped)  # a PEFT adapter's card loads it with peft, onto its base model
+        if adapter:
+            library_name = "peft"
+        else:
+            library_name = "transformers" if self._is_transformers_model else "timm"
         card = self.build_model_card(
             output_dir=output_dir,
             model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
-            library_name="transformers" if self._is_transformers_model else "timm",
+            library_name=library_name,
+            values_file=ADAPTER_CONFIG_ENTRIES_NAME if adapter else "config.json",
             base_model=finetuned_from,
             dataset=dataset if isinstance(dataset, str) else None,
             eval_results=eval_results,
@@ -457,7 +473,8 @@ class FineTuningTrainer(Trainer):
             repo_id=self.hub_model_id or args.hub_model_id,
             local_path=output_dir,
             extra_tags=([tags] if isinstance(tags, str) else list(tags or []))
-            + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else []),
+            + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else [])
+            + (["peft", adapter] if adapter else []),
         )
         card.save(os.path.join(output_dir, "README.md"))
 
@@ -482,6 +499,11 @@ class FineTuningTrainer(Trainer):
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         known = set(map(id, (job for _, job in self._checkpoint_pushes)))
+        entries = os.path.join(checkpoint_folder, ADAPTER_CONFIG_ENTRIES_NAME)
+        if self.args.should_save and os.path.isfile(entries):
+            # Trainer copies the modeling files it knows into output_dir before pushing it; a PEFT
+            # adapter's entries go with them.
+            shutil.copy(entries, os.path.join(self.args.output_dir, ADAPTER_CONFIG_ENTRIES_NAME))
         super()._push_from_checkpoint(checkpoint_folder)
         progress = getattr(self, "push_in_progress", None)
         for job in progress.jobs if progress is not None else []:

@@ -15,6 +15,13 @@ from ..core.registry import config_keys, method_spec
 
 logger = transformers_logging.get_logger(__name__)
 
+# Where a PEFT adapter's entries go. `PeftModel.save_pretrained` writes adapter_config.json (a
+# `PeftConfig`: `from_pretrained` drops keys it does not know, with a warning to upgrade peft) and
+# not the base model's config.json, so the entries get a file of their own next to the adapter,
+# holding what config.json would: `{<key>: <entry>}`. A config.json there would make the directory
+# look like a full model to transformers.
+ADAPTER_CONFIG_ENTRIES_NAME = "hf_deelbo_config.json"
+
 
 def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
     """Store `values` as `model.config.<key>` for transformers models (saved in config.json). Raw
@@ -26,6 +33,16 @@ def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
     else:
         setattr(model, f"{key}_config", values)
 
+
+def save_adapter_config_entries(output_dir: str, entries: dict) -> str:
+    """Write `entries` (`{<key>: <entry>}`) to `output_dir/ADAPTER_CONFIG_ENTRIES_NAME` as sorted JSON,
+    next to a PEFT adapter's adapter_config.json; returns the file's path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, ADAPTER_CONFIG_ENTRIES_NAME)
+    with open(path, "w") as f:
+        json.dump(entries, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
 
 
 def _is_number(value) -> bool:
@@ -104,18 +121,45 @@ def read_config_entry(config, key: str, source: str = "the model's config") -> d
     return entry
 
 
-def load_config_entry(path: str, key: str) -> dict:
-    """Read the `key` entry from the config.json of a saved model directory (validated, `read_config_entry`).
+def load_config_entry(path: str, key: str, **hub_kwargs) -> dict:
+    """Read the `key` entry from the config.json of a saved model directory, or from the
+    `ADAPTER_CONFIG_ENTRIES_NAME` file of a saved PEFT adapter (validated, `read_config_entry`).
+    `path` may be a Hub repo id of a PEFT adapter too (`hub_kwargs`, e.g. revision or token, go to
+    `hf_hub_download`).
 
     Raises:
-        FileNotFoundError: no config.json in `path`.
-        KeyError: config.json has no `key` entry (the model was not trained with that method).
-        ValueError: config.json is not JSON, or its entry is malformed.
+        FileNotFoundError: neither file in `path`.
+        KeyError: the file has no `key` entry (the model was not trained with that method).
+        ValueError: the file is not JSON, or its entry is malformed.
     """
     config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"No config.json in {path}: is it a saved model directory?")
+    adapter_file = os.path.join(path, ADAPTER_CONFIG_ENTRIES_NAME)
+    if os.path.isfile(adapter_file) and not os.path.isfile(config_file):
+        config_file = adapter_file
+    elif not os.path.isdir(path):
+        config_file = _download_adapter_config_entries(path, **hub_kwargs)
+    elif not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"No config.json (a saved model) or {ADAPTER_CONFIG_ENTRIES_NAME} (a saved PEFT adapter) in {path}: "
+            "is it a directory saved by the trainer?"
+        )
     return read_config_entry(read_json_config(config_file), key, config_file)
+
+
+def _download_adapter_config_entries(repo_id: str, **hub_kwargs) -> str:
+    """The local copy of a Hub repo's `ADAPTER_CONFIG_ENTRIES_NAME` (a PEFT adapter pushed by the trainer)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    try:
+        return hf_hub_download(repo_id, ADAPTER_CONFIG_ENTRIES_NAME, **hub_kwargs)
+    except HFValidationError:
+        raise FileNotFoundError(f"{repo_id} is neither a directory nor a Hub repo id.") from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(
+            f"The Hub repo {repo_id} has no {ADAPTER_CONFIG_ENTRIES_NAME}: it is not a PEFT adapter pushed by the "
+            "trainer (a full model's values are in its config.json)."
+        ) from None
 
 
 def read_json_config(config_file: str) -> dict:

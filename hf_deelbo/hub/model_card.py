@@ -18,9 +18,19 @@ METHOD_TEMPLATE_PATH = Path(__file__).parent / "method_card_template.md"
 TASK = "image-classification"
 
 
-def _usage(library_name: str, repo_id: str | None, local_path: str | None, config_key: str, comment: str) -> str:
+def _usage(library_name: str, repo_id: str | None, local_path: str | None, config_key: str, comment: str,
+           base_model: str | None = None, values_file: str = "config.json") -> str:
     """The card's loading snippet: the Hub repo `repo_id` if there is one, else the directory the card
-    is written to (`local_path`), which is not on the Hub until pushed."""
+    is written to (`local_path`), which is not on the Hub until pushed. A PEFT adapter (`library_name`
+    "peft") is loaded onto its base model `base_model`."""
+    if library_name == "peft":
+        return (
+            "from peft import PeftModel\nfrom transformers import AutoModelForImageClassification\n\n"
+            "from hf_deelbo.hub import load_config_entry\n\n"
+            f'base_model = AutoModelForImageClassification.from_pretrained("{base_model or "<base model>"}")\n'
+            f'model = PeftModel.from_pretrained(base_model, "{repo_id or local_path}")\n'
+            f'print(load_config_entry("{repo_id or local_path}", "{config_key}"))  # {comment}: {values_file}'
+        )
     if library_name == "timm":
         source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{local_path}"
         return (
@@ -38,6 +48,11 @@ def set_card_repo_id(card_text: str, repo_id: str) -> str:
     """The card with its "How to use" snippet loading the Hub repo `repo_id` instead of a local
     directory (for a directory pushed after its card was written)."""
     head, sep, usage = card_text.partition("## How to use")
+    if "PeftModel.from_pretrained(" in usage:  # the adapter's lines, not its base model's
+        usage = re.sub(r'PeftModel\.from_pretrained\((\w+), "[^"\n]*"\)', rf'PeftModel.from_pretrained(\1, "{repo_id}")',
+                       usage, count=1)
+        usage = re.sub(r'load_config_entry\("[^"\n]*"', f'load_config_entry("{repo_id}"', usage, count=1)
+        return head + sep + usage
     usage = re.sub(r'"local-dir:[^"\n]*"', f'"hf-hub:{repo_id}"', usage, count=1)
     usage = re.sub(r'from_pretrained\("[^"\n]*"\)', f'from_pretrained("{repo_id}")', usage, count=1)
     return head + sep + usage
@@ -103,11 +118,14 @@ def build_model_card(
     repo_id: str | None = None,
     local_path: str | None = None,
     extra_tags: list[str] | None = None,
+    values_file: str = "config.json",
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` for a run of the method `spec`, from `template_path`: its
     `config.<key>` entry `values` (in the template: `entry` as it is, `values` formatted for a
     table), the evaluation results (also as model-index metadata), the training settings, a plot
-    and the method's citation; tagged with the method's tags and `image-classification`."""
+    and the method's citation; tagged with the method's tags and `image-classification`.
+    `values_file`: the file saved with the model that holds `values` (a PEFT adapter's is not
+    config.json)."""
     eval_results = eval_results or {}
     card_data = _card_data(model_name, library_name, base_model, dataset, [TASK, *spec.tags, *(extra_tags or [])],
                            eval_results)
@@ -124,7 +142,9 @@ def build_model_card(
         eval_results=eval_results,
         hyperparameters=hyperparameters or {},
         plot=plot,
+        values_file=values_file,
+        library_name=library_name,
         usage=_usage(library_name, repo_id, local_path or model_name, spec.key,
-                     usage_comment or f"the {spec.title} hyperparameters"),
+                     usage_comment or f"the {spec.title} hyperparameters", card_data.base_model, values_file),
         citation=spec.citation.strip(),
     )

@@ -76,12 +76,13 @@ def deelbo_config(
     })
 
 
-def load_deelbo_config(path: str) -> dict:
-    """Read `deelbo` from the config.json of a saved model directory (validated, `hub.read_config_entry`).
+def load_deelbo_config(path: str, **hub_kwargs) -> dict:
+    """Read `deelbo` from the config.json of a saved model directory, or from the hf_deelbo_config.json
+    of a saved PEFT adapter (a directory or Hub repo id; `hub.load_config_entry`, validated).
 
     Raises:
-        FileNotFoundError: no config.json in `path`.
-        KeyError: config.json has no `deelbo` entry (the model was not trained with DEELBoTrainer).
-        ValueError: config.json is not JSON, or its `deelbo` entry is malformed.
+        FileNotFoundError: neither file in `path`.
+        KeyError: the file has no `deelbo` entry (the model was not trained with DEELBoTrainer).
+        ValueError: the file is not JSON, or its `deelbo` entry is malformed.
     """
-    return load_config_entry(path, DEELBO.key)
+    return load_config_entry(path, DEELBO.key, **hub_kwargs)
