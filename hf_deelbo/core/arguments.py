@@ -96,6 +96,14 @@ class StatefulFineTuningArguments(FineTuningArguments):
             self.restore_callback_states_from_checkpoint = True
 
 
+def check_choice(name: str, value, choices: dict[str, str]) -> None:
+    """ValueError unless `value` is one of `choices` (value -> what it means), naming the field,
+    every choice with its meaning, and the value given."""
+    if value not in choices:
+        allowed = " or ".join(f"{choice!r} ({meaning})" for choice, meaning in choices.items())
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ...core.arguments import StatefulFineTuningArguments
+from ...core.arguments import StatefulFineTuningArguments, check_choice
 
 
 @dataclass
@@ -187,25 +187,15 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             raise ValueError(
                 f"num_train_examples must be a positive int or None (len(train_dataset)); got {self.num_train_examples}"
             )
-        if self.objective_batch_norm not in ("batch", "running"):
-            raise ValueError(
-                f"objective_batch_norm must be 'batch' (each batch's statistics, as in training) or 'running' "
-                f"(the running statistics); got {self.objective_batch_norm!r}"
-            )
-        if self.sampling_mechanism not in ("in_place", "functional_call"):
-            raise ValueError(
-                f"sampling_mechanism must be 'in_place' (the weights perturbed in place) or 'functional_call' "
-                f"(w̃ as a separate copy); got {self.sampling_mechanism!r}"
-            )
-        if self.prior_variance_grouping not in ("backbone", "layer"):
-            raise ValueError(
-                f"prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per "
-                f"backbone tensor); got {self.prior_variance_grouping!r}"
-            )
-        if self.posterior_covariance not in ("isotropic", "diagonal"):
-            raise ValueError(
-                f"posterior_covariance must be 'isotropic' (one σ for every weight) or 'diagonal' (one σ_i per "
-                f"weight); got {self.posterior_covariance!r}"
-            )
+        for name, choices in (
+            ("objective_batch_norm", {"batch": "each batch's statistics, as in training",
+                                      "running": "the running statistics"}),
+            ("sampling_mechanism", {"in_place": "the weights perturbed in place",
+                                    "functional_call": "w̃ as a separate copy"}),
+            ("prior_variance_grouping", {"backbone": "one λ for the backbone",
+                                         "layer": "one λ_l per backbone tensor"}),
+            ("posterior_covariance", {"isotropic": "one σ for every weight", "diagonal": "one σ_i per weight"}),
+        ):
+            check_choice(name, getattr(self, name), choices)
         if self.bma_samples < 0:
             raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")

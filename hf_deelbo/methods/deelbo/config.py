@@ -16,17 +16,19 @@ CITATION = """
   note      = {arXiv:2502.01861}
 }"""
 
-DEELBO = register_method(MethodSpec(key="deelbo", title="DE ELBO", tags=("deelbo", "l2-sp", "variational-inference"), citation=CITATION, format_version=1, schema={
-    "lambda": ("positive", True), "tau": ("positive", True), "sigma": ("positive", True),
-    "kappa": ("positive", True), "alpha_eff": ("nonnegative", False), "beta_eff": ("nonnegative", False),
-    "num_train_examples": ("count", True), "num_backbone_params": ("count", True),
-    "num_head_params": ("count", True), "head_modules": ("names", False), "format_version": ("version", False),
-    # Layer-wise prior variances (`prior_variance_grouping`). Optional: entries written before
-    # them are one-λ entries, and readers that predate them ignore keys they do not know.
-    "prior_variance_grouping": ("text", False), "backbone_prior_variances": ("variances", False),
-    # The diagonal posterior (`posterior_covariance`); optional for the same reason.
-    "posterior_covariance": ("text", False),
-}))
+# config.deelbo's keys: name -> (kind, required). The optional ones: entries written before them
+# still read, and readers that predate them ignore them.
+_REQUIRED = (("lambda", "positive"), ("tau", "positive"), ("sigma", "positive"), ("kappa", "positive"),
+             ("num_train_examples", "count"), ("num_backbone_params", "count"), ("num_head_params", "count"))
+_OPTIONAL = (("alpha_eff", "nonnegative"), ("beta_eff", "nonnegative"), ("head_modules", "names"),
+             ("format_version", "version"),
+             ("prior_variance_grouping", "text"), ("backbone_prior_variances", "variances"),  # layer-wise λ
+             ("posterior_covariance", "text"))  # the diagonal posterior
+DEELBO = register_method(MethodSpec(
+    key="deelbo", title="DE ELBO", tags=("deelbo", "l2-sp", "variational-inference"), citation=CITATION,
+    format_version=1,
+    schema={**{name: (kind, True) for name, kind in _REQUIRED}, **{name: (kind, False) for name, kind in _OPTIONAL}},
+))
 DEELBO_CONFIG_KEY = DEELBO.key
 DEELBO_FORMAT_VERSION = DEELBO.format_version
 
