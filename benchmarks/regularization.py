@@ -108,8 +108,15 @@ BO_TRIALS = (12, 36)
 BO_BOX = {"alpha": (1e-6, 1e-2), "beta": (1e-6, 1e-2), "learning_rate": (1e-4, 1e-1)}
 LAPLACE = "Laplace LA-LML"  # benchmarks/_baselines.py: online marglik, diagonal EF, prior centred at μ
 IVON = "IVON"  # benchmarks/_baselines.py: ivon-opt, its own fixed prior precision
-KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO, LAPLACE, IVON)
 BASELINES = (BO, LAPLACE, IVON)  # what a user would pick instead: `--stage baselines`
+# DE ELBO beyond the paper (`--stage variants`): its arguments changed, everything else as DE ELBO's row.
+LAYER_WISE = "DE ELBO, layer-wise λ"
+VARIANTS = {
+    LAYER_WISE: {"prior_variance_grouping": "layer"},
+    "DE ELBO, diagonal σ": {"posterior_covariance": "diagonal"},
+    "DE ELBO, layer-wise λ, diagonal σ": {"prior_variance_grouping": "layer", "posterior_covariance": "diagonal"},
+}
+KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO, LAPLACE, IVON, *VARIANTS)
 
 
 def bo_kind(n_trials: int) -> str:
@@ -268,12 +275,15 @@ def run_one(job) -> list[dict]:
                       num_runs=len(result.runs),
                       runs=[{"learning_rate": r.settings["learning_rate"], "training_loss": r.score,
                              "seconds": r.seconds} for r in result.runs])
-    elif kind == DEELBO:
-        args = DEELBoTrainingArguments(output_dir=work_dir, **common)
+    elif kind == DEELBO or kind in VARIANTS:
+        args = DEELBoTrainingArguments(output_dir=work_dir, **common, **VARIANTS.get(kind, {}))
         result = select_learning_rate(init, train, args, learning_rates=learning_rates)
         learned = result.trainer.learned_hyperparameters()
         record.update(**evaluate(result.trainer, test), learning_rate=result.best["learning_rate"],
                       **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff", "beta_eff")},
+                      # [name, λ_l] in the backbone's order (depth), with layer-wise λ
+                      **({"backbone_prior_variances": [[k, v] for k, v in learned["backbone_prior_variances"].items()]}
+                         if "backbone_prior_variances" in learned else {}),
                       num_runs=len(result.runs),
                       runs=[{"learning_rate": r.settings["learning_rate"], "objective": r.score, "seconds": r.seconds,
                              "alpha_eff": r.learned["alpha_eff"]} for r in result.runs])
@@ -396,7 +406,7 @@ def curve_cells(records: list[dict], task: str) -> list[dict]:
 
 
 def _method_order(method: str) -> tuple:
-    order = [DEELBO, PLAIN_TRAIN, PLAIN_VAL, *(bo_kind(n) for n in BO_TRIALS), LAPLACE, IVON]
+    order = [DEELBO, *VARIANTS, PLAIN_TRAIN, PLAIN_VAL, *(bo_kind(n) for n in BO_TRIALS), LAPLACE, IVON]
     return (order.index(method) if method in order else len(order), method)
 
 
@@ -419,7 +429,7 @@ def method_rows(records: list[dict], task: str) -> list[dict]:
                "seconds": _mean([r["seconds"] for r in group]),
                "num_runs": _mean([r.get("num_runs", float("nan")) for r in group]),
                "learning_rates": [r["learning_rate"] for r in sorted(group, key=lambda r: r["seed"])]}
-        if kind == DEELBO:
+        if kind == DEELBO or kind in VARIANTS:
             row["alpha_eff"] = _mean([r["alpha_eff"] for r in group])
         if _chosen_alpha(group[0]) is not None:
             row["alphas"] = [_chosen_alpha(r) for r in sorted(group, key=lambda r: r["seed"])]
@@ -509,6 +519,37 @@ def figure(records: list[dict], task: str, path: str, reference: dict | None) ->
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def layer_figure(records: list[dict], task: str, path: str) -> bool:
+    """The learned λ_l of layer-wise DE ELBO by depth (backbone tensors in the model's order), one
+    line per N (the mean of log λ_l over seeds), one panel per backbone; False if there are none."""
+    runs = [r for r in records if r["task"] == task and r["kind"] == LAYER_WISE and r.get("backbone_prior_variances")]
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = sorted({r["backbone"] for r in runs})
+    fig, axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 4), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones, strict=True):
+        for i, n in enumerate(sorted({r["n"] for r in runs if r["backbone"] == backbone})):
+            group = [r for r in runs if (r["backbone"], r["n"]) == (backbone, n)]
+            logs = [[math.log10(v) for _, v in r["backbone_prior_variances"]] for r in group]
+            mean = [statistics.mean(column) for column in zip(*logs, strict=True)]
+            ax.plot(range(len(mean)), mean, marker=".", color=f"C{i}", label=f"N={n} ({len(group)} seeds)")
+            ax.axhline(math.log10(statistics.mean(r["lambda"] for r in group)), color=f"C{i}", linestyle=":",
+                       linewidth=1)
+        ax.set_xlabel("backbone tensor, input to output (named_parameters order)")
+        ax.set_ylabel("log10 λ_l (mean over seeds)")
+        ax.set_title(f"{backbone}, task {task}: layer-wise λ by depth")
+        ax.legend(fontsize=8, title="dotted: λ̄ (harmonic mean)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _fmt_alpha(alpha) -> str:
@@ -613,6 +654,8 @@ def markdown(store: Store, output_dir: str, docs_path: str) -> str:
                       "records on the same seeds, 0–2; the best fixed α row is the α-curve's maximum, an oracle):"
                       if task == EXISTING else " (the best fixed α row is the α-curve's maximum, an oracle):"), ""]
             lines += rows_table(rows, reference if task == EXISTING else None, cells) + [""]
+        if any(r["task"] == task and r["kind"] == LAYER_WISE for r in records):
+            lines += [f"![layer-wise λ by depth, {task}]({link}/layer-lambda-{task}.png)", ""]
     screen = data.get("screen", [])
     if screen:
         lines += ["### The screen and the choice", "",
@@ -648,17 +691,19 @@ def rebuild(store: Store, output_dir: str, docs_path: str) -> None:
         if curve_cells(store.records, task):
             figure(store.records, task, os.path.join(output_dir, f"alpha-curve-{task}.png"),
                    store.data["reference"] if task == EXISTING else None)
+        layer_figure(store.records, task, os.path.join(output_dir, f"layer-lambda-{task}.png"))
     update_section(docs_path, SECTION, markdown(store, output_dir, docs_path))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", nargs="+", default=["plain", "curve"],
-                        choices=["plain", "curve", "screen", "chosen", "baselines"],
+                        choices=["plain", "curve", "screen", "chosen", "baselines", "variants"],
                         help="plain: plain fine-tuning rows; curve: the α-curve, both on the existing task; screen: "
                         "the candidates' α-curves, the choice, the chosen task's full curve; chosen: DE ELBO and "
-                        "plain rows on the chosen task; baselines: L2-SP + Bayesian optimization (and the other "
-                        "baselines) on the chosen task, then on the existing one.")
+                        "plain rows on the chosen task; baselines: L2-SP + Bayesian optimization, Laplace and IVON on "
+                        "the chosen task, then on the existing one; variants: DE ELBO's layer-wise λ and diagonal σ, "
+                        "same order.")
     parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
                         help="The baselines `--stage baselines` runs (default: all).")
     parser.add_argument("--quick", action="store_true",
@@ -680,7 +725,7 @@ def main(argv=None) -> None:
         settings = {"steps": 5, "learning_rates": [0.1, 0.01], "alphas": [0.0, 1e-2], "ns": [50], "seeds": [0],
                     "backbones": ["timm-resnet"], "candidates": ["noise-20"], "bo_trials": [2, 3]}
         CANDIDATES, SCREEN_CELL = ("noise-20",), ("timm-resnet", 50)
-        args.stage = ["plain", "curve", "screen", "chosen", "baselines"]
+        args.stage = ["plain", "curve", "screen", "chosen", "baselines", "variants"]
     else:
         settings = {"steps": None, "learning_rates": list(LEARNING_RATES), "alphas": list(ALPHAS), "ns": args.ns,
                     "seeds": args.seeds, "backbones": args.backbones, "candidates": list(CANDIDATES),
@@ -753,6 +798,11 @@ def main(argv=None) -> None:
         chosen = (store.data.get("choice") or {}).get("task")
         for task in ([chosen] if chosen else []) + [EXISTING]:
             run_jobs(store, jobs(task, args.baselines), args.workers)
+            rebuild(store, args.output_dir, docs_path)
+    if "variants" in args.stage:
+        chosen = (store.data.get("choice") or {}).get("task")
+        for task in ([chosen] if chosen else []) + [EXISTING]:
+            run_jobs(store, jobs(task, list(VARIANTS)), args.workers)
             rebuild(store, args.output_dir, docs_path)
     print(f"wrote {store.path} and the section of {docs_path}")
 

@@ -23,6 +23,12 @@ def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path, benchm
         assert len(record["runs"]) == int(record["kind"].split(", ")[1].split()[0]) == record["num_runs"] - 1
         assert record["learning_rate"] == record["chosen"]["learning_rate"]
         assert 1e-6 <= record["chosen"]["alpha"] <= 1e-2 and 1e-4 <= record["learning_rate"] <= 1e-1
+    variants = ("DE ELBO, layer-wise λ", "DE ELBO, diagonal σ", "DE ELBO, layer-wise λ, diagonal σ")
+    assert {(task, kind) for task in ("digits", "noise-20") for kind in variants} <= kinds
+    for record in (r for r in saved["records"] if r["kind"] in variants):
+        assert ("backbone_prior_variances" in record) == ("layer-wise" in record["kind"])
+    for task in ("digits", "noise-20"):
+        assert (tmp_path / f"layer-lambda-{task}.png").is_file()
     laplace = [r for r in saved["records"] if r["kind"] == "Laplace LA-LML"]
     assert all(r["alpha"] != 1e-4 and r["num_hyper_updates"] > 0 for r in laplace)
     for record in saved["records"]:
