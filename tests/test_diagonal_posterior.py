@@ -177,6 +177,29 @@ def test_config_entry_logs_and_saved_rho(make_args, tmp_path):
     assert read_config_entry({"deelbo": old}, DEELBO.key) == old
 
 
+def test_a_saved_diagonal_posterior_is_rebuilt_with_its_sigmas(make_args, tmp_path, caplog):
+    import logging
+
+    from transformers import AutoModelForImageClassification
+
+    from hf_deelbo.methods.deelbo.prediction import posterior_from_config, predictive_log_probs
+
+    trainer = DEELBoTrainer(model=build_model("vit")[0], args=make_args(max_steps=3, learning_rate=0.05,
+                                                                        posterior_covariance="diagonal"),
+                            train_dataset=image_dataset(12))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "saved"))
+    posterior = posterior_from_config(reloaded, str(tmp_path / "saved"))
+    assert posterior.diagonal and torch.equal(posterior.rho.detach(), trainer.posterior.rho.detach())
+    inputs = {"pixel_values": image_dataset(4)[:]["pixel_values"]}
+    torch.testing.assert_close(predictive_log_probs(reloaded, inputs, posterior, num_samples=3, seed=1),
+                               predictive_log_probs(trainer.model, inputs, trainer.posterior, num_samples=3, seed=1))
+    with caplog.at_level(logging.WARNING):  # without the file: one σ for all, said in a warning
+        fallback = posterior_from_config(reloaded)
+    assert not fallback.diagonal and any("root-mean-square σ" in r.getMessage() for r in caplog.records)
+
+
 def test_diagonal_with_fully_shard_is_refused():
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard

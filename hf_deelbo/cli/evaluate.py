@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +59,8 @@ def main(argv: list[str]) -> int:
     dataset, description = evaluation_data(record, data_args, eval_args.split, model, processor)
     if eval_args.seed is None:
         eval_args.seed = record["seed"] if record else DEFAULT_SEED
-    posterior = posterior_from_config(model) if eval_args.bma_samples else None
+    local_dir = eval_args.model_name_or_path if os.path.isdir(eval_args.model_name_or_path) else None
+    posterior = posterior_from_config(model, local_dir) if eval_args.bma_samples else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=eval_args.batch_size, collate_fn=default_data_collator)
     log_probs, labels = [], []
     for batch in loader:

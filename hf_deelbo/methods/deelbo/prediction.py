@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 from ...core.groups import split_parameters
 from ...core.modeling import classifier_logits
 from ...hub.config import read_config_entry
 from .config import DEELBO
-from .posterior import IsotropicGaussianPosterior
+from .posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior
+
+logger = transformers_logging.get_logger(__name__)
 
 
 @torch.no_grad()
@@ -47,9 +52,14 @@ def predictive_log_probs(
     return torch.logsumexp(draws, dim=0) - math.log(num_samples)
 
 
-def posterior_from_config(model: nn.Module) -> IsotropicGaussianPosterior:
+def posterior_from_config(model: nn.Module, model_dir: str | None = None) -> IsotropicGaussianPosterior:
     """Rebuild q(w) = N(m, σ²I) of a model saved by `DEELBoTrainer`: m are its weights, σ and
     the head split come from `model.config.deelbo` (or timm's `model.deelbo_config`).
+
+    A diagonal posterior (`posterior_covariance="diagonal"`) keeps its σ_i in
+    `deelbo_posterior_rho.safetensors` next to the weights: pass the saved model's directory as
+    `model_dir` to use them. Without it, every weight gets the stored root-mean-square σ, with a
+    warning.
 
     Example:
 
@@ -67,4 +77,16 @@ def posterior_from_config(model: nn.Module) -> IsotropicGaussianPosterior:
             f"{type(model).__name__} carries no DE ELBO hyperparameters (config.deelbo): it was not saved by DEELBoTrainer."
         ) from None
     groups = split_parameters(model, config.get("head_modules"))
+    rho_file = os.path.join(model_dir, POSTERIOR_RHO_NAME) if model_dir is not None else None
+    if config.get("posterior_covariance") == "diagonal":
+        if rho_file is not None and os.path.isfile(rho_file):
+            posterior = IsotropicGaussianPosterior(model, groups, sigma_init=float(config["sigma"]),
+                                                   posterior_covariance="diagonal")
+            posterior.load_rho_pieces(safetensors.torch.load_file(rho_file, device=str(posterior.rho.device)))
+            return posterior
+        logger.warning(
+            f"The model was trained with a diagonal posterior, but its σ_i are not at hand "
+            f"({rho_file or 'no model_dir given'}): every weight gets the root-mean-square σ = {config['sigma']:g}. "
+            f"Pass posterior_from_config(model, model_dir=<the saved model's directory>) to use them."
+        )
     return IsotropicGaussianPosterior(model, groups, sigma_init=float(config["sigma"]))
