@@ -404,9 +404,11 @@ def select_learning_rate_by_halving(
                     drop_checkpoint(i)
             alive = [i for i in alive if i in survivors]
     finally:
-        for i in list(checkpoints):
-            drop_checkpoint(i)
+        # Also a checkpoint written by a segment that failed before it was recorded: the run
+        # directories held nothing before the search, so every checkpoint in them is the search's.
         for run_dir in run_dirs:
+            for step, _ in schedule:
+                shutil.rmtree(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"), ignore_errors=True)
             if os.path.isdir(run_dir) and not os.listdir(run_dir):
                 os.rmdir(run_dir)
     if chosen is None:

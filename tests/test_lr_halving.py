@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import build_model, image_dataset, training_args
+from transformers import TrainerCallback
 
 from hf_deelbo import DEELBoTrainer, select_learning_rate_by_halving
 from hf_deelbo.cli import main
@@ -50,14 +51,34 @@ def test_halving_requires_max_steps(tmp_path):
                                         _args(tmp_path, max_steps=-1, num_train_epochs=1))
 
 
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps actually taken, by every trainer it is given to, and lists the
+    checkpoints on disk as each run (re)starts."""
+
+    def __init__(self, root):
+        self.steps, self.checkpoints_at_start, self.root = [], [], root
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        found = sorted(str(p.relative_to(self.root)) for p in self.root.glob("lr-*/checkpoint-*"))
+        self.checkpoints_at_start.append((args.learning_rate, found))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append((args.learning_rate, state.global_step))
+
+
 def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_run(tmp_path):
     """4 learning rates, T = 8: all to 2, two to 4, one to 8 (16 steps = 2T); the chosen run,
     paused at 2 and 4 and continued each time by a fresh trainer, equals a run of 8 steps."""
     dataset = image_dataset(16)
     learning_rates = (0.05, 0.02, 0.005, 0.001)
+    counter = StepCounter(tmp_path / "halving" / "out")
     result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], dataset, _args(tmp_path / "halving"),
-                                             learning_rates=learning_rates, num_samples=2)
+                                             learning_rates=learning_rates, num_samples=2, callbacks=[counter])
     runs = {run.settings["learning_rate"]: run for run in result.runs}
+    # every step was trained once: the continued runs resumed where they paused
+    assert len(counter.steps) == len(set(counter.steps)) == 16
+    for lr, run in runs.items():
+        assert sorted(step for rate, step in counter.steps if rate == lr) == list(range(1, run.steps + 1))
     assert sorted(run.steps for run in result.runs) == [2, 2, 4, 8]
     assert result.total_steps == 16 == halving_budget(4, 8)
     assert sorted(len(run.round_scores) for run in result.runs) == [1, 1, 2, 3]
@@ -67,6 +88,13 @@ def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_ru
         assert run.seconds > 0 and run.score == run.round_scores[-1]
     assert result.total_seconds == pytest.approx(sum(run.seconds for run in result.runs))
     best = result.best["learning_rate"]
+    # on disk: only the checkpoints still needed (an eliminated run's and a superseded one are deleted)
+    survivors = sorted(lr for lr, run in runs.items() if run.eliminated_at != 1)
+    assert counter.checkpoints_at_start[4:] == [
+        (survivors[1], [f"lr-{survivors[0]:g}/checkpoint-2", f"lr-{survivors[1]:g}/checkpoint-2"]),
+        (survivors[0], [f"lr-{survivors[0]:g}/checkpoint-2", f"lr-{survivors[1]:g}/checkpoint-4"]),
+        (best, [f"lr-{best:g}/checkpoint-4"]),
+    ]
     assert not runs[best].eliminated and result.trainer.args.learning_rate == best
     assert result.trainer.state.global_step == 8
     assert result.trainer.args.output_dir == str(tmp_path / "halving" / "out")
@@ -121,6 +149,45 @@ def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_pat
     assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 2, 0.01: None, 0.02: 1, 0.001: 1}
     assert runs[0.01].round_scores == [2.0, 1.5, 9.0] and runs[0.04].round_scores == [1.0, 2.5]
     assert runs[0.02].round_scores == [3.0]
+
+
+def test_a_non_finite_score_is_eliminated_and_never_chosen(tmp_path, monkeypatch):
+    scores = {**SCORES, (0.04, 2): math.nan}  # 0.04 would lead at step 2
+
+    def known_score(trainer, dataset=None, num_samples=10):
+        return scores[(trainer.args.learning_rate, trainer.state.global_step)]
+
+    monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
+    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                             learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+    runs = {run.settings["learning_rate"]: run for run in result.runs}
+    assert runs[0.04].round_scores == [math.inf] and runs[0.04].eliminated_at == 1
+    assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 1, 0.01: 2, 0.02: None, 0.001: 1}
+    assert result.best == {"learning_rate": 0.02}
+
+
+def test_the_last_run_diverging_raises_naming_it(tmp_path, monkeypatch):
+    scores = {**SCORES, (0.01, 8): math.inf}
+
+    monkeypatch.setattr(DEELBoTrainer, "training_objective",
+                        lambda trainer, dataset=None, num_samples=10: scores[(trainer.args.learning_rate,
+                                                                              trainer.state.global_step)])
+    with pytest.raises(FloatingPointError, match="at learning rate 0.01 between steps 4 and 8"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                        learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+
+
+def test_a_search_that_fails_midway_leaves_no_checkpoints(tmp_path, monkeypatch):
+    def failing_score(trainer, dataset=None, num_samples=10):
+        if trainer.state.global_step == 4:
+            raise RuntimeError("interrupted")
+        return SCORES[(trainer.args.learning_rate, trainer.state.global_step)]
+
+    monkeypatch.setattr(DEELBoTrainer, "training_objective", failing_score)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                        learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+    assert not list((tmp_path / "out").glob("lr-*"))
 
 
 def test_an_output_dir_holding_a_run_directory_is_refused(tmp_path):
