@@ -1,0 +1,248 @@
+"""Learning-rate selection by successive halving: the schedule, exact resume of the paused runs,
+divergence, the choice, and the command line."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import build_model, image_dataset, training_args
+from transformers import TrainerCallback
+
+from hf_deelbo import DEELBoTrainer, select_learning_rate_by_halving
+from hf_deelbo.cli import main
+from hf_deelbo.search import halving_budget, halving_schedule
+
+
+@pytest.mark.parametrize("num_candidates, max_steps, schedule, budget", [
+    (1, 8, [(8, 1)], 8),
+    (2, 8, [(4, 2), (8, 1)], 12),  # 2·T/2 + T/2 = 1.5T
+    (3, 8, [(2, 3), (4, 2), (8, 1)], 14),  # 3·T/4 + 2·T/4 + T/2 = 1.75T
+    (4, 8, [(2, 4), (4, 2), (8, 1)], 16),  # 4·T/4 + 2·T/4 + T/2 = 2T
+    (4, 600, [(150, 4), (300, 2), (600, 1)], 1200),
+    (4, 10, [(2, 4), (5, 2), (10, 1)], 19),  # floor(T/4), floor(T/2): never more than 2T
+    (5, 16, [(2, 5), (4, 3), (8, 2), (16, 1)], 32),  # 5·T/8 + 3·T/8 + 2·T/4 + T/2 = 2T
+    (8, 16, [(2, 8), (4, 4), (8, 2), (16, 1)], 40),  # 2.5T
+])
+def test_schedule_and_budget_follow_the_closed_form(num_candidates, max_steps, schedule, budget):
+    assert halving_schedule(num_candidates, max_steps) == schedule
+    assert halving_budget(num_candidates, max_steps) == budget
+    previous, total = 0, 0
+    for step, survivors in schedule:
+        total += survivors * (step - previous)
+        previous = step
+    assert total == budget
+
+
+def test_schedule_needs_enough_steps_to_pause():
+    with pytest.raises(ValueError, match="max_steps >= 4; got max_steps=3"):
+        halving_schedule(4, 3)
+
+
+def _args(tmp_path, **overrides):
+    values = dict(max_steps=8, learning_rate=0.05, per_device_train_batch_size=4, max_grad_norm=0.0,
+                  objective_batch_norm="running")
+    return training_args(tmp_path, **{**values, **overrides})
+
+
+def test_halving_requires_max_steps(tmp_path):
+    with pytest.raises(ValueError, match="max_steps must be > 0; got -1"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8),
+                                        _args(tmp_path, max_steps=-1, num_train_epochs=1))
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps actually taken, by every trainer it is given to, and lists the
+    checkpoints on disk as each run (re)starts."""
+
+    def __init__(self, root):
+        self.steps, self.checkpoints_at_start, self.root = [], [], root
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        found = sorted(str(p.relative_to(self.root)) for p in self.root.glob("lr-*/checkpoint-*"))
+        self.checkpoints_at_start.append((args.learning_rate, found))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append((args.learning_rate, state.global_step))
+
+
+def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_run(tmp_path):
+    """4 learning rates, T = 8: all to 2, two to 4, one to 8 (16 steps = 2T); the chosen run,
+    paused at 2 and 4 and continued each time by a fresh trainer, equals a run of 8 steps."""
+    dataset = image_dataset(16)
+    learning_rates = (0.05, 0.02, 0.005, 0.001)
+    counter = StepCounter(tmp_path / "halving" / "out")
+    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], dataset, _args(tmp_path / "halving"),
+                                             learning_rates=learning_rates, num_samples=2, callbacks=[counter])
+    runs = {run.settings["learning_rate"]: run for run in result.runs}
+    # every step was trained once: the continued runs resumed where they paused
+    assert len(counter.steps) == len(set(counter.steps)) == 16
+    for lr, run in runs.items():
+        assert sorted(step for rate, step in counter.steps if rate == lr) == list(range(1, run.steps + 1))
+    assert sorted(run.steps for run in result.runs) == [2, 2, 4, 8]
+    assert result.total_steps == 16 == halving_budget(4, 8)
+    assert sorted(len(run.round_scores) for run in result.runs) == [1, 1, 2, 3]
+    assert sorted(run.eliminated_at or 0 for run in result.runs) == [0, 1, 1, 2]
+    for run in result.runs:
+        assert run.steps == {1: 2, 2: 4, None: 8}[run.eliminated_at]
+        assert run.seconds > 0 and run.score == run.round_scores[-1]
+    assert result.total_seconds == pytest.approx(sum(run.seconds for run in result.runs))
+    best = result.best["learning_rate"]
+    # on disk: only the checkpoints still needed (an eliminated run's and a superseded one are deleted)
+    survivors = sorted(lr for lr, run in runs.items() if run.eliminated_at != 1)
+    assert counter.checkpoints_at_start[4:] == [
+        (survivors[1], [f"lr-{survivors[0]:g}/checkpoint-2", f"lr-{survivors[1]:g}/checkpoint-2"]),
+        (survivors[0], [f"lr-{survivors[0]:g}/checkpoint-2", f"lr-{survivors[1]:g}/checkpoint-4"]),
+        (best, [f"lr-{best:g}/checkpoint-4"]),
+    ]
+    assert not runs[best].eliminated and result.trainer.args.learning_rate == best
+    assert result.trainer.state.global_step == 8
+    assert result.trainer.args.output_dir == str(tmp_path / "halving" / "out")
+    assert not list((tmp_path / "halving" / "out").glob("lr-*"))  # every checkpoint deleted, run directories too
+
+    straight_model = build_model("resnet")[0]
+    straight = DEELBoTrainer(model=straight_model, args=_args(tmp_path / "straight", learning_rate=best),
+                             train_dataset=dataset)
+    straight.train()
+    chosen_state = result.trainer.model.state_dict()
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(value, chosen_state[name]), name
+    assert straight.learned_hyperparameters() == result.trainer.learned_hyperparameters()  # λ, τ, σ, ...
+    assert torch.equal(straight.posterior.rho, result.trainer.posterior.rho)
+    assert straight.training_objective(dataset, num_samples=2) == runs[best].round_scores[-1]
+
+
+def test_a_diverging_learning_rate_is_eliminated_and_never_chosen(tmp_path):
+    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(12),
+                                             _args(tmp_path), learning_rates=(1e12, 0.05), num_samples=2)
+    runs = {run.settings["learning_rate"]: run for run in result.runs}
+    assert runs[1e12].round_scores == [math.inf] and runs[1e12].eliminated_at == 1 and runs[1e12].steps <= 4
+    assert result.best == {"learning_rate": 0.05} and math.isfinite(runs[0.05].score)
+    assert result.trainer.state.global_step == 8
+
+
+def test_every_learning_rate_diverging_raises(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"every learning rate of \[1000000000000.0, 10000000000000.0\]"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(12), _args(tmp_path),
+                                        learning_rates=(1e12, 1e13), num_samples=2)
+    assert not list((tmp_path / "out").glob("lr-*"))
+
+
+# Scores by (learning rate, step) where the ranking changes between rounds: 0.04 leads at step 2,
+# 0.01 at step 4; 0.001 is worst at step 2 but would be best at step 4 (it never gets there).
+SCORES = {
+    (0.04, 2): 1.0, (0.01, 2): 2.0, (0.02, 2): 3.0, (0.001, 2): 4.0,
+    (0.04, 4): 2.5, (0.01, 4): 1.5, (0.02, 4): 0.5, (0.001, 4): 0.1,
+    (0.04, 8): 9.0, (0.01, 8): 9.0, (0.02, 8): 9.0, (0.001, 8): 9.0,
+}
+
+
+def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_path, monkeypatch):
+    def known_score(trainer, dataset=None, num_samples=10):
+        return SCORES[(trainer.args.learning_rate, trainer.state.global_step)]
+
+    monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
+    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                             learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+    runs = {run.settings["learning_rate"]: run for run in result.runs}
+    assert result.best == {"learning_rate": 0.01}
+    assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 2, 0.01: None, 0.02: 1, 0.001: 1}
+    assert runs[0.01].round_scores == [2.0, 1.5, 9.0] and runs[0.04].round_scores == [1.0, 2.5]
+    assert runs[0.02].round_scores == [3.0]
+
+
+def test_a_non_finite_score_is_eliminated_and_never_chosen(tmp_path, monkeypatch):
+    scores = {**SCORES, (0.04, 2): math.nan}  # 0.04 would lead at step 2
+
+    def known_score(trainer, dataset=None, num_samples=10):
+        return scores[(trainer.args.learning_rate, trainer.state.global_step)]
+
+    monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
+    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                             learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+    runs = {run.settings["learning_rate"]: run for run in result.runs}
+    assert runs[0.04].round_scores == [math.inf] and runs[0.04].eliminated_at == 1
+    assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 1, 0.01: 2, 0.02: None, 0.001: 1}
+    assert result.best == {"learning_rate": 0.02}
+
+
+def test_the_last_run_diverging_raises_naming_it(tmp_path, monkeypatch):
+    scores = {**SCORES, (0.01, 8): math.inf}
+
+    monkeypatch.setattr(DEELBoTrainer, "training_objective",
+                        lambda trainer, dataset=None, num_samples=10: scores[(trainer.args.learning_rate,
+                                                                              trainer.state.global_step)])
+    with pytest.raises(FloatingPointError, match="at learning rate 0.01 between steps 4 and 8"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                        learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+
+
+def test_a_search_that_fails_midway_leaves_no_checkpoints(tmp_path, monkeypatch):
+    def failing_score(trainer, dataset=None, num_samples=10):
+        if trainer.state.global_step == 4:
+            raise RuntimeError("interrupted")
+        return SCORES[(trainer.args.learning_rate, trainer.state.global_step)]
+
+    monkeypatch.setattr(DEELBoTrainer, "training_objective", failing_score)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                        learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+    assert not list((tmp_path / "out").glob("lr-*"))
+
+
+def test_an_output_dir_holding_a_run_directory_is_refused(tmp_path):
+    (tmp_path / "out" / "lr-0.05").mkdir(parents=True)
+    (tmp_path / "out" / "lr-0.05" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="lr-0.05"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                        learning_rates=(0.05, 0.01))
+    assert (tmp_path / "out" / "lr-0.05" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_halving_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--output_dir", str(out), "--max_steps", "8", "--max_train_samples", "30",
+                 "--learning_rates", "0.05", "0.001", "--learning_rate_selection", "halving", "--disable_tqdm", "true"])
+    assert code == 0
+    selection = json.loads((out / "learning_rate_selection.json").read_text())
+    assert selection["selection"] == "halving" and selection["total_steps"] == 12
+    runs = {run["learning_rate"]: run for run in selection["runs"]}
+    assert set(runs) == {0.05, 0.001}
+    chosen = selection["chosen"]["learning_rate"]
+    other = ({0.05, 0.001} - {chosen}).pop()
+    assert runs[chosen]["steps"] == 8 and runs[chosen]["eliminated_at"] is None
+    assert runs[other]["steps"] == 4 and runs[other]["eliminated_at"] == 1
+    assert runs[chosen]["round_scores"][0] <= runs[other]["round_scores"][0]
+    assert runs[chosen]["learned"]["sigma"] == json.loads((out / "config.json").read_text())["deelbo"]["sigma"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8
+    assert "successive halving" in capsys.readouterr().out
+    assert not any(p.name.startswith("lr-") for p in out.iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rates", "0.1", "0.01", "--learning_rate_selection", "quick"],
+     "--learning_rate_selection/--learning-rate-selection: invalid choice: 'quick' (choose from 'full', 'halving')"),
+    (["--learning_rate_selection", "halving"],
+     "--learning_rate_selection halving chooses among --learning_rates; pass them too"),
+    (["--learning_rates", "0.1", "0.01", "--learning_rate_selection", "halving", "--max_steps", "-1"],
+     "--learning_rate_selection halving pauses runs at fractions of --max_steps, so it needs --max_steps > 0; "
+     "got -1"),
+    (["--learning_rates", "0.1", "0.01", "0.001", "--learning_rate_selection", "halving", "--max_steps", "3"],
+     "needs --max_steps >= 4 for 3 learning rates; got 3"),
+])
+def test_bad_halving_flags_fail_in_one_line(flags, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output_dir", str(out), *flags]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-deelbo")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
+
+
+def test_a_bad_selection_in_an_arguments_file_is_refused(tmp_path, capsys):
+    (tmp_path / "args.json").write_text(json.dumps({"learning_rates": [0.1, 0.01], "learning_rate_selection": "fast"}))
+    out = tmp_path / "run"
+    assert main(["train", "--config_file", str(tmp_path / "args.json"), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate_selection must be 'full'" in err and "got 'fast'" in err
+    assert not out.exists()
