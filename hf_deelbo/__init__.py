@@ -19,7 +19,7 @@ from .methods.deelbo.trainer import DEELBoTrainer
 from .methods.l2sp import L2SPTrainer, L2SPTrainingArguments
 from .methods.t1t2 import T1T2Callback, T1T2Trainer, T1T2TrainingArguments
 from .methods.tpgm import TPGMCallback, TPGMTrainer, TPGMTrainingArguments
-from .search import l2sp_grid_search, select_learning_rate, select_learning_rate_by_halving
+from .search import l2sp_grid_search, select_learning_rate
 
 # hf_deelbo's loggers sit under transformers' library logger: `transformers.logging.set_verbosity_info()`
 # (what the example scripts call) and TRANSFORMERS_VERBOSITY reveal their messages, printed by
@@ -44,7 +44,6 @@ __all__ = [
     "posterior_from_config",
     "predictive_log_probs",
     "select_learning_rate",
-    "select_learning_rate_by_halving",
     "split_parameters",
     "T1T2Callback",
     "T1T2Trainer",

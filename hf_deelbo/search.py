@@ -7,7 +7,7 @@
 - `select_learning_rate`: DE ELBO's only search, without any validation data: train one run per
   learning rate on all N examples and keep the one with the lowest final training objective (the
   DE ELBO loss on the non-augmented training set, averaged over 10 posterior draws).
-- `select_learning_rate_by_halving`: the same choice at about half the cost (2 runs' steps for 4
+- `select_learning_rate(strategy="halving")`: the same choice at about half the cost (2 runs' steps for 4
   learning rates instead of 4 runs): successive halving over the same training objective, each
   run paused and resumed exactly, so that the chosen run is a complete run of the full schedule.
 - `select_learning_rate_by_validation`: the same for the methods that learn on a validation split
@@ -29,6 +29,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from transformers import TrainerCallback
@@ -50,7 +51,7 @@ class SearchRun:
     the run learned (`learned`: DE ELBO's `learned_hyperparameters()`; empty for the others) and
     the metrics `train()` returned (empty for a run that diverged).
 
-    Successive halving (`select_learning_rate_by_halving`) also records the optimizer steps the run
+    Successive halving (`select_learning_rate(strategy="halving")`) also records the optimizer steps the run
     trained (`steps`), its score at the end of each round it took part in (`round_scores`; `score`
     is the last of them) and the round that eliminated it (`eliminated_at`, 1-based; None for the
     chosen run). The other searches leave them at None / empty."""
@@ -189,14 +190,28 @@ def select_learning_rate(
     learning_rates: Sequence[float] = PAPER_LEARNING_RATES,
     num_samples: int = 10,
     objective_dataset=None,
+    strategy: Literal["full", "halving"] = "full",
     **trainer_kwargs,
 ) -> SearchResult:
-    """DE ELBO with each learning rate on all N examples; the winner has the lowest final training
+    """DE ELBO with each learning rate on all N examples; the winner has the lowest training
     objective (`DEELBoTrainer.training_objective` on `objective_dataset`, the training set without
-    augmentation, default `train_dataset`, over `num_samples` draws). No validation data is used."""
+    augmentation, default `train_dataset`, over `num_samples` draws). No validation data is used.
+
+    `strategy`: "full" (the paper's) trains every learning rate to the end and compares the final
+    objectives; "halving" reaches the choice by successive halving over the same objective at
+    2 runs' steps for 4 learning rates (`_select_by_halving`)."""
+    score_dataset = objective_dataset if objective_dataset is not None else train_dataset
+
+    def score(trainer):
+        return trainer.training_objective(score_dataset, num_samples=num_samples)
+
+    if strategy == "halving":
+        return _select_by_halving(model_init, train_dataset, args, learning_rates, score, **trainer_kwargs)
+    if strategy != "full":
+        raise ValueError(f"strategy must be 'full' (every run to the end) or 'halving' (successive halving); "
+                         f"got {strategy!r}")
     return learning_rate_search(
-        DEELBoTrainer, model_init, train_dataset, args, learning_rates,
-        score=lambda trainer: trainer.training_objective(objective_dataset or train_dataset, num_samples=num_samples),
+        DEELBoTrainer, model_init, train_dataset, args, learning_rates, score=score,
         learned=lambda trainer: trainer.learned_hyperparameters(), method_name="DE ELBO", **trainer_kwargs,
     )
 
@@ -296,22 +311,17 @@ class PauseAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
-def select_learning_rate_by_halving(
-    model_init: Callable[[], object],
-    train_dataset,
-    args: DEELBoTrainingArguments,
-    learning_rates: Sequence[float] = PAPER_LEARNING_RATES,
-    num_samples: int = 10,
-    objective_dataset=None,
-    **trainer_kwargs,
+def _select_by_halving(
+    model_init: Callable[[], object], train_dataset, args: DEELBoTrainingArguments, learning_rates: Sequence[float],
+    score: Callable[[object], float], **trainer_kwargs,
 ) -> SearchResult:
-    """`select_learning_rate`'s choice by successive halving: 2 runs' steps for 4 learning rates
-    instead of 4 runs, no validation data; the chosen run is a complete run of `args.max_steps`.
+    """`select_learning_rate(strategy="halving")`: the choice by successive halving, 2 runs' steps
+    for 4 learning rates instead of 4 runs, no validation data; the chosen run is a complete run of
+    `args.max_steps`.
 
     With T = `args.max_steps` (required > 0) and the rounds of `halving_schedule`: every learning
     rate trains up to t_1 (T/4 for 4 of them), is scored by the training objective there (the score
-    of `select_learning_rate`: `DEELBoTrainer.training_objective` on `objective_dataset`, default
-    `train_dataset`, over `num_samples` draws), the best half continue to t_2 (T/2), and so on until
+    of the full selection, `score`), the best half continue to t_2 (T/2), and so on until
     one run is left; it continues to T. Total steps: Σ_r n_r · (t_r − t_{r−1}) (`halving_budget`),
     2T for 4 learning rates.
 
@@ -334,7 +344,7 @@ def select_learning_rate_by_halving(
     max_steps = args.max_steps
     if not (isinstance(max_steps, int) and max_steps > 0):
         raise ValueError(
-            f"select_learning_rate_by_halving pauses runs at fractions of max_steps, so max_steps must be > 0; got "
+            f"select_learning_rate(strategy='halving') pauses runs at fractions of max_steps, so max_steps must be > 0; got "
             f"{max_steps}. Set max_steps to the length of the full run (num_train_epochs is not used)."
         )
     learning_rates = list(learning_rates)
@@ -346,11 +356,10 @@ def select_learning_rate_by_halving(
         # The runs' checkpoints are deleted as the search goes: refuse a directory that already holds files.
         if os.path.isdir(run_dir) and os.listdir(run_dir):
             raise FileExistsError(
-                f"{run_dir!r} already holds files, where select_learning_rate_by_halving would write and delete its "
+                f"{run_dir!r} already holds files, where successive halving would write and delete its "
                 "checkpoints; move it away or choose another output_dir."
             )
     user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-    score_dataset = objective_dataset if objective_dataset is not None else train_dataset
     runs = [SearchRun({"learning_rate": lr}, float("inf"), 0.0, steps=0) for lr in learning_rates]
     checkpoints: dict[int, str] = {}  # run -> the checkpoint it continues from
     alive, chosen = list(range(len(learning_rates))), None
@@ -372,7 +381,7 @@ def select_learning_rate_by_halving(
                                         callbacks=callbacks or None, **trainer_kwargs)
                 try:
                     runs[i].metrics = trainer.train(resume_from_checkpoint=checkpoints.get(i)).metrics
-                    value = float(trainer.training_objective(score_dataset, num_samples=num_samples))
+                    value = float(score(trainer))
                 except FloatingPointError:
                     value = float("inf")
                 value = value if np.isfinite(value) else float("inf")

@@ -1,6 +1,7 @@
 """Learning-rate selection by successive halving: the schedule, exact resume of the paused runs,
 divergence, the choice, and the command line."""
 
+import functools
 import json
 import math
 
@@ -9,9 +10,11 @@ import torch
 from conftest import build_model, image_dataset, training_args
 from transformers import TrainerCallback
 
-from hf_deelbo import DEELBoTrainer, select_learning_rate_by_halving
+from hf_deelbo import DEELBoTrainer, select_learning_rate
 from hf_deelbo.cli import main
 from hf_deelbo.search import halving_budget, halving_schedule
+
+select_learning_rate_by_halving = functools.partial(select_learning_rate, strategy="halving")
 
 
 @pytest.mark.parametrize("num_candidates, max_steps, schedule, budget", [

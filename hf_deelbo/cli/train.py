@@ -472,12 +472,11 @@ def main(argv: list[str]) -> int:
     try:
         train_metrics = None
         if training_args.do_train and run_args.learning_rates:
-            from ..search import select_learning_rate, select_learning_rate_by_halving
+            from ..search import select_learning_rate
 
-            halving = run_args.learning_rate_selection == "halving"
-            select = select_learning_rate_by_halving if halving else select_learning_rate
-            result = select(model_init, train, training_args, run_args.learning_rates,
-                            objective_dataset=objective_view, **kwargs)
+            result = select_learning_rate(model_init, train, training_args, run_args.learning_rates,
+                                          objective_dataset=objective_view,
+                                          strategy=run_args.learning_rate_selection, **kwargs)
             trainer = result.trainer
             train_metrics = next(run.metrics for run in result.runs if run.settings == result.best)
             os.makedirs(output_dir, exist_ok=True)
