@@ -484,7 +484,7 @@ def main(argv: list[str]) -> int:
                 json.dump(_selection_record(result, run_args.learning_rate_selection), f, indent=2)
             for run in result.runs:
                 shutil.rmtree(os.path.join(output_dir, f"lr-{run.settings['learning_rate']:g}"), ignore_errors=True)
-            if halving:
+            if run_args.learning_rate_selection == "halving":
                 print(f"Learning rate by successive halving ({result.total_steps} steps in all): " + ", ".join(
                     f"{run.settings['learning_rate']:g} -> {run.score:.4g} at step {run.steps}"
                     + (f" (eliminated in round {run.eliminated_at})" if run.eliminated else "")
