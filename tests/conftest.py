@@ -212,3 +212,16 @@ def digits_backbone_cache(tmp_path_factory):
 @pytest.fixture
 def make_args(tmp_path):
     return lambda **overrides: training_args(tmp_path, **overrides)
+
+
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Every test starts with Python's own Ctrl-C behaviour (SIGINT raises KeyboardInterrupt in the
+    main thread, unblocked), whatever an earlier test in the same worker process left behind: the
+    interruption tests send real SIGINTs."""
+    import signal
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    yield
+    signal.signal(signal.SIGINT, handler)
