@@ -140,14 +140,19 @@ SCORES = {
 }
 
 
-def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_path, monkeypatch):
+def _halving_with_scores(scores, tmp_path, monkeypatch):
+    """Successive halving over 4 learning rates whose objective at (lr, step) is `scores`'s."""
     def known_score(trainer, dataset=None, num_samples=10):
-        return SCORES[(trainer.args.learning_rate, trainer.state.global_step)]
+        return scores[(trainer.args.learning_rate, trainer.state.global_step)]
 
     monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
     result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
                                              learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
-    runs = {run.settings["learning_rate"]: run for run in result.runs}
+    return result, {run.settings["learning_rate"]: run for run in result.runs}
+
+
+def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_path, monkeypatch):
+    result, runs = _halving_with_scores(SCORES, tmp_path, monkeypatch)
     assert result.best == {"learning_rate": 0.01}
     assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 2, 0.01: None, 0.02: 1, 0.001: 1}
     assert runs[0.01].round_scores == [2.0, 1.5, 9.0] and runs[0.04].round_scores == [1.0, 2.5]
@@ -156,14 +161,7 @@ def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_pat
 
 def test_a_non_finite_score_is_eliminated_and_never_chosen(tmp_path, monkeypatch):
     scores = {**SCORES, (0.04, 2): math.nan}  # 0.04 would lead at step 2
-
-    def known_score(trainer, dataset=None, num_samples=10):
-        return scores[(trainer.args.learning_rate, trainer.state.global_step)]
-
-    monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
-    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                             learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
-    runs = {run.settings["learning_rate"]: run for run in result.runs}
+    result, runs = _halving_with_scores(scores, tmp_path, monkeypatch)
     assert runs[0.04].round_scores == [math.inf] and runs[0.04].eliminated_at == 1
     assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 1, 0.01: 2, 0.02: None, 0.001: 1}
     assert result.best == {"learning_rate": 0.02}
