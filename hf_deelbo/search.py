@@ -7,8 +7,8 @@
 - `select_learning_rate`: DE ELBO's only search, without any validation data: train one run per
   learning rate on all N examples and keep the one with the lowest final training objective (the
   DE ELBO loss on the non-augmented training set, averaged over 10 posterior draws).
-- `select_learning_rate(strategy="halving")`: the same choice at about half the cost (2 runs' steps for 4
-  learning rates instead of 4 runs): successive halving over the same training objective, each
+- `select_learning_rate(strategy="halving")`: the same choice at under half the cost (1.5 runs' steps for
+  4 learning rates instead of 4 runs): successive halving over the same training objective, each
   run paused and resumed exactly, so that the chosen run is a complete run of the full schedule.
 - `select_learning_rate_by_validation`: the same for the methods that learn on a validation split
   (TPGM, T1–T2): one run per learning rate, the lowest final NLL on that split wins.
@@ -22,6 +22,7 @@ points as the loop below; the loop keeps the protocol visible and needs no extra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -191,6 +192,7 @@ def select_learning_rate(
     num_samples: int = 10,
     objective_dataset=None,
     strategy: Literal["full", "halving"] = "full",
+    halving_num_samples: int = 1,
     **trainer_kwargs,
 ) -> SearchResult:
     """DE ELBO with each learning rate on all N examples; the winner has the lowest training
@@ -199,14 +201,19 @@ def select_learning_rate(
 
     `strategy`: "full" (the paper's) trains every learning rate to the end and compares the final
     objectives; "halving" reaches the choice by successive halving over the same objective at
-    2 runs' steps for 4 learning rates (`_select_by_halving`)."""
+    1.5 runs' steps for 4 learning rates (`_select_by_halving`), scoring the runs it compares early
+    with `halving_num_samples` draws (the chosen run's final objective still uses `num_samples`)."""
     score_dataset = objective_dataset if objective_dataset is not None else train_dataset
 
-    def score(trainer):
-        return trainer.training_objective(score_dataset, num_samples=num_samples)
+    def score(trainer, draws: int = num_samples):
+        return trainer.training_objective(score_dataset, num_samples=draws)
 
     if strategy == "halving":
-        return _select_by_halving(model_init, train_dataset, args, learning_rates, score, **trainer_kwargs)
+        if not (isinstance(halving_num_samples, int) and halving_num_samples >= 1):
+            raise ValueError(f"halving_num_samples must be an int >= 1 (draws of the objective at each elimination); "
+                             f"got {halving_num_samples!r}")
+        return _select_by_halving(model_init, train_dataset, args, learning_rates,
+                                  score, functools.partial(score, draws=halving_num_samples), **trainer_kwargs)
     if strategy != "full":
         raise ValueError(f"strategy must be 'full' (every run to the end) or 'halving' (successive halving); "
                          f"got {strategy!r}")
@@ -262,26 +269,28 @@ def halving_schedule(num_candidates: int, max_steps: int) -> list[tuple[int, int
     With k = `num_candidates`, T = `max_steps` and R = ceil(log2 k) eliminations:
 
         n_1 = k,  n_{r+1} = ceil(n_r / 2)          (n_{R+1} = 1: the chosen run)
-        t_r = floor(T / 2^(R+1-r)),  t_0 = 0        (t_{R+1} = T: the chosen run is complete)
-
+        t_r = floor(T / 2^(R+2-r)) for r ≤ R,  t_{R+1} = T,  t_0 = 0
+                                                     (the chosen run is complete)
         total steps = Σ_{r=1}^{R+1} n_r · (t_r − t_{r−1})
 
-    For T divisible by 2^R: k = 4 gives 4·T/4 + 2·T/4 + 1·T/2 = 2T (two full runs instead of the
-    four of `select_learning_rate`); k = 2: 1.5T; k = 3: 1.75T; k = 5: 2T; k = 8: 2.5T (in general
-    at most (1 + R/2)·T)."""
+    The eliminations happen in the first quarter of the schedule, each round twice as long as the
+    one before. For T divisible by 2^(R+1): k = 4 gives 4·T/8 + 2·T/8 + 1·3T/4 = 1.5T (one and a half
+    full runs instead of the four of `select_learning_rate`); k = 2: 1.25T; k = 3: 1.375T; k = 5:
+    1.5T; k = 8: 1.75T (for k = 2^R, (1 + R/4)·T)."""
     if num_candidates < 1:
         raise ValueError(f"successive halving needs at least one candidate; got {num_candidates}")
     eliminations = math.ceil(math.log2(num_candidates)) if num_candidates > 1 else 0
-    if max_steps < 2**eliminations:
+    shortest = 2 ** (eliminations + 1) if eliminations else 1
+    if max_steps < shortest:
         raise ValueError(
-            f"successive halving of {num_candidates} candidates pauses at max_steps / {2**eliminations}, so it needs "
-            f"max_steps >= {2**eliminations}; got max_steps={max_steps}. Raise max_steps or pass fewer candidates."
+            f"successive halving of {num_candidates} candidates pauses first at max_steps / {shortest}, so it needs "
+            f"max_steps >= {shortest}; got max_steps={max_steps}. Raise max_steps or pass fewer candidates."
         )
     rounds, survivors = [], num_candidates
-    for r in range(1, eliminations + 2):
-        rounds.append((max_steps // 2 ** (eliminations + 1 - r), survivors))
+    for r in range(1, eliminations + 1):
+        rounds.append((max_steps // 2 ** (eliminations + 2 - r), survivors))
         survivors = math.ceil(survivors / 2)
-    return rounds
+    return rounds + [(max_steps, survivors)]
 
 
 def halving_budget(num_candidates: int, max_steps: int) -> int:
@@ -313,17 +322,19 @@ class PauseAtStep(TrainerCallback):
 
 def _select_by_halving(
     model_init: Callable[[], object], train_dataset, args: DEELBoTrainingArguments, learning_rates: Sequence[float],
-    score: Callable[[object], float], **trainer_kwargs,
+    score: Callable[[object], float], round_score: Callable[[object], float], **trainer_kwargs,
 ) -> SearchResult:
-    """`select_learning_rate(strategy="halving")`: the choice by successive halving, 2 runs' steps
+    """`select_learning_rate(strategy="halving")`: the choice by successive halving, 1.5 runs' steps
     for 4 learning rates instead of 4 runs, no validation data; the chosen run is a complete run of
     `args.max_steps`.
 
     With T = `args.max_steps` (required > 0) and the rounds of `halving_schedule`: every learning
-    rate trains up to t_1 (T/4 for 4 of them), is scored by the training objective there (the score
-    of the full selection, `score`), the best half continue to t_2 (T/2), and so on until
-    one run is left; it continues to T. Total steps: Σ_r n_r · (t_r − t_{r−1}) (`halving_budget`),
-    2T for 4 learning rates.
+    rate trains up to t_1 (T/8 for 4 of them), is scored by the training objective there
+    (`round_score`: the full selection's score with fewer draws), the best half continue to t_2
+    (T/4), and so on until one run is left; it continues to T and is scored by `score`. Total
+    steps: Σ_r n_r · (t_r − t_{r−1}) (`halving_budget`), 1.5T for 4 learning rates. The early
+    scores cost what their draws cost (one forward pass over the N examples per draw), so with one
+    draw the whole procedure costs about 1.5 full runs.
 
     Each run is trained with the full `max_steps` (its learning-rate schedule is the full run's),
     paused at t_r with a checkpoint (`PauseAtStep`), and continued later from that checkpoint by a
@@ -381,7 +392,7 @@ def _select_by_halving(
                                         callbacks=callbacks or None, **trainer_kwargs)
                 try:
                     runs[i].metrics = trainer.train(resume_from_checkpoint=checkpoints.get(i)).metrics
-                    value = float(score(trainer))
+                    value = float((score if last else round_score)(trainer))
                 except FloatingPointError:
                     value = float("inf")
                 value = value if np.isfinite(value) else float("inf")

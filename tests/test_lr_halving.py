@@ -19,13 +19,13 @@ select_learning_rate_by_halving = functools.partial(select_learning_rate, strate
 
 @pytest.mark.parametrize("num_candidates, max_steps, schedule, budget", [
     (1, 8, [(8, 1)], 8),
-    (2, 8, [(4, 2), (8, 1)], 12),  # 2·T/2 + T/2 = 1.5T
-    (3, 8, [(2, 3), (4, 2), (8, 1)], 14),  # 3·T/4 + 2·T/4 + T/2 = 1.75T
-    (4, 8, [(2, 4), (4, 2), (8, 1)], 16),  # 4·T/4 + 2·T/4 + T/2 = 2T
-    (4, 600, [(150, 4), (300, 2), (600, 1)], 1200),
-    (4, 10, [(2, 4), (5, 2), (10, 1)], 19),  # floor(T/4), floor(T/2): never more than 2T
-    (5, 16, [(2, 5), (4, 3), (8, 2), (16, 1)], 32),  # 5·T/8 + 3·T/8 + 2·T/4 + T/2 = 2T
-    (8, 16, [(2, 8), (4, 4), (8, 2), (16, 1)], 40),  # 2.5T
+    (2, 8, [(2, 2), (8, 1)], 10),  # 2·T/4 + 3T/4 = 1.25T
+    (3, 8, [(1, 3), (2, 2), (8, 1)], 11),  # 3·T/8 + 2·T/8 + 3T/4 = 1.375T
+    (4, 8, [(1, 4), (2, 2), (8, 1)], 12),  # 4·T/8 + 2·T/8 + 3T/4 = 1.5T
+    (4, 200, [(25, 4), (50, 2), (200, 1)], 300),
+    (4, 12, [(1, 4), (3, 2), (12, 1)], 17),  # floor(T/8), floor(T/4): never more than 1.5T
+    (5, 16, [(1, 5), (2, 3), (4, 2), (16, 1)], 24),  # 5·T/16 + 3·T/16 + 2·T/8 + 3T/4 = 1.5T
+    (8, 16, [(1, 8), (2, 4), (4, 2), (16, 1)], 28),  # 1.75T
 ])
 def test_schedule_and_budget_follow_the_closed_form(num_candidates, max_steps, schedule, budget):
     assert halving_schedule(num_candidates, max_steps) == schedule
@@ -38,8 +38,8 @@ def test_schedule_and_budget_follow_the_closed_form(num_candidates, max_steps, s
 
 
 def test_schedule_needs_enough_steps_to_pause():
-    with pytest.raises(ValueError, match="max_steps >= 4; got max_steps=3"):
-        halving_schedule(4, 3)
+    with pytest.raises(ValueError, match="max_steps >= 8; got max_steps=7"):
+        halving_schedule(4, 7)
 
 
 def _args(tmp_path, **overrides):
@@ -70,8 +70,8 @@ class StepCounter(TrainerCallback):
 
 
 def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_run(tmp_path):
-    """4 learning rates, T = 8: all to 2, two to 4, one to 8 (16 steps = 2T); the chosen run,
-    paused at 2 and 4 and continued each time by a fresh trainer, equals a run of 8 steps."""
+    """4 learning rates, T = 8: all to 1, two to 2, one to 8 (12 steps = 1.5T); the chosen run,
+    paused at 1 and 2 and continued each time by a fresh trainer, equals a run of 8 steps."""
     dataset = image_dataset(16)
     learning_rates = (0.05, 0.02, 0.005, 0.001)
     counter = StepCounter(tmp_path / "halving" / "out")
@@ -79,24 +79,24 @@ def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_ru
                                              learning_rates=learning_rates, num_samples=2, callbacks=[counter])
     runs = {run.settings["learning_rate"]: run for run in result.runs}
     # every step was trained once: the continued runs resumed where they paused
-    assert len(counter.steps) == len(set(counter.steps)) == 16
+    assert len(counter.steps) == len(set(counter.steps)) == 12
     for lr, run in runs.items():
         assert sorted(step for rate, step in counter.steps if rate == lr) == list(range(1, run.steps + 1))
-    assert sorted(run.steps for run in result.runs) == [2, 2, 4, 8]
-    assert result.total_steps == 16 == halving_budget(4, 8)
+    assert sorted(run.steps for run in result.runs) == [1, 1, 2, 8]
+    assert result.total_steps == 12 == halving_budget(4, 8)
     assert sorted(len(run.round_scores) for run in result.runs) == [1, 1, 2, 3]
     assert sorted(run.eliminated_at or 0 for run in result.runs) == [0, 1, 1, 2]
     for run in result.runs:
-        assert run.steps == {1: 2, 2: 4, None: 8}[run.eliminated_at]
+        assert run.steps == {1: 1, 2: 2, None: 8}[run.eliminated_at]
         assert run.seconds > 0 and run.score == run.round_scores[-1]
     assert result.total_seconds == pytest.approx(sum(run.seconds for run in result.runs))
     best = result.best["learning_rate"]
     # on disk: only the checkpoints still needed (an eliminated run's and a superseded one are deleted)
     survivors = sorted(lr for lr, run in runs.items() if run.eliminated_at != 1)
     assert counter.checkpoints_at_start[4:] == [
-        (survivors[1], [f"lr-{survivors[0]:g}/checkpoint-2", f"lr-{survivors[1]:g}/checkpoint-2"]),
-        (survivors[0], [f"lr-{survivors[0]:g}/checkpoint-2", f"lr-{survivors[1]:g}/checkpoint-4"]),
-        (best, [f"lr-{best:g}/checkpoint-4"]),
+        (survivors[1], [f"lr-{survivors[0]:g}/checkpoint-1", f"lr-{survivors[1]:g}/checkpoint-1"]),
+        (survivors[0], [f"lr-{survivors[0]:g}/checkpoint-1", f"lr-{survivors[1]:g}/checkpoint-2"]),
+        (best, [f"lr-{best:g}/checkpoint-2"]),
     ]
     assert not runs[best].eliminated and result.trainer.args.learning_rate == best
     assert result.trainer.state.global_step == 8
@@ -131,28 +131,35 @@ def test_every_learning_rate_diverging_raises(tmp_path):
     assert not list((tmp_path / "out").glob("lr-*"))
 
 
-# Scores by (learning rate, step) where the ranking changes between rounds: 0.04 leads at step 2,
-# 0.01 at step 4; 0.001 is worst at step 2 but would be best at step 4 (it never gets there).
+# Scores by (learning rate, step) where the ranking changes between rounds: 0.04 leads at step 1,
+# 0.01 at step 2; 0.001 is worst at step 1 but would be best at step 2 (it never gets there).
 SCORES = {
-    (0.04, 2): 1.0, (0.01, 2): 2.0, (0.02, 2): 3.0, (0.001, 2): 4.0,
-    (0.04, 4): 2.5, (0.01, 4): 1.5, (0.02, 4): 0.5, (0.001, 4): 0.1,
+    (0.04, 1): 1.0, (0.01, 1): 2.0, (0.02, 1): 3.0, (0.001, 1): 4.0,
+    (0.04, 2): 2.5, (0.01, 2): 1.5, (0.02, 2): 0.5, (0.001, 2): 0.1,
     (0.04, 8): 9.0, (0.01, 8): 9.0, (0.02, 8): 9.0, (0.001, 8): 9.0,
 }
 
 
-def _halving_with_scores(scores, tmp_path, monkeypatch):
-    """Successive halving over 4 learning rates whose objective at (lr, step) is `scores`'s."""
+def _halving_with_scores(scores, tmp_path, monkeypatch, draws=None):
+    """Successive halving over 4 learning rates whose objective at (lr, step) is `scores`'s; each
+    call's (step, num_samples) goes to `draws`."""
     def known_score(trainer, dataset=None, num_samples=10):
+        if draws is not None:
+            draws.append((trainer.state.global_step, num_samples))
         return scores[(trainer.args.learning_rate, trainer.state.global_step)]
 
     monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
     result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                             learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+                                             learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=5,
+                                             halving_num_samples=2)
     return result, {run.settings["learning_rate"]: run for run in result.runs}
 
 
 def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_path, monkeypatch):
-    result, runs = _halving_with_scores(SCORES, tmp_path, monkeypatch)
+    draws = []
+    result, runs = _halving_with_scores(SCORES, tmp_path, monkeypatch, draws)
+    # the eliminations use halving_num_samples draws, the chosen run's final objective num_samples
+    assert draws == [(1, 2)] * 4 + [(2, 2)] * 2 + [(8, 5)]
     assert result.best == {"learning_rate": 0.01}
     assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 2, 0.01: None, 0.02: 1, 0.001: 1}
     assert runs[0.01].round_scores == [2.0, 1.5, 9.0] and runs[0.04].round_scores == [1.0, 2.5]
@@ -160,7 +167,7 @@ def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_pat
 
 
 def test_a_non_finite_score_is_eliminated_and_never_chosen(tmp_path, monkeypatch):
-    scores = {**SCORES, (0.04, 2): math.nan}  # 0.04 would lead at step 2
+    scores = {**SCORES, (0.04, 1): math.nan}  # 0.04 would lead at step 1
     result, runs = _halving_with_scores(scores, tmp_path, monkeypatch)
     assert runs[0.04].round_scores == [math.inf] and runs[0.04].eliminated_at == 1
     assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 1, 0.01: 2, 0.02: None, 0.001: 1}
@@ -173,14 +180,14 @@ def test_the_last_run_diverging_raises_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(DEELBoTrainer, "training_objective",
                         lambda trainer, dataset=None, num_samples=10: scores[(trainer.args.learning_rate,
                                                                               trainer.state.global_step)])
-    with pytest.raises(FloatingPointError, match="at learning rate 0.01 between steps 4 and 8"):
+    with pytest.raises(FloatingPointError, match="at learning rate 0.01 between steps 2 and 8"):
         select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
                                         learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
 
 
 def test_a_search_that_fails_midway_leaves_no_checkpoints(tmp_path, monkeypatch):
     def failing_score(trainer, dataset=None, num_samples=10):
-        if trainer.state.global_step == 4:
+        if trainer.state.global_step == 2:
             raise RuntimeError("interrupted")
         return SCORES[(trainer.args.learning_rate, trainer.state.global_step)]
 
@@ -207,13 +214,13 @@ def test_halving_from_the_command_line(tmp_path, capsys):
                  "--learning_rates", "0.05", "0.001", "--learning_rate_selection", "halving", "--disable_tqdm", "true"])
     assert code == 0
     selection = json.loads((out / "learning_rate_selection.json").read_text())
-    assert selection["selection"] == "halving" and selection["total_steps"] == 12
+    assert selection["selection"] == "halving" and selection["total_steps"] == 10  # 2·T/4 + 3T/4
     runs = {run["learning_rate"]: run for run in selection["runs"]}
     assert set(runs) == {0.05, 0.001}
     chosen = selection["chosen"]["learning_rate"]
     other = ({0.05, 0.001} - {chosen}).pop()
     assert runs[chosen]["steps"] == 8 and runs[chosen]["eliminated_at"] is None
-    assert runs[other]["steps"] == 4 and runs[other]["eliminated_at"] == 1
+    assert runs[other]["steps"] == 2 and runs[other]["eliminated_at"] == 1
     assert runs[chosen]["round_scores"][0] <= runs[other]["round_scores"][0]
     assert runs[chosen]["learned"]["sigma"] == json.loads((out / "config.json").read_text())["deelbo"]["sigma"]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8
@@ -230,7 +237,7 @@ def test_halving_from_the_command_line(tmp_path, capsys):
      "--learning_rate_selection halving pauses runs at fractions of --max_steps, so it needs --max_steps > 0; "
      "got -1"),
     (["--learning_rates", "0.1", "0.01", "0.001", "--learning_rate_selection", "halving", "--max_steps", "3"],
-     "needs --max_steps >= 4 for 3 learning rates; got 3"),
+     "needs --max_steps >= 8 for 3 learning rates; got 3"),
 ])
 def test_bad_halving_flags_fail_in_one_line(flags, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -247,3 +254,11 @@ def test_a_bad_selection_in_an_arguments_file_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "learning_rate_selection must be 'full'" in err and "got 'fast'" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [0, 1.5, None])
+def test_bad_halving_num_samples_is_refused_before_training(value, tmp_path):
+    with pytest.raises(ValueError, match=f"halving_num_samples must be an int >= 1 .*; got {value!r}"):
+        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                                        learning_rates=(0.05, 0.01), halving_num_samples=value)
+    assert not (tmp_path / "out").exists()

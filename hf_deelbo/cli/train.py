@@ -78,10 +78,10 @@ class RunArguments:
         default="full",
         metadata={
             "help": "How --learning_rates chooses: 'full' trains one complete run per learning rate; 'halving' "
-            "(successive halving, needs --max_steps) trains all of them to max_steps/4 (for 4 learning rates), "
-            "continues the best half to max_steps/2 and the best of those to max_steps, exactly resumed: 2 runs' "
-            "steps instead of 4, by the same training objective, and agrees with 'full' where the early ranking "
-            "holds."
+            "(successive halving, needs --max_steps) trains all of them to max_steps/8 (for 4 learning rates), "
+            "continues the best half to max_steps/4 and the best of those to max_steps, exactly resumed: 1.5 runs' "
+            "steps instead of 4, by the same training objective (one draw at the early rounds), and agrees with "
+            "'full' where the early ranking holds."
         },
     )
     push_to_hub_model_id: str | None = field(
@@ -553,7 +553,8 @@ def _check_learning_rate_selection(training_args, run_args) -> None:
             f"got {training_args.max_steps}. Pass --max_steps (the length of the full run)."
         )
     num = len(run_args.learning_rates)
-    needed = 2 ** math.ceil(math.log2(num))  # the first pause is at max_steps / 2^ceil(log2 k)
+    eliminations = math.ceil(math.log2(num))
+    needed = 2 ** (eliminations + 1) if eliminations else 1  # the first pause: max_steps / 2^(ceil(log2 k) + 1)
     if training_args.max_steps < needed:
         raise UsageError(f"--learning_rate_selection halving needs --max_steps >= {needed} for {num} learning rates; "
                          f"got {training_args.max_steps}. Raise --max_steps or pass fewer --learning_rates.")
