@@ -116,7 +116,26 @@ VARIANTS = {
     "DE ELBO, diagonal σ": {"posterior_covariance": "diagonal"},
     "DE ELBO, layer-wise λ, diagonal σ": {"prior_variance_grouping": "layer", "posterior_covariance": "diagonal"},
 }
-KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO, LAPLACE, IVON, *VARIANTS)
+# PEFT adapters as the regularized weights (`--stage variants`): LoRA on the backbone, the head
+# trained in full (`modules_to_save`), DE ELBO's prior N(μ, λI) on the adapter weights around their
+# initial values; and plain LoRA fine-tuning (α = β = 0, lr by the final training loss) beside it.
+LORA = "DE ELBO, LoRA"
+PLAIN_LORA = "plain LoRA, lr by training loss"
+LORA_CONFIGS = {
+    "vit": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]),
+    "timm-resnet": dict(r=4, lora_alpha=8, target_modules=r".*layer\d+\.\d+\.conv\d", modules_to_save=["fc"]),
+}
+KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO, LAPLACE, IVON, *VARIANTS, LORA, PLAIN_LORA)
+
+
+def lora_init(init, backbone: str):
+    """`init`'s model with LoRA adapters of `LORA_CONFIGS[backbone]` (a fresh `peft.PeftModel` per call)."""
+    def wrapped():
+        import peft
+
+        return peft.get_peft_model(init(), peft.LoraConfig(**LORA_CONFIGS[backbone]))
+
+    return wrapped
 
 
 def bo_kind(n_trials: int) -> str:
@@ -238,6 +257,8 @@ def run_one(job) -> list[dict]:
     train, test = task_data(task, n, seed)
     common = training_settings(steps, seed)
     init = model_init(backbone, path, seed)
+    if kind in (LORA, PLAIN_LORA):
+        init = lora_init(init, backbone)
     record = {"task": task, "kind": kind, "backbone": backbone, "n": n, "seed": seed, "steps": steps}
     start = time.perf_counter()
     if kind == BO:
@@ -267,7 +288,7 @@ def run_one(job) -> list[dict]:
                       num_runs=len(result.runs) + 1,
                       runs=[{"learning_rate": r.settings["learning_rate"], "validation_nll": r.score,
                              "seconds": r.seconds} for r in result.runs])
-    elif kind == PLAIN_TRAIN:
+    elif kind in (PLAIN_TRAIN, PLAIN_LORA):
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **common)
         result = learning_rate_search(L2SPTrainer, init, train, args, learning_rates, method_name="Plain fine-tuning",
                                       score=lambda trainer: trainer.evaluate(train)["eval_loss"])
@@ -275,12 +296,13 @@ def run_one(job) -> list[dict]:
                       num_runs=len(result.runs),
                       runs=[{"learning_rate": r.settings["learning_rate"], "training_loss": r.score,
                              "seconds": r.seconds} for r in result.runs])
-    elif kind == DEELBO or kind in VARIANTS:
+    elif kind in (DEELBO, LORA) or kind in VARIANTS:
         args = DEELBoTrainingArguments(output_dir=work_dir, **common, **VARIANTS.get(kind, {}))
         result = select_learning_rate(init, train, args, learning_rates=learning_rates)
         learned = result.trainer.learned_hyperparameters()
         record.update(**evaluate(result.trainer, test), learning_rate=result.best["learning_rate"],
-                      **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff", "beta_eff")},
+                      **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff", "beta_eff",
+                                                  "num_backbone_params")},
                       # [name, λ_l] in the backbone's order (depth), with layer-wise λ
                       **({"backbone_prior_variances": [[k, v] for k, v in learned["backbone_prior_variances"].items()]}
                          if "backbone_prior_variances" in learned else {}),
@@ -406,7 +428,7 @@ def curve_cells(records: list[dict], task: str) -> list[dict]:
 
 
 def _method_order(method: str) -> tuple:
-    order = [DEELBO, *VARIANTS, PLAIN_TRAIN, PLAIN_VAL, *(bo_kind(n) for n in BO_TRIALS), LAPLACE, IVON]
+    order = [DEELBO, *VARIANTS, LORA, PLAIN_TRAIN, PLAIN_LORA, PLAIN_VAL, *(bo_kind(n) for n in BO_TRIALS), LAPLACE, IVON]
     return (order.index(method) if method in order else len(order), method)
 
 
@@ -429,7 +451,7 @@ def method_rows(records: list[dict], task: str) -> list[dict]:
                "seconds": _mean([r["seconds"] for r in group]),
                "num_runs": _mean([r.get("num_runs", float("nan")) for r in group]),
                "learning_rates": [r["learning_rate"] for r in sorted(group, key=lambda r: r["seed"])]}
-        if kind == DEELBO or kind in VARIANTS:
+        if kind in (DEELBO, LORA) or kind in VARIANTS:
             row["alpha_eff"] = _mean([r["alpha_eff"] for r in group])
         if _chosen_alpha(group[0]) is not None:
             row["alphas"] = [_chosen_alpha(r) for r in sorted(group, key=lambda r: r["seed"])]
@@ -702,10 +724,13 @@ def main(argv=None) -> None:
                         help="plain: plain fine-tuning rows; curve: the α-curve, both on the existing task; screen: "
                         "the candidates' α-curves, the choice, the chosen task's full curve; chosen: DE ELBO and "
                         "plain rows on the chosen task; baselines: L2-SP + Bayesian optimization, Laplace and IVON on "
-                        "the chosen task, then on the existing one; variants: DE ELBO's layer-wise λ and diagonal σ, "
-                        "same order.")
+                        "the chosen task, then on the existing one; variants: DE ELBO's layer-wise λ, diagonal σ "
+                        "and LoRA rows, same order.")
     parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
                         help="The baselines `--stage baselines` runs (default: all).")
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LORA, PLAIN_LORA],
+                        choices=[*VARIANTS, LORA, PLAIN_LORA],
+                        help="The variants `--stage variants` runs beside DE ELBO's own row (default: all).")
     parser.add_argument("--quick", action="store_true",
                         help="A smoke run: 1 backbone, N=50, 1 seed, 5 steps, 2 α values, 1 candidate, every stage.")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results", "regularization"))
@@ -803,7 +828,7 @@ def main(argv=None) -> None:
         chosen = (store.data.get("choice") or {}).get("task")
         for task in ([chosen] if chosen else []) + [EXISTING]:
             # DE ELBO's own row is the reference each variant is read against: run it where it is missing.
-            run_jobs(store, jobs(task, [DEELBO, *VARIANTS]), args.workers)
+            run_jobs(store, jobs(task, [DEELBO, *args.variants]), args.workers)
             rebuild(store, args.output_dir, docs_path)
     print(f"wrote {store.path} and the section of {docs_path}")
 

@@ -29,6 +29,13 @@ def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path, benchm
         assert ("backbone_prior_variances" in record) == ("layer-wise" in record["kind"])
     for task in ("digits", "noise-20"):
         assert (tmp_path / f"layer-lambda-{task}.png").is_file()
+    # LoRA rows: DE ELBO's backbone group is the adapter weights only, far fewer than the backbone's
+    lora = ("DE ELBO, LoRA", "plain LoRA, lr by training loss")
+    assert {(task, kind) for task in ("digits", "noise-20") for kind in lora} <= kinds
+    for task in ("digits", "noise-20"):
+        full, adapters = ([r for r in saved["records"] if r["task"] == task and r["kind"] == kind][0]
+                          for kind in ("DE ELBO", "DE ELBO, LoRA"))
+        assert 0 < adapters["num_backbone_params"] < full["num_backbone_params"] / 5
     laplace = [r for r in saved["records"] if r["kind"] == "Laplace LA-LML"]
     assert all(r["alpha"] != 1e-4 and r["num_hyper_updates"] > 0 for r in laplace)
     for record in saved["records"]:
