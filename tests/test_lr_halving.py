@@ -112,7 +112,7 @@ def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_ru
         assert torch.equal(value, chosen_state[name]), name
     assert straight.learned_hyperparameters() == result.trainer.learned_hyperparameters()  # λ, τ, σ, ...
     assert torch.equal(straight.posterior.rho, result.trainer.posterior.rho)
-    assert straight.training_objective(dataset, num_samples=2) == runs[best].round_scores[-1]
+    assert straight.training_objective(dataset, num_samples=1) == runs[best].round_scores[-1]
 
 
 def test_a_diverging_learning_rate_is_eliminated_and_never_chosen(tmp_path):
@@ -158,8 +158,8 @@ def _halving_with_scores(scores, tmp_path, monkeypatch, draws=None):
 def test_the_chosen_learning_rate_has_the_lowest_score_at_the_last_round(tmp_path, monkeypatch):
     draws = []
     result, runs = _halving_with_scores(SCORES, tmp_path, monkeypatch, draws)
-    # the eliminations use halving_num_samples draws, the chosen run's final objective num_samples
-    assert draws == [(1, 2)] * 4 + [(2, 2)] * 2 + [(8, 5)]
+    # every round, the chosen run's end included, uses halving_num_samples draws (num_samples is the full selection's)
+    assert draws == [(1, 2)] * 4 + [(2, 2)] * 2 + [(8, 2)]
     assert result.best == {"learning_rate": 0.01}
     assert {lr: run.eliminated_at for lr, run in runs.items()} == {0.04: 2, 0.01: None, 0.02: 1, 0.001: 1}
     assert runs[0.01].round_scores == [2.0, 1.5, 9.0] and runs[0.04].round_scores == [1.0, 2.5]
