@@ -262,3 +262,29 @@ def test_bad_halving_num_samples_is_refused_before_training(value, tmp_path):
         select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
                                         learning_rates=(0.05, 0.01), halving_num_samples=value)
     assert not (tmp_path / "out").exists()
+
+
+class FreezeCount(TrainerCallback):
+    """Records how many objects the garbage collector holds frozen while each run trains."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import gc
+
+        self.counts.append(gc.get_freeze_count())
+
+
+@pytest.mark.parametrize("strategy", ["full", "halving"])
+def test_the_objects_before_a_search_are_left_out_of_its_collections(strategy, tmp_path):
+    """Each run's Trainer.train() ends with a full garbage collection; the objects older than the
+    search are frozen out of them (gc.freeze) during the search and released after it."""
+    import gc
+
+    counter = FreezeCount()
+    assert gc.get_freeze_count() == 0
+    select_learning_rate(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
+                         learning_rates=(0.05, 0.01), num_samples=1, strategy=strategy, callbacks=[counter])
+    assert counter.counts and all(count > 0 for count in counter.counts)
+    assert gc.get_freeze_count() == 0
