@@ -177,8 +177,7 @@ def markdown(rows: list[dict], records: list[dict], data: dict) -> str:
         "## The learning rate at 1.5 runs: successive halving (`benchmarks/lr_selection.py`)",
         "",
         "DE ELBO's learning rate among {} by `select_learning_rate(strategy=\"halving\")` (all 4 to T/8, the best 2 "
-        "to T/4, the best to T; scored by the training objective, 1 draw at the eliminations and 10 at the end; "
-        "1.5T steps) against the full selection (4 complete runs, the lowest final objective: the `DE ELBO` rows "
+        "to T/4, the best to T; scored by the training objective with 1 draw at every round; 1.5T steps) against the full selection (4 complete runs, the lowest final objective: the `DE ELBO` rows "
         "of the regularization benchmark, same splits, seeds and settings). Per (task, backbone, N, seed), in one "
         "process, one after the other: halving, one DE ELBO run (lr 0.1 alone, the full selection's unit: the full "
         "selection costs 4 of them) and the grid search's two units (a tuning run on the stratified 80 % of N, the "
