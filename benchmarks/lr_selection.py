@@ -60,7 +60,8 @@ FULL, HALVING = "full", "halving"
 
 
 def run_pair(job) -> dict:
-    """One (task, backbone, N, seed): both selections and the grid's two units, alternating."""
+    """One (task, backbone, N, seed): successive halving, one DE ELBO run and the grid's two units,
+    in an order that alternates with the seed."""
     _setup_thread()
     import transformers
 

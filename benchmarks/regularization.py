@@ -126,6 +126,7 @@ LORA_CONFIGS = {
     "timm-resnet": dict(r=4, lora_alpha=8, target_modules=r".*layer\d+\.\d+\.conv\d", modules_to_save=["fc"]),
 }
 KINDS = (PLAIN_VAL, PLAIN_TRAIN, DEELBO, CURVE, BO, LAPLACE, IVON, *VARIANTS, LORA, PLAIN_LORA)
+DEELBO_KINDS = (DEELBO, *VARIANTS, LORA)  # the rows DE ELBO's own selection produces
 
 
 def lora_init(init, backbone: str):
@@ -296,7 +297,7 @@ def run_one(job) -> list[dict]:
                       num_runs=len(result.runs),
                       runs=[{"learning_rate": r.settings["learning_rate"], "training_loss": r.score,
                              "seconds": r.seconds} for r in result.runs])
-    elif kind in (DEELBO, LORA) or kind in VARIANTS:
+    elif kind in DEELBO_KINDS:
         args = DEELBoTrainingArguments(output_dir=work_dir, **common, **VARIANTS.get(kind, {}))
         result = select_learning_rate(init, train, args, learning_rates=learning_rates)
         learned = result.trainer.learned_hyperparameters()
@@ -451,7 +452,7 @@ def method_rows(records: list[dict], task: str) -> list[dict]:
                "seconds": _mean([r["seconds"] for r in group]),
                "num_runs": _mean([r.get("num_runs", float("nan")) for r in group]),
                "learning_rates": [r["learning_rate"] for r in sorted(group, key=lambda r: r["seed"])]}
-        if kind in (DEELBO, LORA) or kind in VARIANTS:
+        if kind in DEELBO_KINDS:
             row["alpha_eff"] = _mean([r["alpha_eff"] for r in group])
         if _chosen_alpha(group[0]) is not None:
             row["alphas"] = [_chosen_alpha(r) for r in sorted(group, key=lambda r: r["seed"])]

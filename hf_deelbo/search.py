@@ -103,7 +103,8 @@ def objects_frozen_out_of_collections():
     every object the process tracks: about 0.8 s once torch and transformers are imported (half a
     million objects), paid by each run of a search and by each segment of successive halving. The
     objects that exist before a search outlive it, so nothing is lost by leaving them out; the
-    runs' own objects are collected as before."""
+    runs' own objects are collected as before. On the functions that train (`search`, the grid's
+    retrain, successive halving); the others reach them."""
     if gc.get_freeze_count():
         yield
         return
@@ -208,7 +209,6 @@ def l2sp_grid_search(
     return SearchResult(best=best, runs=runs, final_seconds=time.perf_counter() - start, trainer=final)
 
 
-@objects_frozen_out_of_collections()
 def select_learning_rate(
     model_init: Callable[[], object],
     train_dataset,
@@ -248,7 +248,6 @@ def select_learning_rate(
     )
 
 
-@objects_frozen_out_of_collections()
 def select_learning_rate_by_validation(
     trainer_class: type,
     model_init: Callable[[], object],
@@ -267,7 +266,6 @@ def select_learning_rate_by_validation(
     )
 
 
-@objects_frozen_out_of_collections()
 def learning_rate_search(trainer_class, model_init, train_dataset, args, learning_rates, score, method_name: str,
                           learned=None, **trainer_kwargs) -> SearchResult:
     """One `trainer_class` run per learning rate on `train_dataset`; the lowest `score(trainer)` wins
@@ -289,6 +287,13 @@ def learning_rate_search(trainer_class, model_init, train_dataset, args, learnin
     return SearchResult(best=best_run.settings, runs=runs, final_seconds=0.0, trainer=_chosen_trainer(best_trainer, args))
 
 
+def halving_min_steps(num_candidates: int) -> int:
+    """The shortest `max_steps` successive halving of `num_candidates` can pause in: its first
+    round ends at max_steps / 2^(R+1), R = ceil(log2 k) eliminations (1 for a single candidate)."""
+    eliminations = math.ceil(math.log2(num_candidates)) if num_candidates > 1 else 0
+    return 2 ** (eliminations + 1) if eliminations else 1
+
+
 def halving_schedule(num_candidates: int, max_steps: int) -> list[tuple[int, int]]:
     """The rounds of successive halving: [(t_r, n_r)] for r = 1 … R + 1, where n_r runs are trained
     up to step t_r, and the best ceil(n_r / 2) of them (by their score at t_r) go on to round r + 1.
@@ -307,7 +312,7 @@ def halving_schedule(num_candidates: int, max_steps: int) -> list[tuple[int, int
     if num_candidates < 1:
         raise ValueError(f"successive halving needs at least one candidate; got {num_candidates}")
     eliminations = math.ceil(math.log2(num_candidates)) if num_candidates > 1 else 0
-    shortest = 2 ** (eliminations + 1) if eliminations else 1
+    shortest = halving_min_steps(num_candidates)
     if max_steps < shortest:
         raise ValueError(
             f"successive halving of {num_candidates} candidates pauses first at max_steps / {shortest}, so it needs "

@@ -552,9 +552,10 @@ def _check_learning_rate_selection(training_args, run_args) -> None:
             "--learning_rate_selection halving pauses runs at fractions of --max_steps, so it needs --max_steps > 0; "
             f"got {training_args.max_steps}. Pass --max_steps (the length of the full run)."
         )
+    from ..search import halving_min_steps
+
     num = len(run_args.learning_rates)
-    eliminations = math.ceil(math.log2(num))
-    needed = 2 ** (eliminations + 1) if eliminations else 1  # the first pause: max_steps / 2^(ceil(log2 k) + 1)
+    needed = halving_min_steps(num)
     if training_args.max_steps < needed:
         raise UsageError(f"--learning_rate_selection halving needs --max_steps >= {needed} for {num} learning rates; "
                          f"got {training_args.max_steps}. Raise --max_steps or pass fewer --learning_rates.")
