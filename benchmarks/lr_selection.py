@@ -2,7 +2,8 @@
 
 `select_learning_rate(strategy="halving")` chooses among the same 4 learning rates by the same
 training objective as the full selection (`strategy="full"`, the paper's: 4 complete runs, the
-lowest final objective wins), training 1.5 runs' steps (`hf_deelbo.search.halving_schedule`).
+lowest final objective wins), training 1.35 runs' steps (`hf_deelbo.search.halving_schedule`; each
+early round scored after a cool-down branch, `hf_deelbo.search.PauseAtStep`).
 Per (task, backbone, N, seed), in one process, one after the other (alternating which goes
 first), this runs:
 
@@ -30,7 +31,7 @@ Tasks: `digits` (the transfer task of `benchmarks/transfer.py`: a backbone pretr
 of the N training labels replaced), both backbones (timm ResNet, ViT), seeds 0–2; learning rates
 {0.1, 0.01, 0.001, 0.0001}; one thread per process. Nothing here is tuned.
 
-    python benchmarks/lr_selection.py                 # ≈ 25 min on 2 cores: benchmarks/results/lr_selection.json, docs
+    python benchmarks/lr_selection.py                 # ≈ 40 min on 2 cores: benchmarks/results/lr_selection.json, docs
     python benchmarks/lr_selection.py --summarize     # the table and docs from the records so far
     python benchmarks/lr_selection.py --quick --output-dir /tmp/lr-quick   # a smoke run (CI)
 
@@ -175,10 +176,12 @@ def markdown(rows: list[dict], records: list[dict], data: dict) -> str:
     cheap_grid = [r for r in joined if r["grid_over_halving"] < 60]
     lines = [
         SECTION[0],
-        "## The learning rate at 1.5 runs: successive halving (`benchmarks/lr_selection.py`)",
+        "## The learning rate at 1.35 runs: successive halving with cool-down branches (`benchmarks/lr_selection.py`)",
         "",
-        "DE ELBO's learning rate among {} by `select_learning_rate(strategy=\"halving\")` (all 4 to T/8, the best 2 "
-        "to T/4, the best to T; scored by the training objective with 1 draw at every round; 1.5T steps) against the full selection (4 complete runs, the lowest final objective: the `DE ELBO` rows "
+        "DE ELBO's learning rate among {} by `select_learning_rate(strategy=\"halving\")` (all 4 to T/16, the best 2 "
+        "to T/8, the best to T; each early round scored after a cool-down branch of 0.2 × the steps trained, the "
+        "learning rate decayed linearly towards 0, then dropped; scored by the training objective with 1 draw at "
+        "every round; 1.35T steps) against the full selection (4 complete runs, the lowest final objective: the `DE ELBO` rows "
         "of the regularization benchmark, same splits, seeds and settings). Per (task, backbone, N, seed), in one "
         "process, one after the other: halving, one DE ELBO run (lr 0.1 alone, the full selection's unit: the full "
         "selection costs 4 of them) and the grid search's two units (a tuning run on the stratified 80 % of N, the "
@@ -251,7 +254,10 @@ def main(argv=None) -> None:
     docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
                               else os.path.join(ROOT, "docs", "benchmarks.md"))
     data = load(path)
+    from hf_deelbo.search import HALVING_COOLDOWN_FRACTION
+
     data["settings"] = {"learning_rates": learning_rates, "steps": steps or TASKS[EXISTING][1],
+                        "cooldown_fraction": HALVING_COOLDOWN_FRACTION,
                         "grid_runs": GRID_RUNS, "full_selection": os.path.relpath(full_path, ROOT)}
     if not args.summarize:
         cache_dir = os.path.join(args.output_dir, "pretrained")

@@ -16,10 +16,10 @@ def test_lr_selection_benchmark_quick_mode_writes_its_outputs(tmp_path, benchmar
     (record,) = saved["records"]
     halving, full = record["halving"], record["full"]
     assert [r["learning_rate"] for r in halving["runs"]] == [0.1, 0.01]
-    assert halving["total_steps"] == halving_budget(2, 16) == 20  # 2·4 + 12
-    assert sorted(r["steps"] for r in halving["runs"]) == [4, 16]
+    assert halving["total_steps"] == halving_budget(2, 16) == 20  # 2·2 + 14 + a 1-step cool-down each
+    assert sorted(r["steps"] for r in halving["runs"]) == [3, 17]
     chosen = next(r for r in halving["runs"] if r["eliminated_at"] is None)
-    assert chosen["learning_rate"] == halving["learning_rate"] and chosen["steps"] == 16
+    assert chosen["learning_rate"] == halving["learning_rate"] and chosen["steps"] == 17
     # the full selection: the regularization benchmark's DE ELBO record of the same pair
     (deelbo,) = json.loads((tmp_path / "regularization" / "regularization.json").read_text())["records"]
     assert full["learning_rate"] == deelbo["learning_rate"] and full["accuracy"] == deelbo["accuracy"]
