@@ -33,6 +33,7 @@ of the N training labels replaced), both backbones (timm ResNet, ViT), seeds 0�
 
     python benchmarks/lr_selection.py                 # ≈ 40 min on 2 cores: benchmarks/results/lr_selection.json, docs
     python benchmarks/lr_selection.py --summarize     # the table and docs from the records so far
+    python benchmarks/lr_selection.py --crossover     # ≈ 6 min: when lr 0.1 overtakes 0.01 (lr_crossover.json)
     python benchmarks/lr_selection.py --quick --output-dir /tmp/lr-quick   # a smoke run (CI)
 
 Records are saved after every pair and a rerun skips the pairs already done.
@@ -104,6 +105,62 @@ def run_pair(job) -> dict:
     grid_seconds = GRID_RUNS * record["grid"]["tuning_run_seconds"] + record["grid"]["retrain_seconds"]
     record["grid_over_halving"] = grid_seconds / record[HALVING]["seconds"]
     return record
+
+
+# `--crossover`: when does the learning rate that wins at T take the lead? Per seed, one run per
+# learning rate, paused at each of CROSSOVER_PAUSES × T and scored there after the same cool-down
+# branch successive halving uses (10 draws), then scored at T: the cooled-down objective against
+# the step it was taken at. The cells: where halving missed, and one where it agreed.
+CROSSOVER_PAUSES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)
+CROSSOVER_CELLS = (("noise-40", "vit", 500), ("noise-40", "timm-resnet", 500))
+CROSSOVER_LEARNING_RATES = (0.1, 0.01)
+
+
+def crossover_run(job) -> dict:
+    """One (task, backbone, N, seed, lr): its cooled-down objective at each pause and at T."""
+    _setup_thread()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
+    from hf_deelbo.search import PauseAtStep, halving_cooldown_steps
+
+    task, backbone, n, seed, learning_rate, steps, path, work_dir = job
+    train, _ = task_data(task, n, seed)
+    init = model_init(backbone, path, seed)
+    args = DEELBoTrainingArguments(output_dir=work_dir, **{**training_settings(steps, seed), "learning_rate": learning_rate,
+                                                           "ignore_data_skip": False})
+    pauses = [max(1, int(steps * f)) for f in CROSSOVER_PAUSES]
+    scores, checkpoint = [], None
+    for pause in [*pauses, steps]:
+        cooldown = halving_cooldown_steps(pause) if pause != steps else 0
+        trainer = DEELBoTrainer(model=init(), args=args, train_dataset=train,
+                                callbacks=[PauseAtStep(pause, cooldown)] if pause != steps else None)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        scores.append({"step": pause, "cooldown_steps": cooldown,
+                       "objective": float(trainer.training_objective(train, num_samples=10))})
+        checkpoint = os.path.join(work_dir, f"checkpoint-{pause}")
+    return {"task": task, "backbone": backbone, "n": n, "seed": seed, "learning_rate": learning_rate,
+            "steps": steps, "scores": scores}
+
+
+def crossover(output_dir: str, workers: int, seeds) -> None:
+    cache_dir = os.path.join(output_dir, "pretrained")
+    paths = {b: pretrained_path(b, cache_dir) for b in {c[1] for c in CROSSOVER_CELLS}}
+    jobs = [(task, backbone, n, seed, lr, TASKS[task][1], paths[backbone],
+             os.path.join(output_dir, "runs", f"lr_crossover-{task}-{backbone}-{n}-{seed}-{lr:g}"))
+            for task, backbone, n in CROSSOVER_CELLS for seed in seeds for lr in CROSSOVER_LEARNING_RATES]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        records = list(pool.imap(crossover_run, jobs))
+    save({"settings": {"pauses": list(CROSSOVER_PAUSES), "learning_rates": list(CROSSOVER_LEARNING_RATES),
+                       "draws": 10}, "records": records}, os.path.join(output_dir, "lr_crossover.json"))
+    for task, backbone, n in CROSSOVER_CELLS:
+        for seed in seeds:
+            rows = {r["learning_rate"]: r["scores"] for r in records
+                    if (r["task"], r["backbone"], r["n"], r["seed"]) == (task, backbone, n, seed)}
+            print(f"{task} {backbone} N={n} seed {seed}: " + "; ".join(
+                f"step {a['step']}: " + ", ".join(f"{lr:g} {rows[lr][i]['objective']:.3f}" for lr in rows)
+                for i, a in enumerate(rows[CROSSOVER_LEARNING_RATES[0]])))
 
 
 def with_full_selection(record: dict, full: dict | None) -> dict:
@@ -243,7 +300,13 @@ def main(argv=None) -> None:
                         "OUTPUT_DIR/regularization/regularization.json).")
     parser.add_argument("--docs", default=None, help="Default: docs/benchmarks.md (OUTPUT_DIR/benchmarks.md with --quick).")
     parser.add_argument("--summarize", action="store_true", help="Only rebuild the summary and the docs section.")
+    parser.add_argument("--crossover", action="store_true",
+                        help="Only measure, per seed, the cooled-down objective of lr 0.1 and 0.01 at fractions of the "
+                        "schedule in CROSSOVER_CELLS (OUTPUT_DIR/lr_crossover.json).")
     args = parser.parse_args(argv)
+    if args.crossover:
+        crossover(args.output_dir, args.workers, args.seeds)
+        return
     if args.quick:
         args.tasks, args.backbones, args.ns, args.seeds = ["noise-40"], ["timm-resnet"], [50], [0]
     steps = 16 if args.quick else None

@@ -31,6 +31,10 @@ class _NoLength(torch.utils.data.IterableDataset):
         ({"prior_variance_grouping": "block"},
          "prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per backbone tensor); "
          "got 'block'"),
+        ({"diagonal_sigma_learning_rate": 0.0},
+         "diagonal_sigma_learning_rate must be a finite number > 0, or None to train a diagonal ρ in the weights' "
+         "optimizer; got 0.0"),
+        ({"diagonal_sigma_learning_rate": float("inf")}, "diagonal_sigma_learning_rate must be a finite number > 0"),
         ({"posterior_covariance": "full"},
          "posterior_covariance must be 'isotropic' (one σ for every weight) or 'diagonal' (one σ_i per weight); "
          "got 'full'"),

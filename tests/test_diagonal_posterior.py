@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyNet, _free_port, build_model, image_dataset
 from torch.distributions import Normal, kl_divergence
+from transformers import TrainerCallback
 
 from hf_deelbo import DEELBoTrainer
 from hf_deelbo.core.groups import split_parameters
@@ -214,3 +215,90 @@ def test_diagonal_with_fully_shard_is_refused():
         _posterior(model, "backbone", "isotropic")  # the isotropic posterior still accepts it
     finally:
         dist.destroy_process_group()
+
+
+class _RhoRecorder(TrainerCallback):
+    """ρ, its gradient (after clipping, as the optimizer sees it) and every group's learning rate at each
+    step, in float64."""
+
+    def __init__(self, trainer_ref):
+        self.trainer_ref, self.before, self.grads, self.after, self.lrs = trainer_ref, [], [], [], []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        rho = self.trainer_ref[0].posterior.rho
+        self.before.append(rho.detach().double().clone())
+        self.grads.append(rho.grad.detach().double().clone())
+        self.lrs.append([group["lr"] for group in optimizer.param_groups])
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.after.append(self.trainer_ref[0].posterior.rho.detach().double().clone())
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+def test_a_diagonal_rho_takes_adams_steps_on_the_weights_schedule(optim, make_args):
+    """Whatever the weights' optimizer, each ρ_i follows Adam (β = 0.9, 0.999, ε = 1e-12) at
+    diagonal_sigma_learning_rate × the schedule, against the update written out in float64."""
+    ref = []
+    recorder = _RhoRecorder(ref)
+    lr, steps = 0.02, 3
+    trainer = DEELBoTrainer(model=build_model("vit")[0], train_dataset=image_dataset(12), callbacks=[recorder],
+                            args=make_args(max_steps=steps, learning_rate=0.05, optim=optim, lr_scheduler_type="linear",
+                                           max_grad_norm=1.0, posterior_covariance="diagonal",
+                                           diagonal_sigma_learning_rate=lr))
+    ref.append(trainer)
+    trainer.train()
+    assert len(recorder.grads) == steps
+    first, second = torch.zeros_like(recorder.grads[0]), torch.zeros_like(recorder.grads[0])
+    for k, (before, grad, after, lrs) in enumerate(zip(recorder.before, recorder.grads, recorder.after, recorder.lrs),
+                                                   start=1):
+        scheduled = lr * (1 - (k - 1) / steps)  # linear decay, no warm-up
+        assert lrs[-1] == pytest.approx(scheduled, rel=1e-12)  # ρ's group is last, on the weights' schedule
+        assert lrs[0] == pytest.approx(0.05 * (1 - (k - 1) / steps), rel=1e-12)
+        first = 0.9 * first + 0.1 * grad
+        second = 0.999 * second + 0.001 * grad**2
+        step = scheduled * (first / (1 - 0.9**k)) / ((second / (1 - 0.999**k)).sqrt() + 1e-12)
+        # ρ is float32 (|ρ| ≈ 9): its rounding, 2 ulp, and Adam's float32 arithmetic on the step
+        torch.testing.assert_close(after, before - step, rtol=2 * 2**-23, atol=1e-5 * scheduled)
+        assert (after - before).abs().max() > 0.5 * scheduled  # each ρ_i moves by about a learning rate
+
+
+def test_the_sigmas_of_a_diagonal_posterior_grow_under_sgd(make_args):
+    """The failure the Adam fixes: in the weights' SGD at sigma_learning_rate, dL/dρ_i is ~1/D of the
+    isotropic ρ's and the σ_i stay at sigma_init; with ρ's own Adam they move."""
+    def rms_sigma(**overrides):
+        trainer = DEELBoTrainer(model=build_model("resnet")[0], train_dataset=image_dataset(16),
+                                args=make_args(max_steps=20, learning_rate=0.1, optim="sgd", max_grad_norm=1.0,
+                                               posterior_covariance="diagonal", **overrides))
+        trainer.train()
+        return trainer.learned_hyperparameters()["sigma"]
+
+    assert rms_sigma(diagonal_sigma_learning_rate=0.1) > 2e-4  # 2 × sigma_init
+    assert rms_sigma(diagonal_sigma_learning_rate=None) < 1.1e-4
+
+
+def test_the_combined_optimizer_round_trips_its_state_and_refuses_anothers():
+    from hf_deelbo.methods.deelbo.optimization import CombinedOptimizer, diagonal_rho_optimizer
+
+    def build():
+        torch.manual_seed(0)
+        weights, rho = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.full((3,), -9.0))
+        return weights, rho, CombinedOptimizer([torch.optim.SGD([weights], lr=0.1, momentum=0.9),
+                                                diagonal_rho_optimizer(rho, 0.01)])
+
+    weights, rho, optimizer = build()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    for _ in range(2):
+        (weights.sum() + rho.pow(2).sum()).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1 / 3, 0.01 / 3])  # both groups scheduled
+    assert rho.grad is None and weights.grad is None
+    saved = optimizer.state_dict()
+    weights2, rho2, restored = build()
+    restored.load_state_dict(saved)
+    assert [g["lr"] for g in restored.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert torch.equal(restored.state[rho2]["exp_avg_sq"], optimizer.state[rho]["exp_avg_sq"])
+    assert torch.equal(restored.state[weights2]["momentum_buffer"], optimizer.state[weights]["momentum_buffer"])
+    with pytest.raises(ValueError, match="combines 2 optimizers .* the state to load holds none"):
+        restored.load_state_dict(torch.optim.SGD([weights2], lr=0.1).state_dict())

@@ -27,8 +27,12 @@ class _CountSyncs(TorchDispatchMode):
 
 def _caller(stack: list[str]) -> str:
     """Who asked for the value: the innermost frame of hf_deelbo, or of Trainer's loop when none of
-    ours is inside it (torch's single-tensor Adam reads its step counter, a host tensor even on a GPU)."""
+    ours is inside it (torch's single-tensor Adam reads its step counter, a host tensor even on a GPU).
+    `CombinedOptimizer.step` (a diagonal posterior's ρ has an Adam of its own) only calls the torch
+    optimizers' steps, so what they read is attributed past it."""
     for frame in reversed(stack):
+        if frame.endswith("/hf_deelbo/methods/deelbo/optimization.py:step"):
+            continue
         if "/hf_deelbo/" in frame or frame.endswith(":_inner_training_loop"):
             return frame
     return stack[-2]

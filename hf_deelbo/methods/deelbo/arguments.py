@@ -92,6 +92,15 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             optimizer state, saved in each checkpoint as `deelbo_posterior_rho.safetensors`. The logged
             and stored `sigma` is the root mean square √(Σ_i σ_i²/D). Not with parameters sharded by
             FSDP2 (docs/method.md, "Diagonal posterior").
+        diagonal_sigma_learning_rate (`float`, *optional*, defaults to `0.01`):
+            With `posterior_covariance="diagonal"`, the learning rate of the Adam that trains the D
+            numbers ρ_i (on the weights' schedule, whatever the weights' optimizer): each ρ_i's
+            gradient is about 1/D of the isotropic ρ's, so the weights' optimizer at
+            `sigma_learning_rate` leaves every σ_i at `sigma_init`; Adam's per-coordinate step does
+            not depend on that scale. The default was measured
+            (`benchmarks/regularization.py --calibrate-diagonal`). `None` trains ρ in the weights'
+            optimizer as the isotropic ρ (`sigma_learning_rate`, `sigma_momentum`). Ignored by the
+            isotropic posterior.
     """
 
     trainer_name: ClassVar[str] = "DEELBoTrainer"
@@ -166,6 +175,14 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
         },
     )
 
+    diagonal_sigma_learning_rate: float | None = field(
+        default=0.01,
+        metadata={
+            "help": "With posterior_covariance='diagonal': the learning rate of the Adam that trains the ρ_i, "
+            "on the same schedule. None: ρ in the weights' optimizer, as the isotropic ρ."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
@@ -182,6 +199,13 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
         if self.sigma_momentum is not None and not 0 <= self.sigma_momentum < 1:
             raise ValueError(
                 f"sigma_momentum must be in [0, 1), or None to keep the weights' momentum; got {self.sigma_momentum}"
+            )
+        if self.diagonal_sigma_learning_rate is not None and not (
+            math.isfinite(self.diagonal_sigma_learning_rate) and self.diagonal_sigma_learning_rate > 0
+        ):
+            raise ValueError(
+                f"diagonal_sigma_learning_rate must be a finite number > 0, or None to train a diagonal ρ in the "
+                f"weights' optimizer; got {self.diagonal_sigma_learning_rate}"
             )
         if self.num_train_examples is not None and self.num_train_examples <= 0:
             raise ValueError(

@@ -20,6 +20,7 @@ from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
 from .config import DEELBO, deelbo_config
 from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
+from .optimization import CombinedOptimizer, diagonal_rho_optimizer
 from .posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior
 from .prediction import predictive_log_probs
 
@@ -102,9 +103,16 @@ class DEELBoTrainer(FineTuningTrainer):
     def create_optimizer(self, model=None):
         """Trainer's optimizer, plus a group for ρ: no weight decay, learning rate
         `sigma_learning_rate` (`learning_rate` if None), scaled by the same schedule; under SGD,
-        `sigma_momentum` (Nesterov) if set."""
+        `sigma_momentum` (Nesterov) if set. A diagonal posterior's ρ (one ρ_i per weight) gets an
+        Adam of its own at `diagonal_sigma_learning_rate` instead (`optimization.py` says why),
+        stepped with Trainer's optimizer as one (`CombinedOptimizer`), on the same schedule."""
         optimizer = super().create_optimizer(model)
         rho = self.posterior.rho
+        if self.posterior.diagonal and self.args.diagonal_sigma_learning_rate is not None:
+            if not isinstance(optimizer, CombinedOptimizer):
+                self.optimizer = CombinedOptimizer(
+                    [optimizer, diagonal_rho_optimizer(rho, self.args.diagonal_sigma_learning_rate)])
+            return self.optimizer
         if not any(p is rho for group in optimizer.param_groups for p in group["params"]):
             group = {"params": [rho], "weight_decay": 0.0}
             if self.args.sigma_learning_rate is not None:
@@ -349,13 +357,15 @@ class DEELBoTrainer(FineTuningTrainer):
         if sigma >= PINNED_SIGMA_FACTOR * sigma_init or not self.is_world_process_zero():
             return
         learned = self.learned_hyperparameters()
-        rho_lr = self.args.sigma_learning_rate
+        name, rho_lr = "sigma_learning_rate", self.args.sigma_learning_rate
+        if self.posterior.diagonal and self.args.diagonal_sigma_learning_rate is not None:
+            name, rho_lr = "diagonal_sigma_learning_rate", self.args.diagonal_sigma_learning_rate
         now = f"{rho_lr:g}" if rho_lr is not None else f"None, i.e. learning_rate={self.args.learning_rate:g}"
         logger.warning(
             f"σ ended the run at {sigma:.3g}, less than {PINNED_SIGMA_FACTOR:g}× sigma_init={sigma_init:g} after "
             f"{self.state.global_step} steps: the posterior never widened, so the learned prior (λ={learned['lambda']:.3g}, "
             f"α_eff={learned['alpha_eff']:.3g}) held the backbone near its pretrained weights, and the model may be "
-            f"worse than plain fine-tuning. Raise sigma_learning_rate (now {now}) or train longer "
+            f"worse than plain fine-tuning. Raise {name} (now {now}) or train longer "
             "(docs/trainer.md, 'Using your own optimizer')."
         )
 
