@@ -86,7 +86,12 @@ def test_diagonal_posterior_agrees_across_two_processes_and_with_one(tmp_path):
     assert rank0["learned"] == rank1["learned"] and rank0["learned"]["posterior_covariance"] == "diagonal"
     assert len(rank0["rho"]) == len(rank0["weights"]) and len(set(rank0["rho"])) > 1  # one ρ_i per weight, moved
     np.testing.assert_allclose(rank0["weights"], single["weights"], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(rank0["rho"], single["rho"], rtol=1e-5, atol=0)
+    # ρ's Adam divides each coordinate's step by its own gradient scale: where a gradient is near 0,
+    # the all-reduce's rounding (1e-7 relative) can move the step by a little of the learning rate
+    # (0.1). All but a few ρ_i agree to 1e-5; none is off by 0.1 % of a step.
+    rho, single_rho = np.asarray(rank0["rho"]), np.asarray(single["rho"])
+    np.testing.assert_allclose(rho, single_rho, rtol=0, atol=1e-4)
+    assert np.mean(np.abs(rho - single_rho) <= 1e-5 * np.abs(single_rho)) > 0.999
     for key in ("lambda", "tau", "sigma"):
         assert rank0["learned"][key] == pytest.approx(single["learned"][key], rel=1e-5), key
     assert json.loads((out / "config.json").read_text())["deelbo"] == rank0["learned"]

@@ -92,7 +92,7 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             optimizer state, saved in each checkpoint as `deelbo_posterior_rho.safetensors`. The logged
             and stored `sigma` is the root mean square √(Σ_i σ_i²/D). Not with parameters sharded by
             FSDP2 (docs/method.md, "Diagonal posterior").
-        diagonal_sigma_learning_rate (`float`, *optional*, defaults to `0.01`):
+        diagonal_sigma_learning_rate (`float`, *optional*, defaults to `0.1`):
             With `posterior_covariance="diagonal"`, the learning rate of the Adam that trains the D
             numbers ρ_i (on the weights' schedule, whatever the weights' optimizer): each ρ_i's
             gradient is about 1/D of the isotropic ρ's, so the weights' optimizer at
@@ -176,7 +176,7 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
     )
 
     diagonal_sigma_learning_rate: float | None = field(
-        default=0.01,
+        default=0.1,
         metadata={
             "help": "With posterior_covariance='diagonal': the learning rate of the Adam that trains the ρ_i, "
             "on the same schedule. None: ρ in the weights' optimizer, as the isotropic ρ."
