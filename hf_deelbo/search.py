@@ -61,10 +61,10 @@ class SearchRun:
     the run learned (`learned`: DE ELBO's `learned_hyperparameters()`; empty for the others) and
     the metrics `train()` returned (empty for a run that diverged).
 
-    Successive halving (`select_learning_rate(strategy="halving")`) also records the optimizer steps the run
-    trained (`steps`), its score at the end of each round it took part in (`round_scores`; `score`
-    is the last of them) and the round that eliminated it (`eliminated_at`, 1-based; None for the
-    chosen run). The other searches leave them at None / empty."""
+    Successive halving (`select_learning_rate(strategy="halving")`) also records the optimizer steps
+    the run trained (`steps`, its cool-down branches included), its score in each round it took part
+    in (`round_scores`; `score` is the last of them) and the round that eliminated it
+    (`eliminated_at`, 1-based; None for the chosen run). The other searches leave them at None / empty."""
 
     settings: dict
     score: float
@@ -410,10 +410,11 @@ def _select_by_halving(
     draw (the full selection's 10 draws at N = 500 cost a fifth of a 200-step run), hence one here.
 
     Why the cool-down: early in a schedule the objective at a large learning rate is that of iterates
-    bouncing across a valley, and an early comparison favours the small learning rates that will
-    lose at T (measured: the ViT on the noise-40 task at N = 500, where lr 0.1 trailed 0.01 at T/8
-    in every seed and won at T). Decaying the learning rate for a few steps removes most of that
-    noise (Hägele et al. 2024) and compares the runs at what they would reach if annealed.
+    bouncing across a valley, so an early comparison favours small learning rates that lose at T.
+    Decaying the learning rate for a few steps takes most of that noise out (Hägele et al. 2024) and
+    compares the runs at what they would reach if annealed. It does not help where the large
+    learning rate is worse even annealed until late (the ViT on the noise-40 task at N = 500 leads
+    only from 3T/4: docs/benchmarks.md, "What the halving numbers say").
 
     Each run is trained with the full `max_steps` (its learning-rate schedule is the full run's),
     paused at t_r with a checkpoint, and continued later from that checkpoint by a fresh trainer
@@ -463,12 +464,12 @@ def _select_by_halving(
         for round_index, (step, _) in enumerate(schedule, start=1):
             last = step == max_steps
             cooldown = 0 if last else halving_cooldown_steps(step, cooldown_fraction)
+            resumed_at = schedule[round_index - 2][0] if round_index > 1 else 0  # where this round's runs paused
             for i in alive:
                 start = time.perf_counter()
                 run_args = _run_args(args, run_dirs[i], learning_rate=learning_rates[i], save_total_limit=None,
                                      save_only_model=False, ignore_data_skip=False)
                 callbacks = user_callbacks + ([] if last else [PauseAtStep(step, cooldown)])
-                resumed_at = schedule[round_index - 2][0] if round_index > 1 else 0
                 trainer = DEELBoTrainer(model=model_init(), args=run_args, train_dataset=train_dataset,
                                         callbacks=callbacks or None, **trainer_kwargs)
                 try:

@@ -89,9 +89,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self._share_inner_groups()
 
     def add_param_group(self, param_group: dict) -> None:
-        if not hasattr(self, "optimizers") or not self.param_groups:
-            super().add_param_group(param_group)  # Optimizer.__init__'s own call
+        if not self.param_groups:  # Optimizer.__init__'s own call, before the inner groups are shared
+            super().add_param_group(param_group)
             return
+        # A later group belongs to the first optimizer (the weights'), which then steps it.
         self.optimizers[0].add_param_group(param_group)
         self._share_inner_groups()
 
