@@ -23,6 +23,13 @@ def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path, benchm
         assert len(record["runs"]) == int(record["kind"].split(", ")[1].split()[0]) == record["num_runs"] - 1
         assert record["learning_rate"] == record["chosen"]["learning_rate"]
         assert 1e-6 <= record["chosen"]["alpha"] <= 1e-2 and 1e-4 <= record["learning_rate"] <= 1e-1
+    # the extended grid: the chosen task only, α beyond the paper's 1e-2, 9 α × 2 lr + the retrain
+    grids = [r for r in saved["records"] if r["kind"] == "L2-SP grid, α to 10"]
+    assert [r["task"] for r in grids] == ["noise-20"]
+    assert {run["alpha"] for run in grids[0]["runs"]} == {0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0}
+    assert len(grids[0]["runs"]) == grids[0]["num_runs"] - 1 == 18
+    assert grids[0]["learning_rate"] == grids[0]["chosen"]["learning_rate"]
+    assert min(grids[0]["runs"], key=lambda run: run["validation_nll"])["alpha"] == grids[0]["chosen"]["alpha"]
     variants = ("DE ELBO, layer-wise λ", "DE ELBO, diagonal σ", "DE ELBO, layer-wise λ, diagonal σ")
     assert {(task, kind) for task in ("digits", "noise-20") for kind in variants} <= kinds
     for record in (r for r in saved["records"] if r["kind"] in variants):
