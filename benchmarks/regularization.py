@@ -767,9 +767,9 @@ def markdown(store: Store, output_dir: str, docs_path: str) -> str:
             above = [c for c in curve_cells(records, choice["task"]) if c.get("best_alpha", 0) > PAPER_ALPHA_MAX]
             if above:
                 lines += [f"In {len(above)} of its cells the curve's best α lies above {PAPER_ALPHA_MAX:g}, where "
-                          "the paper's grid stops ({}): there the procedures above include `" + GRID_EXTENDED + "`."
+                          "the paper's grid stops ({}): there the procedures above include `{}`."
                           .format(", ".join(f"{c['backbone']} N = {c['n']}: α = {_fmt_alpha(c['best_alpha'])}"
-                                            for c in above)), ""]
+                                            for c in above), GRID_EXTENDED), ""]
     lines.append(SECTION[1])
     return "\n".join(lines)
 
