@@ -122,6 +122,46 @@ def test_rho_group_follows_the_schedule(make_args):
         assert lrs[rho_group[0]] == pytest.approx(0.2 * factor)
 
 
+@pytest.mark.parametrize("passed", ["optimizer and scheduler", "optimizer only", "optimizer class"])
+def test_rho_follows_the_schedule_with_a_user_optimizer(passed, make_args):
+    """With a user's optimizer (and scheduler), ρ's group follows the schedule like the weights'."""
+    model, _ = build_model("vit")
+    args = make_args(learning_rate=5e-5, sigma_learning_rate=0.2, max_steps=4, lr_scheduler_type="linear")
+    if passed == "optimizer class":
+        kwargs = {"optimizer_cls_and_kwargs": (torch.optim.AdamW, {"lr": 5e-5, "weight_decay": 0.0})}
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
+        scheduler = (transformers.get_linear_schedule_with_warmup(optimizer, 0, 4)
+                     if passed == "optimizer and scheduler" else None)
+        kwargs = {"optimizers": (optimizer, scheduler)}
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), **kwargs)
+    seen = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.append([group["lr"] for group in optimizer.param_groups])
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert trainer.optimizer.param_groups[-1]["params"] == [trainer.posterior.rho]  # after the weights' group(s)
+    for step, (*weights_lrs, rho_lr) in enumerate(seen, start=1):
+        assert weights_lrs == pytest.approx([5e-5 * (1 - step / 4)] * len(weights_lrs))
+        assert rho_lr == pytest.approx(0.2 * (1 - step / 4))
+
+
+def test_a_scheduler_that_cannot_take_rho_is_refused_before_training(make_args, tmp_path):
+    model, _ = build_model("vit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    args = make_args(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=1, save_strategy="steps")
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), optimizers=(optimizer, scheduler))
+    with pytest.raises(ValueError, match=r"optimizers: .*\(StepLR\).*optimizers=\(optimizer, None\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list((tmp_path / "run").glob("checkpoint-*"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 class _Records(logging.Handler):
     """What reaches transformers' library logger, as a user's handler there would see it."""
 

@@ -121,7 +121,31 @@ class DEELBoTrainer(FineTuningTrainer):
                     momentum = self.args.sigma_momentum
                     group.update(momentum=momentum, nesterov=momentum > 0, dampening=0.0)
             optimizer.add_param_group(group)
+            self._schedule_rho_with_user_scheduler(optimizer, group)
         return optimizer
+
+    def _schedule_rho_with_user_scheduler(self, optimizer, group: dict) -> None:
+        """A scheduler passed in `optimizers=(optimizer, scheduler)` was built before ρ's group
+        existed, and torch's schedulers step exactly the groups they saw (a new one makes their
+        next step fail). transformers' schedules are `LambdaLR`s: ρ's group joins it with the
+        first group's multiplier, lr_ρ(t) = lr_ρ × λ_0(t), as when Trainer builds the schedule.
+        Any other scheduler cannot be extended safely: refused before the first step."""
+        scheduler = self.lr_scheduler
+        if scheduler is None:  # Trainer builds it next, from the optimizer with ρ's group
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.optimizer is optimizer:
+            group.setdefault("initial_lr", group["lr"])
+            scheduler.base_lrs.append(group["initial_lr"])
+            scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+            group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            return
+        raise ValueError(
+            f"optimizers: DEELBoTrainer adds a parameter group for ρ (σ = softplus(ρ)) to the optimizer, but the "
+            f"scheduler passed with it ({type(scheduler).__name__}) was built for the optimizer's groups before that "
+            "and cannot step the new one. Pass `optimizers=(optimizer, None)` (Trainer then builds "
+            "`lr_scheduler_type`'s schedule for every group), `optimizer_cls_and_kwargs=(optimizer_class, kwargs)`, "
+            "or a torch.optim.lr_scheduler.LambdaLR (what transformers.get_scheduler returns), which ρ's group joins."
+        )
 
     def _clip_grad_norm(self, model):
         # Trainer clips model.parameters() only; the method clips the joint gradient including ρ.
