@@ -380,6 +380,29 @@ def calibrate_diagonal(backbones, paths, output_dir: str, workers: int) -> dict:
     return result
 
 
+# `--reproduce`: committed α-curve points trained again on this machine's pretrained backbones
+# (`pretrained_path` rebuilds them wherever they are missing), against the committed accuracy.
+REPRODUCE = (("noise-40", "timm-resnet", 500, 0, 1.0), ("noise-40", "timm-resnet", 100, 0, 0.0),
+             ("noise-40", "vit", 100, 0, 0.0), ("digits", "timm-resnet", 100, 0, 0.0), ("digits", "vit", 100, 0, 0.0))
+
+
+def reproduce(store: Store, paths: dict, output_dir: str) -> list[dict]:
+    committed = {(r["task"], r["backbone"], r["n"], r["seed"], r["alpha"]): r for r in store.records
+                 if r["kind"] == CURVE}
+    results = []
+    for key in REPRODUCE:
+        task, backbone, n, seed, alpha = key
+        job = (task, CURVE, backbone, n, seed, alpha, TASKS[task][1], list(LEARNING_RATES), paths[backbone],
+               os.path.join(output_dir, "runs", "reproduce"), ())
+        again = run_one(job)[0]
+        results.append({"task": task, "backbone": backbone, "n": n, "seed": seed, "alpha": alpha,
+                        "committed_accuracy": committed[key]["accuracy"], "accuracy": again["accuracy"]})
+        print(json.dumps(results[-1]), flush=True)
+    with open(os.path.join(output_dir, "reproduce.json"), "w") as f:
+        json.dump({"pretraining": {b: pretraining(p) for b, p in paths.items()}, "records": results}, f, indent=1)
+    return results
+
+
 def record_key(r: dict) -> tuple:
     # `alpha` tells the points of an α-curve apart; other records may carry a learned or chosen α.
     return (r["task"], r["kind"], r["backbone"], r["n"], r["seed"], r.get("alpha") if r["kind"] == CURVE else None)
@@ -815,6 +838,8 @@ def main(argv=None) -> None:
                         "with the other benchmarks).")
     parser.add_argument("--fresh", action="store_true", help="Forget the records in OUTPUT_DIR/regularization.json.")
     parser.add_argument("--replot", action="store_true", help="Only rebuild the figures, the docs section and the summary.")
+    parser.add_argument("--reproduce", action="store_true",
+                        help="Only train a few committed α-curve points again, here: OUTPUT_DIR/reproduce.json.")
     parser.add_argument("--calibrate-diagonal", action="store_true",
                         help="Only measure diagonal_sigma_learning_rate's default (OUTPUT_DIR/diagonal-calibration.json).")
     args = parser.parse_args(argv)
@@ -845,6 +870,9 @@ def main(argv=None) -> None:
     paths = {b: pretrained_path(b, cache_dir) for b in settings["backbones"]}
     if args.calibrate_diagonal:
         calibrate_diagonal(settings["backbones"], paths, args.output_dir, args.workers)
+        return
+    if args.reproduce:
+        reproduce(store, paths, args.output_dir)
         return
     store.data["settings"]["pretraining"] = {b: pretraining(p) for b, p in paths.items()}
     work_dir = os.path.join(args.output_dir, "runs")
