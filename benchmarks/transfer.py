@@ -117,8 +117,16 @@ def pretrained_path(backbone: str, cache_dir: str) -> str:
 
 
 def pretraining(path: str) -> dict:
+    """The backbone's pretraining record, with the SHA-256 of its weights file: the backbones are
+    committed under benchmarks/results/pretrained/, and one rebuilt elsewhere (another machine's
+    floating point) differs from them, so records made on different backbones can be told apart."""
+    import hashlib
+
     with open(os.path.join(path, "pretraining.json")) as f:
-        return json.load(f)
+        record = json.load(f)
+    weights = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+    with open(os.path.join(path, weights[0]), "rb") as f:
+        return {**record, "weights_sha256": hashlib.sha256(f.read()).hexdigest()}
 
 
 def new_model(backbone: str, num_classes: int):
