@@ -857,11 +857,13 @@ def main(argv=None) -> None:
     docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
                               else os.path.join(ROOT, "docs", "benchmarks.md"))
     store = Store(os.path.join(args.output_dir, "regularization.json"), fresh=args.fresh)
+    previous = store.data.get("settings", {})
     store.data["settings"] = {**{k: v for k, v in settings.items() if k not in ("ns", "seeds", "backbones")},
                               "curve_beta": CURVE_BETA, "curve_learning_rate": CURVE_LR,
                               "screen_cell": list(SCREEN_CELL), "min_gain": MIN_GAIN,
                               "tasks": {k: {"label_noise": v[0], "steps": v[1]} for k, v in TASKS.items()}}
-    if args.replot:
+    if args.replot:  # the backbones of the last training pass stay on record
+        store.data["settings"]["pretraining"] = previous.get("pretraining")
         rebuild(store, args.output_dir, docs_path)
         return
     _setup_thread()
