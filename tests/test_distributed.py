@@ -86,14 +86,18 @@ def test_diagonal_posterior_agrees_across_two_processes_and_with_one(tmp_path):
     assert rank0["learned"] == rank1["learned"] and rank0["learned"]["posterior_covariance"] == "diagonal"
     assert len(rank0["rho"]) == len(rank0["weights"]) and len(set(rank0["rho"])) > 1  # one ρ_i per weight, moved
     np.testing.assert_allclose(rank0["weights"], single["weights"], rtol=0, atol=1e-6)
-    # ρ's Adam divides each coordinate's step by its own gradient scale: where a gradient is near 0,
-    # the all-reduce's rounding (1e-7 relative) can move the step by a little of the learning rate
-    # (0.1). All but a few ρ_i agree to 1e-5; none is off by 0.1 % of a step.
-    rho, single_rho = np.asarray(rank0["rho"]), np.asarray(single["rho"])
-    np.testing.assert_allclose(rho, single_rho, rtol=0, atol=1e-4)
-    assert np.mean(np.abs(rho - single_rho) <= 1e-5 * np.abs(single_rho)) > 0.999
+    # ρ's Adam divides each coordinate's step by its own gradient scale. The attention's key bias has
+    # a data gradient of exactly 0 in exact arithmetic (softmax ignores a shift shared by all keys),
+    # so its ρ_i step on rounding noise, which the all-reduce changes; every other ρ_i agrees.
+    names = np.asarray(single["rho_names"])
+    assert names.tolist() == rank0["rho_names"] and len(names) == len(rank0["rho"])
+    key_bias = np.char.endswith(names.astype(str), "k_proj.bias")
+    assert 0 < key_bias.sum() < len(names) / 100
+    rho, single_rho = np.asarray(rank0["rho"])[~key_bias], np.asarray(single["rho"])[~key_bias]
+    np.testing.assert_allclose(rho, single_rho, rtol=1e-6, atol=0)
+    # λ̄ and σ's RMS include the key bias' σ_i (0.3 % of the weights, a few % apart): 1e-3 bounds that.
     for key in ("lambda", "tau", "sigma"):
-        assert rank0["learned"][key] == pytest.approx(single["learned"][key], rel=1e-5), key
+        assert rank0["learned"][key] == pytest.approx(single["learned"][key], rel=1e-3), key
     assert json.loads((out / "config.json").read_text())["deelbo"] == rank0["learned"]
 
 
