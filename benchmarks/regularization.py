@@ -932,9 +932,9 @@ def main(argv=None) -> None:
         if chosen and GRID_EXTENDED in args.baselines:  # only where the α-curve peaks above the paper's cap
             above = [(c["backbone"], c["n"]) for c in curve_cells(store.records, chosen)
                      if args.quick or c.get("best_alpha", 0) > PAPER_ALPHA_MAX]
-            for backbone, n in above:
-                run_jobs(store, jobs(chosen, [GRID_EXTENDED], [backbone], [n]), args.workers)
-            rebuild(store, args.output_dir, docs_path)
+            run_jobs(store, [job for backbone, n in above for job in jobs(chosen, [GRID_EXTENDED], [backbone], [n])],
+                     args.workers)
+        rebuild(store, args.output_dir, docs_path)
     if "variants" in args.stage:
         chosen = (store.data.get("choice") or {}).get("task")
         for task in ([chosen] if chosen else []) + [EXISTING]:

@@ -101,11 +101,8 @@ def test_rho_momentum_under_sgd_without_momentum(sigma_momentum, make_args):
     assert g1.abs() > 0 and g2.abs() > 0
 
 
-def test_rho_group_follows_the_schedule(make_args):
-    model, _ = build_model("vit")
-    args = make_args(optim="adamw_torch", learning_rate=5e-5, sigma_learning_rate=0.2, max_steps=4,
-                     lr_scheduler_type="linear")
-    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
+def _learning_rates_per_step(trainer) -> list[list[float]]:
+    """Trains `trainer`; every optimizer group's learning rate after each step."""
     seen = []
 
     class Record(transformers.TrainerCallback):
@@ -114,6 +111,15 @@ def test_rho_group_follows_the_schedule(make_args):
 
     trainer.add_callback(Record())
     trainer.train()
+    return seen
+
+
+def test_rho_group_follows_the_schedule(make_args):
+    model, _ = build_model("vit")
+    args = make_args(optim="adamw_torch", learning_rate=5e-5, sigma_learning_rate=0.2, max_steps=4,
+                     lr_scheduler_type="linear")
+    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
+    seen = _learning_rates_per_step(trainer)
     rho_group = [i for i, g in enumerate(trainer.optimizer.param_groups) if any(p is trainer.posterior.rho for p in g["params"])]
     assert len(rho_group) == 1 and trainer.optimizer.param_groups[rho_group[0]]["weight_decay"] == 0.0
     for step, lrs in enumerate(seen, start=1):
@@ -135,14 +141,7 @@ def test_rho_follows_the_schedule_with_a_user_optimizer(passed, make_args):
                      if passed == "optimizer and scheduler" else None)
         kwargs = {"optimizers": (optimizer, scheduler)}
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), **kwargs)
-    seen = []
-
-    class Record(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            seen.append([group["lr"] for group in optimizer.param_groups])
-
-    trainer.add_callback(Record())
-    trainer.train()
+    seen = _learning_rates_per_step(trainer)
     assert trainer.optimizer.param_groups[-1]["params"] == [trainer.posterior.rho]  # after the weights' group(s)
     for step, (*weights_lrs, rho_lr) in enumerate(seen, start=1):
         assert weights_lrs == pytest.approx([5e-5 * (1 - step / 4)] * len(weights_lrs))

@@ -50,9 +50,7 @@ def main():
         "learned": trainer.learned_hyperparameters(),
         "log_history": trainer.state.log_history,
     }
-    state = trainer.optimizer.state[trainer.posterior.rho]
-    if "exp_avg_sq" in state:  # a diagonal posterior's Adam: √v_i, each ρ_i's gradient scale
-        record["rho_gradient_scale"] = state["exp_avg_sq"].sqrt().tolist()
+    if trainer.posterior.diagonal:  # the parameter each ρ_i belongs to
         record["rho_names"] = [name for name, piece in trainer.posterior.rho_pieces().items() for _ in range(piece.numel())]
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
