@@ -157,6 +157,7 @@ class Case:
     message: str
     then: Callable | None = None  # further checks, given the Workspace
     may_change: tuple[str, ...] = ()  # globs (relative to the workspace) a successful resume rewrites
+    may_remove: tuple[str, ...] = ()  # globs (relative to the workspace) a successful overwrite removes
     marks: tuple = ()
 
 
@@ -354,6 +355,90 @@ def _lock_taken_over(ws):
     assert (ws.out / "model.safetensors").is_file() and not (ws.out / LOCK_NAME).exists()
 
 
+def _victim(ws) -> Path:
+    """A user's file outside the run, which no case may touch."""
+    victim = ws.root / "victim.txt"
+    victim.write_text("a user's thesis, not the run's")
+    return victim
+
+
+def _planted_lock(plant):
+    """An output directory whose lock path holds what `plant(lock path, victim)` put there."""
+
+    def prepare(ws):
+        ws.out.mkdir()
+        plant(ws.out / LOCK_NAME, _victim(ws))
+        return cli(*ws.train("--max_steps", "1"))
+
+    return prepare
+
+
+def _lock_path_untouched(kind):
+    def check(ws):
+        path = ws.out / LOCK_NAME
+        assert {"link": path.is_symlink, "folder": path.is_dir, "hard": lambda: path.stat().st_nlink == 2}[kind]()
+        assert (ws.root / "victim.txt").read_text() == "a user's thesis, not the run's"
+        assert not (ws.out / "model.safetensors").exists()
+
+    return check
+
+
+def _project_folder(ws):
+    """`--overwrite_output_dir` pointed at a folder a user works in."""
+    ws.out.mkdir()
+    (ws.out / ".git").mkdir()
+    (ws.out / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (ws.out / "thesis.tex").write_text("\\documentclass{article}")
+    (ws.out / "data").mkdir()
+    (ws.out / "data" / "x.csv").write_text("1,2")
+    return cli(*ws.train("--max_steps", "1", "--overwrite_output_dir", "true"))
+
+
+def _run_with(change):
+    """The copied run, changed by `change`, overwritten."""
+
+    def prepare(ws):
+        ws.copy_run()
+        change(ws)
+        return cli(*ws.train("--max_steps", "1", "--overwrite_output_dir", "true"))
+
+    return prepare
+
+
+def _user_note(ws):
+    (ws.out / "checkpoint-2" / "notes.txt").write_text("mine")
+
+
+def _recorded_file_now_a_link(ws):
+    """A file the run recorded writing, replaced by a link to a user's file outside the run."""
+    target = ws.out / "checkpoint-1" / "optimizer.pt"
+    target.unlink()
+    target.symlink_to(_victim(ws))
+
+
+def _record_names_outside(ws):
+    """The run's record tampered with to list files outside the output directory."""
+    from hf_deelbo.core.run_files import RUN_FILES_NAME
+
+    _victim(ws)
+    record = ws.out / RUN_FILES_NAME
+    files = json.loads(record.read_text())["files"]
+    record.write_text(json.dumps({"files": files + ["../victim.txt", str(ws.root / "victim.txt")]}))
+
+
+def _overwritten(ws):
+    assert (ws.root / "victim.txt").read_text() == "a user's thesis, not the run's"
+    assert (ws.out / "model.safetensors").is_file() and not (ws.out / "checkpoint-3").exists()
+
+
+def _per_rank_rng_files(ws):
+    """checkpoint-3 as a 2-process run writes it (rng_state_0.pth, rng_state_1.pth)."""
+    checkpoint = ws.out / "checkpoint-3"
+    shutil.copy(checkpoint / "rng_state.pth", checkpoint / "rng_state_1.pth")
+    (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")
+    _remove(ws, f"checkpoint-3/{MANIFEST_NAME}")
+
+
 FILE_CASES = [
     Case("output-dir-holds-another-run", _previous_run, 2, "already holds files from another run; pass "
          "--overwrite_output_dir"),
@@ -390,6 +475,27 @@ FILE_CASES = [
          "cannot be resumed from exactly: rng_state.pth is missing"),
     Case("output-dir-locked-by-a-live-run", _live_lock, 2, "is in use by another run (pid", _stop_holder),
     Case("stale-lock-taken-over", _stale_lock, 0, "Taking over the lock", _lock_taken_over),
+    Case("lock-is-a-link-to-a-users-file", _planted_lock(lambda lock, victim: lock.symlink_to(victim)), 2,
+         "_hf_deelbo.lock is a symbolic link, not the lock file hf_deelbo writes there", _lock_path_untouched("link")),
+    Case("lock-is-a-dangling-link", _planted_lock(lambda lock, victim: lock.symlink_to(victim.parent / "new.txt")), 2,
+         "_hf_deelbo.lock is a symbolic link", lambda ws: not (ws.root / "new.txt").exists() or pytest.fail()),
+    Case("lock-is-a-hard-link-to-a-users-file", _planted_lock(lambda lock, victim: os.link(victim, lock)), 2,
+         "_hf_deelbo.lock is a hard link (2 names for one file)", _lock_path_untouched("hard")),
+    Case("lock-is-a-folder", _planted_lock(lambda lock, victim: (lock.mkdir(), (lock / "kept").write_text("x"))), 2,
+         "_hf_deelbo.lock is a folder, not the lock file", _lock_path_untouched("folder")),
+    Case("overwrite-refuses-a-project-folder", _project_folder, 2,
+         "also holds .git/, data/, thesis.tex, which no run wrote; nothing was removed"),
+    Case("overwrite-refuses-a-users-file-in-a-run", _run_with(_user_note), 2,
+         "also holds checkpoint-2/, which no run wrote; nothing was removed"),
+    Case("overwrite-replaces-an-earlier-run", _run_with(lambda ws: _victim(ws)), 0, "Model, config.json",
+         _overwritten, ("run/*",), ("run/*",)),
+    Case("overwrite-removes-a-link-not-its-target", _run_with(_recorded_file_now_a_link), 0, "Model, config.json",
+         _overwritten, ("run/*",), ("run/*",)),
+    Case("overwrite-never-reaches-outside", _run_with(_record_names_outside), 0, "Model, config.json",
+         _overwritten, ("run/*",), ("run/*",)),
+    Case("resume-per-rank-rng-files-with-one-process", _resume_with(_per_rank_rng_files), 0,
+         "Not resuming from checkpoint-3: rng_state.pth is missing (it was written by 2 processes and is resumed by 1: "
+         "resume with as many, e.g. torchrun --nproc_per_node 2)", _resumed_from("checkpoint-2"), RESUME_REWRITES),
 ]
 
 
@@ -814,7 +920,8 @@ def test_failure_keeps_every_file(case, ws):
             assert "Traceback" not in text
         after = _snapshot(ws.root, ws.material["root"])
         rewritable = [p for p in before if any(fnmatch.fnmatch(os.path.relpath(p, ws.root), g) for g in case.may_change)]
-        lost = [p for p in before if p not in after]
+        removable = [p for p in before if any(fnmatch.fnmatch(os.path.relpath(p, ws.root), g) for g in case.may_remove)]
+        lost = [p for p in before if p not in after and p not in removable]
         changed = [p for p in before if p in after and after[p] != before[p] and p not in rewritable]
         assert not lost, lost
         assert not changed, changed

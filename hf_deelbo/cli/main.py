@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     # Other libraries' INFO lines (timm's "Loading pretrained weights from ...") are noise here.
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)  # hf_deelbo's logger follows transformers' verbosity (warnings) otherwise
-    from ..core.lock import OutputDirectoryInUse
+    from ..core.lock import OutputDirectoryError
     from ..hub.push import HubPushError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (UsageError, OutputDirectoryInUse) as error:
+    except (UsageError, OutputDirectoryError) as error:
         print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
         return 2
     except RunFailed as error:

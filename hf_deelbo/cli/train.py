@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from ..core import output_dir as output_dir_policy
 from .common import (
     DEFAULT_HUB_MODEL,
     EMBEDDED_TEST_FRACTION,
@@ -293,57 +294,6 @@ def _refuse_unknown_keys(parser, file_values: dict, config_file: str | None, wha
                              "`hf-deelbo train --help-all` lists them.")
 
 
-def _check_output_dir(training_args, run_args) -> bool:
-    """True if output_dir already existed. Refuses a directory a live run holds, or holding another
-    run (unless resumed or overwritten), and a resume with nothing to resume from."""
-    from ..core.checkpoints import checkpoint_problem, newest_complete_checkpoint
-    from ..core.lock import LOCK_NAME, lock_holder
-
-    path = training_args.output_dir
-    # Under torchrun every rank runs this command; the main process speaks for the run.
-    holder = lock_holder(path) if os.path.isdir(path) and _is_main_process() else None
-    if holder is not None:
-        raise UsageError(
-            f"--output_dir {path!r} is in use by another run ({holder}); wait for it to finish, or choose another "
-            "--output_dir."
-        )
-    if training_args.resume_from_checkpoint is True:
-        checkpoint, skipped = newest_complete_checkpoint(path)
-        if checkpoint is None:
-            found = "; ".join(f"{name}: {why}" for name, why in skipped) or "no checkpoint-<step> directory"
-            raise UsageError(
-                f"--resume: --output_dir {path!r} holds no complete checkpoint to resume from ({found}); "
-                "start a new run without --resume."
-            )
-    elif training_args.resume_from_checkpoint:
-        checkpoint = training_args.resume_from_checkpoint
-        if not os.path.isdir(checkpoint):
-            raise UsageError(
-                f"--resume_from_checkpoint {checkpoint!r} is not a directory; pass a checkpoint-<step> directory, or "
-                "--resume for the newest complete checkpoint of --output_dir."
-            )
-        problem = checkpoint_problem(checkpoint)
-        if problem:
-            raise UsageError(
-                f"--resume_from_checkpoint {checkpoint!r} cannot be resumed from exactly: {problem}. Pass --resume "
-                "for the newest complete checkpoint of --output_dir."
-            )
-    if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_NAME}:
-        if training_args.resume_from_checkpoint:
-            return True
-        if not run_args.overwrite_output_dir:
-            has_checkpoints = any(name.startswith("checkpoint-") for name in os.listdir(path))
-            raise UsageError(
-                f"--output_dir {path!r} already holds files from another run; "
-                + ("pass --resume to continue it from its newest complete checkpoint, " if has_checkpoints else "")
-                + "pass --overwrite_output_dir to replace them, or choose another --output_dir."
-            )
-        return True
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--output_dir {path!r} is a file, not a directory; choose another --output_dir.")
-    return os.path.isdir(path)
-
-
 def _embedded_data_and_model(data_args, training_args):
     from ..demo import digits
 
@@ -440,7 +390,9 @@ def main(argv: list[str]) -> int:
 
     model_args, data_args, training_args, run_args = parse_train_args(argv)
     _check_learning_rate_selection(training_args, run_args)
-    existed = _check_output_dir(training_args, run_args)
+    existed = output_dir_policy.check_output_dir(
+        training_args.output_dir, training_args.resume_from_checkpoint, run_args.overwrite_output_dir, "cli",
+        _is_main_process())
     set_seed(training_args.seed)
     embedded = _is_embedded_run(model_args, data_args)
     if embedded:
@@ -467,10 +419,9 @@ def main(argv: list[str]) -> int:
     main_process = training_args.process_index == 0
     if main_process:
         lock.acquire(output_dir)  # from here on, nothing the run writes is ever removed
-    if existed and run_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
-        if main_process:
-            _remove_previous_run(output_dir)
     try:
+        if existed and run_args.overwrite_output_dir and not training_args.resume_from_checkpoint and main_process:
+            output_dir_policy.clear_previous_run(output_dir)
         train_metrics = None
         if training_args.do_train and run_args.learning_rates:
             from ..search import select_learning_rate
@@ -604,49 +555,20 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def _remove_previous_run(output_dir: str) -> None:
-    """--overwrite_output_dir: the previous run's files go, the lock of this run stays."""
-    from ..core.lock import LOCK_NAME
-
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name == LOCK_NAME:
-            continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-def _kept(output_dir: str) -> str:
-    """What a failed run leaves, in one sentence."""
-    from ..core.checkpoints import complete_checkpoints
-    from ..core.lock import LOCK_NAME
-
-    written = [n for n in os.listdir(output_dir) if n != LOCK_NAME] if os.path.isdir(output_dir) else []
-    if not written:
-        return "Nothing was written."
-    complete = complete_checkpoints(output_dir)
-    if complete:
-        return (f"Everything written is kept in {output_dir}, with the complete checkpoints {', '.join(complete)}; "
-                "continue with the same command and --resume.")
-    return f"Everything written is kept in {output_dir} (no complete checkpoint)."
-
-
 def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
     """The one-line report of a run that failed after it started, or None for an unexpected error
     (raised as it is, with its traceback, after saying what was kept)."""
-    from ..core.lock import OutputDirectoryInUse
+    from ..core.lock import OutputDirectoryError
     from ..hub.push import HubPushError
 
-    kept = _kept(output_dir)
+    kept = output_dir_policy.kept(output_dir)
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, KeyboardInterrupt):
         return RunFailed(f"interrupted. {kept}", 130)
     if isinstance(error, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a checkpoint file
         return RunFailed(f"{_unpickled_file(error)} holds more than tensors, which is never unpickled "
                          f"({first_line[:200]}); resume from another checkpoint. {kept}")
-    if isinstance(error, (UsageError, OutputDirectoryInUse)):
+    if isinstance(error, (UsageError, OutputDirectoryError)):
         return UsageError(f"{first_line} {kept}")
     if isinstance(error, ValueError):  # data found invalid mid-run
         return RunFailed(f"{first_line} {kept}", 2)

@@ -102,7 +102,9 @@ def checkpoint_problem(
     checkpoint: str, callback_names: tuple[str, ...] = (), num_processes: int = 1, process_index: int = 0
 ) -> str | None:
     """Why `checkpoint` cannot be resumed from exactly (naming the missing or corrupt file), or
-    None when it is complete. `callback_names`: the stateful callbacks whose state it must hold."""
+    None when it is complete. `callback_names`: the stateful callbacks whose state it must hold;
+    `num_processes`: how many processes resume it (each needs its RNG state; every rank checks all
+    of them, so that all ranks pick the same checkpoint). `process_index` is accepted and unused."""
     if not os.path.isdir(checkpoint):
         return "it is not a directory"
     problem = _weights_problem(checkpoint)
@@ -122,9 +124,11 @@ def checkpoint_problem(
     for name in callback_names:
         if name not in saved_callbacks:
             return f"{TRAINER_STATE_NAME} holds no state of {name}"
-    rng_name = "rng_state.pth" if num_processes <= 1 else f"rng_state_{process_index}.pth"
-    for name in (OPTIMIZER_NAME, SCHEDULER_NAME, rng_name):
+    rng_names = [rng_state_name(num_processes, rank) for rank in range(max(num_processes, 1))]
+    for name in (OPTIMIZER_NAME, SCHEDULER_NAME, *rng_names):
         problem = _torch_archive_problem(os.path.join(checkpoint, name), name)
+        if problem and name in rng_names and not os.path.isfile(os.path.join(checkpoint, name)):
+            return problem + _written_by(checkpoint, num_processes)
         if problem:
             return problem
     manifest = os.path.join(checkpoint, MANIFEST_NAME)
@@ -141,6 +145,26 @@ def checkpoint_problem(
             if os.path.getsize(path) != size:
                 return f"{name} has {os.path.getsize(path)} bytes, {size} when it was saved (truncated or overwritten)"
     return None
+
+
+def rng_state_name(num_processes: int, rank: int) -> str:
+    """Trainer's RNG state file of `rank` in a run of `num_processes` processes."""
+    return "rng_state.pth" if num_processes <= 1 else f"rng_state_{rank}.pth"
+
+
+def _saved_by(checkpoint: str) -> int:
+    """How many processes wrote `checkpoint`, read from its RNG state files (0: none found)."""
+    names = os.listdir(checkpoint)
+    ranks = [n for n in names if n.startswith("rng_state_") and n.endswith(".pth")]
+    return len(ranks) if ranks else int("rng_state.pth" in names)
+
+
+def _written_by(checkpoint: str, num_processes: int) -> str:
+    saved = _saved_by(checkpoint)
+    if saved and saved != max(num_processes, 1):
+        return (f" (it was written by {saved} process{'es' if saved > 1 else ''} and is resumed by "
+                f"{max(num_processes, 1)}: resume with as many, e.g. torchrun --nproc_per_node {saved})")
+    return ""
 
 
 def newest_complete_checkpoint(output_dir: str, **requirements) -> tuple[str | None, list[tuple[str, str]]]:
@@ -165,9 +189,5 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [
         os.path.basename(c)
         for c in sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)
-        if checkpoint_problem(c, num_processes=_num_rng_files(c)) is None
+        if os.path.isdir(c) and checkpoint_problem(c, num_processes=max(_saved_by(c), 1)) is None
     ]
-
-
-def _num_rng_files(checkpoint: str) -> int:
-    return 1 if os.path.isfile(os.path.join(checkpoint, "rng_state.pth")) else 2

@@ -28,7 +28,8 @@ from ..hub.timm import is_timm_wrapper, make_timm_wrapper_checkpoint_portable, s
 from . import lock
 from .adapters import ADAPTER_SAFE_WEIGHTS_NAME, is_peft_model, peft_type, restore_adapter_weights
 from .callback import MethodStateCallback
-from .checkpoints import checkpoint_problem, newest_complete_checkpoint, write_manifest
+from . import output_dir as output_dir_policy
+from .checkpoints import write_manifest
 from .checks import (
     check_batch_labels,
     check_distributed_launch,
@@ -330,30 +331,14 @@ class FineTuningTrainer(Trainer):
     def _complete_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint `train` resumes from: for `True`, the newest complete one in output_dir
         (logging the newer ones skipped and why); a path only if it is complete (`checkpoints.py`)."""
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return None
-        requirements = dict(callback_names=self._stateful_callback_names(), num_processes=self.args.world_size,
-                            process_index=self.args.process_index)
-        if resume_from_checkpoint is True:
-            checkpoint, skipped = newest_complete_checkpoint(self.args.output_dir, **requirements)
-            for name, why in skipped:
-                logger.warning(f"Not resuming from {name}: {why}.")
-            if checkpoint is None:
-                found = "; ".join(f"{name}: {why}" for name, why in skipped) or "no checkpoint-<step> directory"
-                raise ValueError(
-                    f"resume_from_checkpoint=True, but output_dir {self.args.output_dir!r} holds no complete checkpoint "
-                    f"({found}); train without resuming, or pass a checkpoint directory."
-                )
-            if skipped:
-                logger.warning(f"Resuming from {checkpoint}, the newest complete checkpoint.")
-            return checkpoint
-        checkpoint = str(resume_from_checkpoint)
-        problem = checkpoint_problem(checkpoint, **requirements)
-        if problem:
-            raise ValueError(
-                f"resume_from_checkpoint {checkpoint!r} cannot be resumed from exactly: {problem}. Pass "
-                "resume_from_checkpoint=True to resume from the newest complete checkpoint of output_dir."
-            )
+        skipped = []
+        checkpoint = output_dir_policy.resume_checkpoint(
+            self.args.output_dir, resume_from_checkpoint, "api", skipped_log=lambda *entry: skipped.append(entry),
+            callback_names=self._stateful_callback_names(), num_processes=self.args.world_size)
+        for name, why in skipped:
+            logger.warning(f"Not resuming from {name}: {why}.")
+        if skipped:
+            logger.warning(f"Resuming from {checkpoint}, the newest complete checkpoint.")
         return checkpoint
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -365,6 +350,7 @@ class FineTuningTrainer(Trainer):
             checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(checkpoint):
                 write_manifest(checkpoint)
+            lock.record_writes(self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._restore_weights(resume_from_checkpoint):
@@ -409,9 +395,28 @@ class FineTuningTrainer(Trainer):
         """Trainer's `save_model` (weights, config.json with the hyperparameters), plus, when called
         by the user, the model card (README.md) and its plots in the same directory, as
         `push_to_hub` writes them. Checkpoints (`_internal_call`) get no card."""
-        super().save_model(output_dir, _internal_call)
-        if not _internal_call:
+        if _internal_call:
+            super().save_model(output_dir, _internal_call)
+            return
+        with self._holding(output_dir):
+            super().save_model(output_dir, _internal_call)
             self.create_model_card(output_dir=output_dir)
+
+    def _holding(self, output_dir: str | None = None) -> lock.holding:
+        """Hold the lock of `output_dir` (default `args.output_dir`) while writing there outside
+        `train()`, so that what is written is recorded as the run's (`run_files.py`)."""
+        return lock.holding(output_dir if output_dir is not None else self.args.output_dir,
+                            enabled=self.is_world_process_zero())
+
+    def save_metrics(self, split, metrics, combined=True):
+        """Trainer's `save_metrics` (`<split>_results.json`, `all_results.json`), recorded as the run's."""
+        with self._holding():
+            super().save_metrics(split, metrics, combined)
+
+    def save_state(self):
+        """Trainer's `save_state` (`trainer_state.json`), recorded as the run's."""
+        with self._holding():
+            super().save_state()
 
     # ---- the model card -----------------------------------------------------------------------
 
@@ -441,7 +446,12 @@ class FineTuningTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
+        with self._holding(output_dir):
+            self._write_model_card(output_dir, language, license, tags, model_name, finetuned_from, tasks,
+                                   dataset_tags, dataset, dataset_args)
+
+    def _write_model_card(self, output_dir, language, license, tags, model_name, finetuned_from, tasks, dataset_tags,
+                          dataset, dataset_args) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
         if finetuned_from is None:
             finetuned_from = getattr(getattr(unwrapped, "config", None), "_name_or_path", None) or None
