@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)  # hf_deelbo's logger follows transformers' verbosity (warnings) otherwise
     from ..core.lock import OutputDirectoryError
+    from ..core.preemption import TrainingPreempted
     from ..hub.push import HubPushError
 
     try:
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HubPushError, FloatingPointError) as error:
         print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
+    except TrainingPreempted as error:
+        print(f"hf-deelbo {argv[0]}: error: {error}. Nothing was written.", file=sys.stderr)
+        return error.exit_status
     except KeyboardInterrupt:
         print(f"hf-deelbo {argv[0]}: error: interrupted.", file=sys.stderr)
         return 130

@@ -382,6 +382,13 @@ def main(argv: list[str]) -> int:
     if "--help-all" in argv or "-h" in argv or "--help" in argv:
         print(train_help(full="--help-all" in argv))
         return 0
+    from ..core.preemption import raising
+
+    with raising():  # SIGTERM/SIGUSR1: at once before training; after the current step during it
+        return _train(argv)
+
+
+def _train(argv: list[str]) -> int:
     from transformers.trainer_utils import set_seed
 
     from ..evaluation.metrics import classification_metrics
@@ -559,12 +566,16 @@ def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
     """The one-line report of a run that failed after it started, or None for an unexpected error
     (raised as it is, with its traceback, after saying what was kept)."""
     from ..core.lock import OutputDirectoryError
+    from ..core.preemption import TrainingPreempted, signal_name
     from ..hub.push import HubPushError
 
     kept = output_dir_policy.kept(output_dir)
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, KeyboardInterrupt):
         return RunFailed(f"interrupted. {kept}", 130)
+    if isinstance(error, TrainingPreempted):
+        where = f" after step {os.path.basename(error.checkpoint).split('-')[-1]}" if error.checkpoint else ""
+        return RunFailed(f"stopped by {signal_name(error.signal_number)}{where}. {kept}", error.exit_status)
     if isinstance(error, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a checkpoint file
         return RunFailed(f"{_unpickled_file(error)} holds more than tensors, which is never unpickled "
                          f"({first_line[:200]}); resume from another checkpoint. {kept}")

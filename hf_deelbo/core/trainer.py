@@ -40,6 +40,7 @@ from .checks import (
 from .groups import split_parameters
 from .metrics import MetricsRecorder
 from .modeling import classifier_logits, is_transformers_model
+from .preemption import PREEMPTION_SIGNALS, DeferredSignals, TrainingPreempted, signal_name
 from .registry import MethodSpec
 
 logger = transformers_logging.get_logger(__name__)
@@ -128,6 +129,7 @@ class FineTuningTrainer(Trainer):
         self._first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.args.device)
         self.metrics = MetricsRecorder(self.logged_metrics, self.args.device)
         self._callback_target = None
+        self._preemption = DeferredSignals()
 
     @property
     def config_key(self) -> str:
@@ -273,6 +275,8 @@ class FineTuningTrainer(Trainer):
         # never wait for the device (a non-finite loss is found, at the latest, `logging_steps`
         # steps later, and reported with the step where it first appeared).
         control = self.control
+        if self._preemption_requested():  # finish this step with a complete checkpoint, then stop
+            control.should_save = control.should_training_stop = self._saved_for_preemption = True
         if not (control.should_log or control.should_evaluate or control.should_save or control.should_training_stop):
             return super()._maybe_log_save_evaluate(*args, **kwargs)
         details = self._divergence_details()
@@ -296,6 +300,14 @@ class FineTuningTrainer(Trainer):
                 f"{self._divergence_hint()} and check the data. The last checkpoint saved before this step is intact."
             )
         return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _preemption_requested(self) -> bool:
+        """Whether a preemption signal arrived (in any process: they must stop after the same step)."""
+        received = self._preemption.received is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(received)], device=self.args.device)
+            received = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return received
 
     def _divergence_hint(self) -> str:
         return ""
@@ -368,13 +380,31 @@ class FineTuningTrainer(Trainer):
         if holds_lock:
             lock.acquire(self.args.output_dir)
         try:
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._saved_for_preemption = False
+            with self._preemption:  # a SIGTERM or SIGUSR1 stops the run after a step, with a checkpoint
+                output = super().train(resume_from_checkpoint, *args, **kwargs)
+            checkpoint = self._checkpoint_after_preemption()
         finally:
             if holds_lock:
                 lock.release(self.args.output_dir)
+        if checkpoint is not None:
+            number = self._preemption.received or PREEMPTION_SIGNALS[0]
+            raise TrainingPreempted(
+                f"stopped by {signal_name(number)} after step {self.state.global_step}: {checkpoint} is complete; "
+                "resume with train(resume_from_checkpoint=True) (on the command line: the same command and --resume).",
+                number, checkpoint)
         self._write_config_entry()
         self._report_failed_pushes()
         return output
+
+    def _checkpoint_after_preemption(self) -> str | None:
+        """After `train()`: the checkpoint written when a preemption signal stopped it (written now
+        if the signal came after the last step's check), or None when no signal came."""
+        if not self._saved_for_preemption and not self._preemption_requested():
+            return None
+        if not self._saved_for_preemption:  # every process agrees on both flags
+            self._save_checkpoint(self.model, trial=None)
+        return os.path.join(self._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         self._write_config_entry()
