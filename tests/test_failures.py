@@ -439,6 +439,38 @@ def _per_rank_rng_files(ws):
     _remove(ws, f"checkpoint-3/{MANIFEST_NAME}")
 
 
+def _flip_a_byte(ws):
+    """One byte of checkpoint-3's weights flipped (past the header): same size, another file."""
+    path = ws.out / "checkpoint-3" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _nan_weights(ws, keep_manifest=False):
+    """checkpoint-3's weights with one NaN, written as a valid safetensors file."""
+    import safetensors.torch
+
+    path = ws.out / "checkpoint-3" / "model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    tensors[key].view(-1)[0] = float("nan")
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    if not keep_manifest:
+        _remove(ws, f"checkpoint-3/{MANIFEST_NAME}")
+
+
+def _callback_state(value):
+    def change(ws):
+        path = ws.out / "checkpoint-3" / "trainer_state.json"
+        state = json.loads(path.read_text())
+        state["stateful_callbacks"]["DEELBoCallback"]["attributes"]["posterior_rho"] = value
+        path.write_text(json.dumps(state))
+        _remove(ws, f"checkpoint-3/{MANIFEST_NAME}")
+
+    return change
+
+
 FILE_CASES = [
     Case("output-dir-holds-another-run", _previous_run, 2, "already holds files from another run; pass "
          "--overwrite_output_dir"),
@@ -493,6 +525,22 @@ FILE_CASES = [
          _overwritten, ("run/*",), ("run/*",)),
     Case("overwrite-never-reaches-outside", _run_with(_record_names_outside), 0, "Model, config.json",
          _overwritten, ("run/*",), ("run/*",)),
+    Case("resume-a-flipped-byte-in-the-weights", _resume_with(_flip_a_byte), 0,
+         "Not resuming from checkpoint-3: model.safetensors is not what was saved (its SHA-256 differs",
+         _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-nan-weights", _resume_with(_nan_weights), 0,
+         "Not resuming from checkpoint-3: model.safetensors holds non-finite values", _resumed_from("checkpoint-2"),
+         RESUME_REWRITES),
+    Case("resume-nan-weights-with-their-manifest", _resume_with(lambda ws: _nan_weights(ws, keep_manifest=True)), 0,
+         "Not resuming from checkpoint-3: model.safetensors", _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-nan-rho", _resume_with(_callback_state(float("nan"))), 0,
+         "Not resuming from checkpoint-3: trainer_state.json holds DEELBoCallback.posterior_rho = 'nan', not finite",
+         _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-rho-a-string", _resume_with(_callback_state("-9.2")), 0,
+         "Not resuming from checkpoint-3: trainer_state.json holds DEELBoCallback.posterior_rho = '-9.2', not finite",
+         _resumed_from("checkpoint-2"), RESUME_REWRITES),
+    Case("resume-explicit-nan-weights", _explicit(_nan_weights), 2,
+         "checkpoint-3' cannot be resumed from exactly: model.safetensors holds non-finite values"),
     Case("resume-per-rank-rng-files-with-one-process", _resume_with(_per_rank_rng_files), 0,
          "Not resuming from checkpoint-3: rng_state.pth is missing (it was written by 2 processes and is resumed by 1: "
          "resume with as many, e.g. torchrun --nproc_per_node 2)", _resumed_from("checkpoint-2"), RESUME_REWRITES),

@@ -12,14 +12,22 @@ when every file an exact resume reads is present and readable (without unpicklin
   `rng_state_<rank>.pth` when several processes train), each an intact torch archive (its zip
   directory and CRCs are checked; nothing is loaded).
 
-After the last file, `FineTuningTrainer` writes `MANIFEST_NAME` (file names and sizes) by write
-then rename; where a checkpoint has one, every file must still have its recorded size.
+After the last file, `FineTuningTrainer` writes `MANIFEST_NAME` (each file's size and SHA-256) by
+write then rename; where a checkpoint has one, every file must still have its recorded size and,
+when a resume chooses it (`verify=True`), its recorded hash: a flipped byte is found. A chosen
+checkpoint must also be sound: every floating-point tensor of its safetensors files (the weights,
+a diagonal posterior's ρ) and every number of the method's state in `trainer_state.json` finite.
+The time the hashes take is logged (about 1 s per GB read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
+import time
 import zipfile
 
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
@@ -29,6 +37,20 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from .adapters import ADAPTER_SAFE_WEIGHTS_NAME
 
 MANIFEST_NAME = "checkpoint_complete.json"
+
+logger = logging.getLogger(__name__)
+
+# (checkpoint's real path, its manifest's inode and mtime) of the checkpoints whose hashes and
+# values were verified in this process: a resume checked by the command line is not read twice.
+_verified: set[tuple] = set()
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_manifest(checkpoint: str) -> None:
@@ -40,7 +62,7 @@ def write_manifest(checkpoint: str) -> None:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, checkpoint)
             if relative != MANIFEST_NAME:
-                files[relative] = os.path.getsize(path)
+                files[relative] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
     temporary = os.path.join(checkpoint, f".{MANIFEST_NAME}.tmp")
     with open(temporary, "w") as f:
         json.dump({"files": dict(sorted(files.items()))}, f, indent=1)
@@ -99,12 +121,15 @@ def _weights_problem(checkpoint: str) -> str | None:
 
 
 def checkpoint_problem(
-    checkpoint: str, callback_names: tuple[str, ...] = (), num_processes: int = 1, process_index: int = 0
+    checkpoint: str, callback_names: tuple[str, ...] = (), num_processes: int = 1, process_index: int = 0,
+    verify: bool = True,
 ) -> str | None:
     """Why `checkpoint` cannot be resumed from exactly (naming the missing or corrupt file), or
     None when it is complete. `callback_names`: the stateful callbacks whose state it must hold;
     `num_processes`: how many processes resume it (each needs its RNG state; every rank checks all
-    of them, so that all ranks pick the same checkpoint). `process_index` is accepted and unused."""
+    of them, so that all ranks pick the same checkpoint). `process_index` is accepted and unused.
+    `verify`: also compare the files' hashes with the manifest's and check that the checkpoint's
+    tensors and the callbacks' numbers are finite (reads every file; without it, sizes only)."""
     if not os.path.isdir(checkpoint):
         return "it is not a directory"
     problem = _weights_problem(checkpoint)
@@ -136,15 +161,82 @@ def checkpoint_problem(
         try:
             with open(manifest) as f:
                 recorded = json.load(f)["files"]
+            if not isinstance(recorded, dict):
+                raise TypeError("'files' is not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as error:
             return f"{MANIFEST_NAME} is unreadable ({error})"
-        for name, size in recorded.items():
+        for name, entry in recorded.items():
+            size = entry.get("size") if isinstance(entry, dict) else entry  # older manifests: sizes only
             path = os.path.join(checkpoint, name)
             if not os.path.isfile(path):
                 return f"{name} is missing"
             if os.path.getsize(path) != size:
                 return f"{name} has {os.path.getsize(path)} bytes, {size} when it was saved (truncated or overwritten)"
+    if not verify:
+        return None
+    key = _verification_key(checkpoint)
+    if key in _verified:
+        return None
+    problem = _hash_problem(checkpoint, recorded if os.path.isfile(manifest) else {}) or _nonfinite_problem(
+        checkpoint, saved_callbacks, callback_names)
+    if problem is None and key is not None:
+        _verified.add(key)
+    return problem
+
+
+def _verification_key(checkpoint: str) -> tuple | None:
+    try:
+        info = os.stat(os.path.join(checkpoint, MANIFEST_NAME))
+    except OSError:
+        return None  # without a manifest, verified at every resume
+    return os.path.realpath(checkpoint), info.st_ino, info.st_mtime_ns
+
+
+def _hash_problem(checkpoint: str, recorded: dict) -> str | None:
+    """The first file whose SHA-256 differs from the manifest's; the time taken is logged."""
+    start, read = time.perf_counter(), 0
+    for name, entry in recorded.items():
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            continue
+        path = os.path.join(checkpoint, name)
+        read += os.path.getsize(path)
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} is not what was saved (its SHA-256 differs from {MANIFEST_NAME}'s: changed or corrupted on disk)"
+    if read:
+        logger.info(f"{os.path.basename(checkpoint)}: {len(recorded)} files ({read / 1e6:.1f} MB) match their recorded "
+                    f"SHA-256 (checked in {time.perf_counter() - start:.2f} s).")
     return None
+
+
+def _nonfinite_problem(checkpoint: str, saved_callbacks: dict, callback_names: tuple[str, ...]) -> str | None:
+    """The first non-finite tensor of the checkpoint's safetensors files, or non-number or
+    non-finite value of the callbacks' state."""
+    import torch
+    from safetensors import safe_open
+
+    for name in sorted(n for n in os.listdir(checkpoint) if n.endswith(".safetensors")):
+        with safe_open(os.path.join(checkpoint, name), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return f"{name} holds non-finite values ({key}): it cannot be resumed from"
+    for callback in callback_names:
+        attributes = (saved_callbacks.get(callback) or {}).get("attributes") or {}
+        for attribute, value in attributes.items():
+            if isinstance(value, str) or not _all_finite(value):
+                return (f"{TRAINER_STATE_NAME} holds {callback}.{attribute} = {str(value)[:60]!r}, not finite "
+                        "numbers")
+    return None
+
+
+def _all_finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return True
 
 
 def rng_state_name(num_processes: int, rank: int) -> str:
@@ -189,5 +281,5 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [
         os.path.basename(c)
         for c in sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)
-        if os.path.isdir(c) and checkpoint_problem(c, num_processes=max(_saved_by(c), 1)) is None
+        if os.path.isdir(c) and checkpoint_problem(c, num_processes=max(_saved_by(c), 1), verify=False) is None
     ]

@@ -130,6 +130,7 @@ class FineTuningTrainer(Trainer):
         self.metrics = MetricsRecorder(self.logged_metrics, self.args.device)
         self._callback_target = None
         self._preemption = DeferredSignals()
+        self._resumed_from: str | None = None
 
     @property
     def config_key(self) -> str:
@@ -298,6 +299,7 @@ class FineTuningTrainer(Trainer):
                 f"longer finite{f' ({details})' if details else ''}. Lower learning_rate (now "
                 f"{self.args.learning_rate:g}, {self._get_learning_rate():g} at this step of the schedule)"
                 f"{self._divergence_hint()} and check the data. The last checkpoint saved before this step is intact."
+                + (f" This run resumed from {self._resumed_from}." if self._resumed_from else "")
             )
         return super()._maybe_log_save_evaluate(*args, **kwargs)
 
@@ -375,7 +377,7 @@ class FineTuningTrainer(Trainer):
         """Trainer's `train`, holding output_dir's lock (`lock.py`: a second live run into it is
         refused), resuming only from a complete checkpoint (`_complete_checkpoint`), and reporting
         checkpoint pushes to the Hub that failed (`failed_pushes`) at the end."""
-        resume_from_checkpoint = self._complete_checkpoint(resume_from_checkpoint)
+        resume_from_checkpoint = self._resumed_from = self._complete_checkpoint(resume_from_checkpoint)
         holds_lock = self.is_world_process_zero()
         if holds_lock:
             lock.acquire(self.args.output_dir)
