@@ -39,6 +39,7 @@ import numpy as np
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .core.run_files import RUN_FILES_NAME
 from .core.validation import stratified_split
 from .methods.deelbo.arguments import DEELBoTrainingArguments
 from .methods.deelbo.trainer import DEELBoTrainer
@@ -511,6 +512,8 @@ def _select_by_halving(
         for run_dir in run_dirs:
             for step, _ in schedule:
                 shutil.rmtree(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"), ignore_errors=True)
+            if os.path.isfile(os.path.join(run_dir, RUN_FILES_NAME)):  # the record of those checkpoints
+                os.unlink(os.path.join(run_dir, RUN_FILES_NAME))
             if os.path.isdir(run_dir) and not os.listdir(run_dir):
                 os.rmdir(run_dir)
     if chosen is None:

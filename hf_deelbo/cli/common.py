@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 
 # run_image_classification.py's default model, used when a dataset is given without a model.
@@ -110,6 +112,13 @@ def hf_argument_parser(dataclass_types, prog: str):
     return Parser(dataclass_types, prog=prog, allow_abbrev=False)
 
 
+def accept_negative_numbers(parser) -> None:
+    """Values like `-1e-4` and `-inf` read as numbers, not flags: argparse only knows plain negative
+    integers and decimals (`-3`, `-0.5`), and reports `--sigma_init -1e-4` as a flag missing its
+    value; read as a number, the value reaches the flag's own check ("must be > 0; got -0.0001")."""
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
 def refuse_unknown_flags(parser, argv: list[str]) -> None:
     import difflib
 
@@ -169,6 +178,11 @@ def load_pretrained_classifier(model_args, num_labels: int | None = None, id2lab
         )
     except OSError as error:
         raise UsageError(f"--model_name_or_path {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a pickled weights file
+        raise UsageError(
+            f"--model_name_or_path {name!r} holds pickled weights with more than tensors, which are never unpickled "
+            f"({str(error).split('.')[0]}); load a model saved as model.safetensors."
+        ) from None
     except RuntimeError as error:
         if "size mismatch" in str(error) or "mismatched" in str(error):
             raise UsageError(

@@ -80,8 +80,51 @@ def read_split_record(path_or_repo: str, token: str | None = None, revision: str
             path = hf_hub_download(path_or_repo, SPLIT_RECORD_NAME, token=token, revision=revision)
         except (EntryNotFoundError, LocalEntryNotFoundError):
             return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as error:
+        raise _bad_record(path, f"not readable JSON: {str(error).splitlines()[0]}") from None
+    problem = split_record_problem(record)
+    if problem:
+        raise _bad_record(path, problem)
+    return record
+
+
+SPLIT_SOURCES = ("embedded digits", "dataset", "image folder")
+
+
+def split_record_problem(record) -> str | None:
+    """What makes `record` no valid `data_split.json` (a field missing or of the wrong type), or None."""
+    if not isinstance(record, dict):
+        return f"it holds {type(record).__name__}, not a JSON object"
+    if record.get("source") not in SPLIT_SOURCES:
+        return f"source is {record.get('source')!r}, not one of {list(SPLIT_SOURCES)}"
+    checks = {"seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "test_fraction": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1}
+    for name, valid in checks.items():
+        if not valid(record.get(name)):
+            return f"{name} is {record.get(name)!r}"
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = record.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return f"{name} is {value!r}, not an int >= 1 or null"
+    names = ["dataset_name", "dataset_config_name", "train_dir", "validation_dir"]
+    if record["source"] != "embedded digits":
+        names += ["image_column_name", "label_column_name"]
+        if not isinstance(record.get("image_column_name"), str) or not isinstance(record.get("label_column_name"), str):
+            return "image_column_name or label_column_name is missing"
+    for name in names:
+        if record.get(name) is not None and not isinstance(record.get(name), str):
+            return f"{name} is {record.get(name)!r}, not a string or null"
+    return None
+
+
+def _bad_record(path: str, problem: str) -> Exception:
+    from .common import UsageError
+
+    return UsageError(f"{path} is no valid record of the run's data ({problem}); restore it, or delete it and pass the "
+                      "data to score with --dataset_name or --validation_dir.")
 
 
 def check_columns(dataset, image_column: str, label_column: str) -> None:

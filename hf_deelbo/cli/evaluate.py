@@ -93,6 +93,9 @@ def evaluation_data(record: dict | None, data_args, split: str | None, model, pr
 
     given = data_args.dataset_name is not None or data_args.validation_dir is not None
     if not given and (record is None or record["source"] == "embedded digits"):
+        if split is not None:
+            raise UsageError(f"--split {split!r} names a split of --dataset_name or --validation_dir data, and none is "
+                             "given: the run's own held-out digits are scored. Drop --split, or name the data.")
         seed = record["seed"] if record else DEFAULT_SEED
         fraction = record["test_fraction"] if record else EMBEDDED_TEST_FRACTION
         _, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), None, seed=seed, test_fraction=fraction)

@@ -40,20 +40,20 @@ def main(argv: list[str]) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     read_deelbo(args.output_dir)  # refuses directories that are not a finished run
-    from ..hub.push import HubPushError, check_repo_namespace, push_error, set_hub_timeout
+    from ..hub.push import HubPushError, check_repo_namespace, hub_call, push_error
 
-    set_hub_timeout()
     card_file = os.path.join(args.output_dir, "README.md")
     card = open(card_file, "rb").read() if os.path.isfile(card_file) else None
     try:
-        repo_id = check_repo_namespace(args.repo_id, args.token)
-        api = HfApi(token=args.token)
-        url = api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
-        _point_card_at_repo(args.output_dir, repo_id)
-        api.upload_folder(
-            repo_id=repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
-            revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
-        )
+        with hub_call():  # HF_DEELBO_HUB_TIMEOUT bounds the whole push, retries included
+            repo_id = check_repo_namespace(args.repo_id, args.token)
+            api = HfApi(token=args.token)
+            url = api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
+            _point_card_at_repo(args.output_dir, repo_id)
+            api.upload_folder(
+                repo_id=repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
+                revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
+            )
     except Exception as error:  # noqa: BLE001 - one line, the cause named
         if card is not None:  # a failed push leaves the directory as it was
             with open(card_file, "wb") as f:

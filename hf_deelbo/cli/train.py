@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+import PIL
 import torch
 
 from ..core import output_dir as output_dir_policy
@@ -28,6 +29,7 @@ from .common import (
     ModelArguments,
     RunFailed,
     UsageError,
+    accept_negative_numbers,
     check_model_source,
     hf_argument_parser,
     load_pretrained_classifier,
@@ -260,7 +262,8 @@ def parse_train_args(argv: list[str]):
     file_values = _config_file_values(config_file, what) if config_file is not None else {}
     parser = make_parser(embedded=_is_embedded(argv, file_values))
     _refuse_unknown_keys(parser, file_values, config_file, what)
-    parser.set_defaults(**file_values)
+    parser.set_defaults(**_typed_file_values(parser, file_values, config_file, what))
+    accept_negative_numbers(parser)
     refuse_unknown_flags(parser, argv)
     try:
         model_args, data_args, training_args, run_args = parser.parse_args_into_dataclasses(args=argv)
@@ -268,6 +271,9 @@ def parse_train_args(argv: list[str]):
         raise UsageError(str(error))
     if not _given(argv, file_values) & {"do_train", "do_eval"}:
         training_args.do_train = training_args.do_eval = True
+    if not (training_args.do_train or training_args.do_eval):
+        raise UsageError("--do_train and --do_eval are both false, so the run would do nothing; set one of them to "
+                         "true, or pass neither (train, then evaluate).")
     if run_args.push_to_hub_model_id is not None and training_args.hub_model_id is None:
         training_args.hub_model_id = run_args.push_to_hub_model_id
     if run_args.resume or str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
@@ -280,6 +286,39 @@ def parse_train_args(argv: list[str]):
     if model_args.model_name_or_path is None and not _is_embedded_run(model_args, data_args):
         model_args.model_name_or_path = DEFAULT_HUB_MODEL
     return model_args, data_args, training_args, run_args
+
+
+def _typed_file_values(parser, file_values: dict, config_file: str | None, what: str) -> dict:
+    """The arguments file's values typed as the command line types them (each through its flag's
+    own type function and choices, each item of a list flag), so that `{"max_steps": 10.5}` is
+    refused as `--max_steps 10.5` is. A list or mapping is kept as it is for flags whose field
+    takes one (`report_to`, `lr_scheduler_kwargs`), and refused for a number or a switch."""
+    actions = {action.dest: action for action in parser._actions}
+    typed = {}
+    for key, value in file_values.items():
+        action = actions[key]
+        convert = action.type or str
+        several = action.nargs in ("+", "*")
+        try:
+            if isinstance(value, (list, dict)) and not several:
+                if convert is not str:
+                    raise ValueError("a list or mapping")
+                typed[key] = value
+                continue
+            if several and not isinstance(value, list):
+                value = [value]
+            # a choice outside the choices passes: the arguments' own check names them all
+            items = [convert(str(item)) for item in value] if several else [convert(str(value))]
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            kind = {int: "an int", float: "a number", str: "a string"}.get(convert, "true or false" if action.nargs == "?"
+                                                                            else "one of its choices")
+            raise UsageError(
+                f"{what} {config_file!r} sets {key!r} to {file_values[key]!r}, but --{key} takes {kind}"
+                f"{' (or a list of them)' if several else ''}; write the value as on the command line "
+                f"(`hf-deelbo train --help-all` lists it)."
+            ) from None
+        typed[key] = items if several else items[0]
+    return typed
 
 
 def _refuse_unknown_keys(parser, file_values: dict, config_file: str | None, what: str) -> None:
@@ -297,13 +336,17 @@ def _refuse_unknown_keys(parser, file_values: dict, config_file: str | None, wha
 def _embedded_data_and_model(data_args, training_args):
     from ..demo import digits
 
+    num_train = data_args.max_train_samples if data_args.max_train_samples is not None else EMBEDDED_MAX_TRAIN_SAMPLES
+    num_classes = len(digits.TARGET_CLASSES)
+    if num_train < num_classes:
+        raise UsageError(f"--max_train_samples {num_train} is fewer than the embedded task's {num_classes} classes "
+                         f"(digits 5-9): the stratified split keeps every class; pass at least {num_classes}.")
     print("Embedded default: a resnet10t pretrained on digits 0-4, fine-tuned on digits 5-9 (scikit-learn's digits).")
     backbone = digits.pretrained_backbone_path(seed=0)
 
     def model_init():
         return digits.load_backbone_with_new_head(backbone, len(digits.TARGET_CLASSES), seed=training_args.seed)
 
-    num_train = data_args.max_train_samples if data_args.max_train_samples is not None else EMBEDDED_MAX_TRAIN_SAMPLES
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), num_train, seed=training_args.seed,
                                test_fraction=EMBEDDED_TEST_FRACTION)
     if data_args.max_eval_samples is not None:
@@ -420,12 +463,15 @@ def _train(argv: list[str]) -> int:
         if training_args.resume_from_checkpoint:
             raise UsageError("--learning_rates cannot be combined with --resume_from_checkpoint; resume one run instead.")
     else:
-        trainer = DEELBoTrainer(model=model_init(), args=training_args, train_dataset=train, **kwargs)
+        try:  # the trainer reads the first examples: an image file that is none is bad input
+            trainer = DEELBoTrainer(model=model_init(), args=training_args, train_dataset=train, **kwargs)
+        except PIL.UnidentifiedImageError as error:
+            raise UsageError(_not_an_image(error)) from None
     from ..core import lock
 
     main_process = training_args.process_index == 0
     if main_process:
-        lock.acquire(output_dir)  # from here on, nothing the run writes is ever removed
+        lock.acquire(output_dir, created=not existed)  # from here on, nothing the run writes is ever removed
     try:
         if existed and run_args.overwrite_output_dir and not training_args.resume_from_checkpoint and main_process:
             output_dir_policy.clear_previous_run(output_dir)
@@ -576,6 +622,8 @@ def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
     if isinstance(error, TrainingPreempted):
         where = f" after step {os.path.basename(error.checkpoint).split('-')[-1]}" if error.checkpoint else ""
         return RunFailed(f"stopped by {signal_name(error.signal_number)}{where}. {kept}", error.exit_status)
+    if isinstance(error, PIL.UnidentifiedImageError):  # data found invalid mid-run
+        return RunFailed(f"{_not_an_image(error)} {kept}", 2)
     if isinstance(error, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a checkpoint file
         return RunFailed(f"{_unpickled_file(error)} holds more than tensors, which is never unpickled "
                          f"({first_line[:200]}); resume from another checkpoint. {kept}")
@@ -588,21 +636,39 @@ def _run_failure(error: BaseException, output_dir: str) -> Exception | None:
     if isinstance(error, OSError):
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         return RunFailed(f"{type(error).__name__}: {error.strerror or first_line}{where}. {kept}")
+    if isinstance(error, RuntimeError) and _torch_file(error, "save") is not None:  # torch.save's writer failed
+        free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else 0
+        cause = "No space left on device" if free < 1 << 20 else f"the write failed ({first_line[:120]})"
+        return RunFailed(f"{cause} while writing {_torch_file(error, 'save')} ({free:,} bytes free). {kept}")
     if "No space left on device" in str(error) or "StorageFull" in str(error):  # safetensors' own error type
         return RunFailed(f"No space left on device ({type(error).__name__}). {kept}")
     print(f"hf-deelbo train: {kept}", file=sys.stderr)
     return None
 
 
+def _not_an_image(error: Exception) -> str:
+    return f"{str(error).splitlines()[0]}: the training data holds a file that is not an image; remove or replace it."
+
+
+def _torch_file(error: BaseException, function: str) -> str | None:
+    """The name of the file whose `torch.<function>` (load or save) raised `error` or the error it
+    was raised while handling, read from the traceback's frames; None if torch did not raise it."""
+    name, seen = None, set()
+    while error is not None and id(error) not in seen and name is None:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == function and code.co_filename.endswith("serialization.py"):
+                name = os.path.basename(str(tb.tb_frame.f_locals.get("f", ""))) or name
+            tb = tb.tb_next
+        error = error.__context__
+    return name
+
+
 def _unpickled_file(error: BaseException) -> str:
-    """The name of the file whose `torch.load` raised `error` (read from the traceback's frames)."""
-    tb, name = error.__traceback__, None
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_name == "load" and code.co_filename.endswith("serialization.py"):
-            name = os.path.basename(str(tb.tb_frame.f_locals.get("f", ""))) or name
-        tb = tb.tb_next
-    return name or "A checkpoint file"
+    """The name of the file whose `torch.load` raised `error`."""
+    return _torch_file(error, "load") or "A checkpoint file"
 
 
 def _num_labels(trainer) -> int | None:

@@ -108,11 +108,33 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_types(args, numbers: tuple[str, ...] = (), ints: tuple[str, ...] = ()) -> None:
+    """ValueError naming the field when one of `numbers` is not a real number (None passes) or one of
+    `ints` is not an int: a typed value from Python or a file (`kappa="3"`, `bma_samples=2.5`) is
+    refused before it reaches arithmetic."""
+    for name in numbers:
+        value = getattr(args, name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ValueError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    for name in ints:
+        value = getattr(args, name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+
+
 def check_training_arguments(args) -> None:
     """Raises ValueError for: a learning_rate that is not a finite number > 0; a max_grad_norm
     that is NaN, infinite or negative (Trainer silently skips clipping for NaN); fp16 where there
     is no accelerator (Trainer accepts it on CPU and trains in float32); a per-device batch size
     below 1."""
+    check_types(args, numbers=("learning_rate", "num_train_epochs", "max_grad_norm"),
+                ints=("max_steps", "gradient_accumulation_steps", "per_device_train_batch_size",
+                      "per_device_eval_batch_size", "seed"))
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(
+            f"gradient_accumulation_steps must be an int >= 1 (1 takes an optimizer step after every batch); "
+            f"got {args.gradient_accumulation_steps}"
+        )
     if not (_is_finite_number(args.learning_rate) and args.learning_rate > 0):
         raise ValueError(
             f"learning_rate must be a finite number > 0 (the paper searches 0.1, 0.01, 0.001, 0.0001); "
@@ -126,7 +148,7 @@ def check_training_arguments(args) -> None:
     if args.fp16 and _runs_on_cpu(args):
         raise ValueError(
             "fp16=True needs a GPU: on CPU, Trainer accepts it and trains in float32. Drop fp16, or use bf16=True "
-            "(bfloat16 autocast works on CPU)."
+            "with use_cpu=True (bfloat16 autocast works on CPU; on the command line: --bf16 true --use_cpu true)."
         )
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         value = getattr(args, name)

@@ -107,7 +107,7 @@ def _open_lock(path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, 0o644)
     except OSError as error:
         check_lock_path(os.path.dirname(path))  # names a link or a folder
-        raise _unusable(path, f"unusable ({error.strerror})") from None
+        raise OutputDirectoryUnusable(f"{path} cannot be created ({error.strerror}); choose another output_dir.") from None
     try:
         _check_lock_stat(path, os.fstat(fd))
     except OutputDirectoryUnusable:
@@ -116,8 +116,10 @@ def _open_lock(path: str) -> int:
     return fd
 
 
-def acquire(output_dir: str) -> None:
-    """Lock `output_dir` (created if missing) for this process.
+def acquire(output_dir: str, created: bool | None = None) -> None:
+    """Lock `output_dir` (created if missing) for this process. `created`: whether this run created
+    the directory (default: whether it is missing now); the last `release` removes a directory the
+    run created and wrote nothing to.
 
     Raises:
         OutputDirectoryInUse: another live run holds it.
@@ -127,7 +129,7 @@ def acquire(output_dir: str) -> None:
     if key in _held:
         _held[key][1] += 1
         return
-    created = not os.path.isdir(output_dir)
+    created = not os.path.isdir(output_dir) if created is None else created
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
     fd = _open_lock(path)

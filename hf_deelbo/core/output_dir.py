@@ -97,6 +97,9 @@ def check_output_dir(output_dir: str, resume_from_checkpoint=None, overwrite: bo
     if not os.path.isdir(output_dir):
         resume_checkpoint(output_dir, resume_from_checkpoint, spelling, **process_requirements())
         return False
+    if not os.access(output_dir, os.W_OK):
+        raise OutputDirectoryRefused(f"{words['output_dir']} {output_dir!r} cannot be written (read-only for this user "
+                                     f"or on a read-only filesystem); choose another {words['output_dir']}.")
     if main_process:
         lock.check_lock_path(output_dir)
         holder = lock.lock_holder(output_dir)

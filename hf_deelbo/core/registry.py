@@ -33,6 +33,9 @@ class MethodSpec:
         schema: name -> (kind, required) of every value the entry may hold (`VALUE_KINDS`).
         format_version: the entry's format version this package writes; None for an entry
             without one.
+        choices: name -> the values a "text" entry may take (checked on read).
+        companions: (name, value) -> the entry that must be present when `name` holds `value`
+            (e.g. a layer-wise prior's variances).
     """
 
     key: str
@@ -41,6 +44,8 @@ class MethodSpec:
     citation: str
     schema: dict = field(default_factory=dict)
     format_version: int | None = None
+    choices: dict = field(default_factory=dict)
+    companions: dict = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = {kind for kind, _ in self.schema.values()} - set(VALUE_KINDS)

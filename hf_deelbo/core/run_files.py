@@ -57,13 +57,13 @@ def recorded(output_dir: str) -> set[str]:
 
 
 def record(output_dir: str, before: dict[str, tuple[int, int, int]]) -> None:
-    """Add to the record every entry of `output_dir` new or changed since the listing `before`;
-    recorded files that are gone leave it. Written to a temporary file, then renamed."""
+    """Add to the record every entry of `output_dir` new or changed since the listing `before`
+    (recorded files that are gone leave it then). Written to a temporary file, then renamed."""
     now = listing(output_dir)
     written = {name for name, info in now.items() if before.get(name) != info}
-    files = sorted((recorded(output_dir) & now.keys()) | written)
-    if not files and not os.path.lexists(os.path.join(output_dir, RUN_FILES_NAME)):
+    if not written:  # a run that wrote nothing leaves the record as it was, byte for byte
         return
+    files = sorted((recorded(output_dir) & now.keys()) | written)
     temporary = os.path.join(output_dir, f".{RUN_FILES_NAME}.tmp")
     if os.path.lexists(temporary):
         os.unlink(temporary)

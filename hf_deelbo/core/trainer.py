@@ -23,7 +23,7 @@ from transformers.utils import logging as transformers_logging
 
 from ..hub import model_card as cards
 from ..hub.config import ADAPTER_CONFIG_ENTRIES_NAME, save_adapter_config_entries, set_model_config_entry
-from ..hub.push import HubPushError, check_repo_namespace, push_error, set_hub_timeout
+from ..hub.push import HubPushError, check_repo_namespace, hub_call, push_error
 from ..hub.timm import is_timm_wrapper, make_timm_wrapper_checkpoint_portable, save_timm_config
 from . import lock
 from .adapters import ADAPTER_SAFE_WEIGHTS_NAME, is_peft_model, peft_type, restore_adapter_weights
@@ -108,6 +108,8 @@ class FineTuningTrainer(Trainer):
         self._check_model_before_init(model, groups, args)
         if kwargs.get("train_dataset") is not None:
             check_training_data(model, kwargs["train_dataset"], kwargs.get("data_collator"), args)
+        # Trainer creates output_dir: one the run created and wrote nothing to is removed again.
+        self._output_dir_existed = os.path.isdir(args.output_dir)
         super().__init__(model=model, args=args, **kwargs)
         self.model_init = model_init
         # Datasets without an Arrow label column had their first batch checked only: every batch is.
@@ -380,7 +382,7 @@ class FineTuningTrainer(Trainer):
         resume_from_checkpoint = self._resumed_from = self._complete_checkpoint(resume_from_checkpoint)
         holds_lock = self.is_world_process_zero()
         if holds_lock:
-            lock.acquire(self.args.output_dir)
+            lock.acquire(self.args.output_dir, created=not self._output_dir_existed)
         try:
             self._saved_for_preemption = False
             with self._preemption:  # a SIGTERM or SIGUSR1 stops the run after a step, with a checkpoint
@@ -531,9 +533,9 @@ class FineTuningTrainer(Trainer):
         token = token if token is not None else self.args.hub_token
         name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         self.args.hub_model_id = check_repo_namespace(name, token)
-        set_hub_timeout()
         try:
-            super().init_hf_repo(token=token, private=private)
+            with hub_call():
+                super().init_hf_repo(token=token, private=private)
         except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
             output_dir = self.args.output_dir
             wrote_output = os.path.isdir(output_dir) and bool(set(os.listdir(output_dir)) - {lock.LOCK_NAME})
@@ -573,9 +575,9 @@ class FineTuningTrainer(Trainer):
     def push_to_hub(self, *args, **kwargs):
         """Trainer's push (weights, config.json with the hyperparameters, model card); a failure
         raises one `HubPushError` and leaves the local output directory as it was."""
-        set_hub_timeout()
         try:
-            return super().push_to_hub(*args, **kwargs)
+            with hub_call(), self._holding():  # the card and files written for the push are the run's
+                return super().push_to_hub(*args, **kwargs)
         except HubPushError:
             raise
         except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached

@@ -97,10 +97,12 @@ def read_config_entry(config, key: str, source: str = "the model's config") -> d
         KeyError: the config has no such entry.
         ValueError: the entry is malformed; the message names the key, the value and `source`.
     """
+    fix = "fix config.json or save the model again with the trainer"
+    if isinstance(config, dict) and key in config and config[key] is None:
+        raise ValueError(f"{source}: {key!r} is null, not a JSON object of hyperparameters; {fix}.")
     entry = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
     if entry is None:
         raise KeyError(f"{source} has no {key!r} entry: the model was not trained with it.")
-    fix = "fix config.json or save the model again with the trainer"
     if not isinstance(entry, dict):
         raise ValueError(f"{source}: {key!r} must be a JSON object of hyperparameters; got {entry!r}; {fix}.")
     schema = method_spec(key).schema
@@ -116,8 +118,15 @@ def read_config_entry(config, key: str, source: str = "the model's config") -> d
                 raise ValueError(f"{source}: {key!r} has no {name!r} (keys: {sorted(entry)}); {fix}.")
             continue
         problem = _value_problem(kind, entry[name], key)
+        choices = method_spec(key).choices.get(name)
+        if problem is None and choices is not None and entry[name] not in choices:
+            problem = f"must be one of {list(choices)}"
         if problem:
             raise ValueError(f"{source}: {key}.{name} {problem}; got {entry[name]!r}; {fix}.")
+    for (name, value), companion in method_spec(key).companions.items():
+        if entry.get(name) == value and companion not in entry:
+            raise ValueError(f"{source}: {key}.{name} is {value!r}, which needs {key}.{companion}, and it is missing; "
+                             f"{fix}.")
     return entry
 
 

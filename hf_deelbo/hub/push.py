@@ -3,11 +3,39 @@ clear `HubPushError` for a push that failed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
-# Seconds a request to the Hub may wait for an answer (a commit that never answers fails instead of
-# hanging): HF_DEELBO_HUB_TIMEOUT, default 300. Connecting is limited to 10 s.
+# Seconds a call to the Hub (a push, a repo creation: every request and retry it makes) may take
+# before it fails instead of hanging: HF_DEELBO_HUB_TIMEOUT, default 300. Connecting is limited to
+# 10 s per request.
 DEFAULT_HUB_TIMEOUT = 300.0
+
+# When the current call must end (time.monotonic()), set by `hub_call`; None outside one.
+_deadline: float | None = None
+
+
+def hub_timeout() -> float:
+    return float(os.environ.get("HF_DEELBO_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT))
+
+
+@contextlib.contextmanager
+def hub_call(seconds: float | None = None):
+    """Bound everything inside to `seconds` (default HF_DEELBO_HUB_TIMEOUT), huggingface_hub's
+    retries included: each request waits at most the time left, and once none is left the next
+    request or retry fails with `HubCallTimedOut` (which huggingface_hub does not retry; at most one
+    of its back-off pauses, up to 8 s, may pass before it)."""
+    global _deadline
+    set_hub_timeout(seconds)
+    outer = _deadline
+    _deadline = time.monotonic() + (hub_timeout() if seconds is None else seconds)
+    if outer is not None:
+        _deadline = min(_deadline, outer)
+    try:
+        yield
+    finally:
+        _deadline = outer
 
 
 def set_hub_timeout(seconds: float | None = None) -> None:
@@ -17,7 +45,7 @@ def set_hub_timeout(seconds: float | None = None) -> None:
     from huggingface_hub.utils import _http
 
     if seconds is None:
-        seconds = float(os.environ.get("HF_DEELBO_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT))
+        seconds = hub_timeout()
     current = _http._GLOBAL_CLIENT_FACTORY
     if current is not _http.default_client_factory and not getattr(current, "hf_deelbo_timeout", None):
         return
@@ -27,10 +55,30 @@ def set_hub_timeout(seconds: float | None = None) -> None:
     def client_factory() -> httpx2.Client:
         client = _http.default_client_factory()
         client.timeout = httpx2.Timeout(seconds, connect=min(10.0, seconds))
+        client.event_hooks["request"].append(_within_deadline)
+        client.event_hooks["response"].append(_within_deadline)
         return client
 
     client_factory.hf_deelbo_timeout = seconds
     _http.set_client_factory(client_factory)
+
+
+def _within_deadline(message) -> None:
+    """httpx event hook: a request may wait only the time the current `hub_call` has left."""
+    if _deadline is None:
+        return
+    left = _deadline - time.monotonic()
+    if left <= 0:
+        raise HubCallTimedOut(f"the call to the Hub took longer than HF_DEELBO_HUB_TIMEOUT ({hub_timeout():g} s), "
+                              "retries included")
+    if hasattr(message, "extensions") and not hasattr(message, "status_code"):  # a request
+        message.extensions["timeout"] = {key: min(value, left) if value is not None else left
+                                         for key, value in message.extensions.get("timeout", {}).items()}
+
+
+class HubCallTimedOut(Exception):
+    """The whole call to the Hub ran out of HF_DEELBO_HUB_TIMEOUT. Not an httpx error, so that
+    huggingface_hub does not retry it."""
 
 
 class HubPushError(RuntimeError):
@@ -74,9 +122,17 @@ def push_error(error: Exception, output_dir: str, repo_id: str | None, wrote_out
 
     if isinstance(error, HubPushError):
         return error
-    cause = error
-    while not isinstance(cause, (HfHubHTTPError, httpx2.TimeoutException)) and cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause, seen = error, {id(error)}
+    while not isinstance(cause, (HfHubHTTPError, httpx2.TimeoutException, HubCallTimedOut)):
+        following = cause.__cause__ or cause.__context__
+        if following is None or id(following) in seen:
+            break
+        cause = following
+        seen.add(id(cause))
+    if not isinstance(cause, (HfHubHTTPError, httpx2.TimeoutException, HubCallTimedOut)):
+        cause = error  # the innermost explicit cause
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
     text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
     status = getattr(response, "status_code", None)
@@ -86,6 +142,8 @@ def push_error(error: Exception, output_dir: str, repo_id: str | None, wrote_out
             f"the Hub refused the token ({status}): log in with `hf auth login` (or set HF_TOKEN / pass --token) "
             f"with a token that may write to {target}"
         )
+    elif isinstance(cause, HubCallTimedOut):
+        action = f"{cause}; push again later"
     elif isinstance(cause, httpx2.TimeoutException):
         action = (f"the Hub did not answer within the timeout ({type(cause).__name__}; HF_DEELBO_HUB_TIMEOUT sets it); "
                   "push again later")

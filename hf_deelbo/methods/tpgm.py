@@ -47,7 +47,7 @@ TPGM = register_method(MethodSpec(key="tpgm", title="TPGM", tags=("tpgm",), cita
     "radii": ("radii", False), "norm": ("text", False), "projection_steps": ("count", False),
     "head_modules": ("names", False), "num_backbone_params": ("count", False),
     "num_head_params": ("count", False), "format_version": ("version", False),
-}))
+}, choices={"norm": ("l2", "mars")}))
 TPGM_CONFIG_KEY = TPGM.key
 TPGM_FORMAT_VERSION = TPGM.format_version
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ...core.arguments import StatefulFineTuningArguments, check_choice
+from ...core.arguments import StatefulFineTuningArguments, check_choice, check_types
 
 
 @dataclass
@@ -185,6 +185,8 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_types(self, numbers=("kappa", "sigma_init", "sigma_learning_rate", "sigma_momentum",
+                                   "diagonal_sigma_learning_rate"), ints=("num_train_examples", "bma_samples"))
         if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
             raise ValueError(f"kappa must be > 0 or None (None means D/N); got {self.kappa}")
         if not (math.isfinite(self.sigma_init) and self.sigma_init > 0):

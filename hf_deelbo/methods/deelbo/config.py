@@ -28,6 +28,8 @@ DEELBO = register_method(MethodSpec(
     key="deelbo", title="DE ELBO", tags=("deelbo", "l2-sp", "variational-inference"), citation=CITATION,
     format_version=1,
     schema={**{name: (kind, True) for name, kind in _REQUIRED}, **{name: (kind, False) for name, kind in _OPTIONAL}},
+    choices={"prior_variance_grouping": ("backbone", "layer"), "posterior_covariance": ("isotropic", "diagonal")},
+    companions={("prior_variance_grouping", "layer"): "backbone_prior_variances"},
 ))
 DEELBO_CONFIG_KEY = DEELBO.key
 DEELBO_FORMAT_VERSION = DEELBO.format_version
