@@ -299,3 +299,18 @@ def test_learning_rate_selection_from_the_command_line(tmp_path, capsys):
     assert "chosen" in capsys.readouterr().out
     assert not any(p.name.startswith("lr-") for p in out.iterdir())  # the losing runs leave nothing behind
     assert json.loads((out / "config.json").read_text())["deelbo"]["num_train_examples"] == 30
+
+
+def test_an_arguments_file_is_typed_as_the_command_line(tmp_path):
+    """Values of an arguments file go through each flag's own type, as on the command line: a number
+    for a path flag reads as its text, a scalar for a list flag as a list of one, a list or mapping is
+    kept for a flag whose field takes one (report_to, lr_scheduler_kwargs)."""
+    from hf_deelbo.cli.train import parse_train_args
+
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": 5, "learning_rates": 0.1, "max_steps": "7", "kappa": 3,
+                                "report_to": ["none"], "lr_scheduler_kwargs": {"num_cycles": 0.5}, "do_train": "true"}))
+    _, _, training_args, run_args = parse_train_args(["--config_file", str(path)])
+    assert training_args.output_dir == "5" and training_args.max_steps == 7 and training_args.kappa == 3.0
+    assert run_args.learning_rates == [0.1] and training_args.report_to == []  # ["none"], normalised
+    assert training_args.lr_scheduler_kwargs == {"num_cycles": 0.5} and training_args.do_train is True

@@ -182,6 +182,46 @@ def _no_output(ws):
     assert not ws.out.exists()
 
 
+def args_file(values: dict, *flags):
+    """`hf-deelbo train --config_file FILE` with `values` in FILE (JSON)."""
+
+    def prepare(ws):
+        path = ws.root / "args.json"
+        path.write_text(json.dumps(values))
+        return cli(*ws.train("--max_steps", "1", "--config_file", str(path), *flags))
+
+    return prepare
+
+
+def api_args(**values):
+    """DEELBoTrainingArguments built from Python with `values`."""
+    from hf_deelbo import DEELBoTrainingArguments
+
+    return lambda ws: api(lambda: DEELBoTrainingArguments(output_dir=str(ws.out), use_cpu=True, report_to="none",
+                                                          **values))
+
+
+def _under_a_file(ws):
+    (ws.root / "a-file").write_text("not a folder")
+    return cli(*ws.train("--max_steps", "1", out=ws.root / "a-file" / "run"))
+
+
+def _read_only(ws):
+    """An output directory on a read-only filesystem (a read-only tmpfs, where one can be mounted)."""
+    disk = ws.root / "read-only"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("no read-only filesystem can be mounted here")
+    ws.state["mounted"] = disk
+    return cli(*ws.train("--max_steps", "1", out=disk))
+
+
+def _unmount(ws):
+    if "mounted" in ws.state:
+        subprocess.run(["umount", str(ws.state["mounted"])], check=True)
+
+
 ARGUMENT_CASES = [
     Case("lr-zero", bad_flag("--learning_rate", "0"), 2, "learning_rate must be a finite number > 0", _no_output),
     Case("lr-negative", bad_flag("--learning_rate", "-0.1"), 2, "0.001, 0.0001); got -0.1",
@@ -208,6 +248,41 @@ ARGUMENT_CASES = [
     Case("resume-nothing", bad_flag("--resume"), 2, "holds no complete checkpoint to resume from", _no_output),
     Case("resume-from-missing-dir", lambda ws: cli(*ws.train("--resume_from_checkpoint", str(ws.root / "nope"))), 2,
          "is not a directory; pass a checkpoint-<step> directory", _no_output),
+    Case("args-file-max-steps-fractional", args_file({"max_steps": 10.5}), 2,
+         "sets 'max_steps' to 10.5, but --max_steps takes an int; write the value as on the command line", _no_output),
+    Case("args-file-kappa-a-list", args_file({"kappa": [1, 2]}), 2, "sets 'kappa' to [1, 2], but --kappa takes a number",
+         _no_output),
+    Case("args-file-bma-samples-fractional", args_file({"bma_samples": 2.7}), 2,
+         "sets 'bma_samples' to 2.7, but --bma_samples takes an int", _no_output),
+    Case("args-file-max-steps-a-bool", args_file({"max_steps": True}), 2, "sets 'max_steps' to True, but --max_steps "
+         "takes an int", _no_output),
+    Case("args-file-learning-rate-a-word", args_file({"learning_rate": "fast"}), 2,
+         "sets 'learning_rate' to 'fast', but --learning_rate takes a number", _no_output),
+    Case("args-file-learning-rates-not-numbers", args_file({"learning_rates": [0.1, "x"]}), 2,
+         "--learning_rates takes a number (or a list of them)", _no_output),
+    Case("args-file-choice-outside-the-choices", args_file({"posterior_covariance": "bogus"}), 2,
+         "posterior_covariance must be 'isotropic' (one σ for every weight) or 'diagonal'", _no_output),
+    Case("gradient-accumulation-zero", bad_flag("--gradient_accumulation_steps", "0"), 2,
+         "gradient_accumulation_steps must be an int >= 1 (1 takes an optimizer step after every batch); got 0",
+         _no_output),
+    Case("sigma-init-negative-exponent", bad_flag("--sigma_init", "-1e-4"), 2,
+         "sigma_init must be a finite number > 0 (the paper uses 1e-4); got -0.0001", _no_output),
+    Case("learning-rates-negative-exponent", bad_flag("--learning_rates", "0.1", "-1e-3"), 2,
+         "--learning_rates must all be > 0; got [0.1, -0.001]", _no_output),
+    Case("do-train-and-do-eval-false", bad_flag("--do_train", "false", "--do_eval", "false"), 2,
+         "--do_train and --do_eval are both false, so the run would do nothing", _no_output),
+    Case("fp16-advice-works-on-cpu", bad_flag("--fp16", "true"), 2, "--bf16 true --use_cpu true", _no_output),
+    Case("embedded-task-fewer-examples-than-classes",
+         lambda ws: cli("train", "--max_train_samples", "1", "--output_dir", str(ws.out)), 2,
+         "--max_train_samples 1 is fewer than the embedded task's 5 classes (digits 5-9)", _no_output),
+    Case("output-dir-under-a-file", _under_a_file, 2, "/a-file', which is a file; choose another --output_dir"),
+    Case("output-dir-read-only", _read_only, 2, "cannot be written (read-only for this user or on a read-only "
+         "filesystem)", _unmount),
+    Case("api-kappa-a-string", api_args(kappa="3"), ValueError, "kappa must be a number; got '3' (str)"),
+    Case("api-num-train-examples-fractional", api_args(num_train_examples=0.5), ValueError,
+         "num_train_examples must be an int; got 0.5 (float)"),
+    Case("api-bma-samples-fractional", api_args(bma_samples=2.5), ValueError, "bma_samples must be an int; got 2.5"),
+    Case("api-max-steps-fractional", api_args(max_steps=10.5), ValueError, "max_steps must be an int; got 10.5"),
 ]
 
 
@@ -541,6 +616,14 @@ FILE_CASES = [
          _resumed_from("checkpoint-2"), RESUME_REWRITES),
     Case("resume-explicit-nan-weights", _explicit(_nan_weights), 2,
          "checkpoint-3' cannot be resumed from exactly: model.safetensors holds non-finite values"),
+    Case("lock-is-a-pipe", _planted_lock(lambda lock, victim: os.mkfifo(lock)), 2,
+         "_hf_deelbo.lock is not a regular file, not the lock file hf_deelbo writes there"),
+    Case("resume-explicit-rho-a-string", _explicit(_callback_state("-9.2")), 2,
+         "cannot be resumed from exactly: trainer_state.json holds DEELBoCallback.posterior_rho = '-9.2'"),
+    Case("resume-manifest-not-a-mapping",
+         _resume_with(lambda ws: (ws.out / "checkpoint-3" / MANIFEST_NAME).write_text('{"files": ["model.safetensors"]}')),
+         0, "Not resuming from checkpoint-3: checkpoint_complete.json is unreadable ('files' is not a mapping)",
+         _resumed_from("checkpoint-2"), RESUME_REWRITES),
     Case("resume-per-rank-rng-files-with-one-process", _resume_with(_per_rank_rng_files), 0,
          "Not resuming from checkpoint-3: rng_state.pth is missing (it was written by 2 processes and is resumed by 1: "
          "resume with as many, e.g. torchrun --nproc_per_node 2)", _resumed_from("checkpoint-2"), RESUME_REWRITES),
@@ -596,13 +679,19 @@ CONFIG_VARIANTS = [
     ("lambda-string", _set("lambda", "big"), "deelbo.lambda must be a finite number > 0; got 'big'"),
     ("count-float", _set("num_train_examples", 2.5), "deelbo.num_train_examples must be an int >= 0; got 2.5"),
     ("format-version-newer", _set("format_version", 99), "deelbo.format_version is newer than this hf_deelbo reads"),
+    ("null", _entry(None), "'deelbo' is null, not a JSON object of hyperparameters"),
+    ("posterior-covariance-bogus", _set("posterior_covariance", "bogus"),
+     "deelbo.posterior_covariance must be one of ['isotropic', 'diagonal']; got 'bogus'"),
+    ("layer-without-variances", _set("prior_variance_grouping", "layer"),
+     "deelbo.prior_variance_grouping is 'layer', which needs deelbo.backbone_prior_variances, and it is missing"),
 ]
 CONFIG_CASES = [
     Case(f"{command}-config-{name}", lambda ws, c=change, command=command: _saved_model_with(c)(ws, command),
          2, message)
     for name, change, message in CONFIG_VARIANTS
     for command in ("show", "evaluate")
-    if command == "show" or name in ("string", "sigma-nan", "empty", "format-version-newer")
+    if command == "show" or name in ("string", "sigma-nan", "empty", "format-version-newer", "null",
+                                     "posterior-covariance-bogus")
 ]
 
 
@@ -621,7 +710,48 @@ def _posterior_from_bad_config(ws):
     return api(lambda: posterior_from_config(model))
 
 
+def _split_record(text):
+    """The copied run with `text` as its data_split.json, evaluated."""
+
+    def prepare(ws):
+        ws.copy_run()
+        (ws.out / "data_split.json").write_text(text)
+        return cli("evaluate", "--model_name_or_path", str(ws.out))
+
+    return prepare
+
+
+def _pickled_weights(ws):
+    """A model directory whose weights are a pickle that would run code when loaded."""
+    model = ws.root / "planted"
+    model.mkdir()
+    shutil.copy(Path(ws.material["VIT"]) / "config.json", model / "config.json")
+    ws.state["marker"] = ws.root / "payload-ran"
+    torch.save({"weight": Payload(str(ws.state["marker"]))}, model / "pytorch_model.bin")
+    return cli("evaluate", "--model_name_or_path", str(model), "--validation_dir", ws.material["IMAGES"])
+
+
+_EMBEDDED_RECORD = json.dumps({"source": "embedded digits", "seed": 1, "test_fraction": 0.3})
+BAD_RECORD = "is no valid record of the run's data"
 CONFIG_CASES += [
+    Case("data-split-not-json", _split_record("{broken"), 2, f"data_split.json {BAD_RECORD} (not readable JSON"),
+    Case("data-split-a-list", _split_record("[1, 2]"), 2, f"{BAD_RECORD} (it holds list, not a JSON object)"),
+    Case("data-split-unknown-source", _split_record(json.dumps({"source": "the moon", "seed": 1, "test_fraction": 0.3})),
+         2, f"{BAD_RECORD} (source is 'the moon'"),
+    Case("data-split-seed-a-word", _split_record(json.dumps({"source": "embedded digits", "seed": "x",
+                                                            "test_fraction": 0.3})), 2, f"{BAD_RECORD} (seed is 'x')"),
+    Case("data-split-fraction-above-one", _split_record(json.dumps({"source": "image folder", "seed": 1,
+                                                                   "test_fraction": 2})),
+         2, f"{BAD_RECORD} (test_fraction is 2)"),
+    Case("data-split-no-columns", _split_record(json.dumps({"source": "image folder", "seed": 1, "test_fraction": 0.2,
+                                                           "train_dir": "x"})),
+         2, f"{BAD_RECORD} (image_column_name or label_column_name is missing)"),
+    Case("evaluate-split-without-data", lambda ws: (_split_record(_EMBEDDED_RECORD)(ws), cli(
+        "evaluate", "--model_name_or_path", str(ws.out), "--split", "test"))[1], 2,
+         "--split 'test' names a split of --dataset_name or --validation_dir data, and none is given"),
+    Case("evaluate-pickled-weights", _pickled_weights, 2,
+         "holds pickled weights with more than tensors, which are never unpickled", _payload_never_ran),
+
     Case("show-config-not-json", _not_json, 2, "config.json is not valid JSON"),
     Case("posterior-from-config-sigma-nan", _posterior_from_bad_config, ValueError,
          "deelbo.sigma must be a finite number > 0; got nan"),
@@ -683,6 +813,29 @@ def _late_nan(ws):
     return _trainer(ws, _images(16, nan_at=13).with_format("torch"), max_steps=8)
 
 
+def _folder_with_a_non_image(ws, where: str):
+    """The material's image folder with one file that is no image ("late"), or with none that is
+    one ("every")."""
+    folder = ws.root / "images"
+    shutil.copytree(ws.material["IMAGES"], folder)
+    if where == "every":
+        for path in folder.rglob("*.png"):
+            path.write_text("not an image")
+    else:
+        (folder / "7" / "zz-broken.png").write_text("not an image")
+    return folder
+
+
+def _non_image(where: str, *flags):
+    def prepare(ws):
+        folder = _folder_with_a_non_image(ws, where)
+        return cli("train", "--model_name_or_path", ws.material["VIT"], "--train_dir", str(folder),
+                   "--ignore_mismatched_sizes", "true", "--per_device_train_batch_size", "4", "--report_to", "none",
+                   "--disable_tqdm", "true", "--output_dir", str(ws.out), *flags)
+
+    return prepare
+
+
 DATA_CASES = [
     Case("labels-whole-number-floats",
          _data_case(lambda ws: _trainer(ws, _images(labels=[0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 1.0, 2.0]).with_format("torch"))),
@@ -702,6 +855,11 @@ DATA_CASES = [
          _data_case(lambda ws: _trainer(ws, _images(9).with_format("torch"), model=BatchNormNet(), head_modules=["head"],
                                         per_device_train_batch_size=4)),
          ValueError, "BatchNorm layers cannot train on a batch of 1 example"),
+    Case("image-folder-no-image-at-all", _non_image("every", "--max_steps", "1"), 2,
+         ".png': the training data holds a file that is not an image; remove or replace it.", _no_output),
+    Case("image-folder-non-image-mid-run", _non_image("late", "--max_steps", "12", "--train_val_split", "0"), 2,
+         "zz-broken.png': the training data holds a file that is not an image; remove or replace it. Nothing was "
+         "written.", _no_output),
     Case("late-nan-in-the-data", _data_case(_late_nan), FloatingPointError,
          "the training data holds non-finite values (NaN or inf in pixel_values"),
 ]
@@ -757,6 +915,30 @@ def _restore_timeout(ws):
     set_hub_timeout()
 
 
+def _push_bounded(ws):
+    """Every commit hangs for 8 s, longer than HF_DEELBO_HUB_TIMEOUT=2: the whole push, retries
+    included, must end within the timeout and one of huggingface_hub's back-off pauses (8 s)."""
+    ws.copy_run()
+    ws.hub.state.hang_commits = 8
+    os.environ["HF_DEELBO_HUB_TIMEOUT"] = "2"
+    ws.state["restore_timeout"] = True
+    run = cli("push", str(ws.out), "--repo_id", "tester/bounded")
+
+    def timed(ws):
+        start = time.monotonic()
+        result = run(ws)
+        ws.state["seconds"] = time.monotonic() - start
+        return result
+
+    return timed
+
+
+def _within_the_bound(ws):
+    _restore_timeout(ws)
+    ws.hub.state.hang_commits = None
+    assert ws.state["seconds"] < 2 + 8 + 5, ws.state["seconds"]
+
+
 def _repo_creation_refused(ws):
     ws.hub.state.refuse_writes = 500
     return cli(*ws.train("--max_steps", "1", "--push_to_hub", "true", "--hub_model_id", "tester/never-created"))
@@ -772,6 +954,9 @@ HUB_CASES = [
     Case("push-that-never-answers-times-out", _push_hangs, 2, "the Hub did not answer within the timeout",
          _restore_timeout, marks=(pytest.mark.slow,)),
     Case("repo-creation-refused", _repo_creation_refused, 1, "Nothing was trained or written yet", _no_output),
+    Case("hub-timeout-bounds-the-whole-push", _push_bounded, 2,
+         "the Hub did not answer within the timeout (HF_DEELBO_HUB_TIMEOUT=2 s for the whole call, retries included)",
+         _within_the_bound),
 ]
 
 
@@ -858,6 +1043,34 @@ def _disk_full(ws):
     return cli(*ws.train("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "1", out=disk / "run"))
 
 
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // 4096) * 4096
+
+
+def _disk_full_at_the_optimizer(ws):
+    """A real tmpfs with room for two checkpoints and the third one's weights, not its optimizer.pt:
+    torch.save fails in its C++ writer (two chained RuntimeErrors)."""
+    checkpoint = ws.finished_run() / "checkpoint-1"
+    one = sum(_pages(p) for p in checkpoint.iterdir())
+    small = sum(_pages(p) for p in checkpoint.iterdir() if p.name not in ("optimizer.pt", "rng_state.pth",
+                                                                           "scheduler.pt", "trainer_state.json"))
+    disk = ws.root / "disk"
+    if not _mount_tmpfs(disk, size_kb=(2 * one + small) // 1024 + 16):
+        pytest.skip("no tmpfs can be mounted here")
+    ws.state["mounted"] = disk
+    return cli(*ws.train("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "1", out=disk / "run"))
+
+
+def _full_disk_kept_two(ws):
+    out = ws.root / "disk" / "run"
+    try:
+        assert checkpoint_problem(str(out / "checkpoint-1")) is None
+        assert checkpoint_problem(str(out / "checkpoint-2")) is None
+        assert (out / "checkpoint-3" / "model.safetensors").is_file()
+    finally:
+        _unmount(ws)
+
+
 def _disk_full_then(ws):
     if "monkeypatch" in ws.state:
         ws.state["monkeypatch"].undo()
@@ -938,6 +1151,8 @@ SIGNAL_CASES = [
          "diverged at step 2", _first_checkpoint_loads),
     Case("disk-full-while-writing-the-third-checkpoint", _disk_full, 1, "No space left on device", _disk_full_then),
     Case("two-concurrent-runs", _concurrent_runs, 2, "is in use by another run (pid", _kill_first),
+    Case("disk-full-while-torch-saves-the-optimizer", _disk_full_at_the_optimizer, 1,
+         "No space left on device while writing optimizer.pt", _full_disk_kept_two),
     Case("distributed-but-not-synchronised", _unsynchronised_ranks, 1,
          "This process is one of 2 ranks (WORLD_SIZE=2), but the Trainer trains as 1 process", None,
          marks=(pytest.mark.slow,)),

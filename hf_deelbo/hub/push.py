@@ -69,8 +69,8 @@ def _within_deadline(message) -> None:
         return
     left = _deadline - time.monotonic()
     if left <= 0:
-        raise HubCallTimedOut(f"the call to the Hub took longer than HF_DEELBO_HUB_TIMEOUT ({hub_timeout():g} s), "
-                              "retries included")
+        raise HubCallTimedOut(f"the Hub did not answer within the timeout (HF_DEELBO_HUB_TIMEOUT={hub_timeout():g} s "
+                              "for the whole call, retries included)")
     if hasattr(message, "extensions") and not hasattr(message, "status_code"):  # a request
         message.extensions["timeout"] = {key: min(value, left) if value is not None else left
                                          for key, value in message.extensions.get("timeout", {}).items()}
