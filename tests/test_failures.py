@@ -104,6 +104,13 @@ class Workspace:
 
 @pytest.fixture
 def ws(tmp_path, material, hub, capsys):
+    # A user's files beside every case's run: a sentinel, a repository, a link to the sentinel. The
+    # table's snapshot covers them: no case may touch them.
+    outside = tmp_path / "users-project"
+    (outside / ".git").mkdir(parents=True)
+    (outside / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (outside / "sentinel.txt").write_text("a user's file")
+    (outside / "link-to-sentinel").symlink_to(outside / "sentinel.txt")
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     loggers = [logging.getLogger(name) for name in ("hf_deelbo", "transformers")]

@@ -158,9 +158,9 @@ def record_writes(output_dir: str) -> None:
         run_files.record(output_dir, held[3])
 
 
-def release(output_dir: str) -> None:
+def release(output_dir: str, remove_if_created: bool = True) -> None:
     """Undo one `acquire`; the last one removes the lock file (and `output_dir`, if this process
-    created it and nothing else was written to it)."""
+    created it, nothing else was written to it and `remove_if_created`)."""
     key = os.path.realpath(output_dir)
     held = _held.get(key)
     if held is None:
@@ -178,7 +178,7 @@ def release(output_dir: str) -> None:
     except OSError:
         pass
     os.close(fd)
-    if created:
+    if created and remove_if_created:
         try:
             os.rmdir(output_dir)  # only if empty
         except OSError:

@@ -383,14 +383,16 @@ class FineTuningTrainer(Trainer):
         holds_lock = self.is_world_process_zero()
         if holds_lock:
             lock.acquire(self.args.output_dir, created=not self._output_dir_existed)
+        finished = False
         try:
             self._saved_for_preemption = False
             with self._preemption:  # a SIGTERM or SIGUSR1 stops the run after a step, with a checkpoint
                 output = super().train(resume_from_checkpoint, *args, **kwargs)
             checkpoint = self._checkpoint_after_preemption()
+            finished = True
         finally:
-            if holds_lock:
-                lock.release(self.args.output_dir)
+            if holds_lock:  # a run that failed having written nothing removes the output_dir it created
+                lock.release(self.args.output_dir, remove_if_created=not finished)
         if checkpoint is not None:
             number = self._preemption.received or PREEMPTION_SIGNALS[0]
             raise TrainingPreempted(
