@@ -1004,6 +1004,29 @@ def _api_sigint(ws):
     return api(trainer.train)
 
 
+class PoisonWeights(TrainerCallback):
+    """Makes the weights infinite before the first step this trainer takes."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("inf"))
+
+
+def _diverge_after_resume(ws):
+    """A run resumed from checkpoint-2 that diverges at once: the message names that checkpoint."""
+    first = _trainer(ws, image_dataset(16), max_steps=2, save_strategy="steps", save_steps=1)
+    first.train()
+    resumed = _trainer(ws, image_dataset(16), max_steps=4, save_strategy="steps", save_steps=1,
+                       callbacks=[PoisonWeights()])
+    run = api(lambda: resumed.train(resume_from_checkpoint=True))
+
+    def named(ws):
+        status, text = run(ws)
+        return status, text.replace(str(ws.out), "OUT")
+
+    return named
+
+
 def _diverge_after_a_checkpoint(ws):
     # warmup: the first step has learning rate 0 and is saved; the second has 1e30
     return cli(*ws.train("--max_steps", "4", "--learning_rate", "1e30", "--lr_scheduler_type", "constant_with_warmup",
@@ -1156,6 +1179,8 @@ SIGNAL_CASES = [
          lambda ws: _complete(ws, "checkpoint-1", "checkpoint-2")),
     Case("divergence-after-a-checkpoint", _diverge_after_a_checkpoint, 1,
          "diverged at step 2", _first_checkpoint_loads),
+    Case("divergence-after-resume-names-the-checkpoint", _diverge_after_resume, FloatingPointError,
+         "This run resumed from OUT/checkpoint-2.", lambda ws: _complete(ws, "checkpoint-1", "checkpoint-2")),
     Case("disk-full-while-writing-the-third-checkpoint", _disk_full, 1, "No space left on device", _disk_full_then),
     Case("two-concurrent-runs", _concurrent_runs, 2, "is in use by another run (pid", _kill_first),
     Case("disk-full-while-torch-saves-the-optimizer", _disk_full_at_the_optimizer, 1,
