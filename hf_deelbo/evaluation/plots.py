@@ -1,17 +1,25 @@
-"""PNG figures of a run: learned hyperparameters, training loss, reliability diagram."""
+"""PNG figures of a run: learned hyperparameters, training loss, reliability diagram.
+
+Drawn on `matplotlib.figure.Figure` with the Agg canvas, without pyplot: importing the package
+leaves the user's backend (a notebook's inline, TkAgg) and pyplot's figure list as they were."""
 
 from __future__ import annotations
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .metrics import calibration  # noqa: E402
+from .metrics import calibration
 
 HYPERPARAMETERS_PLOT = "deelbo_hyperparameters.png"
 LOSS_PLOT = "training_loss.png"
 RELIABILITY_PLOT = "reliability_diagram.png"
+
+
+def _figure(width: float, height: float):
+    """A figure with one axes, on its own Agg canvas (no pyplot, no global backend)."""
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
 
 
 def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -27,7 +35,7 @@ def plot_hyperparameters(log_history: list[dict], path: str):
         return None
     _, tau = _series(log_history, "tau")
     _, sigma = _series(log_history, "sigma")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _figure(6, 3.5)
     ax.plot(steps, lam, label="λ (backbone prior variance)")
     ax.plot(steps, tau, label="τ (head prior variance)")
     ax.plot(steps, [s**2 for s in sigma], label="σ² (posterior variance)", linestyle="--")
@@ -42,7 +50,7 @@ def plot_training_loss(log_history: list[dict], path: str):
     if not steps:
         return None
     nll_steps, nll = _series(log_history, "nll")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _figure(6, 3.5)
     ax.plot(steps, loss, label="DE ELBO loss (NLL + KL/κN)")
     if nll_steps:
         ax.plot(nll_steps, nll, label="NLL at the sampled weights")
@@ -57,7 +65,6 @@ def _save_over_steps(fig, ax, path: str, ylabel: str, title: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return fig
 
 
@@ -67,7 +74,7 @@ def plot_reliability(log_probs, labels, path: str, num_bins: int = 10):
     of `metrics.calibration`, which the reported ECE is computed from. Returns the figure."""
     bins = calibration(log_probs, labels, num_bins)
     centers, accuracies, counts, ece = bins.centers, bins.accuracies, bins.counts, bins.ece
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _figure(4.5, 4.5)
     ax.bar(centers, accuracies, width=1 / num_bins, edgecolor="black", alpha=0.7, label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     for center, accuracy, count in zip(centers, accuracies, counts):
@@ -82,5 +89,4 @@ def plot_reliability(log_probs, labels, path: str, num_bins: int = 10):
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return fig
