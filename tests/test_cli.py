@@ -1,6 +1,9 @@
 """The `hf-deelbo` command, run in-process through its entry point."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -314,3 +317,21 @@ def test_an_arguments_file_is_typed_as_the_command_line(tmp_path):
     assert training_args.output_dir == "5" and training_args.max_steps == 7 and training_args.kappa == 3.0
     assert run_args.learning_rates == [0.1] and training_args.report_to == []  # ["none"], normalised
     assert training_args.lr_scheduler_kwargs == {"num_cycles": 0.5} and training_args.do_train is True
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help-all"], ["--version"]])
+def test_help_and_version_go_to_stdout_and_a_closed_pipe_ends_quietly(argv):
+    """As any command line tool: help and --version on stdout, status 0; a reader that closes the pipe
+    at once (`| head`) gets no traceback."""
+    command = [os.path.join(os.path.dirname(sys.executable), "hf-deelbo"), *argv]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() and not result.stderr, result.stderr[-500:]
+    if argv == ["--version"]:
+        from hf_deelbo import __version__
+
+        assert result.stdout.strip() == f"hf-deelbo {__version__}"
+    closed = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    closed.stdout.close()  # the reader is gone before the first line
+    stderr = closed.stderr.read().decode()
+    closed.wait()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -4,6 +4,7 @@
     hf-deelbo evaluate   accuracy, NLL and ECE of a saved model, at the posterior mean or with --bma_samples
     hf-deelbo push       upload an output directory to the Hub
     hf-deelbo show       print the learned hyperparameters of a local directory or Hub repo
+    hf-deelbo --version  print the version
 
 `train` takes the flags of transformers' run_image_classification.py where they overlap
 (--model_name_or_path, --dataset_name, --train_dir, --validation_dir, --image_column_name,
@@ -13,6 +14,7 @@ DEELBoTrainingArguments / TrainingArguments flag, and --config_file (JSON or YAM
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from . import evaluate, push, show, train
@@ -24,12 +26,38 @@ COMMANDS = {"train": train.main, "evaluate": evaluate.main, "push": push.main, "
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip().split("\n\n")[0] + "\n\n" + "\n".join(__doc__.strip().split("\n\n")[1:2]), file=sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
+    """The command line; returns the exit status. A reader that closes the pipe early (`| head`)
+    ends it quietly."""
+    try:
+        status = _main(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's own advice (docs, "Note on SIGPIPE"): point stdout at devnull so that the flush
+        # at exit does not raise again, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
+    return status
+
+
+def _usage() -> str:
+    return __doc__.strip().split("\n\n")[0] + "\n\n" + "\n".join(__doc__.strip().split("\n\n")[1:2])
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"hf-deelbo {__version__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(_usage(), file=sys.stderr)
+        if argv:
             print(f"\nhf-deelbo: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
     # Other libraries' INFO lines (timm's "Loading pretrained weights from ...") are noise here.
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)  # hf_deelbo's logger follows transformers' verbosity (warnings) otherwise
