@@ -31,3 +31,21 @@ def test_every_plot_labels_both_axes(tmp_path):
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), plot.__name__
     assert plot_hyperparameters([{"step": 1, "loss": 1.0}], str(tmp_path / "none.png")) is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_accuracy_takes_class_ids_as_hugging_faces_does_and_logits_as_before():
+    """The package's `accuracy` module accepts what Hugging Face's `accuracy` accepts (predicted class
+    ids) and rows of logits, with the same value for the same predictions; `compute_metrics` is
+    unchanged (logits)."""
+    from transformers import EvalPrediction
+
+    from hf_deelbo import compute_metrics
+    from hf_deelbo.evaluation.metrics import load_metric
+
+    logits = torch.tensor([[2.0, 0.1, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 4.0], [0.5, 0.2, 0.1]])
+    labels = [0, 1, 1, 0]
+    metric = load_metric("accuracy")
+    from_ids = metric.compute(predictions=logits.argmax(-1).tolist(), references=labels)["accuracy"]
+    from_logits = metric.compute(predictions=logits.tolist(), references=labels)["accuracy"]
+    assert from_ids == from_logits == 0.75
+    assert compute_metrics(EvalPrediction(predictions=logits.numpy(), label_ids=labels))["accuracy"] == 0.75

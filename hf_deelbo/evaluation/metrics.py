@@ -30,9 +30,13 @@ def _log_probs_and_labels(predictions, references) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def accuracy(predictions, references) -> float:
-    """The fraction of examples whose most probable class is the label."""
-    log_probs, labels = _log_probs_and_labels(predictions, references)
-    return float((log_probs.argmax(-1) == labels).float().mean())
+    """The fraction of examples whose most probable class is the label: `predictions` are rows of
+    logits (or log-probabilities), or the predicted class ids (as Hugging Face's `accuracy` takes them)."""
+    predicted = torch.as_tensor(np.asarray(predictions))
+    labels = torch.as_tensor(np.asarray(references)).long()
+    if predicted.dim() == 2:
+        predicted = predicted.float().argmax(-1)
+    return float((predicted.long() == labels).float().mean())
 
 
 @torch.no_grad()

@@ -8,3 +8,4 @@ class Accuracy(metric_module.ClassificationMetric):
     metric_name, value = "accuracy", accuracy
     description = "The fraction of examples whose most probable class is the label."
     returns = "in [0, 1]."
+    accepts_class_ids = True
