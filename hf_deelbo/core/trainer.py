@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerState
-from transformers.modelcard import extract_hyperparameters_from_trainer
+from transformers.modelcard import TrainingSummary, extract_hyperparameters_from_trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
@@ -44,6 +44,10 @@ from .preemption import PREEMPTION_SIGNALS, DeferredSignals, TrainingPreempted, 
 from .registry import MethodSpec
 
 logger = transformers_logging.get_logger(__name__)
+
+
+def _listify(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
 
 
 class FineTuningTrainer(Trainer):
@@ -373,7 +377,13 @@ class FineTuningTrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _write_config_entry(self) -> None:
-        set_model_config_entry(self.accelerator.unwrap_model(self.model), self.config_key, self.config_entry())
+        model = self.accelerator.unwrap_model(self.model)
+        set_model_config_entry(model, self.config_key, self.config_entry())
+        config = getattr(model, "config", None)
+        if getattr(config, "problem_type", "") is None and getattr(config, "num_labels", 0) > 1:
+            # As transformers' classifiers set it at their first loss with labels: the methods train
+            # with the cross-entropy of one label per example.
+            config.problem_type = "single_label_classification"
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """Trainer's `train`, holding output_dir's lock (`lock.py`: a second live run into it is
@@ -507,9 +517,17 @@ class FineTuningTrainer(Trainer):
             library_name = "peft"
         else:
             library_name = "transformers" if self._is_transformers_model else "timm"
+        model_name = model_name or os.path.basename(os.path.abspath(output_dir))
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        # What plain Trainer's card holds (license, language, the generated_from_trainer tag, the
+        # training data's datasets, metrics and model-index, the task), from transformers' own summary.
+        summary = TrainingSummary.from_trainer(
+            self, language=language, license=license, tags=list(tags), model_name=model_name,
+            finetuned_from=finetuned_from or "", tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+            dataset_args=dataset_args)
         card = self.build_model_card(
             output_dir=output_dir,
-            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+            model_name=model_name,
             library_name=library_name,
             values_file=ADAPTER_CONFIG_ENTRIES_NAME if adapter else "config.json",
             base_model=finetuned_from,
@@ -518,9 +536,10 @@ class FineTuningTrainer(Trainer):
             hyperparameters=hyperparameters,
             repo_id=self.hub_model_id or args.hub_model_id,
             local_path=output_dir,
-            extra_tags=([tags] if isinstance(tags, str) else list(tags or []))
-            + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else [])
+            extra_tags=tags + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else [])
             + (["peft", adapter] if adapter else []),
+            task=_listify(summary.tasks)[0] if summary.tasks else cards.DEFAULT_TASK,
+            trainer_metadata=summary.create_metadata(),
         )
         card.save(os.path.join(output_dir, "README.md"))
 
