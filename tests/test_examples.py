@@ -20,6 +20,21 @@ def _run(script, *flags):
     return result.stdout
 
 
+def _card_snippet_runs(out, task: str) -> str:
+    """The saved model card's pipeline tag is `task`, and its "How to use" code runs as written,
+    printing the learned values; returns what it printed."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == task and task in card.data.tags
+    snippet = card.text.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, env=dict(os.environ),
+                            timeout=300)
+    assert result.returncode == 0, snippet + result.stderr[-2000:]
+    assert "'lambda'" in result.stdout
+    return snippet
+
+
 def test_run_image_classification_on_an_image_folder(tmp_path, tiny_vit_dir):  # noqa: F811
     folder = _image_folder(tmp_path / "images")
     out = tmp_path / "out"
@@ -27,6 +42,7 @@ def test_run_image_classification_on_an_image_folder(tmp_path, tiny_vit_dir):  #
                   "--ignore_mismatched_sizes", "true", "--output_dir", str(out), "--remove_unused_columns", "false")
     assert "learned:" in stdout
     assert json.loads((out / "config.json").read_text())["deelbo"]["head_modules"] == ["classifier"]
+    assert "AutoModelForImageClassification" in _card_snippet_runs(out, "image-classification")
 
 
 @pytest.mark.slow
@@ -41,4 +57,8 @@ def test_text_classification_example(tmp_path):
     out = tmp_path / "out"
     stdout = _run("text_classification.py", "--output_dir", str(out))
     assert "learned:" in stdout
-    assert json.loads((out / "config.json").read_text())["deelbo"]["head_modules"] == ["classifier"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["deelbo"]["head_modules"] == ["classifier"]
+    assert config["problem_type"] == "single_label_classification"
+    # the card follows the model: a text classifier, loaded by the Auto class of its task
+    assert "AutoModelForSequenceClassification" in _card_snippet_runs(out, "text-classification")
