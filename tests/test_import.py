@@ -82,3 +82,11 @@ def test_every_imported_third_party_package_is_declared():
     undeclared = sorted(name for name in third_party
                         if DISTRIBUTIONS.get(name, name).lower().replace("-", "_") not in declared)
     assert not undeclared, f"imported but not declared in setup.cfg: {undeclared}"
+
+
+def test_the_package_imports_where_fcntl_does_not_exist():
+    """`fcntl` is POSIX-only: the output-directory lock imports it when it locks, so the package
+    imports on any platform."""
+    code = "import sys; sys.modules['fcntl'] = None; import hf_deelbo, hf_deelbo.cli.train; print('imported')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]

@@ -15,7 +15,6 @@ run holds the directory, what it writes is recorded (`run_files.py`), for `--ove
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -90,12 +89,31 @@ def lock_holder(output_dir: str) -> str | None:
         return None
     fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_without_waiting(fd)
     except BlockingIOError:
         return _describe(fd)
     finally:
         os.close(fd)  # closing releases a lock taken here
     return None
+
+
+def _lock_without_waiting(fd: int) -> None:
+    """An exclusive lock on the open file `fd`, released by the kernel when the process ends;
+    BlockingIOError when another process holds it. POSIX: `flock`; Windows: `msvcrt.locking` of
+    the first byte. (filelock is not used: the lock file must be opened without following a link,
+    checked to be a regular file and hold the holder's details, which its API does not expose.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise BlockingIOError("locked by another process") from None
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # O_NOFOLLOW: a link planted under the lock's name fails to open; O_NONBLOCK: so does a pipe, at once.
@@ -134,7 +152,7 @@ def acquire(output_dir: str, created: bool | None = None) -> None:
     path = os.path.join(output_dir, LOCK_NAME)
     fd = _open_lock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_without_waiting(fd)
     except BlockingIOError:
         holder = _describe(fd)
         os.close(fd)
