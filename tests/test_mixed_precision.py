@@ -106,3 +106,19 @@ def test_bf16_autocast_gives_the_float32_gradients_to_bfloat16_precision(mechani
     assert _relative_error(rho, reference_rho) < 4 * 2**-8
     for name, p in twin.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=1e-6 if mechanism == "in_place" else 0)
+
+
+def test_the_in_place_draw_uses_every_device_with_a_generator_and_falls_back_elsewhere(caplog):
+    """The in-place draw replays ε from the device's default generator: cpu (and cuda, xpu, mps where
+    present) have one; a device without one (`meta`) falls back to functional_call with one warning,
+    decided when the trainer is built."""
+    from hf_deelbo.methods.deelbo.posterior import default_generator, in_place_supported
+    from hf_deelbo.methods.deelbo.trainer import resolve_sampling_mechanism
+
+    assert default_generator("cpu") is torch.default_generator and in_place_supported("cpu")
+    assert resolve_sampling_mechanism("in_place", torch.device("cpu")) == "in_place"
+    assert not in_place_supported("meta")
+    with caplog.at_level("WARNING"):
+        assert resolve_sampling_mechanism("in_place", torch.device("meta")) == "functional_call"
+    assert sum("using sampling_mechanism='functional_call'" in r.getMessage() for r in caplog.records) == 1
+    assert resolve_sampling_mechanism("functional_call", torch.device("meta")) == "functional_call"

@@ -342,16 +342,37 @@ class IsotropicGaussianPosterior(nn.Module):
         return InPlaceDraw(self, generator)
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
-    """The generator `torch.randn(..., device=device)` uses when given none."""
+def default_generator(device: torch.device | str) -> torch.Generator | None:
+    """The generator `torch.randn(..., device=device)` uses when given none (the one Trainer's
+    checkpoints save the state of), or None for a device torch gives none for (`meta`): the
+    in-place draw replays ε from it, so it needs one. cpu; cuda, xpu and the other accelerators
+    with `torch.<device>.default_generators`; mps."""
+    device = torch.device(device)
     if device.type == "cpu":
         return torch.default_generator
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    raise NotImplementedError(
-        f"sampling_mechanism='in_place' draws ε from the default generator of cpu or cuda devices; the weights are on "
-        f"{device}. Use sampling_mechanism='functional_call'."
-    )
+    module = getattr(torch, device.type, None)
+    generators = getattr(module, "default_generators", None)
+    if generators:
+        index = device.index if device.index is not None else module.current_device()
+        return generators[index]
+    if device.type == "mps" and hasattr(torch.mps, "_get_default_mps_generator"):
+        return torch.mps._get_default_mps_generator()
+    return None
+
+
+def in_place_supported(device: torch.device | str) -> bool:
+    """Whether `sampling_mechanism='in_place'` can draw on `device` (it has a default generator)."""
+    return default_generator(device) is not None
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    generator = default_generator(device)
+    if generator is None:
+        raise NotImplementedError(
+            f"sampling_mechanism='in_place' draws ε from the device's default generator, and torch has none for "
+            f"{device}. Use sampling_mechanism='functional_call'."
+        )
+    return generator
 
 
 def _noise_pieces(sizes: list[int], generator: torch.Generator, device: torch.device):

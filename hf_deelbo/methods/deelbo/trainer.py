@@ -21,7 +21,7 @@ from .callback import DEELBoCallback
 from .config import DEELBO, deelbo_config
 from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
 from .optimization import CombinedOptimizer, diagonal_rho_optimizer
-from .posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior
+from .posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior, in_place_supported
 from .prediction import predictive_log_probs
 
 logger = logging.get_logger(__name__)
@@ -60,6 +60,7 @@ class DEELBoTrainer(FineTuningTrainer):
     def __init__(self, model: nn.Module | None = None, args: DEELBoTrainingArguments | None = None, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
         args = self.args
+        args.sampling_mechanism = resolve_sampling_mechanism(args.sampling_mechanism, args.device)
         self.posterior = IsotropicGaussianPosterior(self.model, self.groups, args.sigma_init,
                                                     args.prior_variance_grouping, args.posterior_covariance)
         self.num_train_examples = _resolve_num_train_examples(args, self.train_dataset)
@@ -401,6 +402,17 @@ class DEELBoTrainer(FineTuningTrainer):
         ) else None
         return cards.build_model_card(self.method, self.learned_hyperparameters(), template_path=MODEL_CARD_TEMPLATE,
                                       usage_comment="learned λ, τ, σ, κ", plot=plot, **context)
+
+
+def resolve_sampling_mechanism(requested: str, device: torch.device | str) -> str:
+    """The sampling mechanism a run on `device` uses: `requested`, except "in_place" on a device torch
+    gives no default random generator for (the draw replays ε from it), which falls back to
+    "functional_call" with one warning, when the trainer is built."""
+    if requested == "in_place" and not in_place_supported(device):
+        logger.warning(f"sampling_mechanism='in_place' needs a default random generator on {device}, which torch does "
+                       "not give; using sampling_mechanism='functional_call' (w̃ as a separate copy of the weights).")
+        return "functional_call"
+    return requested
 
 
 def _batch_norms(model: nn.Module) -> list[nn.Module]:
