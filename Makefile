@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install
+.PHONY: demo test test-fast test-oldest install
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,14 @@ test: $(BIN)/.installed
 # Without the slow tests.
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow"
+
+# The oldest releases setup.cfg declares (.ci/oldest.txt), in an environment of their own: the fast suite.
+OLDEST_VENV ?= .venv-oldest
+$(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml .ci/oldest.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/pip install --quiet -c .ci/oldest.txt -e ".[test]"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/bin/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -n 2 --dist worksteal -m "not slow"

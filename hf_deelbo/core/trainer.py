@@ -5,6 +5,7 @@ hyperparameters in the model's config."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -115,6 +116,10 @@ class FineTuningTrainer(Trainer):
         # Trainer creates output_dir: one the run created and wrote nothing to is removed again.
         self._output_dir_existed = os.path.isdir(args.output_dir)
         super().__init__(model=model, args=args, **kwargs)
+        if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+            # transformers before 5.2x decides the division by the accumulation steps from this
+            # flag alone (tests/test_trainer.py, gradient accumulation against one big batch).
+            self.model_accepts_loss_kwargs = False
         self.model_init = model_init
         # Datasets without an Arrow label column had their first batch checked only: every batch is.
         train_dataset = kwargs.get("train_dataset")
@@ -554,9 +559,11 @@ class FineTuningTrainer(Trainer):
         token = token if token is not None else self.args.hub_token
         name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         self.args.hub_model_id = check_repo_namespace(name, token)
+        # `private` is an argument of Trainer.init_hf_repo from transformers 5.2x on.
+        private_argument = {"private": private} if "private" in inspect.signature(Trainer.init_hf_repo).parameters else {}
         try:
             with hub_call():
-                super().init_hf_repo(token=token, private=private)
+                super().init_hf_repo(token=token, **private_argument)
         except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
             output_dir = self.args.output_dir
             wrote_output = os.path.isdir(output_dir) and bool(set(os.listdir(output_dir)) - {lock.LOCK_NAME})

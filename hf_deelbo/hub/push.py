@@ -38,12 +38,20 @@ def hub_call(seconds: float | None = None):
         _deadline = outer
 
 
+def hub_http_library():
+    """The HTTP library huggingface_hub talks through (httpx2 from huggingface_hub 2, httpx before),
+    for its timeout and error types: whichever it is, it is huggingface_hub's dependency, not ours."""
+    from huggingface_hub.utils import _http
+
+    return getattr(_http, "httpx2", None) or _http.httpx
+
+
 def set_hub_timeout(seconds: float | None = None) -> None:
     """Give huggingface_hub's HTTP client a timeout (its default waits forever), through its own
     `set_client_factory`. A client factory the user installed is left alone."""
-    import httpx2
     from huggingface_hub.utils import _http
 
+    httpx = hub_http_library()
     if seconds is None:
         seconds = hub_timeout()
     current = _http._GLOBAL_CLIENT_FACTORY
@@ -52,9 +60,9 @@ def set_hub_timeout(seconds: float | None = None) -> None:
     if getattr(current, "hf_deelbo_timeout", None) == seconds:
         return
 
-    def client_factory() -> httpx2.Client:
+    def client_factory():
         client = _http.default_client_factory()
-        client.timeout = httpx2.Timeout(seconds, connect=min(10.0, seconds))
+        client.timeout = httpx.Timeout(seconds, connect=min(10.0, seconds))
         client.event_hooks["request"].append(_within_deadline)
         client.event_hooks["response"].append(_within_deadline)
         return client
@@ -116,20 +124,20 @@ def push_error(error: Exception, output_dir: str, repo_id: str | None, wrote_out
     """One clear error for a failed push: the cause (the HTTP status where the Hub answered: 401/403
     name the token), what to do, and, once something was written (`wrote_output`), that nothing
     local was lost."""
-    import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(error, HubPushError):
         return error
+    httpx = hub_http_library()
     cause, seen = error, {id(error)}
-    while not isinstance(cause, (HfHubHTTPError, httpx2.TimeoutException, HubCallTimedOut)):
+    while not isinstance(cause, (HfHubHTTPError, httpx.TimeoutException, HubCallTimedOut)):
         following = cause.__cause__ or cause.__context__
         if following is None or id(following) in seen:
             break
         cause = following
         seen.add(id(cause))
-    if not isinstance(cause, (HfHubHTTPError, httpx2.TimeoutException, HubCallTimedOut)):
+    if not isinstance(cause, (HfHubHTTPError, httpx.TimeoutException, HubCallTimedOut)):
         cause = error  # the innermost explicit cause
         while cause.__cause__ is not None:
             cause = cause.__cause__
@@ -144,7 +152,7 @@ def push_error(error: Exception, output_dir: str, repo_id: str | None, wrote_out
         )
     elif isinstance(cause, HubCallTimedOut):
         action = f"{cause}; push again later"
-    elif isinstance(cause, httpx2.TimeoutException):
+    elif isinstance(cause, httpx.TimeoutException):
         action = (f"the Hub did not answer within the timeout ({type(cause).__name__}; HF_DEELBO_HUB_TIMEOUT sets it); "
                   "push again later")
     elif status is not None:
