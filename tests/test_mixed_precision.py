@@ -122,3 +122,32 @@ def test_the_in_place_draw_uses_every_device_with_a_generator_and_falls_back_els
         assert resolve_sampling_mechanism("in_place", torch.device("meta")) == "functional_call"
     assert sum("using sampling_mechanism='functional_call'" in r.getMessage() for r in caplog.records) == 1
     assert resolve_sampling_mechanism("functional_call", torch.device("meta")) == "functional_call"
+
+
+@pytest.mark.parametrize("mechanism, covariance", VARIANTS)
+def test_float32_accumulation_for_devices_without_float64(mechanism, covariance, make_args, monkeypatch):
+    """Apple's MPS has no float64: there the squared distances, the KL, λ, τ and the draw's dL/dσ are
+    summed in float32 (HF_DEELBO_ACCUMULATION_DTYPE=float32 takes that path on any device). The
+    gradients of m and ρ agree with the float64 path's to float32 precision, nothing of the method
+    is float64, and σ's floor keeps σ² a normal float32."""
+    model, _ = build_model("vit")
+    twin = copy.deepcopy(model)
+    reference_trainer = _trainer(model, make_args, mechanism, covariance)
+    monkeypatch.setenv("HF_DEELBO_ACCUMULATION_DTYPE", "float32")
+    trainer = _trainer(twin, make_args, mechanism, covariance)
+    assert trainer.posterior.accumulation_dtype == torch.float32 and reference_trainer.posterior.accumulation_dtype == torch.float64
+    _moved(model, reference_trainer)
+    _moved(twin, trainer)
+    batch = image_dataset(8).with_format("torch")[:8]
+    reference, reference_rho = _step(reference_trainer, model, batch)
+    grads, rho = _step(trainer, twin, batch)
+    for name in reference:
+        assert _relative_error(grads[name], reference[name]) < 1e-5, name
+    assert _relative_error(rho, reference_rho) < 1e-4
+    distances = trainer.posterior.squared_distances()
+    lam, tau = trainer.deelbo_callback.backbone_prior_variance, trainer.deelbo_callback.head_prior_variance
+    kl = trainer.posterior.kl(lam, tau)
+    assert {t.dtype for t in (*distances, kl, trainer.posterior.posterior_variance())} == {torch.float32}
+    assert trainer.metrics._window.dtype == torch.float32
+    floor = torch.tensor(trainer.posterior.min_sigma, dtype=torch.float32) ** 2
+    assert floor > 0 and torch.isfinite(torch.log(floor)) and floor >= torch.finfo(torch.float32).tiny

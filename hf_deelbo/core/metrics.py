@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .anchor import accumulation_dtype
+
 
 class MetricsRecorder:
     """Sums of the named values over the current logging window, and their count.
@@ -21,14 +23,14 @@ class MetricsRecorder:
 
     def __init__(self, names: tuple[str, ...], device: torch.device | str):
         self.names = tuple(names)
-        self._window = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=device)
+        self._window = torch.zeros(len(self.names) + 1, dtype=accumulation_dtype(device), device=device)
 
     @torch.no_grad()
     def record(self, **values) -> None:
         """Add one row (one training micro-batch): a tensor or number for every name."""
-        device = self._window.device
-        row = [torch.as_tensor(values[name], dtype=torch.float64).detach().to(device) for name in self.names]
-        self._window += torch.stack([*row, torch.ones((), dtype=torch.float64, device=device)])
+        device, dtype = self._window.device, self._window.dtype
+        row = [torch.as_tensor(values[name], dtype=dtype).detach().to(device) for name in self.names]
+        self._window += torch.stack([*row, torch.ones((), dtype=dtype, device=device)])
 
     def means(self, accelerator=None) -> dict[str, float]:
         """name -> mean over the window, summed over processes (`accelerator`); the window is

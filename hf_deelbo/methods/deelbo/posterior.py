@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.anchor import DeferredDistanceGradients, PretrainedAnchor, local
+from ...core.anchor import DeferredDistanceGradients, PretrainedAnchor, accumulation_dtype, local
 from ...core.groups import ParameterGroups
 from .objective import (
     diagonal_gaussian_kl,
@@ -95,9 +95,11 @@ class IsotropicGaussianPosterior(nn.Module):
     (τ alike with μ = 0); with all σ_i equal to σ these are the isotropic formulas.
     """
 
-    # σ never goes below this (ρ is projected after each step): σ² stays a normal float64, so the
-    # KL's log σ² and λ* = ‖m_b − μ‖²/D_b + σ² stay finite and positive.
+    # σ never goes below this (ρ is projected after each step): σ² stays a normal number of the
+    # accumulation dtype (float64: 1e-60; float32, on devices without float64: 1e-36), so the KL's
+    # log σ² and λ* = ‖m_b − μ‖²/D_b + σ² stay finite and positive.
     min_sigma = 1e-30
+    min_sigma_float32 = 1e-18
 
     def __init__(self, model: nn.Module, groups: ParameterGroups, sigma_init: float = 1e-4,
                  prior_variance_grouping: str = "backbone", posterior_covariance: str = "isotropic"):
@@ -113,6 +115,9 @@ class IsotropicGaussianPosterior(nn.Module):
                 f"σ_i per weight); got {posterior_covariance!r}"
             )
         self.anchor = PretrainedAnchor(model, groups)
+        self.accumulation_dtype = self.anchor.accumulation_dtype
+        if self.accumulation_dtype != torch.float64:
+            self.min_sigma = self.min_sigma_float32
         if posterior_covariance == "diagonal" and self.anchor.process_group is not None:
             raise NotImplementedError(
                 "posterior_covariance='diagonal' does not support parameters sharded by FSDP2's fully_shard (ρ would "
@@ -133,7 +138,7 @@ class IsotropicGaussianPosterior(nn.Module):
         self._backbone_group_sizes = None
         if self.layer_wise:
             sizes = [p.numel() for p in self.anchor.backbone]  # the global size of an FSDP2-sharded tensor
-            self._backbone_group_sizes = torch.tensor(sizes, dtype=torch.float64, device=device)
+            self._backbone_group_sizes = torch.tensor(sizes, dtype=self.accumulation_dtype, device=device)
 
     @torch.no_grad()
     def clamp_sigma(self) -> None:
@@ -229,7 +234,7 @@ class IsotropicGaussianPosterior(nn.Module):
         """λ as `kl` takes it: a vector given as a list (restored from JSON) becomes a float64 tensor
         on the weights' device; anything else is returned as it is."""
         if self.layer_wise and not isinstance(value, torch.Tensor):
-            return torch.tensor(value, dtype=torch.float64, device=self.rho.device)
+            return torch.tensor(value, dtype=self.accumulation_dtype, device=self.rho.device)
         return value
 
     def mean_backbone_prior_variance(self, backbone_prior_variance):
@@ -247,7 +252,7 @@ class IsotropicGaussianPosterior(nn.Module):
     def posterior_variance(self) -> torch.Tensor:
         """σ² (σ at least `min_sigma`), float64, differentiable; the vector of s_i = σ_i² for a
         diagonal posterior."""
-        return F.softplus(self.rho.double()).clamp_min(self.min_sigma) ** 2
+        return F.softplus(self.rho.to(self.accumulation_dtype)).clamp_min(self.min_sigma) ** 2
 
     def squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖m_b − μ‖², ‖m_h‖²) as float64 scalars (`PretrainedAnchor.squared_distances`); with "layer"
@@ -480,6 +485,7 @@ class InPlaceDraw:
         self._tensors, self._sizes = anchor.trainable, posterior._sizes
         self._device = self._tensors[0].device
         self._rho = posterior.rho
+        self._dtype = posterior.accumulation_dtype
         self._group = anchor.process_group
         self._sharded = dict(zip(map(id, self._tensors), anchor.sharded))
         self._deferred = DeferredDistanceGradients(anchor)
@@ -553,9 +559,9 @@ class InPlaceDraw:
         """Σ_l ⟨grad_l, ε_l⟩ in float64; under FSDP2 the sharded tensors' shares summed over ranks
         (FSDP has averaged their gradients over ranks already, as DDP averages whole ones)."""
         if self._group is None:
-            return torch.stack([d for d, _ in dots]).sum(dtype=torch.float64)
-        values = torch.stack([d.double() for d, _ in dots]) if dots else torch.zeros(0, dtype=torch.float64,
-                                                                                      device=self._device)
+            return torch.stack([d for d, _ in dots]).sum(dtype=self._dtype)
+        values = torch.stack([d.to(self._dtype) for d, _ in dots]) if dots else torch.zeros(0, dtype=self._dtype,
+                                                                                             device=self._device)
         sharded = torch.tensor([self._sharded[id(m)] for _, m in dots], dtype=torch.bool, device=values.device)
         shards = torch.where(sharded, values, 0.0).sum()
         torch.distributed.all_reduce(shards, group=self._group)
@@ -610,5 +616,5 @@ class _Perturb(torch.autograd.Function):
             for grad, eps in zip(grads, ctx.pieces)
             if grad is not None  # None: the weight took no part in the forward pass
         ]
-        grad_sigma = torch.stack(dots).sum(dtype=torch.float64).float() if dots else None
+        grad_sigma = torch.stack(dots).sum(dtype=accumulation_dtype(dots[0].device)).float() if dots else None
         return (None, grad_sigma, *grads)

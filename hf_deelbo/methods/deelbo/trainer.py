@@ -460,7 +460,7 @@ def check_sigma_init(model: nn.Module, backbone_names: list[str], sigma_init: fl
     ends at chance accuracy while exiting normally. The paper's 1e-4 is far below any network's."""
     parameters = dict(model.named_parameters())
     with torch.no_grad():
-        squares = sum(float(parameters[n].detach().double().pow(2).sum()) for n in backbone_names)
+        squares = sum(float(parameters[n].detach().float().pow(2).sum()) for n in backbone_names)
         count = sum(parameters[n].numel() for n in backbone_names)
     if not count:
         return
