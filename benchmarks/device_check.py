@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -135,7 +134,7 @@ def check_gradients(device: str, workdir: Path) -> dict:
             eps = torch.randn(sum(sizes), device=args.device, generator=replay).split(sizes)
         reference, reference_rho = _reference_gradients(trainer, model, batch, eps)
         errors = [float((p.grad.double() - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
-                  for n, p in zip(trainer.posterior.anchor.parameter_names, trainer.posterior.anchor.trainable)]
+                  for n, p in zip(trainer.posterior.anchor.parameter_names, trainer.posterior.anchor.trainable, strict=True)]
         rho_error = float((trainer.posterior.rho.grad.double() - reference_rho).abs().max() / reference_rho.abs().max())
         worst[mechanism] = {"weights": max(errors), "rho": rho_error}
     passed = all(v["weights"] < 1e-6 and v["rho"] < 1e-6 for v in worst.values())

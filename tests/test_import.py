@@ -52,7 +52,7 @@ def _declared() -> set[str]:
     config = ConfigParser()
     config.read(ROOT / "setup.cfg")
     lines = [line for line in config["options"]["install_requires"].splitlines() if line.strip()]
-    for extra, text in config["options.extras_require"].items():
+    for text in config["options.extras_require"].values():
         lines += [line for line in text.splitlines() if line.strip() and not line.strip().startswith("%")]
     names = set()
     for line in lines:
