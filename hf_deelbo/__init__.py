@@ -7,6 +7,7 @@ import logging as _logging
 from transformers.utils import logging as _transformers_logging
 
 from .core.groups import ParameterGroups, detect_head_modules, split_parameters
+from .core.preemption import TrainingPreempted
 from .demo import digits
 from .evaluation.metrics import compute_metrics
 from .hub import HubPushError, load_classifier
@@ -51,4 +52,5 @@ __all__ = [
     "TPGMCallback",
     "TPGMTrainer",
     "TPGMTrainingArguments",
+    "TrainingPreempted",
 ]

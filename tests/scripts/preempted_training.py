@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
 
 from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
-from hf_deelbo.core.preemption import TrainingPreempted
+from hf_deelbo import TrainingPreempted
 
 
 class SignalAtStep(TrainerCallback):
