@@ -4,8 +4,11 @@ clear `HubPushError` for a push that failed."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
+
+logger = logging.getLogger(__name__)
 
 # Seconds a call to the Hub (a push, a repo creation: every request and retry it makes) may take
 # before it fails instead of hanging: HF_DEELBO_HUB_TIMEOUT, default 300. Connecting is limited to
@@ -47,13 +50,21 @@ def hub_http_library():
 
 
 def set_hub_timeout(seconds: float | None = None) -> None:
-    """Give huggingface_hub's HTTP client a timeout (its default waits forever), through its own
-    `set_client_factory`. A client factory the user installed is left alone."""
+    """Give huggingface_hub's HTTP client a timeout (its default waits forever), through its public
+    `set_client_factory`. A client factory the user installed is left alone. Which factory is
+    installed is read from huggingface_hub's private `_GLOBAL_CLIENT_FACTORY` (no public reader
+    exists, 1.33–2.5); where a release drops it, the package leaves the client as it is, with a
+    warning, and requests wait as huggingface_hub's own defaults say."""
+    from huggingface_hub import set_client_factory
     from huggingface_hub.utils import _http
 
     httpx = hub_http_library()
     if seconds is None:
         seconds = hub_timeout()
+    if not hasattr(_http, "_GLOBAL_CLIENT_FACTORY") or not hasattr(_http, "default_client_factory"):
+        logger.warning("This huggingface_hub does not expose its HTTP client factory: HF_DEELBO_HUB_TIMEOUT is not "
+                       "applied, and Hub requests wait as huggingface_hub's defaults say.")
+        return
     current = _http._GLOBAL_CLIENT_FACTORY
     if current is not _http.default_client_factory and not getattr(current, "hf_deelbo_timeout", None):
         return
@@ -68,7 +79,7 @@ def set_hub_timeout(seconds: float | None = None) -> None:
         return client
 
     client_factory.hf_deelbo_timeout = seconds
-    _http.set_client_factory(client_factory)
+    set_client_factory(client_factory)
 
 
 def _within_deadline(message) -> None:
