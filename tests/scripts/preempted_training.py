@@ -16,11 +16,10 @@ import signal
 import sys
 
 import torch
-from datasets import Dataset
-from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+from ddp_train import tiny_vit_and_data  # the script's own folder is on sys.path, under torchrun too
+from transformers import TrainerCallback
 
-from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
-from hf_deelbo import TrainingPreempted
+from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, TrainingPreempted
 
 
 class SignalAtStep(TrainerCallback):
@@ -34,15 +33,7 @@ class SignalAtStep(TrainerCallback):
 
 def main():
     output_dir, mode = sys.argv[1], sys.argv[2]
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=5)
-    model = ViTForImageClassification(config)
-    generator = torch.Generator().manual_seed(0)
-    data = Dataset.from_dict({
-        "pixel_values": torch.randn(48, 3, 32, 32, generator=generator).numpy(),
-        "labels": torch.randint(0, 5, (48,), generator=generator).numpy(),
-    }).with_format("torch")
+    model, data = tiny_vit_and_data(48)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = DEELBoTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=8 // world_size, max_steps=12, learning_rate=0.05,
