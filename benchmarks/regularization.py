@@ -68,13 +68,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import update_section  # noqa: E402
+from task import with_label_noise  # noqa: E402
 from transfer import (  # noqa: E402
     GRID,
     ROOT,
     _setup_thread,
     evaluate,
     model_init,
-    pixel_dataset,
     pretrained_path,
     pretraining,
     tensor_dataset,
@@ -154,30 +154,12 @@ def job_outputs(job) -> tuple[str, ...]:
     return tuple(bo_kind(n) for n in job[10]) if job[1] == BO else (job[1],)
 
 
-def noisy_labels(labels: torch.Tensor, fraction: float, seed: int, num_classes: int = 5) -> torch.Tensor:
-    """Symmetric label noise: round(fraction·N) examples, drawn with `seed`, get a label drawn
-    uniformly from the other classes."""
-    if fraction == 0:
-        return labels
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    flipped = torch.randperm(len(labels), generator=generator)[: round(fraction * len(labels))]
-    labels = labels.clone()
-    shift = torch.randint(1, num_classes, (len(flipped),), generator=generator)
-    labels[flipped] = (labels[flipped] + shift) % num_classes
-    return labels
-
-
 def task_data(task: str, n: int, seed: int):
     """(train, test) of transfer.py's split for `seed`, with the task's label noise in train."""
     from hf_deelbo import digits
 
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
-    train, test = tensor_dataset(train), tensor_dataset(test)
-    fraction = TASKS[task][0]
-    if fraction:
-        batch = train[:]
-        train = pixel_dataset(batch["pixel_values"], noisy_labels(batch["labels"], fraction, seed))
-    return train, test
+    return with_label_noise(tensor_dataset(train), TASKS[task][0], seed), tensor_dataset(test)
 
 
 def bayesian_optimization(init, train, common: dict, work_dir: str, n_trials: int, seed: int, quick: bool = False):

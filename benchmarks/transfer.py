@@ -47,133 +47,25 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import update_section  # noqa: E402
+from task import (  # noqa: E402,F401 - the task, as the earlier scripts import it from here
+    IMAGE_SIZE,
+    evaluate,
+    model_init,
+    new_model,
+    pixel_dataset,
+    pretrained_path,
+    pretraining,
+    tensor_dataset,
+    training_settings,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE_SIZE = 16
 SECTION = ("<!-- transfer:start -->", "<!-- transfer:end -->")
 
 
 def _setup_thread():
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def tensor_dataset(dataset, size: int = IMAGE_SIZE):
-    """Digits as pixel tensors, decoded once (`size`×`size`, 3 channels, normalised)."""
-    import torch.nn.functional as F
-
-    from hf_deelbo import digits
-
-    batch = digits.to_pixel_values(dataset[:])
-    x = F.interpolate(batch["pixel_values"], size=(size, size), mode="bilinear", align_corners=False)
-    return pixel_dataset(x, batch["labels"])
-
-
-def pixel_dataset(pixel_values: torch.Tensor, labels: torch.Tensor):
-    """A `datasets.Dataset` of ready pixel tensors, stored as fixed-shape Arrow arrays: without the
-    `Array3D` feature they are nested lists, and turning those back into tensors batch by batch
-    costs more than the training step itself."""
-    from datasets import Array3D, Dataset, Features, Value
-
-    features = Features({"pixel_values": Array3D(shape=tuple(pixel_values.shape[1:]), dtype="float32"),
-                         "labels": Value("int64")})
-    return Dataset.from_dict({"pixel_values": pixel_values.numpy(), "labels": labels.numpy()},
-                             features=features).with_format("torch")
-
-
-# Epochs of pretraining on digits 0–4, per backbone: each is trained until it fits the source task
-# (test accuracy on a held-out 30 % of 0–4 above 0.95, recorded in the results). The ViT needs ten
-# times the ResNet's epochs: with 6 it reached 0.49 and its features transferred at chance level.
-PRETRAINING_EPOCHS = {"timm-resnet": 6, "vit": 60}
-
-
-def pretrained_path(backbone: str, cache_dir: str) -> str:
-    """Pretrain on digits 0–4 once, save like a Hub checkpoint (with `pretraining.json`: epochs and
-    source test accuracy), return the directory."""
-    from hf_deelbo import digits
-
-    epochs = PRETRAINING_EPOCHS[backbone]
-    path = os.path.join(cache_dir, f"transfer-{backbone}-{IMAGE_SIZE}px-{epochs}ep")
-    if os.path.isfile(os.path.join(path, "pretraining.json")):
-        return path
-    from hf_deelbo.core.modeling import classifier_logits
-
-    torch.manual_seed(0)
-    source, source_test = digits.split(digits.digits_dataset(digits.SOURCE_CLASSES), None, seed=0)
-    data, source_test = tensor_dataset(source), tensor_dataset(source_test)
-    model = digits.pretrain(new_model(backbone, 5), data, epochs=epochs, batch_size=64, lr=3e-3, seed=None)
-    with torch.no_grad():
-        batch = source_test[:]
-        accuracy = (classifier_logits(model, batch).argmax(-1) == batch["labels"]).float().mean().item()
-    if backbone == "vit":
-        model.save_pretrained(path)
-    else:
-        from timm.models._hub import save_for_hf
-
-        save_for_hf(model, path, safe_serialization=True)
-    with open(os.path.join(path, "pretraining.json"), "w") as f:
-        json.dump({"epochs": epochs, "source_test_accuracy": accuracy}, f)
-    return path
-
-
-def pretraining(path: str) -> dict:
-    """The backbone's pretraining record, with the SHA-256 of its weights file: the backbones are
-    committed under benchmarks/results/pretrained/, and one rebuilt elsewhere (another machine's
-    floating point) differs from them, so records made on different backbones can be told apart."""
-    import hashlib
-
-    with open(os.path.join(path, "pretraining.json")) as f:
-        record = json.load(f)
-    weights = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
-    with open(os.path.join(path, weights[0]), "rb") as f:
-        return {**record, "weights_sha256": hashlib.sha256(f.read()).hexdigest()}
-
-
-def new_model(backbone: str, num_classes: int):
-    if backbone == "vit":
-        from transformers import ViTConfig, ViTForImageClassification
-
-        config = ViTConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, intermediate_size=128, num_labels=num_classes)
-        return ViTForImageClassification(config)
-    import timm
-
-    return timm.create_model("test_resnet", num_classes=num_classes)
-
-
-def model_init(backbone: str, path: str, seed: int):
-    def init():
-        torch.manual_seed(seed)
-        if backbone == "vit":
-            from transformers import ViTForImageClassification
-
-            model = ViTForImageClassification.from_pretrained(path)
-            model.classifier.reset_parameters()  # the new head for digits 5–9
-            return model
-        from hf_deelbo.hub import load_timm_model
-
-        model = load_timm_model(path)
-        model.reset_classifier(5)
-        return model
-
-    return init
-
-
-def evaluate(trainer, test) -> dict:
-    from hf_deelbo import digits
-
-    output = trainer.predict(test)
-    return digits.classification_metrics(torch.tensor(output.predictions), torch.tensor(output.label_ids))
-
-
-def training_settings(steps: int, seed: int) -> dict:
-    """The `TrainingArguments` every run of every method shares (learning rate and output_dir aside)."""
-    return dict(
-        max_steps=steps, per_device_train_batch_size=32, per_device_eval_batch_size=256, optim="sgd",
-        optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", max_grad_norm=1.0, report_to="none",
-        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, logging_steps=10**6,
-        dataloader_pin_memory=False,
-    )
 
 
 def run_combo(task) -> dict:

@@ -51,3 +51,33 @@ def classifier_logits(
     if isinstance(outputs, torch.Tensor):
         return outputs
     return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that track running statistics (timm's BatchNormAct2d included)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recompute_batch_norm_statistics(model: nn.Module, batches, forward) -> int:
+    """Recompute the BatchNorm running statistics at the model's current weights: reset, then the
+    cumulative average of `forward(batch)` over `batches` in training mode (momentum None), as
+    `torch.optim.swa_utils.update_bn` does for models called on a tensor. Returns the number of
+    layers recomputed (0: nothing to do, `batches` untouched)."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    model.train()
+    try:
+        for batch in batches:
+            forward(batch)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.train(was_training)
+    return len(layers)

@@ -65,6 +65,11 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             are the wrong ones and inflate the objective of exactly the runs that trained well
             (docs/baselines.md, "BatchNorm in the training objective"). No effect on models
             without BatchNorm.
+        recompute_batch_norm (`bool`, *optional*, defaults to `False`):
+            After training, recompute the BatchNorm running statistics at the posterior mean m in
+            one pass over the training data (`DEELBoTrainer.recompute_batch_norm`, as
+            `torch.optim.swa_utils.update_bn`). During training they average the draws
+            w̃ = m + σε, not m, at which the model predicts. No effect on models without BatchNorm.
         sampling_mechanism (`str`, *optional*, defaults to `"in_place"`):
             How each training step runs the model at its draw w̃ = m + σε. `"in_place"` adds σε to
             the weights themselves before the forward pass and, after the backward pass, subtracts
@@ -148,6 +153,12 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             "help": "BatchNorm statistics in the training objective that picks the learning rate: 'batch' (each "
             "batch's, as in training) or 'running' (the running statistics, as in prediction).",
         },
+    )
+
+    recompute_batch_norm: bool = field(
+        default=False,
+        metadata={"help": "After training, recompute the BatchNorm running statistics at the posterior mean in one "
+                  "pass over the training data."},
     )
 
     sampling_mechanism: Literal["in_place", "functional_call"] = field(

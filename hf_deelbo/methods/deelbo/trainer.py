@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from ...core.modeling import batch_norm_layers, recompute_batch_norm_statistics
 from ...core.trainer import FineTuningTrainer
 from ...evaluation.plots import HYPERPARAMETERS_PLOT, plot_hyperparameters
 from ...hub import model_card as cards
@@ -321,7 +322,7 @@ class DEELBoTrainer(FineTuningTrainer):
         model = self.model
         device = self.posterior.rho.device
         batches = [self._prepare_inputs(batch) for batch in self.get_eval_dataloader(dataset)]
-        batch_norms = _batch_norms(model) if self.args.objective_batch_norm == "batch" else []
+        batch_norms = batch_norm_layers(model) if self.args.objective_batch_norm == "batch" else []
         if batch_norms:
             batches = _without_single_example_batch(batches, self.label_names[0])
         was_training = model.training
@@ -372,7 +373,23 @@ class DEELBoTrainer(FineTuningTrainer):
             raise ValueError(_MISSING_N_MESSAGE)
         output = super().train(*args, **kwargs)
         self._warn_if_sigma_stayed_at_init()
+        if self.args.recompute_batch_norm:
+            self.recompute_batch_norm()
         return output
+
+    def recompute_batch_norm(self, dataset=None) -> int:
+        """Recompute the BatchNorm running statistics at the posterior mean m: one pass over
+        `dataset` (default: the training set, as the training dataloader serves it). During
+        training the statistics average the draws w̃ = m + σε, not m, at which the model predicts.
+        Returns the number of layers recomputed (0 for a model without BatchNorm)."""
+        model = self.model
+        loader = self.get_train_dataloader() if dataset is None else self.get_eval_dataloader(dataset)
+        layers = recompute_batch_norm_statistics(
+            model, loader, lambda batch: self._forward(model, self._prepare_inputs(batch))
+        )
+        if layers:
+            logger.info(f"Recomputed the running statistics of {layers} BatchNorm layers at the posterior mean.")
+        return layers
 
     def _warn_if_sigma_stayed_at_init(self) -> None:
         """One warning when σ ends the run below `PINNED_SIGMA_FACTOR` × `sigma_init`: λ* ≥ σ²
@@ -413,11 +430,6 @@ def resolve_sampling_mechanism(requested: str, device: torch.device | str) -> st
                        "not give; using sampling_mechanism='functional_call' (w̃ as a separate copy of the weights).")
         return "functional_call"
     return requested
-
-
-def _batch_norms(model: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers that track running statistics (timm's BatchNormAct2d included)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def _without_single_example_batch(batches: list[dict], label_name: str) -> list[dict]:

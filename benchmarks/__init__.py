@@ -1,0 +1,1 @@
+"""The benchmark suite: `python -m benchmarks.<name>` from the repository root (docs/benchmarks.md)."""
