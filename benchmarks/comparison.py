@@ -1,0 +1,255 @@
+"""Protocol v2's main comparison: DE ELBO against the methods it replaces, each cell over 3
+pretraining replicates × 3 seeds, with paired 95 % intervals (benchmarks/protocol_v2.json).
+
+Tier 1: plain fine-tuning (lr by training loss), DE ELBO (4-lr selection; scored at the
+posterior mean, as a 16-draw model average and, on the ResNet, after `recompute_batch_norm`) and
+DE ELBO with successive halving. Tier 2: the fixed-α oracle (α = 0 included) and the L2-SP grid.
+Tiers run in order; within a tier, noise-40 before digits, each cell complete before the next.
+
+    python -m benchmarks.comparison --tier 1            # resumable: run again to continue
+    python -m benchmarks.comparison --tier 1 --cells noise-40/timm-resnet/50   # one cell
+    python -m benchmarks.comparison --report            # the tables from the records
+    python -m benchmarks.comparison --quick --output-dir /tmp/comparison       # a smoke run
+
+Results: benchmarks/results/v2/comparison.json (every record: backbone SHA-256, code commit,
+protocol id); the steps come from benchmarks/results/v2/convergence.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from benchmarks import convergence, harness, task
+
+PLAIN, DEELBO, HALVING = "plain, lr by training loss", "DE ELBO", "DE ELBO, halving"
+ORACLE, GRID = "fixed-alpha oracle", "L2-SP grid"
+TIERS = {1: (PLAIN, DEELBO, HALVING), 2: (ORACLE, GRID)}
+ORACLE_ALPHAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+GRID_STRENGTHS = (1e-2, 1e-4, 1e-6, 0.0)
+BMA_SAMPLES = 16
+# The rows of a cell, as records name them: DE ELBO's record gives three predictions.
+DEELBO_MEAN, DEELBO_BMA, DEELBO_BN = "DE ELBO (mean)", "DE ELBO (16-draw average)", "DE ELBO (mean, BatchNorm recomputed)"
+
+
+def record_key(record: dict) -> tuple:
+    # The oracle writes one record per α.
+    return (record["method"], record["task"], record["backbone"], record["n"], record["replicate"], record["seed"],
+            record.get("alpha") if record["method"] == ORACLE else None)
+
+
+def job_keys(job) -> list[tuple]:
+    alphas = ORACLE_ALPHAS if job[0] == ORACLE else (None,)
+    return [(*job[:6], alpha) for alpha in alphas]
+
+
+def all_cells() -> list[tuple]:
+    return [(t, b, n) for t in ("noise-40", "digits") for b in ("timm-resnet", "vit") for n in (50, 100, 500)]
+
+
+def jobs(tier: int, cells, replicates, seeds, step_counts: dict, output_dir: str) -> list[tuple]:
+    return [(method, t, b, n, r, s, step_counts[(t, b, n)], output_dir)
+            for t, b, n in cells for r in replicates for s in seeds for method in TIERS[tier]]
+
+
+def run_one(job) -> list[dict]:
+    harness.setup_worker()
+    method, task_name, backbone, n, replicate, seed, steps, output_dir = job
+    path = task.backbone_path(backbone, replicate, os.path.join(output_dir, "pretrained"))
+    train, test = task.training_data(task_name, n, seed)
+    init = task.model_init(backbone, path, seed)
+    work_dir = os.path.join(output_dir, "runs", f"{task_name}-{backbone}-{n}-r{replicate}-s{seed}", method)
+    args = {**task.training_settings(steps, seed), "output_dir": work_dir}
+    base = {"method": method, "task": task_name, "backbone": backbone, "n": n, "replicate": replicate, "seed": seed,
+            "steps": steps, "backbone_sha256": task.pretraining(path)["weights_sha256"], **harness.provenance()}
+    start = time.perf_counter()
+    fields = PROCEDURES[method](init, train, test, args)
+    if method == ORACLE:
+        return [{**base, **f} for f in fields]
+    return [{**base, **fields, "seconds": time.perf_counter() - start}]
+
+
+def _plain(init, train, test, args) -> dict:
+    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
+    from hf_deelbo.search import learning_rate_search
+
+    result = learning_rate_search(
+        L2SPTrainer, init, train, L2SPTrainingArguments(alpha=0.0, beta=0.0, **args), harness.protocol()["learning_rates"],
+        method_name="Plain fine-tuning", score=lambda trainer: trainer.evaluate(train)["eval_loss"])
+    return {**task.evaluate(result.trainer, test), "learning_rate": result.best["learning_rate"],
+            "runs": [{"learning_rate": r.settings["learning_rate"], "training_loss": r.score} for r in result.runs]}
+
+
+def _deelbo(init, train, test, args, strategy: str = "full") -> dict:
+    from hf_deelbo import DEELBoTrainingArguments, select_learning_rate
+    from hf_deelbo.core.modeling import batch_norm_layers
+
+    result = select_learning_rate(init, train, DEELBoTrainingArguments(**args),
+                                  learning_rates=harness.protocol()["learning_rates"], strategy=strategy)
+    trainer = result.trainer
+    learned = trainer.learned_hyperparameters()
+    fields = {**task.evaluate(trainer, test), "learning_rate": result.best["learning_rate"],
+              **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff")},
+              "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score} for r in result.runs]}
+    if strategy != "full":
+        return fields
+    trainer.args.bma_samples = BMA_SAMPLES
+    fields["model_average"] = task.evaluate(trainer, test)
+    trainer.args.bma_samples = 0
+    if batch_norm_layers(trainer.model):
+        trainer.recompute_batch_norm(train)
+        fields["batch_norm_recomputed"] = task.evaluate(trainer, test)
+    return fields
+
+
+def _halving(init, train, test, args) -> dict:
+    return _deelbo(init, train, test, args, strategy="halving")
+
+
+def _oracle(init, train, test, args) -> list[dict]:
+    """L2-SP at each fixed α (β = 0, lr 0.1) on all N: one record per α."""
+    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
+
+    records = []
+    for alpha in ORACLE_ALPHAS:
+        start = time.perf_counter()
+        trainer = L2SPTrainer(model=init(), train_dataset=train, args=L2SPTrainingArguments(
+            alpha=alpha, beta=0.0, **{**args, "learning_rate": 0.1}))
+        try:
+            trainer.train()
+            metrics = task.evaluate(trainer, test)
+        except FloatingPointError:
+            metrics = {"accuracy": float("nan"), "nll": float("nan"), "ece": float("nan")}
+        records.append({**metrics, "alpha": alpha, "seconds": time.perf_counter() - start})
+    return records
+
+
+def _grid(init, train, test, args) -> dict:
+    from hf_deelbo import L2SPTrainingArguments, l2sp_grid_search
+
+    labels = [int(v) for v in train.with_format(None)["labels"]]
+    result = l2sp_grid_search(init, train, labels, L2SPTrainingArguments(alpha=0.0, beta=0.0, **args),
+                              alphas=list(GRID_STRENGTHS), betas=list(GRID_STRENGTHS),
+                              learning_rates=harness.protocol()["learning_rates"])
+    return {**task.evaluate(result.trainer, test), "chosen": result.best, "num_runs": len(result.runs) + 1}
+
+
+PROCEDURES = {PLAIN: _plain, DEELBO: _deelbo, HALVING: _halving, ORACLE: _oracle, GRID: _grid}
+
+
+# ---- reading the records --------------------------------------------------------------------------
+
+def predictions(records: list[dict]) -> dict[tuple, dict]:
+    """{(row, task, backbone, n, replicate, seed): metrics}: one entry per prediction a record gives
+    (DE ELBO's three; the oracle's best α per cell and seed is chosen in `oracle_rows`)."""
+    out = {}
+    for r in records:
+        unit = (r["task"], r["backbone"], r["n"], r["replicate"], r["seed"])
+        if r["method"] == DEELBO:
+            out[(DEELBO_MEAN, *unit)] = r
+            out[(DEELBO_BMA, *unit)] = r["model_average"]
+            if "batch_norm_recomputed" in r:
+                out[(DEELBO_BN, *unit)] = r["batch_norm_recomputed"]
+        elif r["method"] != ORACLE:
+            out[(r["method"], *unit)] = r
+    return out
+
+
+def oracle_best(records: list[dict]) -> dict[tuple, dict]:
+    """The fixed α with the best mean test accuracy per cell (over its replicates and seeds), then
+    that α's record per unit: an upper bound that reads the test set."""
+    cells = {}
+    for r in records:
+        if r["method"] == ORACLE:
+            cells.setdefault((r["task"], r["backbone"], r["n"]), []).append(r)
+    out = {}
+    for cell, rs in cells.items():
+        by_alpha = {}
+        for r in rs:
+            by_alpha.setdefault(r["alpha"], []).append(r)
+        best = max(by_alpha, key=lambda a: statistics.mean(x["accuracy"] for x in by_alpha[a]))
+        for r in by_alpha[best]:
+            out[(ORACLE, *cell, r["replicate"], r["seed"])] = r
+    return out
+
+
+ROWS = (PLAIN, DEELBO_MEAN, DEELBO_BMA, DEELBO_BN, HALVING, ORACLE, GRID)
+
+
+def rows(records: list[dict], metric: str = "accuracy") -> list[dict]:
+    """Per cell and row: the mean, the units, and the paired differences against plain fine-tuning
+    and against DE ELBO (mean) with their intervals (replicate as the random factor)."""
+    values = {**predictions(records), **oracle_best(records)}
+    table = []
+    for cell in all_cells():
+        units = {key[4:]: None for key in values if key[1:4] == cell}
+        for row in ROWS:
+            own = {u: values[(row, *cell, *u)][metric] for u in units if (row, *cell, *u) in values}
+            if not own:
+                continue
+            entry = {"task": cell[0], "backbone": cell[1], "n": cell[2], "row": row, "units": len(own),
+                     "replicates": len({u[0] for u in own}), "mean": statistics.mean(own.values()),
+                     "per_unit": {f"r{u[0]}s{u[1]}": v for u, v in sorted(own.items())}}
+            for name, reference in (("vs_plain", PLAIN), ("vs_deelbo", DEELBO_MEAN)):
+                pairs = [(u[0], v - values[(reference, *cell, *u)][metric]) for u, v in own.items()
+                         if (reference, *cell, *u) in values]
+                if row != reference and pairs:
+                    entry[name] = harness.paired_interval(pairs)
+            table.append(entry)
+    return table
+
+
+def markdown(table: list[dict], metric: str = "accuracy") -> str:
+    scale = 100.0 if metric == "accuracy" else 1.0
+    unit = "points" if metric == "accuracy" else "nats"
+    lines = [f"| task | backbone | N | row | units (replicates) | mean {metric} | − plain ({unit}, 95 % interval) "
+             f"| − DE ELBO ({unit}) |", "|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        lines.append(
+            f"| {e['task']} | {e['backbone']} | {e['n']} | {e['row']} | {e['units']} ({e['replicates']}) "
+            f"| {e['mean']:.3f} | {harness.format_interval(e['vs_plain'], scale, 1 if scale > 1 else 3) if 'vs_plain' in e else ''} "
+            f"| {harness.format_interval(e['vs_deelbo'], scale, 1 if scale > 1 else 3) if 'vs_deelbo' in e else ''} |")
+    return "\n".join(lines)
+
+
+def parse_cells(values) -> list[tuple]:
+    cells = []
+    for value in values:
+        t, b, n = value.split("/")
+        cells.append((t, b, int(n)))
+    return cells
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tier", type=int, choices=sorted(TIERS), default=1)
+    parser.add_argument("--cells", nargs="+", help="task/backbone/N, e.g. noise-40/timm-resnet/50 (default: all, in "
+                        "the protocol's order)")
+    parser.add_argument("--output-dir", default=harness.RESULTS)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="Only print the tables from the records.")
+    parser.add_argument("--quick", action="store_true", help="One cell, 1 replicate × 2 seeds, 16 steps per run.")
+    args = parser.parse_args(argv)
+    store = harness.RecordStore(os.path.join(args.output_dir, "comparison.json"), record_key)
+    if not args.report:
+        cells = parse_cells(args.cells) if args.cells else all_cells()
+        if args.quick:
+            cells, replicates, seeds = cells[:1], [0], [0, 1]
+            step_counts = {cell: 16 for cell in cells}
+        else:
+            replicates, seeds = range(harness.protocol()["replicates"]["count"]), harness.protocol()["seeds"]
+            step_counts = {cell: convergence.steps(*cell) for cell in cells}
+        for backbone in sorted({b for _, b, _ in cells}):
+            for replicate in replicates:
+                task.backbone_path(backbone, replicate, os.path.join(args.output_dir, "pretrained"))
+        harness.run(store, jobs(args.tier, cells, replicates, seeds, step_counts, args.output_dir), run_one,
+                    job_keys, args.workers,
+                    describe=lambda r: f"{r['method']} {r['task']} {r['backbone']} N={r['n']} r{r['replicate']} "
+                    f"s{r['seed']}: acc {r['accuracy']:.3f} ({r['seconds']:.0f} s)")
+    print(markdown(rows(store.records)))
+
+
+if __name__ == "__main__":
+    main()
