@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast test-oldest install
+.PHONY: demo test test-fast test-oldest install quality
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(BIN)/.installed
 # The whole test suite, slow tests included.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=10
+
+# Lint and formatting (ruff, pinned in setup.cfg's test extra; the rules are pyproject.toml's).
+QUALITY_PATHS = hf_deelbo benchmarks tests examples
+quality: $(BIN)/.installed
+	$(BIN)/ruff check $(QUALITY_PATHS)
+	$(BIN)/ruff format --check $(QUALITY_PATHS)
 
 # Without the slow tests.
 test-fast: $(BIN)/.installed

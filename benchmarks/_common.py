@@ -1,6 +1,11 @@
-"""Helpers shared by the benchmarks: their section of docs/benchmarks.md, and memory readings."""
+"""Helpers shared by the benchmarks: their section of the docs, and memory readings."""
 
 import os
+
+# Where the protocol v1 scripts write their sections (docs/benchmarks.md is protocol v2's front page).
+V1_DOCS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks", "protocol-v1.md"
+)
 
 
 def update_section(docs_path: str, markers: tuple[str, str], section: str) -> None:

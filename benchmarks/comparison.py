@@ -31,13 +31,24 @@ ORACLE_ALPHAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 GRID_STRENGTHS = (1e-2, 1e-4, 1e-6, 0.0)
 BMA_SAMPLES = 16
 # The rows of a cell, as records name them: DE ELBO's record gives three predictions.
-DEELBO_MEAN, DEELBO_BMA, DEELBO_BN = "DE ELBO (mean)", "DE ELBO (16-draw average)", "DE ELBO (mean, BatchNorm recomputed)"
+DEELBO_MEAN, DEELBO_BMA, DEELBO_BN = (
+    "DE ELBO (mean)",
+    "DE ELBO (16-draw average)",
+    "DE ELBO (mean, BatchNorm recomputed)",
+)
 
 
 def record_key(record: dict) -> tuple:
     # The oracle writes one record per α.
-    return (record["method"], record["task"], record["backbone"], record["n"], record["replicate"], record["seed"],
-            record.get("alpha") if record["method"] == ORACLE else None)
+    return (
+        record["method"],
+        record["task"],
+        record["backbone"],
+        record["n"],
+        record["replicate"],
+        record["seed"],
+        record.get("alpha") if record["method"] == ORACLE else None,
+    )
 
 
 def job_keys(job) -> list[tuple]:
@@ -50,8 +61,13 @@ def all_cells() -> list[tuple]:
 
 
 def jobs(tier: int, cells, replicates, seeds, step_counts: dict, output_dir: str) -> list[tuple]:
-    return [(method, t, b, n, r, s, step_counts[(t, b, n)], output_dir)
-            for t, b, n in cells for r in replicates for s in seeds for method in TIERS[tier]]
+    return [
+        (method, t, b, n, r, s, step_counts[(t, b, n)], output_dir)
+        for t, b, n in cells
+        for r in replicates
+        for s in seeds
+        for method in TIERS[tier]
+    ]
 
 
 def run_one(job) -> list[dict]:
@@ -62,8 +78,17 @@ def run_one(job) -> list[dict]:
     init = task.model_init(backbone, path, seed)
     work_dir = os.path.join(output_dir, "runs", f"{task_name}-{backbone}-{n}-r{replicate}-s{seed}", method)
     args = {**task.training_settings(steps, seed), "output_dir": work_dir}
-    base = {"method": method, "task": task_name, "backbone": backbone, "n": n, "replicate": replicate, "seed": seed,
-            "steps": steps, "backbone_sha256": task.pretraining(path)["weights_sha256"], **harness.provenance()}
+    base = {
+        "method": method,
+        "task": task_name,
+        "backbone": backbone,
+        "n": n,
+        "replicate": replicate,
+        "seed": seed,
+        "steps": steps,
+        "backbone_sha256": task.pretraining(path)["weights_sha256"],
+        **harness.provenance(),
+    }
     start = time.perf_counter()
     fields = PROCEDURES[method](init, train, test, args)
     if method == ORACLE:
@@ -76,23 +101,40 @@ def _plain(init, train, test, args) -> dict:
     from hf_deelbo.search import learning_rate_search
 
     result = learning_rate_search(
-        L2SPTrainer, init, train, L2SPTrainingArguments(alpha=0.0, beta=0.0, **args), harness.protocol()["learning_rates"],
-        method_name="Plain fine-tuning", score=lambda trainer: trainer.evaluate(train)["eval_loss"])
-    return {**task.evaluate(result.trainer, test), "learning_rate": result.best["learning_rate"],
-            "runs": [{"learning_rate": r.settings["learning_rate"], "training_loss": r.score} for r in result.runs]}
+        L2SPTrainer,
+        init,
+        train,
+        L2SPTrainingArguments(alpha=0.0, beta=0.0, **args),
+        harness.protocol()["learning_rates"],
+        method_name="Plain fine-tuning",
+        score=lambda trainer: trainer.evaluate(train)["eval_loss"],
+    )
+    return {
+        **task.evaluate(result.trainer, test),
+        "learning_rate": result.best["learning_rate"],
+        "runs": [{"learning_rate": r.settings["learning_rate"], "training_loss": r.score} for r in result.runs],
+    }
 
 
 def _deelbo(init, train, test, args, strategy: str = "full") -> dict:
     from hf_deelbo import DEELBoTrainingArguments, select_learning_rate
     from hf_deelbo.core.modeling import batch_norm_layers
 
-    result = select_learning_rate(init, train, DEELBoTrainingArguments(**args),
-                                  learning_rates=harness.protocol()["learning_rates"], strategy=strategy)
+    result = select_learning_rate(
+        init,
+        train,
+        DEELBoTrainingArguments(**args),
+        learning_rates=harness.protocol()["learning_rates"],
+        strategy=strategy,
+    )
     trainer = result.trainer
     learned = trainer.learned_hyperparameters()
-    fields = {**task.evaluate(trainer, test), "learning_rate": result.best["learning_rate"],
-              **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff")},
-              "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score} for r in result.runs]}
+    fields = {
+        **task.evaluate(trainer, test),
+        "learning_rate": result.best["learning_rate"],
+        **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff")},
+        "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score} for r in result.runs],
+    }
     if strategy != "full":
         return fields
     trainer.args.bma_samples = BMA_SAMPLES
@@ -115,8 +157,11 @@ def _oracle(init, train, test, args) -> list[dict]:
     records = []
     for alpha in ORACLE_ALPHAS:
         start = time.perf_counter()
-        trainer = L2SPTrainer(model=init(), train_dataset=train, args=L2SPTrainingArguments(
-            alpha=alpha, beta=0.0, **{**args, "learning_rate": 0.1}))
+        trainer = L2SPTrainer(
+            model=init(),
+            train_dataset=train,
+            args=L2SPTrainingArguments(alpha=alpha, beta=0.0, **{**args, "learning_rate": 0.1}),
+        )
         try:
             trainer.train()
             metrics = task.evaluate(trainer, test)
@@ -130,9 +175,15 @@ def _grid(init, train, test, args) -> dict:
     from hf_deelbo import L2SPTrainingArguments, l2sp_grid_search
 
     labels = [int(v) for v in train.with_format(None)["labels"]]
-    result = l2sp_grid_search(init, train, labels, L2SPTrainingArguments(alpha=0.0, beta=0.0, **args),
-                              alphas=list(GRID_STRENGTHS), betas=list(GRID_STRENGTHS),
-                              learning_rates=harness.protocol()["learning_rates"])
+    result = l2sp_grid_search(
+        init,
+        train,
+        labels,
+        L2SPTrainingArguments(alpha=0.0, beta=0.0, **args),
+        alphas=list(GRID_STRENGTHS),
+        betas=list(GRID_STRENGTHS),
+        learning_rates=harness.protocol()["learning_rates"],
+    )
     return {**task.evaluate(result.trainer, test), "chosen": result.best, "num_runs": len(result.runs) + 1}
 
 
@@ -140,6 +191,7 @@ PROCEDURES = {PLAIN: _plain, DEELBO: _deelbo, HALVING: _halving, ORACLE: _oracle
 
 
 # ---- reading the records --------------------------------------------------------------------------
+
 
 def predictions(records: list[dict]) -> dict[tuple, dict]:
     """{(row, task, backbone, n, replicate, seed): metrics}: one entry per prediction a record gives
@@ -189,12 +241,22 @@ def rows(records: list[dict], metric: str = "accuracy") -> list[dict]:
             own = {u: values[(row, *cell, *u)][metric] for u in units if (row, *cell, *u) in values}
             if not own:
                 continue
-            entry = {"task": cell[0], "backbone": cell[1], "n": cell[2], "row": row, "units": len(own),
-                     "replicates": len({u[0] for u in own}), "mean": statistics.mean(own.values()),
-                     "per_unit": {f"r{u[0]}s{u[1]}": v for u, v in sorted(own.items())}}
+            entry = {
+                "task": cell[0],
+                "backbone": cell[1],
+                "n": cell[2],
+                "row": row,
+                "units": len(own),
+                "replicates": len({u[0] for u in own}),
+                "mean": statistics.mean(own.values()),
+                "per_unit": {f"r{u[0]}s{u[1]}": v for u, v in sorted(own.items())},
+            }
             for name, reference in (("vs_plain", PLAIN), ("vs_deelbo", DEELBO_MEAN)):
-                pairs = [(u[0], v - values[(reference, *cell, *u)][metric]) for u, v in own.items()
-                         if (reference, *cell, *u) in values]
+                pairs = [
+                    (u[0], v - values[(reference, *cell, *u)][metric])
+                    for u, v in own.items()
+                    if (reference, *cell, *u) in values
+                ]
                 if row != reference and pairs:
                     entry[name] = harness.paired_interval(pairs)
             table.append(entry)
@@ -204,13 +266,17 @@ def rows(records: list[dict], metric: str = "accuracy") -> list[dict]:
 def markdown(table: list[dict], metric: str = "accuracy") -> str:
     scale = 100.0 if metric == "accuracy" else 1.0
     unit = "points" if metric == "accuracy" else "nats"
-    lines = [f"| task | backbone | N | row | units (replicates) | mean {metric} | − plain ({unit}, 95 % interval) "
-             f"| − DE ELBO ({unit}) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| task | backbone | N | row | units (replicates) | mean {metric} | − plain ({unit}, 95 % interval) "
+        f"| − DE ELBO ({unit}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in table:
         lines.append(
             f"| {e['task']} | {e['backbone']} | {e['n']} | {e['row']} | {e['units']} ({e['replicates']}) "
             f"| {e['mean']:.3f} | {harness.format_interval(e['vs_plain'], scale, 1 if scale > 1 else 3) if 'vs_plain' in e else ''} "
-            f"| {harness.format_interval(e['vs_deelbo'], scale, 1 if scale > 1 else 3) if 'vs_deelbo' in e else ''} |")
+            f"| {harness.format_interval(e['vs_deelbo'], scale, 1 if scale > 1 else 3) if 'vs_deelbo' in e else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -225,8 +291,11 @@ def parse_cells(values) -> list[tuple]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tier", type=int, choices=sorted(TIERS), default=1)
-    parser.add_argument("--cells", nargs="+", help="task/backbone/N, e.g. noise-40/timm-resnet/50 (default: all, in "
-                        "the protocol's order)")
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        help="task/backbone/N, e.g. noise-40/timm-resnet/50 (default: all, in the protocol's order)",
+    )
     parser.add_argument("--output-dir", default=harness.RESULTS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="Only print the tables from the records.")
@@ -244,10 +313,17 @@ def main(argv=None) -> None:
         for backbone in sorted({b for _, b, _ in cells}):
             for replicate in replicates:
                 task.backbone_path(backbone, replicate, os.path.join(args.output_dir, "pretrained"))
-        harness.run(store, jobs(args.tier, cells, replicates, seeds, step_counts, args.output_dir), run_one,
-                    job_keys, args.workers,
-                    describe=lambda r: f"{r['method']} {r['task']} {r['backbone']} N={r['n']} r{r['replicate']} "
-                    f"s{r['seed']}: acc {r['accuracy']:.3f} ({r['seconds']:.0f} s)")
+        harness.run(
+            store,
+            jobs(args.tier, cells, replicates, seeds, step_counts, args.output_dir),
+            run_one,
+            job_keys,
+            args.workers,
+            describe=lambda r: (
+                f"{r['method']} {r['task']} {r['backbone']} N={r['n']} r{r['replicate']} "
+                f"s{r['seed']}: acc {r['accuracy']:.3f} ({r['seconds']:.0f} s)"
+            ),
+        )
     print(markdown(rows(store.records)))
 
 

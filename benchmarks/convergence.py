@@ -33,8 +33,10 @@ def record_key(record: dict) -> tuple:
 
 
 def jobs(cells, step_counts, output_dir: str) -> list[tuple]:
-    return [(t, b, n, method, steps, output_dir) for (t, b, n), method, steps
-            in itertools.product(cells, (PLAIN, DEELBO), step_counts)]
+    return [
+        (t, b, n, method, steps, output_dir)
+        for (t, b, n), method, steps in itertools.product(cells, (PLAIN, DEELBO), step_counts)
+    ]
 
 
 def run_one(job) -> list[dict]:
@@ -44,15 +46,26 @@ def run_one(job) -> list[dict]:
     task_name, backbone, n, method, steps, output_dir = job
     path = task.backbone_path(backbone, 0, os.path.join(output_dir, "pretrained"))
     train, _ = task.training_data(task_name, n, CALIBRATION_SEED)
-    settings = {**task.training_settings(steps, CALIBRATION_SEED), "learning_rate": LEARNING_RATE,
-                "output_dir": os.path.join(output_dir, "runs", f"convergence-{task_name}-{backbone}-{n}-{method}-{steps}")}
+    settings = {
+        **task.training_settings(steps, CALIBRATION_SEED),
+        "learning_rate": LEARNING_RATE,
+        "output_dir": os.path.join(output_dir, "runs", f"convergence-{task_name}-{backbone}-{n}-{method}-{steps}"),
+    }
     model = task.model_init(backbone, path, CALIBRATION_SEED)()
     start = time.perf_counter()
-    record = {"task": task_name, "backbone": backbone, "n": n, "method": method, "steps": steps,
-              "backbone_sha256": task.pretraining(path)["weights_sha256"], **harness.provenance()}
+    record = {
+        "task": task_name,
+        "backbone": backbone,
+        "n": n,
+        "method": method,
+        "steps": steps,
+        "backbone_sha256": task.pretraining(path)["weights_sha256"],
+        **harness.provenance(),
+    }
     if method == PLAIN:
-        trainer = L2SPTrainer(model=model, args=L2SPTrainingArguments(alpha=0.0, beta=0.0, **settings),
-                              train_dataset=train)
+        trainer = L2SPTrainer(
+            model=model, args=L2SPTrainingArguments(alpha=0.0, beta=0.0, **settings), train_dataset=train
+        )
         trainer.train()
         record["training_loss"] = trainer.evaluate(train)["eval_loss"]
     else:
@@ -75,7 +88,7 @@ def cell_steps(records: list[dict], cell: tuple, candidates, longest: int) -> di
     changes, passed = {}, {}
     for method, fields in ((PLAIN, ("training_loss",)), (DEELBO, ("objective", "sigma"))):
         changes[method] = {}
-        for short, long in zip(ladder, ladder[1:]):
+        for short, long in zip(ladder, ladder[1:], strict=False):
             if (method, short) not in values or (method, long) not in values:
                 continue
             moved = max(_moved(values[(method, short)][f], values[(method, long)][f]) for f in fields)
@@ -100,24 +113,36 @@ def steps(task_name: str, backbone: str, n: int, output_dir: str = harness.RESUL
     store = harness.RecordStore(results_path(output_dir), record_key)
     result = cell_steps(store.records, (task_name, backbone, n), rule["candidates"], rule["longest"])
     if not result["complete"]:
-        raise RuntimeError(f"the convergence runs of {(task_name, backbone, n)} are not all in "
-                           f"{results_path(output_dir)}: run python -m benchmarks.convergence first")
+        raise RuntimeError(
+            f"the convergence runs of {(task_name, backbone, n)} are not all in "
+            f"{results_path(output_dir)}: run python -m benchmarks.convergence first"
+        )
     return result["steps"]
 
 
 def rows(records: list[dict], candidates, longest: int) -> list[dict]:
-    return [{"task": t, "backbone": b, "n": n, **cell_steps(records, (t, b, n), candidates, longest)}
-            for t, b, n in CELLS if any((r["task"], r["backbone"], r["n"]) == (t, b, n) for r in records)]
+    return [
+        {"task": t, "backbone": b, "n": n, **cell_steps(records, (t, b, n), candidates, longest)}
+        for t, b, n in CELLS
+        if any((r["task"], r["backbone"], r["n"]) == (t, b, n) for r in records)
+    ]
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| task | backbone | N | steps | plain: change at 250 / 500 / 1000 / 2000 | "
-             "DE ELBO: change at 250 / 500 / 1000 / 2000 |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | backbone | N | steps | plain: change at 250 / 500 / 1000 / 2000 | "
+        "DE ELBO: change at 250 / 500 / 1000 / 2000 |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in table:
-        cells = [" / ".join(f"{100 * row['changes'][m].get(s, float('nan')):.1f} %" for s in sorted(row["changes"][m]))
-                 for m in (PLAIN, DEELBO)]
+        cells = [
+            " / ".join(f"{100 * row['changes'][m].get(s, float('nan')):.1f} %" for s in sorted(row["changes"][m]))
+            for m in (PLAIN, DEELBO)
+        ]
         mark = "" if row["converged"] else " (not converged by the rule)"
-        lines.append(f"| {row['task']} | {row['backbone']} | {row['n']} | {row['steps']}{mark} | {cells[0]} | {cells[1]} |")
+        lines.append(
+            f"| {row['task']} | {row['backbone']} | {row['n']} | {row['steps']}{mark} | {cells[0]} | {cells[1]} |"
+        )
     return "\n".join(lines)
 
 
@@ -135,10 +160,16 @@ def main(argv=None) -> None:
     for backbone in sorted({b for _, b, _ in cells}):
         task.backbone_path(backbone, 0, os.path.join(args.output_dir, "pretrained"))
     store = harness.RecordStore(results_path(args.output_dir), record_key)
-    harness.run(store, jobs(cells, [*candidates, longest], args.output_dir), run_one,
-                lambda job: [job[:5]], args.workers,
-                describe=lambda r: f"{r['task']} {r['backbone']} N={r['n']} {r['method']} {r['steps']} steps "
-                f"({r['seconds']:.0f} s)")
+    harness.run(
+        store,
+        jobs(cells, [*candidates, longest], args.output_dir),
+        run_one,
+        lambda job: [job[:5]],
+        args.workers,
+        describe=lambda r: (
+            f"{r['task']} {r['backbone']} N={r['n']} {r['method']} {r['steps']} steps ({r['seconds']:.0f} s)"
+        ),
+    )
     print(markdown(rows(store.records, candidates, longest)))
     with open(os.path.join(args.output_dir, "convergence.md"), "w") as f:
         f.write(markdown(rows(store.records, candidates, longest)) + "\n")

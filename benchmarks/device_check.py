@@ -41,7 +41,7 @@ from torch.func import functional_call
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
 
 from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
-from hf_deelbo.methods.deelbo.posterior import _noise_pieces, default_generator
+from hf_deelbo.methods.deelbo.sampling import _noise_pieces, default_generator
 
 RESULTS = Path(__file__).resolve().parent / "results" / "device_check"
 SIGMA_INIT = 0.01
@@ -49,8 +49,17 @@ SIGMA_INIT = 0.01
 
 def tiny_vit(seed: int = 0, num_labels: int = 5) -> ViTForImageClassification:
     torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                               num_attention_heads=2, intermediate_size=64, num_labels=num_labels))
+    return ViTForImageClassification(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=num_labels,
+        )
+    )
 
 
 class Images(torch.utils.data.Dataset):
@@ -69,9 +78,20 @@ class Images(torch.utils.data.Dataset):
 
 
 def arguments(cls, output_dir, device: str, **overrides):
-    values = dict(output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=50, learning_rate=0.05,
-                  optim="sgd", report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, seed=0,
-                  use_cpu=device == "cpu", dataloader_pin_memory=False)
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=50,
+        learning_rate=0.05,
+        optim="sgd",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=False,
+    )
     if cls is DEELBoTrainingArguments:
         values.update(sigma_init=SIGMA_INIT)
     values.update(overrides)
@@ -79,6 +99,7 @@ def arguments(cls, output_dir, device: str, **overrides):
 
 
 # ---- correctness ------------------------------------------------------------------------------
+
 
 def _reference_gradients(trainer, model, batch, eps_pieces):
     """Plain float64 autograd of mean CE(f(x; m + σε)) + KL/(κN) at the trainer's λ, τ and ε."""
@@ -99,7 +120,8 @@ def _reference_gradients(trainer, model, batch, eps_pieces):
     k = sum(by_name[n].numel() for n in anchor.head_names)
     s2 = sigma**2
     kl = 0.5 * (d_b * s2 / lam + distance / lam - d_b + d_b * math.log(lam) - d_b * torch.log(s2)) + 0.5 * (
-        k * s2 / tau + head / tau - k + k * math.log(tau) - k * torch.log(s2))
+        k * s2 / tau + head / tau - k + k * math.log(tau) - k * torch.log(s2)
+    )
     loss = nll + kl / (trainer.kappa * trainer.num_train_examples)
     grads = torch.autograd.grad(loss, [*weights, rho])
     return dict(zip(names, grads[:-1], strict=True)), grads[-1]
@@ -109,8 +131,13 @@ def check_gradients(device: str, workdir: Path) -> dict:
     worst = {}
     for mechanism in ("in_place", "functional_call"):
         model = tiny_vit().double()
-        args = arguments(DEELBoTrainingArguments, workdir / f"grad-{mechanism}", device, sampling_mechanism=mechanism,
-                         num_train_examples=8)
+        args = arguments(
+            DEELBoTrainingArguments,
+            workdir / f"grad-{mechanism}",
+            device,
+            sampling_mechanism=mechanism,
+            num_train_examples=8,
+        )
         trainer = DEELBoTrainer(model=model, args=args)
         with torch.no_grad():
             for p in model.parameters():
@@ -133,9 +160,13 @@ def check_gradients(device: str, workdir: Path) -> dict:
         else:
             eps = torch.randn(sum(sizes), device=args.device, generator=replay).split(sizes)
         reference, reference_rho = _reference_gradients(trainer, model, batch, eps)
-        errors = [float((p.grad.double() - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
-                  for n, p in zip(trainer.posterior.anchor.parameter_names, trainer.posterior.anchor.trainable, strict=True)]
-        rho_error = float((trainer.posterior.rho.grad.double() - reference_rho).abs().max() / reference_rho.abs().max())
+        errors = [
+            float((p.grad.double() - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
+            for n, p in zip(trainer.posterior.anchor.parameter_names, trainer.posterior.anchor.trainable, strict=True)
+        ]
+        rho_error = float(
+            (trainer.posterior.rho.grad.double() - reference_rho).abs().max() / reference_rho.abs().max()
+        )
         worst[mechanism] = {"weights": max(errors), "rho": rho_error}
     passed = all(v["weights"] < 1e-6 and v["rho"] < 1e-6 for v in worst.values())
     return {"passed": passed, "relative_error": worst, "tolerance": 1e-6}
@@ -160,11 +191,25 @@ def check_in_place_restore(device: str, workdir: Path) -> dict:
     return {"passed": beyond == 0, "weights": total, "not_bitwise": changed, "beyond_one_rounding": beyond}
 
 
-def _train(device: str, workdir: Path, name: str, trainer_class=DEELBoTrainer, args_class=DEELBoTrainingArguments,
-           model=None, dataset=None, callbacks=None, resume=None, **overrides):
+def _train(
+    device: str,
+    workdir: Path,
+    name: str,
+    trainer_class=DEELBoTrainer,
+    args_class=DEELBoTrainingArguments,
+    model=None,
+    dataset=None,
+    callbacks=None,
+    resume=None,
+    **overrides,
+):
     args = arguments(args_class, workdir / name, device, **overrides)
-    trainer = trainer_class(model=model if model is not None else tiny_vit(), args=args,
-                            train_dataset=dataset if dataset is not None else Images(64), callbacks=callbacks)
+    trainer = trainer_class(
+        model=model if model is not None else tiny_vit(),
+        args=args,
+        train_dataset=dataset if dataset is not None else Images(64),
+        callbacks=callbacks,
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -175,8 +220,12 @@ def check_device_vs_cpu(device: str, workdir: Path) -> dict:
         learned = _train(where, workdir, f"vs-{where}").learned_hyperparameters()
         values[where] = {k: learned[k] for k in ("lambda", "tau", "sigma")}
     ratios = {k: values[device][k] / values["cpu"][k] for k in ("lambda", "tau", "sigma")}
-    return {"passed": all(0.75 <= r <= 1.25 for r in ratios.values()), "values": values, "ratios": ratios,
-            "tolerance": "within 25%"}
+    return {
+        "passed": all(0.75 <= r <= 1.25 for r in ratios.values()),
+        "values": values,
+        "ratios": ratios,
+        "tolerance": "within 25%",
+    }
 
 
 class StopAfter(TrainerCallback):
@@ -192,8 +241,10 @@ def check_resume_bitwise(device: str, workdir: Path) -> dict:
     straight = _train(device, workdir, "straight", max_steps=6)
     _train(device, workdir, "resumed", max_steps=6, save_strategy="steps", save_steps=3, callbacks=[StopAfter(3)])
     resumed = _train(device, workdir, "resumed", max_steps=6, save_strategy="steps", save_steps=3, resume=True)
-    same = all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
-                                                  resumed.model.state_dict().values(), strict=True))
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True)
+    )
     same_rho = torch.equal(straight.posterior.rho, resumed.posterior.rho)
     return {"passed": same and same_rho, "weights_identical": same, "rho_identical": same_rho}
 
@@ -220,6 +271,7 @@ def check_precision(device: str, workdir: Path, precision: str, reference: dict)
 
 
 # ---- speed and memory -------------------------------------------------------------------------
+
 
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (the device synchronised at both ends)."""
@@ -255,8 +307,11 @@ def _models(quick: bool):
 
     yield "ViT-B/16 batch 64", vit_b, dict(batch=64, optim="adamw_torch", size=224)
     yield "ViT-B/16 batch 2", vit_b, dict(batch=2, optim="adamw_torch", size=224)
-    yield "ResNet-50 batch 128", lambda: timm.create_model("resnet50", num_classes=10), dict(batch=128, optim="sgd",
-                                                                                             size=224)
+    yield (
+        "ResNet-50 batch 128",
+        lambda: timm.create_model("resnet50", num_classes=10),
+        dict(batch=128, optim="sgd", size=224),
+    )
 
 
 def check_speed_memory(device: str, workdir: Path, quick: bool) -> dict:
@@ -271,28 +326,53 @@ def check_speed_memory(device: str, workdir: Path, quick: bool) -> dict:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             timer = StepTimer(device)
-            common = dict(per_device_train_batch_size=setting["batch"], max_steps=steps, optim=setting["optim"],
-                          learning_rate=1e-3, bf16=not quick or device != "cpu", logging_steps=steps)
+            common = dict(
+                per_device_train_batch_size=setting["batch"],
+                max_steps=steps,
+                optim=setting["optim"],
+                learning_rate=1e-3,
+                bf16=not quick or device != "cpu",
+                logging_steps=steps,
+            )
             if kind == "plain":
                 _train(device, workdir, f"speed-{i}", Trainer, TrainingArguments, build(), data, [timer], **common)
             else:
-                _train(device, workdir, f"speed-{i}", model=build(), dataset=data, callbacks=[timer],
-                       sampling_mechanism=kind, **common)
+                _train(
+                    device,
+                    workdir,
+                    f"speed-{i}",
+                    model=build(),
+                    dataset=data,
+                    callbacks=[timer],
+                    sampling_mechanism=kind,
+                    **common,
+                )
             results.setdefault(kind, []).append((statistics.median(timer.times[warmup:]), _peak_memory(device)))
         plain_time = statistics.median([t for t, _ in results["plain"]])
         plain_memory = max((m for _, m in results["plain"] if m is not None), default=None)
         for kind in ("in_place", "functional_call"):
             time_s, memory = results[kind][0]
-            rows.append({"model": name, "mechanism": kind, "step_s": time_s, "plain_step_s": plain_time,
-                         "time_ratio": time_s / plain_time, "peak_bytes": memory, "plain_peak_bytes": plain_memory,
-                         "memory_ratio": memory / plain_memory if memory and plain_memory else None})
+            rows.append(
+                {
+                    "model": name,
+                    "mechanism": kind,
+                    "step_s": time_s,
+                    "plain_step_s": plain_time,
+                    "time_ratio": time_s / plain_time,
+                    "peak_bytes": memory,
+                    "plain_peak_bytes": plain_memory,
+                    "memory_ratio": memory / plain_memory if memory and plain_memory else None,
+                }
+            )
     targets = {"ViT-B/16 batch 64": (1.10, 1.05), "ViT-B/16 batch 2": (None, 1.30)}
     verdicts = []
     for row in rows:
         time_target, memory_target = targets.get(row["model"], (None, None))
         if row["mechanism"] == "in_place" and (time_target or memory_target):
-            verdicts.append((time_target is None or row["time_ratio"] <= time_target)
-                            and (memory_target is None or (row["memory_ratio"] or 0) <= memory_target))
+            verdicts.append(
+                (time_target is None or row["time_ratio"] <= time_target)
+                and (memory_target is None or (row["memory_ratio"] or 0) <= memory_target)
+            )
     return {"passed": all(verdicts) if verdicts else None, "rows": rows, "steps": steps, "warmup": warmup}
 
 
@@ -300,14 +380,16 @@ def check_fsdp2(device: str, workdir: Path) -> dict:
     if not device.startswith("cuda"):
         return {"passed": None, "skipped": "FSDP through Trainer/accelerate needs a GPU"}
     try:
-        arguments(DEELBoTrainingArguments, workdir / "fsdp", device, fsdp="full_shard",
-                  fsdp_config={"fsdp_version": 2})
+        arguments(
+            DEELBoTrainingArguments, workdir / "fsdp", device, fsdp="full_shard", fsdp_config={"fsdp_version": 2}
+        )
     except ValueError as error:
         return {"passed": False, "refused": str(error).splitlines()[0]}
     return {"passed": None, "note": "the arguments are accepted; run the sharded training under torchrun"}
 
 
 # ---- the run ----------------------------------------------------------------------------------
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -318,8 +400,13 @@ def main(argv=None) -> int:
     device = options.device
     output = Path(options.output_dir or RESULTS / device.split(":")[0])
     output.mkdir(parents=True, exist_ok=True)
-    record = {"device": device, "name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-              "quick": options.quick, "versions": {"torch": torch.__version__}, "checks": {}}
+    record = {
+        "device": device,
+        "name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "quick": options.quick,
+        "versions": {"torch": torch.__version__},
+        "checks": {},
+    }
     import accelerate
     import transformers
 
@@ -351,17 +438,26 @@ def _run_check(record: dict, name: str, run) -> None:
     try:
         result = run()
     except Exception as error:  # noqa: BLE001 - a check that crashes is a failed check, the others still run
-        result = {"passed": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        result = {
+            "passed": False,
+            "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+        }
     result["seconds"] = round(time.perf_counter() - start, 1)
     record["checks"][name] = result
-    verdict = {True: "pass", False: "FAIL", None: "skipped" if "skipped" in result else "measured"}[result.get("passed")]
+    verdict = {True: "pass", False: "FAIL", None: "skipped" if "skipped" in result else "measured"}[
+        result.get("passed")
+    ]
     print(f"[{name}] {verdict} ({result['seconds']} s): {json.dumps(result, default=str)[:300]}", flush=True)
 
 
 def markdown(record: dict) -> str:
-    lines = [f"Device check on {record['name']} ({record['device']}{', quick' if record['quick'] else ''}); "
-             + ", ".join(f"{k} {v}" for k, v in record["versions"].items()), "",
-             "| check | result | seconds |", "|---|---|---|"]
+    lines = [
+        f"Device check on {record['name']} ({record['device']}{', quick' if record['quick'] else ''}); "
+        + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
+        "",
+        "| check | result | seconds |",
+        "|---|---|---|",
+    ]
     for name, result in record["checks"].items():
         verdict = {True: "pass", False: "**fail**", None: result.get("skipped", "measured")}[result.get("passed")]
         lines.append(f"| {name} | {verdict} | {result['seconds']} |")
@@ -370,8 +466,9 @@ def markdown(record: dict) -> str:
         lines += ["", "| model | mechanism | step (s) | × plain | peak memory × plain |", "|---|---|---|---|---|"]
         for row in speed:
             memory = f"{row['memory_ratio']:.3f}" if row["memory_ratio"] else "n/a"
-            lines.append(f"| {row['model']} | {row['mechanism']} | {row['step_s']:.4f} | {row['time_ratio']:.3f} | "
-                         f"{memory} |")
+            lines.append(
+                f"| {row['model']} | {row['mechanism']} | {row['step_s']:.4f} | {row['time_ratio']:.3f} | {memory} |"
+            )
     return "\n".join(lines) + "\n"
 
 

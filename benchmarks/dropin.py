@@ -16,9 +16,9 @@ the plain run is a real `Trainer`, and a transformers ViT; 16×16 inputs) pretra
 fine-tuned on N ∈ {50, 100, 500} images of 5–9, 3 seeds, tested on the held-out 30 % of 5–9.
 DEELBoTrainer runs at its defaults (κ = D/N, σ₀ = 1e-4, `sigma_learning_rate` 1.0).
 
-`--calibrate` is the measurement behind `sigma_learning_rate`'s default, made on data the matrix
-does not use (N = 100, seed 10: another training subset, test split and head initialisation, both
-backbones): DE ELBO under the four main optimizers for each candidate ρ learning rate, against
+`--calibrate` is the measurement behind `sigma_learning_rate`'s default (N = 100, seed 10: another
+training subset, test split and head initialisation, both backbones; its test split is another draw
+of the images the matrix tests on, so the two overlap): DE ELBO under the four main optimizers for each candidate ρ learning rate, against
 plain fine-tuning. The default is the candidate with the smallest worst-case accuracy gap to plain
 fine-tuning over backbones and optimizers. `--calibrate sigma_momentum` is the second measurement,
 made the same way and with the same rule over all five optimizers: ρ's own Nesterov momentum under
@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transfer  # noqa: E402
-from _common import update_section  # noqa: E402
+from _common import V1_DOCS, update_section  # noqa: E402
 
 ROOT = transfer.ROOT
 SECTION = ("<!-- dropin:start -->", "<!-- dropin:end -->")
@@ -66,22 +66,41 @@ OPTIMIZERS = {
 # overrides) in the order that breaks ties: the later (faster-adapting) one wins.
 # sigma_learning_rate=None trains ρ at the weights' learning rate.
 CALIBRATIONS = {
-    "sigma_learning_rate": (list(OPTIMIZERS)[:4], {f"sigma_lr={lr}": {"sigma_learning_rate": lr}
-                                                   for lr in (None, 0.01, 0.03, 0.1, 0.3, 1.0)}),
-    "sigma_momentum": (list(OPTIMIZERS), {
-        "sigma_lr=1.0": {"sigma_learning_rate": 1.0, "sigma_momentum": None},
-        **{f"sigma_lr={lr} sigma_momentum=0.9": {"sigma_learning_rate": lr, "sigma_momentum": 0.9}
-           for lr in (1.0, 3.0, 10.0)},
-    }),
+    "sigma_learning_rate": (
+        list(OPTIMIZERS)[:4],
+        {f"sigma_lr={lr}": {"sigma_learning_rate": lr} for lr in (None, 0.01, 0.03, 0.1, 0.3, 1.0)},
+    ),
+    "sigma_momentum": (
+        list(OPTIMIZERS),
+        {
+            "sigma_lr=1.0": {"sigma_learning_rate": 1.0, "sigma_momentum": None},
+            **{
+                f"sigma_lr={lr} sigma_momentum=0.9": {"sigma_learning_rate": lr, "sigma_momentum": 0.9}
+                for lr in (1.0, 3.0, 10.0)
+            },
+        },
+    ),
 }
 # What the matrix runs: DEELBoTrainingArguments' default (the `--calibrate` choice).
 DEFAULT = "default"
 
 
 def common_arguments(steps: int, seed: int) -> dict:
-    return dict(max_steps=steps, per_device_train_batch_size=32, per_device_eval_batch_size=256, max_grad_norm=1.0,
-                weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed,
-                logging_steps=10**6, dataloader_pin_memory=False, remove_unused_columns=False)
+    return dict(
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=256,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+        logging_steps=10**6,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+    )
 
 
 def wrapped_timm(model):
@@ -112,8 +131,11 @@ def run_pair(init, train, test, arguments: dict, output_dir: str, candidates=Non
     results = {}
     if plain:
         start = time.perf_counter()
-        trainer = Trainer(model=init(), args=TrainingArguments(output_dir=os.path.join(output_dir, PLAIN), **arguments),
-                          train_dataset=train)
+        trainer = Trainer(
+            model=init(),
+            args=TrainingArguments(output_dir=os.path.join(output_dir, PLAIN), **arguments),
+            train_dataset=train,
+        )
         try:
             trainer.train()
             results[PLAIN] = {**metrics_of(trainer, test), "seconds": time.perf_counter() - start}
@@ -130,8 +152,11 @@ def run_pair(init, train, test, arguments: dict, output_dir: str, candidates=Non
             results[name] = {"diverged": True}
             continue
         learned = trainer.learned_hyperparameters()
-        results[name] = {**metrics_of(trainer, test), "seconds": time.perf_counter() - start,
-                         **{k: learned[k] for k in ("lambda", "tau", "sigma", "alpha_eff", "beta_eff")}}
+        results[name] = {
+            **metrics_of(trainer, test),
+            "seconds": time.perf_counter() - start,
+            **{k: learned[k] for k in ("lambda", "tau", "sigma", "alpha_eff", "beta_eff")},
+        }
     return results
 
 
@@ -151,8 +176,14 @@ def run_cell(task, candidates=None) -> dict:
     init = raw_init if backbone == "vit" else (lambda: wrapped_timm(raw_init()))
     arguments = {**common_arguments(steps, seed), **OPTIMIZERS[optimizer]}
     results = run_pair(init, train, test, arguments, work_dir, candidates, plain=plain is None)
-    return {"backbone": backbone, "n": n, "seed": seed, "optimizer": optimizer, **({PLAIN: plain} if plain else {}),
-            **results}
+    return {
+        "backbone": backbone,
+        "n": n,
+        "seed": seed,
+        "optimizer": optimizer,
+        **({PLAIN: plain} if plain else {}),
+        **results,
+    }
 
 
 def run_calibration(task) -> dict:
@@ -163,8 +194,13 @@ def run_calibration(task) -> dict:
 def calibration_choice(records: list[dict], candidates: dict) -> dict:
     """Each candidate's accuracy gap to plain fine-tuning per optimizer, and the chosen default:
     the smallest worst-case gap (ties: the later candidate, which adapts σ sooner)."""
-    gaps = {name: {f"{r['backbone']}, {r['optimizer']}": r[f"{DEELBO} {name}"].get("accuracy", 0.0)
-                   - r[PLAIN]["accuracy"] for r in records} for name in candidates}
+    gaps = {
+        name: {
+            f"{r['backbone']}, {r['optimizer']}": r[f"{DEELBO} {name}"].get("accuracy", 0.0) - r[PLAIN]["accuracy"]
+            for r in records
+        }
+        for name in candidates
+    }
     worst = {name: min(v.values()) for name, v in gaps.items()}
     chosen = max(reversed(list(candidates)), key=worst.get)  # max keeps the first of equals: the later candidate
     return {"gaps": gaps, "worst_gap": worst, "chosen": chosen}
@@ -172,8 +208,10 @@ def calibration_choice(records: list[dict], candidates: dict) -> dict:
 
 def summarize(records: list[dict]) -> list[dict]:
     rows = []
-    for backbone, optimizer, n in sorted({(r["backbone"], r["optimizer"], r["n"]) for r in records},
-                                         key=lambda k: (k[0], list(OPTIMIZERS).index(k[1]), k[2])):
+    for backbone, optimizer, n in sorted(
+        {(r["backbone"], r["optimizer"], r["n"]) for r in records},
+        key=lambda k: (k[0], list(OPTIMIZERS).index(k[1]), k[2]),
+    ):
         group = [r for r in records if (r["backbone"], r["optimizer"], r["n"]) == (backbone, optimizer, n)]
         row = {"backbone": backbone, "optimizer": optimizer, "n": n, "seeds": len(group)}
         for method in (PLAIN, DEELBO):
@@ -235,15 +273,16 @@ def figure(rows: list[dict], path: str) -> None:
 
     backbones = sorted({r["backbone"] for r in rows})
     fig, axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 4), squeeze=False)
-    for ax, backbone in zip(axes[0], backbones):
-        for optimizer, color in zip(OPTIMIZERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for ax, backbone in zip(axes[0], backbones, strict=False):
+        for optimizer, color in zip(OPTIMIZERS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
             cells = [r for r in rows if r["backbone"] == backbone and r["optimizer"] == optimizer]
             if not cells:
                 continue
             ns = [r["n"] for r in cells]
             ax.plot(ns, [r[PLAIN].get("accuracy", math.nan) for r in cells], "--", color=color, marker="o")
-            ax.plot(ns, [r[DEELBO].get("accuracy", math.nan) for r in cells], "-", color=color, marker="s",
-                    label=optimizer)
+            ax.plot(
+                ns, [r[DEELBO].get("accuracy", math.nan) for r in cells], "-", color=color, marker="s", label=optimizer
+            )
         ax.set_xscale("log")
         ax.set_xlabel("N (training images)")
         ax.set_ylabel("test accuracy")
@@ -256,17 +295,34 @@ def figure(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="A smoke run: ResNet, N=50, 1 seed, 2 optimizers, 5 steps.")
-    parser.add_argument("--calibrate", nargs="?", const="sigma_learning_rate", choices=list(CALIBRATIONS),
-                        help="Measure the candidates for a default: sigma_learning_rate (the first) or sigma_momentum.")
-    parser.add_argument("--summarize", action="store_true",
-                        help="Only rebuild the figure, summary and docs section from OUTPUT_DIR/dropin.json.")
-    parser.add_argument("--rerun-deelbo", nargs="+", metavar="OPTIMIZER", choices=list(OPTIMIZERS),
-                        help="Train DEELBoTrainer again (at today's defaults) for these optimizers, keeping every other "
-                        "record of OUTPUT_DIR/dropin.json, and its plain Trainer runs: they do not depend on "
-                        "DEELBoTrainer's defaults.")
+    parser.add_argument(
+        "--quick", action="store_true", help="A smoke run: ResNet, N=50, 1 seed, 2 optimizers, 5 steps."
+    )
+    parser.add_argument(
+        "--calibrate",
+        nargs="?",
+        const="sigma_learning_rate",
+        choices=list(CALIBRATIONS),
+        help="Measure the candidates for a default: sigma_learning_rate (the first) or sigma_momentum.",
+    )
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="Only rebuild the figure, summary and docs section from OUTPUT_DIR/dropin.json.",
+    )
+    parser.add_argument(
+        "--rerun-deelbo",
+        nargs="+",
+        metavar="OPTIMIZER",
+        choices=list(OPTIMIZERS),
+        help="Train DEELBoTrainer again (at today's defaults) for these optimizers, keeping every other "
+        "record of OUTPUT_DIR/dropin.json, and its plain Trainer runs: they do not depend on "
+        "DEELBoTrainer's defaults.",
+    )
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("--docs", default=None, help="Markdown file to update (default: docs/benchmarks.md).")
+    parser.add_argument(
+        "--docs", default=None, help="Markdown file to update (default: docs/benchmarks/protocol-v1.md)."
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -280,65 +336,115 @@ def main(argv=None) -> None:
         n, seed = 100, 10
         optimizers, candidates = CALIBRATIONS[args.calibrate]
         paths = {b: transfer.pretrained_path(b, os.path.join(args.output_dir, "pretrained")) for b in args.backbones}
-        tasks = [(args.calibrate, b, o, n, seed, args.steps, paths[b],
-                  os.path.join(args.output_dir, "runs", f"calibration-{args.calibrate}-{b}-{o}"))
-                 for b in args.backbones for o in optimizers]
+        tasks = [
+            (
+                args.calibrate,
+                b,
+                o,
+                n,
+                seed,
+                args.steps,
+                paths[b],
+                os.path.join(args.output_dir, "runs", f"calibration-{args.calibrate}-{b}-{o}"),
+            )
+            for b in args.backbones
+            for o in optimizers
+        ]
         name = "dropin-calibration" + ("" if args.calibrate == "sigma_learning_rate" else f"-{args.calibrate}")
         records = []
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for record in pool.imap_unordered(run_calibration, tasks):
                 records.append(record)
-                result = {"settings": {"steps": args.steps, "n": n, "seed": seed, "backbones": args.backbones,
-                                       "optimizers": optimizers, "candidates": candidates},
-                          "seconds": time.perf_counter() - start, "records": records}
+                result = {
+                    "settings": {
+                        "steps": args.steps,
+                        "n": n,
+                        "seed": seed,
+                        "backbones": args.backbones,
+                        "optimizers": optimizers,
+                        "candidates": candidates,
+                    },
+                    "seconds": time.perf_counter() - start,
+                    "records": records,
+                }
                 if len(records) == len(tasks):
                     result["choice"] = calibration_choice(records, candidates)
                 with open(os.path.join(args.output_dir, name + ".json"), "w") as f:  # partial results survive
                     json.dump(result, f, indent=1)
         print(json.dumps(result["choice"], indent=1))
         return
-    settings = {"steps": args.steps, "seeds": args.seeds, "ns": args.ns, "backbones": args.backbones,
-                "optimizers": list(OPTIMIZERS)}
+    settings = {
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "ns": args.ns,
+        "backbones": args.backbones,
+        "optimizers": list(OPTIMIZERS),
+    }
     if args.quick:
-        settings = {"steps": 5, "seeds": [0], "ns": [50], "backbones": ["timm-resnet"],
-                    "optimizers": ["AdamW 5e-5 linear", "SGD-Nesterov 0.1 cosine"]}
+        settings = {
+            "steps": 5,
+            "seeds": [0],
+            "ns": [50],
+            "backbones": ["timm-resnet"],
+            "optimizers": ["AdamW 5e-5 linear", "SGD-Nesterov 0.1 cosine"],
+        }
     from hf_deelbo import DEELBoTrainingArguments
 
     defaults = DEELBoTrainingArguments.__dataclass_fields__
-    settings.update(sigma_learning_rate=defaults["sigma_learning_rate"].default,
-                    sigma_momentum=defaults["sigma_momentum"].default)
+    settings.update(
+        sigma_learning_rate=defaults["sigma_learning_rate"].default, sigma_momentum=defaults["sigma_momentum"].default
+    )
     results_path = os.path.join(args.output_dir, "dropin.json")
-    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
-                              else os.path.join(ROOT, "docs", "benchmarks.md"))
+    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick else V1_DOCS)
     if args.summarize:
         saved = json.load(open(results_path))
         write_summary(saved["records"], saved["settings"], saved.get("seconds", 0.0), args.output_dir, docs_path)
         return
-    paths = {b: transfer.pretrained_path(b, os.path.join(args.output_dir, "pretrained")) for b in settings["backbones"]}
+    paths = {
+        b: transfer.pretrained_path(b, os.path.join(args.output_dir, "pretrained")) for b in settings["backbones"]
+    }
     cells = itertools.product(settings["backbones"], settings["ns"], settings["seeds"], settings["optimizers"])
     records, kept = [], {}
     if args.rerun_deelbo:
         saved = json.load(open(results_path))
-        settings = {**saved["settings"], "sigma_learning_rate": settings["sigma_learning_rate"],
-                    "sigma_momentum": settings["sigma_momentum"]}
+        settings = {
+            **saved["settings"],
+            "sigma_learning_rate": settings["sigma_learning_rate"],
+            "sigma_momentum": settings["sigma_momentum"],
+        }
         cells = itertools.product(settings["backbones"], settings["ns"], settings["seeds"], args.rerun_deelbo)
         key = lambda r: (r["backbone"], r["n"], r["seed"], r["optimizer"])  # noqa: E731
         records = [r for r in saved["records"] if r["optimizer"] not in args.rerun_deelbo]
         start -= saved.get("seconds", 0.0)  # the whole matrix's compute: the earlier runs and this one
         kept = {key(r): r[PLAIN] for r in saved["records"] if r["optimizer"] in args.rerun_deelbo}
-    tasks = [(b, n, s, o, settings["steps"], paths[b], os.path.join(args.output_dir, "runs", f"dropin-{b}-{n}-{s}-{o}"),
-              kept.get((b, n, s, o))) for b, n, s, o in cells]
+    tasks = [
+        (
+            b,
+            n,
+            s,
+            o,
+            settings["steps"],
+            paths[b],
+            os.path.join(args.output_dir, "runs", f"dropin-{b}-{n}-{s}-{o}"),
+            kept.get((b, n, s, o)),
+        )
+        for b, n, s, o in cells
+    ]
     tasks.sort(key=lambda t: (t[2], -t[1]))  # every cell at one seed before the next seed
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_cell, tasks):
             records.append(record)
-            print(f"{record['backbone']} N={record['n']} seed={record['seed']} {record['optimizer']}: "
-                  f"plain {record[PLAIN].get('accuracy', float('nan')):.3f} "
-                  f"DE ELBO {record[DEELBO].get('accuracy', float('nan')):.3f} "
-                  f"σ {record[DEELBO].get('sigma', float('nan')):.2g}", flush=True)
+            print(
+                f"{record['backbone']} N={record['n']} seed={record['seed']} {record['optimizer']}: "
+                f"plain {record[PLAIN].get('accuracy', float('nan')):.3f} "
+                f"DE ELBO {record[DEELBO].get('accuracy', float('nan')):.3f} "
+                f"σ {record[DEELBO].get('sigma', float('nan')):.2g}",
+                flush=True,
+            )
             with open(results_path, "w") as f:  # after every cell: partial results survive
-                json.dump({"settings": settings, "seconds": time.perf_counter() - start, "records": records}, f,
-                          indent=1)
+                json.dump(
+                    {"settings": settings, "seconds": time.perf_counter() - start, "records": records}, f, indent=1
+                )
     write_summary(records, settings, time.perf_counter() - start, args.output_dir, docs_path)
 
 

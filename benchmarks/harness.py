@@ -38,10 +38,16 @@ def code_commit() -> str:
     """The checked-out commit, with "+changes" when tracked files differ from it; "unknown"
     outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+changes" if dirty else "")
@@ -98,8 +104,14 @@ class RecordStore:
             os.replace(self.path + ".tmp", self.path)
 
 
-def run(store: RecordStore, jobs: Sequence, run_one: Callable, job_keys: Callable, workers: int,
-        describe: Callable[[dict], str] = str) -> None:
+def run(
+    store: RecordStore,
+    jobs: Sequence,
+    run_one: Callable,
+    job_keys: Callable,
+    workers: int,
+    describe: Callable[[dict], str] = str,
+) -> None:
     """Run the jobs whose records (`job_keys(job)`) are not all in `store`, in the given order,
     on `workers` processes (spawned, one thread each); store each job's records as it ends."""
     todo = [job for job in jobs if not set(job_keys(job)) <= store.done]
@@ -147,7 +159,7 @@ def paired_interval(pairs: Sequence[tuple[object, float]]) -> dict:
 
 
 def reading(interval: dict, tie: float = 0.0) -> str:
-    """"wins", "loses" or "ties" for a difference whose interval lies above, below or across `tie`."""
+    """ "wins", "loses" or "ties" for a difference whose interval lies above, below or across `tie`."""
     if interval["replicates"] < 2:
         return "n/a"
     if interval["low"] > tie:
@@ -158,7 +170,7 @@ def reading(interval: dict, tie: float = 0.0) -> str:
 
 
 def format_interval(interval: dict, scale: float = 100.0, digits: int = 1) -> str:
-    """"+1.2 [−0.3, +2.7]" (points by default)."""
+    """ "+1.2 [−0.3, +2.7]" (points by default)."""
     if interval["replicates"] == 0:
         return "–"
     mean = f"{scale * interval['mean']:+.{digits}f}"

@@ -6,7 +6,7 @@ larger κ, which is why κ = D/N needs no tuning. Here: the timm ResNet of bench
 (pretrained on digits 0–4), N = 100 images of digits 5–9, seeds 0–2, the transfer benchmark's
 200 steps and the learning rate its DE ELBO runs choose there (0.1).
 
-    python benchmarks/kappa.py       # ≈ 2 min on 2 cores; writes benchmarks/results/kappa.json, kappa.png, updates docs/benchmarks.md
+    python benchmarks/kappa.py       # ≈ 2 min on 2 cores; writes benchmarks/results/kappa.json, kappa.png, updates docs/benchmarks/protocol-v1.md
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transfer  # noqa: E402 - the shared task definition
-from _common import update_section  # noqa: E402
+from _common import V1_DOCS, update_section  # noqa: E402
 
 SECTION = ("<!-- kappa:start -->", "<!-- kappa:end -->")
 
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--output-dir", default=os.path.join(transfer.ROOT, "benchmarks", "results"))
-    parser.add_argument("--docs", default=os.path.join(transfer.ROOT, "docs", "benchmarks.md"))
+    parser.add_argument("--docs", default=V1_DOCS)
     args = parser.parse_args(argv)
     transfer._setup_thread()
     import transformers
@@ -42,28 +42,56 @@ def main(argv=None) -> None:
 
     path = transfer.pretrained_path("timm-resnet", os.path.join(args.output_dir, "pretrained"))
     num_params = sum(p.numel() for p in transfer.model_init("timm-resnet", path, 0)().parameters())
-    kappas = sorted({float(10**k) for k in range(0, int(math.log10(num_params)) + 1)} | {num_params / args.n, float(num_params)})
+    kappas = sorted(
+        {float(10**k) for k in range(0, int(math.log10(num_params)) + 1)} | {num_params / args.n, float(num_params)}
+    )
     records = []
     for seed in args.seeds:
         train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), args.n, seed=seed)
         train, test = transfer.tensor_dataset(train), transfer.tensor_dataset(test)
         for kappa in kappas:
             training_args = DEELBoTrainingArguments(
-                output_dir="/tmp/hf_deelbo_kappa", kappa=kappa, max_steps=args.steps, learning_rate=args.learning_rate,
-                per_device_train_batch_size=32, per_device_eval_batch_size=256, optim="sgd",
-                optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", report_to="none",
-                save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, logging_steps=10**6,
+                output_dir="/tmp/hf_deelbo_kappa",
+                kappa=kappa,
+                max_steps=args.steps,
+                learning_rate=args.learning_rate,
+                per_device_train_batch_size=32,
+                per_device_eval_batch_size=256,
+                optim="sgd",
+                optim_args="momentum=0.9,nesterov=True",
+                lr_scheduler_type="cosine",
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+                use_cpu=True,
+                seed=seed,
+                logging_steps=10**6,
                 dataloader_pin_memory=False,
             )
-            trainer = DEELBoTrainer(model=transfer.model_init("timm-resnet", path, seed)(), args=training_args,
-                                    train_dataset=train)
+            trainer = DEELBoTrainer(
+                model=transfer.model_init("timm-resnet", path, seed)(), args=training_args, train_dataset=train
+            )
             trainer.train()
             metrics = transfer.evaluate(trainer, test)
-            records.append({"seed": seed, "kappa": kappa, **metrics, **{k: trainer.learned_hyperparameters()[k]
-                                                                        for k in ("lambda", "tau", "sigma")}})
-            print(f"seed {seed} kappa {kappa:.3g}: accuracy {metrics['accuracy']:.3f} NLL {metrics['nll']:.3f}", flush=True)
-    summary = [{"kappa": k, **{m: statistics.mean(r[m] for r in records if r["kappa"] == k) for m in ("accuracy", "nll", "ece")}}
-               for k in kappas]
+            records.append(
+                {
+                    "seed": seed,
+                    "kappa": kappa,
+                    **metrics,
+                    **{k: trainer.learned_hyperparameters()[k] for k in ("lambda", "tau", "sigma")},
+                }
+            )
+            print(
+                f"seed {seed} kappa {kappa:.3g}: accuracy {metrics['accuracy']:.3f} NLL {metrics['nll']:.3f}",
+                flush=True,
+            )
+    summary = [
+        {
+            "kappa": k,
+            **{m: statistics.mean(r[m] for r in records if r["kappa"] == k) for m in ("accuracy", "nll", "ece")},
+        }
+        for k in kappas
+    ]
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "kappa.json"), "w") as f:
         json.dump({"num_params": num_params, "n": args.n, "records": records, "summary": summary}, f, indent=1)
@@ -87,13 +115,19 @@ def main(argv=None) -> None:
     fig.savefig(os.path.join(args.output_dir, "kappa.png"), dpi=100)
     plt.close(fig)
 
-    lines = [SECTION[0], "## Data emphasis κ (`benchmarks/kappa.py`)", "",
-             f"timm ResNet ({num_params:,} parameters) pretrained on digits 0–4, N = {args.n} images of 5–9, "
-             f"lr {args.learning_rate}, {args.steps} steps, mean over seeds {args.seeds}. κ = 1 is the plain ELBO; "
-             f"κ = D/N = {num_params / args.n:.3g} is the DE ELBO default.", "",
-             "| κ | test accuracy | test NLL | ECE |", "|---|---|---|---|"]
+    lines = [
+        SECTION[0],
+        "## Data emphasis κ (`benchmarks/kappa.py`)",
+        "",
+        f"timm ResNet ({num_params:,} parameters) pretrained on digits 0–4, N = {args.n} images of 5–9, "
+        f"lr {args.learning_rate}, {args.steps} steps, mean over seeds {args.seeds}. κ = 1 is the plain ELBO; "
+        f"κ = D/N = {num_params / args.n:.3g} is the DE ELBO default.",
+        "",
+        "| κ | test accuracy | test NLL | ECE |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {s['kappa']:.3g} | {s['accuracy']:.3f} | {s['nll']:.3f} | {s['ece']:.3f} |" for s in summary]
-    lines += ["", "![accuracy and NLL over κ](../benchmarks/results/kappa.png)", "", SECTION[1]]
+    lines += ["", "![accuracy and NLL over κ](../../benchmarks/results/kappa.png)", "", SECTION[1]]
     update_section(args.docs, SECTION, "\n".join(lines))
     print("\n".join(lines))
 

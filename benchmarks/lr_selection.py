@@ -51,7 +51,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import update_section  # noqa: E402
+from _common import V1_DOCS, update_section  # noqa: E402
 from regularization import DEELBO, EXISTING, LEARNING_RATES, TASKS, task_data  # noqa: E402
 from run_cost import GRID_RUNS  # noqa: E402
 from transfer import ROOT, _setup_thread, evaluate, model_init, pretrained_path, training_settings  # noqa: E402
@@ -82,11 +82,25 @@ def run_pair(job) -> dict:
         start = time.perf_counter()
         result = select_learning_rate(init, train, args, learning_rates=learning_rates, strategy=HALVING)
         seconds = time.perf_counter() - start
-        return {HALVING: {**evaluate(result.trainer, test), "learning_rate": result.best["learning_rate"],
-                          "seconds": seconds, "total_steps": result.total_steps,
-                          "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score,
-                                    "seconds": r.seconds, "steps": r.steps, "round_scores": r.round_scores,
-                                    "eliminated_at": r.eliminated_at} for r in result.runs]}}
+        return {
+            HALVING: {
+                **evaluate(result.trainer, test),
+                "learning_rate": result.best["learning_rate"],
+                "seconds": seconds,
+                "total_steps": result.total_steps,
+                "runs": [
+                    {
+                        "learning_rate": r.settings["learning_rate"],
+                        "objective": r.score,
+                        "seconds": r.seconds,
+                        "steps": r.steps,
+                        "round_scores": r.round_scores,
+                        "eliminated_at": r.eliminated_at,
+                    }
+                    for r in result.runs
+                ],
+            }
+        }
 
     def deelbo_run() -> dict:
         args = DEELBoTrainingArguments(output_dir=os.path.join(work_dir, "run"), **common)
@@ -128,39 +142,85 @@ def crossover_run(job) -> dict:
     task, backbone, n, seed, learning_rate, steps, path, work_dir = job
     train, _ = task_data(task, n, seed)
     init = model_init(backbone, path, seed)
-    args = DEELBoTrainingArguments(output_dir=work_dir, **{**training_settings(steps, seed), "learning_rate": learning_rate,
-                                                           "ignore_data_skip": False})
+    args = DEELBoTrainingArguments(
+        output_dir=work_dir,
+        **{**training_settings(steps, seed), "learning_rate": learning_rate, "ignore_data_skip": False},
+    )
     pauses = [max(1, int(steps * f)) for f in CROSSOVER_PAUSES]
     scores, checkpoint = [], None
     for pause in [*pauses, steps]:
         cooldown = halving_cooldown_steps(pause) if pause != steps else 0
-        trainer = DEELBoTrainer(model=init(), args=args, train_dataset=train,
-                                callbacks=[PauseAtStep(pause, cooldown)] if pause != steps else None)
+        trainer = DEELBoTrainer(
+            model=init(),
+            args=args,
+            train_dataset=train,
+            callbacks=[PauseAtStep(pause, cooldown)] if pause != steps else None,
+        )
         trainer.train(resume_from_checkpoint=checkpoint)
-        scores.append({"step": pause, "cooldown_steps": cooldown,
-                       "objective": float(trainer.training_objective(train, num_samples=10))})
+        scores.append(
+            {
+                "step": pause,
+                "cooldown_steps": cooldown,
+                "objective": float(trainer.training_objective(train, num_samples=10)),
+            }
+        )
         checkpoint = os.path.join(work_dir, f"checkpoint-{pause}")
-    return {"task": task, "backbone": backbone, "n": n, "seed": seed, "learning_rate": learning_rate,
-            "steps": steps, "scores": scores}
+    return {
+        "task": task,
+        "backbone": backbone,
+        "n": n,
+        "seed": seed,
+        "learning_rate": learning_rate,
+        "steps": steps,
+        "scores": scores,
+    }
 
 
 def crossover(output_dir: str, workers: int, seeds) -> None:
     cache_dir = os.path.join(output_dir, "pretrained")
     paths = {b: pretrained_path(b, cache_dir) for b in {c[1] for c in CROSSOVER_CELLS}}
-    jobs = [(task, backbone, n, seed, lr, TASKS[task][1], paths[backbone],
-             os.path.join(output_dir, "runs", f"lr_crossover-{task}-{backbone}-{n}-{seed}-{lr:g}"))
-            for task, backbone, n in CROSSOVER_CELLS for seed in seeds for lr in CROSSOVER_LEARNING_RATES]
+    jobs = [
+        (
+            task,
+            backbone,
+            n,
+            seed,
+            lr,
+            TASKS[task][1],
+            paths[backbone],
+            os.path.join(output_dir, "runs", f"lr_crossover-{task}-{backbone}-{n}-{seed}-{lr:g}"),
+        )
+        for task, backbone, n in CROSSOVER_CELLS
+        for seed in seeds
+        for lr in CROSSOVER_LEARNING_RATES
+    ]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         records = list(pool.imap(crossover_run, jobs))
-    save({"settings": {"pauses": list(CROSSOVER_PAUSES), "learning_rates": list(CROSSOVER_LEARNING_RATES),
-                       "draws": 10}, "records": records}, os.path.join(output_dir, "lr_crossover.json"))
+    save(
+        {
+            "settings": {
+                "pauses": list(CROSSOVER_PAUSES),
+                "learning_rates": list(CROSSOVER_LEARNING_RATES),
+                "draws": 10,
+            },
+            "records": records,
+        },
+        os.path.join(output_dir, "lr_crossover.json"),
+    )
     for task, backbone, n in CROSSOVER_CELLS:
         for seed in seeds:
-            rows = {r["learning_rate"]: r["scores"] for r in records
-                    if (r["task"], r["backbone"], r["n"], r["seed"]) == (task, backbone, n, seed)}
-            print(f"{task} {backbone} N={n} seed {seed}: " + "; ".join(
-                f"step {a['step']}: " + ", ".join(f"{lr:g} {rows[lr][i]['objective']:.3f}" for lr in rows)
-                for i, a in enumerate(rows[CROSSOVER_LEARNING_RATES[0]])))
+            rows = {
+                r["learning_rate"]: r["scores"]
+                for r in records
+                if (r["task"], r["backbone"], r["n"], r["seed"]) == (task, backbone, n, seed)
+            }
+            print(
+                f"{task} {backbone} N={n} seed {seed}: "
+                + "; ".join(
+                    f"step {a['step']}: " + ", ".join(f"{lr:g} {rows[lr][i]['objective']:.3f}" for lr in rows)
+                    for i, a in enumerate(rows[CROSSOVER_LEARNING_RATES[0]])
+                )
+            )
 
 
 def with_full_selection(record: dict, full: dict | None) -> dict:
@@ -168,8 +228,12 @@ def with_full_selection(record: dict, full: dict | None) -> dict:
     if full is None:
         return {**record, FULL: None, "agrees": None}
     same = full["learning_rate"] == record[HALVING]["learning_rate"]
-    return {**record, FULL: {k: full[k] for k in ("accuracy", "nll", "ece", "learning_rate", "seconds")},
-            "agrees": same, "identical_model": same and full["accuracy"] == record[HALVING]["accuracy"]}
+    return {
+        **record,
+        FULL: {k: full[k] for k in ("accuracy", "nll", "ece", "learning_rate", "seconds")},
+        "agrees": same,
+        "identical_model": same and full["accuracy"] == record[HALVING]["accuracy"],
+    }
 
 
 def key(record: dict) -> tuple:
@@ -206,20 +270,28 @@ def summarize(records: list[dict]) -> list[dict]:
     cells = sorted({key(r)[:3] for r in joined}, key=lambda k: (TASK_NAMES.index(k[0]), k[1], k[2]))
     for task, backbone, n in cells:
         group = sorted((r for r in joined if key(r)[:3] == (task, backbone, n)), key=lambda r: r["seed"])
-        rows.append({
-            "task": task, "backbone": backbone, "n": n, "seeds": [r["seed"] for r in group],
-            **{f"{field}_{s}": statistics.mean(r[s][field] for r in group) for s in (FULL, HALVING)
-               for field in ("accuracy", "nll", "ece")},
-            "per_seed_accuracy": {s: [round(r[s]["accuracy"], 4) for r in group] for s in (FULL, HALVING)},
-            "learning_rates": {s: [r[s]["learning_rate"] for r in group] for s in (FULL, HALVING)},
-            "agreements": sum(r["agrees"] for r in group),
-            "identical_models": sum(r["identical_model"] for r in group),
-            "halving_over_deelbo_run": statistics.mean(r["halving_over_deelbo_run"] for r in group),
-            "halving_over_deelbo_run_max": max(r["halving_over_deelbo_run"] for r in group),
-            "grid_over_halving": statistics.mean(r["grid_over_halving"] for r in group),
-            "grid_over_halving_min": min(r["grid_over_halving"] for r in group),
-            "grid_over_full": statistics.mean(r["grid_over_full"] for r in group),
-        })
+        rows.append(
+            {
+                "task": task,
+                "backbone": backbone,
+                "n": n,
+                "seeds": [r["seed"] for r in group],
+                **{
+                    f"{field}_{s}": statistics.mean(r[s][field] for r in group)
+                    for s in (FULL, HALVING)
+                    for field in ("accuracy", "nll", "ece")
+                },
+                "per_seed_accuracy": {s: [round(r[s]["accuracy"], 4) for r in group] for s in (FULL, HALVING)},
+                "learning_rates": {s: [r[s]["learning_rate"] for r in group] for s in (FULL, HALVING)},
+                "agreements": sum(r["agrees"] for r in group),
+                "identical_models": sum(r["identical_model"] for r in group),
+                "halving_over_deelbo_run": statistics.mean(r["halving_over_deelbo_run"] for r in group),
+                "halving_over_deelbo_run_max": max(r["halving_over_deelbo_run"] for r in group),
+                "grid_over_halving": statistics.mean(r["grid_over_halving"] for r in group),
+                "grid_over_halving_min": min(r["grid_over_halving"] for r in group),
+                "grid_over_full": statistics.mean(r["grid_over_full"] for r in group),
+            }
+        )
     return rows
 
 
@@ -235,7 +307,7 @@ def markdown(rows: list[dict], records: list[dict], data: dict) -> str:
         SECTION[0],
         "## The learning rate at 1.35 runs: successive halving with cool-down branches (`benchmarks/lr_selection.py`)",
         "",
-        "DE ELBO's learning rate among {} by `select_learning_rate(strategy=\"halving\")` (all 4 to T/16, the best 2 "
+        'DE ELBO\'s learning rate among {} by `select_learning_rate(strategy="halving")` (all 4 to T/16, the best 2 '
         "to T/8, the best to T; each early round scored after a cool-down branch of 0.2 × the steps trained, the "
         "learning rate decayed linearly towards 0, then dropped; scored by the training objective with 1 draw at "
         "every round; 1.35T steps) against the full selection (4 complete runs, the lowest final objective: the `DE ELBO` rows "
@@ -243,8 +315,9 @@ def markdown(rows: list[dict], records: list[dict], data: dict) -> str:
         "process, one after the other: halving, one DE ELBO run (lr 0.1 alone, the full selection's unit: the full "
         "selection costs 4 of them) and the grid search's two units (a tuning run on the stratified 80 % of N, the "
         "retrain; grid = 144 tuning runs + retrain), as `benchmarks/run_cost.py` measures them. Accuracy, NLL, "
-        "ECE: the returned model on the test split, means over seeds. {} steps, 3 seeds; whole run: {:.0f} min."
-        .format(list(data["settings"]["learning_rates"]), data["settings"]["steps"], data.get("seconds", 0) / 60),
+        "ECE: the returned model on the test split, means over seeds. {} steps, 3 seeds; whole run: {:.0f} min.".format(
+            list(data["settings"]["learning_rates"]), data["settings"]["steps"], data.get("seconds", 0) / 60
+        ),
         "",
         f"Acceptance: halving ≤ 2 DE ELBO runs in **{pairs - len(costly)} of {pairs}** pairs; grid ≥ 60× halving in "
         f"**{pairs - len(cheap_grid)} of {pairs}** pairs; accuracy ≥ full − 0.5 points in **{len(rows) - len(lost)} "
@@ -264,11 +337,14 @@ def markdown(rows: list[dict], records: list[dict], data: dict) -> str:
             f"{', '.join(f'{v:g}' for v in r['learning_rates'][FULL])} | "
             f"{', '.join(f'{v:g}' for v in r['learning_rates'][HALVING])} | {r['agreements']}/{len(r['seeds'])} | "
             f"{r['halving_over_deelbo_run']:.2f} | {r['halving_over_deelbo_run_max']:.2f} | "
-            f"{r['grid_over_halving']:.0f}× | {r['grid_over_halving_min']:.0f}× | {r['grid_over_full']:.0f}× |")
+            f"{r['grid_over_halving']:.0f}× | {r['grid_over_halving_min']:.0f}× | {r['grid_over_full']:.0f}× |"
+        )
     lines += ["", "Per-seed test accuracy (full / halving):", ""]
     for r in rows:
-        lines.append(f"- {r['task']}, {r['backbone']}, N = {r['n']}: {r['per_seed_accuracy'][FULL]} / "
-                     f"{r['per_seed_accuracy'][HALVING]}")
+        lines.append(
+            f"- {r['task']}, {r['backbone']}, N = {r['n']}: {r['per_seed_accuracy'][FULL]} / "
+            f"{r['per_seed_accuracy'][HALVING]}"
+        )
     lines += ["", SECTION[1]]
     return "\n".join(lines)
 
@@ -277,8 +353,9 @@ def rebuild(data: dict, full_path: str, docs_path: str) -> None:
     full = full_selections(full_path)
     data["records"] = [with_full_selection(r, full.get(key(r))) for r in data["records"]]
     for r in data["records"]:
-        r["grid_over_full"] = ((GRID_RUNS * r["grid"]["tuning_run_seconds"] + r["grid"]["retrain_seconds"])
-                               / (4 * r["deelbo_run_seconds"]))
+        r["grid_over_full"] = (GRID_RUNS * r["grid"]["tuning_run_seconds"] + r["grid"]["retrain_seconds"]) / (
+            4 * r["deelbo_run_seconds"]
+        )
     rows = summarize(data["records"])
     data["summary"] = rows
     if rows:
@@ -292,17 +369,28 @@ def main(argv=None) -> None:
     parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--quick", action="store_true",
-                        help="A smoke run: one pair, 16 steps, 2 learning rates, and its own full selection.")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="A smoke run: one pair, 16 steps, 2 learning rates, and its own full selection.",
+    )
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("--full-selection", default=None,
-                        help="The regularization benchmark's records holding the full selections (default: "
-                        "OUTPUT_DIR/regularization/regularization.json).")
-    parser.add_argument("--docs", default=None, help="Default: docs/benchmarks.md (OUTPUT_DIR/benchmarks.md with --quick).")
+    parser.add_argument(
+        "--full-selection",
+        default=None,
+        help="The regularization benchmark's records holding the full selections (default: "
+        "OUTPUT_DIR/regularization/regularization.json).",
+    )
+    parser.add_argument(
+        "--docs", default=None, help="Default: docs/benchmarks/protocol-v1.md (OUTPUT_DIR/benchmarks.md with --quick)."
+    )
     parser.add_argument("--summarize", action="store_true", help="Only rebuild the summary and the docs section.")
-    parser.add_argument("--crossover", action="store_true",
-                        help="Only measure, per seed, the cooled-down objective of lr 0.1 and 0.01 at fractions of the "
-                        "schedule in CROSSOVER_CELLS (OUTPUT_DIR/lr_crossover.json).")
+    parser.add_argument(
+        "--crossover",
+        action="store_true",
+        help="Only measure, per seed, the cooled-down objective of lr 0.1 and 0.01 at fractions of the "
+        "schedule in CROSSOVER_CELLS (OUTPUT_DIR/lr_crossover.json).",
+    )
     args = parser.parse_args(argv)
     if args.crossover:
         crossover(args.output_dir, args.workers, args.seeds)
@@ -314,14 +402,17 @@ def main(argv=None) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "lr_selection.json")
     full_path = args.full_selection or os.path.join(args.output_dir, "regularization", "regularization.json")
-    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
-                              else os.path.join(ROOT, "docs", "benchmarks.md"))
+    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick else V1_DOCS)
     data = load(path)
     from hf_deelbo.search import HALVING_COOLDOWN_FRACTION
 
-    data["settings"] = {"learning_rates": learning_rates, "steps": steps or TASKS[EXISTING][1],
-                        "cooldown_fraction": HALVING_COOLDOWN_FRACTION,
-                        "grid_runs": GRID_RUNS, "full_selection": os.path.relpath(full_path, ROOT)}
+    data["settings"] = {
+        "learning_rates": learning_rates,
+        "steps": steps or TASKS[EXISTING][1],
+        "cooldown_fraction": HALVING_COOLDOWN_FRACTION,
+        "grid_runs": GRID_RUNS,
+        "full_selection": os.path.relpath(full_path, ROOT),
+    }
     if not args.summarize:
         cache_dir = os.path.join(args.output_dir, "pretrained")
         paths = {b: pretrained_path(b, cache_dir) for b in args.backbones}
@@ -331,13 +422,36 @@ def main(argv=None) -> None:
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
             store = Store(full_path, fresh=True)
             settings = {"steps": steps, "learning_rates": learning_rates, "bo_trials": [2]}
-            run_jobs(store, make_jobs("noise-40", [DEELBO], args.backbones, args.ns, args.seeds, [0.0], settings,
-                                      paths, os.path.join(args.output_dir, "runs")), 1)
+            run_jobs(
+                store,
+                make_jobs(
+                    "noise-40",
+                    [DEELBO],
+                    args.backbones,
+                    args.ns,
+                    args.seeds,
+                    [0.0],
+                    settings,
+                    paths,
+                    os.path.join(args.output_dir, "runs"),
+                ),
+                1,
+            )
         done = {key(r) for r in data["records"]}
-        jobs = [(task, backbone, n, seed, steps or TASKS[task][1], learning_rates, paths[backbone],
-                 os.path.join(args.output_dir, "runs", f"lr_selection-{task}-{backbone}-{n}-{seed}"))
-                for task, backbone, n, seed in itertools.product(args.tasks, args.backbones, args.ns, args.seeds)
-                if (task, backbone, n, seed) not in done]
+        jobs = [
+            (
+                task,
+                backbone,
+                n,
+                seed,
+                steps or TASKS[task][1],
+                learning_rates,
+                paths[backbone],
+                os.path.join(args.output_dir, "runs", f"lr_selection-{task}-{backbone}-{n}-{seed}"),
+            )
+            for task, backbone, n, seed in itertools.product(args.tasks, args.backbones, args.ns, args.seeds)
+            if (task, backbone, n, seed) not in done
+        ]
         jobs.sort(key=lambda j: -j[2])  # large N first, so the workers finish together
         start, base = time.perf_counter(), data.get("seconds", 0.0)
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
@@ -345,10 +459,13 @@ def main(argv=None) -> None:
                 data["records"].append(record)
                 data["seconds"] = base + time.perf_counter() - start
                 save(data, path)
-                print(f"{record['task']} {record['backbone']} N={record['n']} seed={record['seed']}: halving lr "
-                      f"{record[HALVING]['learning_rate']:g} acc {record[HALVING]['accuracy']:.3f}; "
-                      f"{record['halving_over_deelbo_run']:.2f} DE ELBO runs, grid / halving "
-                      f"{record['grid_over_halving']:.0f}×", flush=True)
+                print(
+                    f"{record['task']} {record['backbone']} N={record['n']} seed={record['seed']}: halving lr "
+                    f"{record[HALVING]['learning_rate']:g} acc {record[HALVING]['accuracy']:.3f}; "
+                    f"{record['halving_over_deelbo_run']:.2f} DE ELBO runs, grid / halving "
+                    f"{record['grid_over_halving']:.0f}×",
+                    flush=True,
+                )
     rebuild(data, full_path, docs_path)
     save(data, path)
     print(f"wrote {path} and the section of {docs_path}")

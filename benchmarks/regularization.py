@@ -49,7 +49,7 @@ training settings and evaluation. Three things are measured, per backbone, N and
 Every stage keeps the records already in OUTPUT_DIR/regularization.json and runs only the missing
 ones (a killed run loses only its unfinished runs; `--resume` is accepted and is the default
 behaviour; `--fresh` starts over). Results: benchmarks/results/regularization/ (regularization.json
-with every run's numbers, one alpha-curve-TASK.png per task), the section in docs/benchmarks.md.
+with every run's numbers, one alpha-curve-TASK.png per task), the section in docs/benchmarks/protocol-v1.md.
 """
 
 from __future__ import annotations
@@ -64,10 +64,8 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import update_section  # noqa: E402
+from _common import V1_DOCS, update_section  # noqa: E402
 from task import with_label_noise  # noqa: E402
 from transfer import (  # noqa: E402
     GRID,
@@ -137,6 +135,7 @@ DEELBO_KINDS = (DEELBO, *VARIANTS, LORA)  # the rows DE ELBO's own selection pro
 
 def lora_init(init, backbone: str):
     """`init`'s model with LoRA adapters of `LORA_CONFIGS[backbone]` (a fresh `peft.PeftModel` per call)."""
+
     def wrapped():
         import peft
 
@@ -180,8 +179,9 @@ def bayesian_optimization(init, train, common: dict, work_dir: str, n_trials: in
     labels = [int(v) for v in train.with_format(None)["labels"]]
     train_idx, val_idx = stratified_split(labels, 0.2, seed)
     args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "search"), alpha=0.0, beta=0.0, **common)
-    trainer = L2SPTrainer(model_init=init, args=args, train_dataset=train.select(train_idx),
-                          eval_dataset=train.select(val_idx))
+    trainer = L2SPTrainer(
+        model_init=init, args=args, train_dataset=train.select(train_idx), eval_dataset=train.select(val_idx)
+    )
     trainer.remove_callback(PrinterCallback)  # 36 trials' metrics on stdout otherwise
 
     def space(trial):
@@ -189,13 +189,25 @@ def bayesian_optimization(init, train, common: dict, work_dir: str, n_trials: in
 
     storage = optuna.storages.InMemoryStorage()
     trainer.hyperparameter_search(
-        hp_space=space, backend="optuna", n_trials=n_trials, direction="minimize", storage=storage,
-        study_name="l2sp", compute_objective=lambda metrics: metrics["eval_loss"],
+        hp_space=space,
+        backend="optuna",
+        n_trials=n_trials,
+        direction="minimize",
+        storage=storage,
+        study_name="l2sp",
+        compute_objective=lambda metrics: metrics["eval_loss"],
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=2 if quick else 10),
-        catch=(FloatingPointError,))
+        catch=(FloatingPointError,),
+    )
     trials = optuna.load_study(study_name="l2sp", storage=storage).trials
-    return [{**t.params, "validation_nll": t.value if t.value is not None and math.isfinite(t.value) else float("inf"),
-             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()} for t in trials]
+    return [
+        {
+            **t.params,
+            "validation_nll": t.value if t.value is not None and math.isfinite(t.value) else float("inf"),
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
+        }
+        for t in trials
+    ]
 
 
 def bo_records(init, train, test, common: dict, work_dir: str, seed: int, base: dict, trial_counts) -> list[dict]:
@@ -219,10 +231,18 @@ def bo_records(init, train, test, common: dict, work_dir: str, seed: int, base: 
             retrained[key] = (evaluate(trainer, test), time.perf_counter() - start)
         metrics, retrain_seconds = retrained[key]
         # The chosen α, β stay out of the record's top level, where `alpha` names an α-curve point.
-        records.append({**base, "kind": kind, **metrics, "learning_rate": settings["learning_rate"],
-                        "chosen": settings, "num_runs": n_trials + 1,
-                        "seconds": sum(t["seconds"] for t in trials[:n_trials]) + retrain_seconds,
-                        "runs": trials[:n_trials]})
+        records.append(
+            {
+                **base,
+                "kind": kind,
+                **metrics,
+                "learning_rate": settings["learning_rate"],
+                "chosen": settings,
+                "num_runs": n_trials + 1,
+                "seconds": sum(t["seconds"] for t in trials[:n_trials]) + retrain_seconds,
+                "runs": trials[:n_trials],
+            }
+        )
     return records
 
 
@@ -260,8 +280,9 @@ def run_one(job) -> list[dict]:
         record.update(**evaluate(trainer, test), **fields, seconds=time.perf_counter() - start)
         return [record]
     if kind == CURVE:
-        args = L2SPTrainingArguments(output_dir=work_dir, alpha=alpha, beta=CURVE_BETA,
-                                     **{**common, "learning_rate": CURVE_LR})
+        args = L2SPTrainingArguments(
+            output_dir=work_dir, alpha=alpha, beta=CURVE_BETA, **{**common, "learning_rate": CURVE_LR}
+        )
         trainer = L2SPTrainer(model=init(), args=args, train_dataset=train)
         try:
             trainer.train()
@@ -272,42 +293,84 @@ def run_one(job) -> list[dict]:
     elif kind == GRID_EXTENDED:
         labels = [int(v) for v in train.with_format(None)["labels"]]
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **common)
-        result = l2sp_grid_search(init, train, labels, args, alphas=list(GRID_EXTENDED_ALPHAS), betas=[CURVE_BETA],
-                                  learning_rates=learning_rates)
+        result = l2sp_grid_search(
+            init,
+            train,
+            labels,
+            args,
+            alphas=list(GRID_EXTENDED_ALPHAS),
+            betas=[CURVE_BETA],
+            learning_rates=learning_rates,
+        )
         # The chosen α stays out of the record's top level, where `alpha` names an α-curve point.
-        record.update(**evaluate(result.trainer, test), learning_rate=result.best["learning_rate"],
-                      chosen={k: result.best[k] for k in ("alpha", "beta", "learning_rate")},
-                      num_runs=len(result.runs) + 1,
-                      runs=[{**r.settings, "validation_nll": r.score, "seconds": r.seconds} for r in result.runs])
+        record.update(
+            **evaluate(result.trainer, test),
+            learning_rate=result.best["learning_rate"],
+            chosen={k: result.best[k] for k in ("alpha", "beta", "learning_rate")},
+            num_runs=len(result.runs) + 1,
+            runs=[{**r.settings, "validation_nll": r.score, "seconds": r.seconds} for r in result.runs],
+        )
     elif kind == PLAIN_VAL:
         labels = [int(v) for v in train.with_format(None)["labels"]]
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **common)
         result = l2sp_grid_search(init, train, labels, args, alphas=[0.0], betas=[0.0], learning_rates=learning_rates)
-        record.update(**evaluate(result.trainer, test), learning_rate=result.best["learning_rate"],
-                      num_runs=len(result.runs) + 1,
-                      runs=[{"learning_rate": r.settings["learning_rate"], "validation_nll": r.score,
-                             "seconds": r.seconds} for r in result.runs])
+        record.update(
+            **evaluate(result.trainer, test),
+            learning_rate=result.best["learning_rate"],
+            num_runs=len(result.runs) + 1,
+            runs=[
+                {"learning_rate": r.settings["learning_rate"], "validation_nll": r.score, "seconds": r.seconds}
+                for r in result.runs
+            ],
+        )
     elif kind in (PLAIN_TRAIN, PLAIN_LORA):
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **common)
-        result = learning_rate_search(L2SPTrainer, init, train, args, learning_rates, method_name="Plain fine-tuning",
-                                      score=lambda trainer: trainer.evaluate(train)["eval_loss"])
-        record.update(**evaluate(result.trainer, test), learning_rate=result.best["learning_rate"],
-                      num_runs=len(result.runs),
-                      runs=[{"learning_rate": r.settings["learning_rate"], "training_loss": r.score,
-                             "seconds": r.seconds} for r in result.runs])
+        result = learning_rate_search(
+            L2SPTrainer,
+            init,
+            train,
+            args,
+            learning_rates,
+            method_name="Plain fine-tuning",
+            score=lambda trainer: trainer.evaluate(train)["eval_loss"],
+        )
+        record.update(
+            **evaluate(result.trainer, test),
+            learning_rate=result.best["learning_rate"],
+            num_runs=len(result.runs),
+            runs=[
+                {"learning_rate": r.settings["learning_rate"], "training_loss": r.score, "seconds": r.seconds}
+                for r in result.runs
+            ],
+        )
     elif kind in DEELBO_KINDS:
         args = DEELBoTrainingArguments(output_dir=work_dir, **common, **VARIANTS.get(kind, {}))
         result = select_learning_rate(init, train, args, learning_rates=learning_rates)
         learned = result.trainer.learned_hyperparameters()
-        record.update(**evaluate(result.trainer, test), learning_rate=result.best["learning_rate"],
-                      **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff", "beta_eff",
-                                                  "num_backbone_params")},
-                      # [name, λ_l] in the backbone's order (depth), with layer-wise λ
-                      **({"backbone_prior_variances": [[k, v] for k, v in learned["backbone_prior_variances"].items()]}
-                         if "backbone_prior_variances" in learned else {}),
-                      num_runs=len(result.runs),
-                      runs=[{"learning_rate": r.settings["learning_rate"], "objective": r.score, "seconds": r.seconds,
-                             "alpha_eff": r.learned["alpha_eff"]} for r in result.runs])
+        record.update(
+            **evaluate(result.trainer, test),
+            learning_rate=result.best["learning_rate"],
+            **{
+                k: learned[k]
+                for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff", "beta_eff", "num_backbone_params")
+            },
+            # [name, λ_l] in the backbone's order (depth), with layer-wise λ
+            **(
+                {"backbone_prior_variances": [[k, v] for k, v in learned["backbone_prior_variances"].items()]}
+                if "backbone_prior_variances" in learned
+                else {}
+            ),
+            num_runs=len(result.runs),
+            runs=[
+                {
+                    "learning_rate": r.settings["learning_rate"],
+                    "objective": r.score,
+                    "seconds": r.seconds,
+                    "alpha_eff": r.learned["alpha_eff"],
+                }
+                for r in result.runs
+            ],
+        )
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     record["seconds"] = time.perf_counter() - start
@@ -320,8 +383,13 @@ def run_one(job) -> list[dict]:
 # Each candidate is one run; the default is the candidate with the lowest final training objective
 # (10 draws, the objective DE ELBO's own selection compares) summed over the backbones: an optimizer
 # setting is judged by how well it optimizes, with no test data.
-DIAGONAL_CALIBRATION = {"task": "noise-40", "n": 100, "seed": 10, "learning_rate": 0.1,
-                        "candidates": [0.01, 0.03, 0.1, 0.3]}
+DIAGONAL_CALIBRATION = {
+    "task": "noise-40",
+    "n": 100,
+    "seed": 10,
+    "learning_rate": 0.1,
+    "candidates": [0.01, 0.03, 0.1, 0.3],
+}
 
 
 def run_diagonal_calibration(job) -> dict:
@@ -334,51 +402,99 @@ def run_diagonal_calibration(job) -> dict:
     backbone, candidate, path, work_dir = job
     c = DIAGONAL_CALIBRATION
     train, test = task_data(c["task"], c["n"], c["seed"])
-    args = DEELBoTrainingArguments(output_dir=work_dir, **training_settings(TASKS[c["task"]][1], c["seed"]),
-                                   posterior_covariance="diagonal", diagonal_sigma_learning_rate=candidate)
+    args = DEELBoTrainingArguments(
+        output_dir=work_dir,
+        **training_settings(TASKS[c["task"]][1], c["seed"]),
+        posterior_covariance="diagonal",
+        diagonal_sigma_learning_rate=candidate,
+    )
     start = time.perf_counter()
-    result = select_learning_rate(model_init(backbone, path, c["seed"]), train, args, learning_rates=[c["learning_rate"]])
+    result = select_learning_rate(
+        model_init(backbone, path, c["seed"]), train, args, learning_rates=[c["learning_rate"]]
+    )
     learned = result.trainer.learned_hyperparameters()
-    return {"backbone": backbone, "diagonal_sigma_learning_rate": candidate, "objective": result.runs[0].score,
-            **evaluate(result.trainer, test), **{k: learned[k] for k in ("sigma", "lambda", "tau", "alpha_eff")},
-            "seconds": time.perf_counter() - start}
+    return {
+        "backbone": backbone,
+        "diagonal_sigma_learning_rate": candidate,
+        "objective": result.runs[0].score,
+        **evaluate(result.trainer, test),
+        **{k: learned[k] for k in ("sigma", "lambda", "tau", "alpha_eff")},
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def calibrate_diagonal(backbones, paths, output_dir: str, workers: int) -> dict:
-    jobs = [(b, candidate, paths[b], os.path.join(output_dir, "runs", f"calibration-diagonal-{b}-{candidate:g}"))
-            for b in backbones for candidate in DIAGONAL_CALIBRATION["candidates"]]
+    jobs = [
+        (b, candidate, paths[b], os.path.join(output_dir, "runs", f"calibration-diagonal-{b}-{candidate:g}"))
+        for b in backbones
+        for candidate in DIAGONAL_CALIBRATION["candidates"]
+    ]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         records = list(pool.imap(run_diagonal_calibration, jobs))
-    totals = {c: sum(r["objective"] for r in records if r["diagonal_sigma_learning_rate"] == c)
-              for c in DIAGONAL_CALIBRATION["candidates"]}
-    result = {"settings": DIAGONAL_CALIBRATION, "records": records, "summed_objective": totals,
-              "chosen": min(totals, key=totals.get)}
+    totals = {
+        c: sum(r["objective"] for r in records if r["diagonal_sigma_learning_rate"] == c)
+        for c in DIAGONAL_CALIBRATION["candidates"]
+    }
+    result = {
+        "settings": DIAGONAL_CALIBRATION,
+        "records": records,
+        "summed_objective": totals,
+        "chosen": min(totals, key=totals.get),
+    }
     with open(os.path.join(output_dir, "diagonal-calibration.json"), "w") as f:
         json.dump(result, f, indent=1)
     for r in records:
-        print(f"{r['backbone']} diagonal_sigma_learning_rate={r['diagonal_sigma_learning_rate']:g}: objective "
-              f"{r['objective']:.4f}, sigma {r['sigma']:.3g}, lambda {r['lambda']:.3g}, acc {r['accuracy']:.3f}")
+        print(
+            f"{r['backbone']} diagonal_sigma_learning_rate={r['diagonal_sigma_learning_rate']:g}: objective "
+            f"{r['objective']:.4f}, sigma {r['sigma']:.3g}, lambda {r['lambda']:.3g}, acc {r['accuracy']:.3f}"
+        )
     print(f"chosen: {result['chosen']:g} (summed objectives {totals})")
     return result
 
 
 # `--reproduce`: committed α-curve points trained again on this machine's pretrained backbones
 # (`pretrained_path` rebuilds them wherever they are missing), against the committed accuracy.
-REPRODUCE = (("noise-40", "timm-resnet", 500, 0, 1.0), ("noise-40", "timm-resnet", 100, 0, 0.0),
-             ("noise-40", "vit", 100, 0, 0.0), ("digits", "timm-resnet", 100, 0, 0.0), ("digits", "vit", 100, 0, 0.0))
+REPRODUCE = (
+    ("noise-40", "timm-resnet", 500, 0, 1.0),
+    ("noise-40", "timm-resnet", 100, 0, 0.0),
+    ("noise-40", "vit", 100, 0, 0.0),
+    ("digits", "timm-resnet", 100, 0, 0.0),
+    ("digits", "vit", 100, 0, 0.0),
+)
 
 
 def reproduce(store: Store, paths: dict, output_dir: str) -> list[dict]:
-    committed = {(r["task"], r["backbone"], r["n"], r["seed"], r["alpha"]): r for r in store.records
-                 if r["kind"] == CURVE}
+    committed = {
+        (r["task"], r["backbone"], r["n"], r["seed"], r["alpha"]): r for r in store.records if r["kind"] == CURVE
+    }
     results = []
     for key in REPRODUCE:
         task, backbone, n, seed, alpha = key
-        job = (task, CURVE, backbone, n, seed, alpha, TASKS[task][1], list(LEARNING_RATES), paths[backbone],
-               os.path.join(output_dir, "runs", "reproduce"), ())
+        job = (
+            task,
+            CURVE,
+            backbone,
+            n,
+            seed,
+            alpha,
+            TASKS[task][1],
+            list(LEARNING_RATES),
+            paths[backbone],
+            os.path.join(output_dir, "runs", "reproduce"),
+            (),
+        )
         again = run_one(job)[0]
-        results.append({"task": task, "backbone": backbone, "n": n, "seed": seed, "alpha": alpha,
-                        "committed_accuracy": committed[key]["accuracy"], "accuracy": again["accuracy"]})
+        results.append(
+            {
+                "task": task,
+                "backbone": backbone,
+                "n": n,
+                "seed": seed,
+                "alpha": alpha,
+                "committed_accuracy": committed[key]["accuracy"],
+                "accuracy": again["accuracy"],
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
     with open(os.path.join(output_dir, "reproduce.json"), "w") as f:
         json.dump({"pretraining": {b: pretraining(p) for b, p in paths.items()}, "records": results}, f, indent=1)
@@ -439,23 +555,42 @@ def run_jobs(store: Store, jobs: list, workers: int) -> None:
             for record in records:
                 store.add(record)
                 alpha = f" α={record['alpha']:g}" if record["kind"] == CURVE else f" lr={record['learning_rate']:g}"
-                print(f"{record['task']} {record['kind']} {record['backbone']} N={record['n']} seed={record['seed']}"
-                      f"{alpha}: acc {record['accuracy']:.3f} nll {record['nll']:.3f} ({record['seconds']:.0f} s)",
-                      flush=True)
+                print(
+                    f"{record['task']} {record['kind']} {record['backbone']} N={record['n']} seed={record['seed']}"
+                    f"{alpha}: acc {record['accuracy']:.3f} nll {record['nll']:.3f} ({record['seconds']:.0f} s)",
+                    flush=True,
+                )
 
 
-RELATIVE_COST = {CURVE: 1, BO: 38, LAPLACE: 12, GRID_EXTENDED: 37}  # about the runs per job (the other procedures: ~4.5)
+RELATIVE_COST = {
+    CURVE: 1,
+    BO: 38,
+    LAPLACE: 12,
+    GRID_EXTENDED: 37,
+}  # about the runs per job (the other procedures: ~4.5)
 
 
 def make_jobs(task, kinds, backbones, ns, seeds, alphas, settings, paths, work_dir) -> list:
     steps = settings["steps"] if settings["steps"] is not None else TASKS[task][1]
     jobs = []
     for kind, backbone, n, seed in itertools.product(kinds, backbones, ns, seeds):
-        for alpha in (alphas if kind == CURVE else [None]):
+        for alpha in alphas if kind == CURVE else [None]:
             name = f"{task}-{kind}-{backbone}-{n}-{seed}" + (f"-a{alpha:g}" if alpha is not None else "")
-            jobs.append((task, kind, backbone, n, seed, alpha, steps, settings["learning_rates"], paths[backbone],
-                         os.path.join(work_dir, name.replace(" ", "_").replace(",", "").replace("+", "")),
-                         tuple(settings["bo_trials"])))
+            jobs.append(
+                (
+                    task,
+                    kind,
+                    backbone,
+                    n,
+                    seed,
+                    alpha,
+                    steps,
+                    settings["learning_rates"],
+                    paths[backbone],
+                    os.path.join(work_dir, name.replace(" ", "_").replace(",", "").replace("+", "")),
+                    tuple(settings["bo_trials"]),
+                )
+            )
     return jobs
 
 
@@ -480,26 +615,45 @@ def curve_cells(records: list[dict], task: str) -> list[dict]:
         points = []
         for alpha in sorted({r["alpha"] for r in curve if r["backbone"] == backbone and r["n"] == n}):
             group = [r for r in curve if r["backbone"] == backbone and r["n"] == n and r["alpha"] == alpha]
-            points.append({"alpha": alpha, "seeds": sorted(r["seed"] for r in group),
-                           "accuracy": _mean([r["accuracy"] for r in group]),
-                           "accuracy_std": _std([r["accuracy"] for r in group]),
-                           "nll": _mean([r["nll"] for r in group]),
-                           "per_seed_accuracy": {str(r["seed"]): r["accuracy"] for r in group}})
+            points.append(
+                {
+                    "alpha": alpha,
+                    "seeds": sorted(r["seed"] for r in group),
+                    "accuracy": _mean([r["accuracy"] for r in group]),
+                    "accuracy_std": _std([r["accuracy"] for r in group]),
+                    "nll": _mean([r["nll"] for r in group]),
+                    "per_seed_accuracy": {str(r["seed"]): r["accuracy"] for r in group},
+                }
+            )
         zero = next((p for p in points if p["alpha"] == 0), None)
         nonzero = [p for p in points if p["alpha"] > 0 and math.isfinite(p["accuracy"])]
         cell = {"backbone": backbone, "n": n, "points": points}
         if zero is not None and nonzero:
             best = max(nonzero, key=lambda p: p["accuracy"])
-            cell.update(best_alpha=best["alpha"], best_accuracy=best["accuracy"], zero_accuracy=zero["accuracy"],
-                        gain=best["accuracy"] - zero["accuracy"],
-                        best_nll_alpha=min(points, key=lambda p: p["nll"])["alpha"])
+            cell.update(
+                best_alpha=best["alpha"],
+                best_accuracy=best["accuracy"],
+                zero_accuracy=zero["accuracy"],
+                gain=best["accuracy"] - zero["accuracy"],
+                best_nll_alpha=min(points, key=lambda p: p["nll"])["alpha"],
+            )
         cells.append(cell)
     return cells
 
 
 def _method_order(method: str) -> tuple:
-    order = [DEELBO, *VARIANTS, LORA, PLAIN_TRAIN, PLAIN_LORA, PLAIN_VAL, *(bo_kind(n) for n in BO_TRIALS), GRID_EXTENDED,
-             LAPLACE, IVON]
+    order = [
+        DEELBO,
+        *VARIANTS,
+        LORA,
+        PLAIN_TRAIN,
+        PLAIN_LORA,
+        PLAIN_VAL,
+        *(bo_kind(n) for n in BO_TRIALS),
+        GRID_EXTENDED,
+        LAPLACE,
+        IVON,
+    ]
     return (order.index(method) if method in order else len(order), method)
 
 
@@ -516,12 +670,19 @@ def method_rows(records: list[dict], task: str) -> list[dict]:
     keys = {(r["backbone"], r["n"], r["kind"]) for r in procedures}
     for backbone, n, kind in sorted(keys, key=lambda k: (k[0], k[1], _method_order(k[2]))):
         group = [r for r in procedures if (r["backbone"], r["n"], r["kind"]) == (backbone, n, kind)]
-        row = {"backbone": backbone, "n": n, "method": kind, "seeds": sorted(r["seed"] for r in group),
-               "accuracy": _mean([r["accuracy"] for r in group]), "accuracy_std": _std([r["accuracy"] for r in group]),
-               "nll": _mean([r["nll"] for r in group]), "ece": _mean([r["ece"] for r in group]),
-               "seconds": _mean([r["seconds"] for r in group]),
-               "num_runs": _mean([r.get("num_runs", float("nan")) for r in group]),
-               "learning_rates": [r["learning_rate"] for r in sorted(group, key=lambda r: r["seed"])]}
+        row = {
+            "backbone": backbone,
+            "n": n,
+            "method": kind,
+            "seeds": sorted(r["seed"] for r in group),
+            "accuracy": _mean([r["accuracy"] for r in group]),
+            "accuracy_std": _std([r["accuracy"] for r in group]),
+            "nll": _mean([r["nll"] for r in group]),
+            "ece": _mean([r["ece"] for r in group]),
+            "seconds": _mean([r["seconds"] for r in group]),
+            "num_runs": _mean([r.get("num_runs", float("nan")) for r in group]),
+            "learning_rates": [r["learning_rate"] for r in sorted(group, key=lambda r: r["seed"])],
+        }
         if kind in DEELBO_KINDS:
             row["alpha_eff"] = _mean([r["alpha_eff"] for r in group])
         if _chosen_alpha(group[0]) is not None:
@@ -536,19 +697,29 @@ def transfer_reference(seeds=(0, 1, 2)) -> dict:
     learning rate), the ResNet's from transfer-sigma-lr/transfer.json (today's ρ defaults)."""
     results = os.path.join(ROOT, "benchmarks", "results")
     reference = {}
-    sources = {"transfer": os.path.join(results, "transfer.json"),
-               "sigma-lr": os.path.join(results, "transfer-sigma-lr", "transfer.json")}
+    sources = {
+        "transfer": os.path.join(results, "transfer.json"),
+        "sigma-lr": os.path.join(results, "transfer-sigma-lr", "transfer.json"),
+    }
     loaded = {k: json.load(open(p))["records"] for k, p in sources.items() if os.path.exists(p)}
     for backbone, n in itertools.product(("timm-resnet", "vit"), (50, 100, 500)):
         entry = {}
         de_source = "sigma-lr" if backbone == "timm-resnet" and "sigma-lr" in loaded else "transfer"
         for method, source in ((DEELBO, de_source), (GRID, "transfer")):
-            group = [r[method] for r in loaded.get(source, [])
-                     if r["backbone"] == backbone and r["n"] == n and r["seed"] in seeds and method in r]
+            group = [
+                r[method]
+                for r in loaded.get(source, [])
+                if r["backbone"] == backbone and r["n"] == n and r["seed"] in seeds and method in r
+            ]
             if group:
-                entry[method] = {"source": os.path.relpath(sources[source], ROOT), "seeds": len(group),
-                                 "accuracy": _mean([g["accuracy"] for g in group]), "nll": _mean([g["nll"] for g in group]),
-                                 "ece": _mean([g["ece"] for g in group]), "seconds": _mean([g["seconds"] for g in group])}
+                entry[method] = {
+                    "source": os.path.relpath(sources[source], ROOT),
+                    "seeds": len(group),
+                    "accuracy": _mean([g["accuracy"] for g in group]),
+                    "nll": _mean([g["nll"] for g in group]),
+                    "ece": _mean([g["ece"] for g in group]),
+                    "seconds": _mean([g["seconds"] for g in group]),
+                }
                 if method == DEELBO:
                     entry[method]["alpha_eff"] = _mean([g["alpha_eff"] for g in group])
                 else:
@@ -562,9 +733,15 @@ def screen_result(records: list[dict], candidate: str) -> dict | None:
     cell = next((c for c in curve_cells(records, candidate) if (c["backbone"], c["n"]) == SCREEN_CELL), None)
     if cell is None or "gain" not in cell:
         return None
-    return {"task": candidate, "cell": list(SCREEN_CELL), "best_alpha": cell["best_alpha"], "gain": cell["gain"],
-            "zero_accuracy": cell["zero_accuracy"], "best_accuracy": cell["best_accuracy"],
-            "passes": cell["gain"] >= MIN_GAIN}
+    return {
+        "task": candidate,
+        "cell": list(SCREEN_CELL),
+        "best_alpha": cell["best_alpha"],
+        "gain": cell["gain"],
+        "zero_accuracy": cell["zero_accuracy"],
+        "best_accuracy": cell["best_accuracy"],
+        "passes": cell["gain"] >= MIN_GAIN,
+    }
 
 
 # ---------------------------------------------------------------- figure and docs
@@ -590,15 +767,29 @@ def figure(records: list[dict], task: str, path: str, reference: dict | None) ->
         for i, cell in enumerate(c for c in cells if c["backbone"] == backbone):
             color = f"C{i}"
             xs = [_x(p["alpha"]) for p in cell["points"]]
-            ax.errorbar(xs, [p["accuracy"] for p in cell["points"]], yerr=[p["accuracy_std"] for p in cell["points"]],
-                        marker="o", color=color, capsize=2, label=f"N={cell['n']}")
+            ax.errorbar(
+                xs,
+                [p["accuracy"] for p in cell["points"]],
+                yerr=[p["accuracy_std"] for p in cell["points"]],
+                marker="o",
+                color=color,
+                capsize=2,
+                label=f"N={cell['n']}",
+            )
             ref = (reference or {}).get(f"{backbone}/{cell['n']}", {})
             alpha_eff = deelbo.get((backbone, cell["n"]), ref.get(DEELBO, {})).get("alpha_eff")
             if alpha_eff:
                 ax.axvline(alpha_eff, color=color, linestyle="--", linewidth=1)
             if GRID in ref:
-                ax.plot([_x(ref[GRID]["alpha"])], [0.03], marker="^", color=color, markersize=9, linestyle="none",
-                        transform=ax.get_xaxis_transform())
+                ax.plot(
+                    [_x(ref[GRID]["alpha"])],
+                    [0.03],
+                    marker="^",
+                    color=color,
+                    markersize=9,
+                    linestyle="none",
+                    transform=ax.get_xaxis_transform(),
+                )
         ax.set_xscale("log")
         ticks = [ZERO_AT] + [10.0**k for k in range(-6, 2)]
         ax.set_xticks(ticks)
@@ -607,8 +798,11 @@ def figure(records: list[dict], task: str, path: str, reference: dict | None) ->
         ax.set_xlabel("L2-SP α (log scale; α = 0 at the left edge)")
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(f"{backbone}, task {task}")
-        ax.legend(fontsize=8, title="dashed: DE ELBO α_eff\n▲: grid's α (median)" if reference else
-                  "dashed: DE ELBO α_eff", title_fontsize=7)
+        ax.legend(
+            fontsize=8,
+            title="dashed: DE ELBO α_eff\n▲: grid's α (median)" if reference else "dashed: DE ELBO α_eff",
+            title_fontsize=7,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -633,8 +827,9 @@ def layer_figure(records: list[dict], task: str, path: str) -> bool:
             logs = [[math.log10(v) for _, v in r["backbone_prior_variances"]] for r in group]
             mean = [statistics.mean(column) for column in zip(*logs, strict=True)]
             ax.plot(range(len(mean)), mean, marker=".", color=f"C{i}", label=f"N={n} ({len(group)} seeds)")
-            ax.axhline(math.log10(statistics.mean(r["lambda"] for r in group)), color=f"C{i}", linestyle=":",
-                       linewidth=1)
+            ax.axhline(
+                math.log10(statistics.mean(r["lambda"] for r in group)), color=f"C{i}", linestyle=":", linewidth=1
+            )
         ax.set_xlabel("backbone tensor, input to output (named_parameters order)")
         ax.set_ylabel("log10 λ_l (mean over seeds)")
         ax.set_title(f"{backbone}, task {task}: layer-wise λ by depth")
@@ -651,44 +846,62 @@ def _fmt_alpha(alpha) -> str:
 
 def curve_table(cells: list[dict], reference: dict | None, deelbo: dict) -> list[str]:
     alphas = sorted({p["alpha"] for c in cells for p in c["points"]})
-    lines = ["| backbone | N | " + " | ".join(f"α = {_fmt_alpha(a)}" for a in alphas)
-             + " | best α (gain over α = 0) | lowest-NLL α | DE ELBO α_eff | grid's α |",
-             "|---|---|" + "---|" * len(alphas) + "---|---|---|---|"]
+    lines = [
+        "| backbone | N | "
+        + " | ".join(f"α = {_fmt_alpha(a)}" for a in alphas)
+        + " | best α (gain over α = 0) | lowest-NLL α | DE ELBO α_eff | grid's α |",
+        "|---|---|" + "---|" * len(alphas) + "---|---|---|---|",
+    ]
     for cell in cells:
         by = {p["alpha"]: p for p in cell["points"]}
         values = " | ".join(f"{by[a]['accuracy']:.3f} / {by[a]['nll']:.2f}" if a in by else "" for a in alphas)
-        best = (f"{_fmt_alpha(cell['best_alpha'])} ({100 * cell['gain']:+.1f} pts)" if "gain" in cell else "")
+        best = f"{_fmt_alpha(cell['best_alpha'])} ({100 * cell['gain']:+.1f} pts)" if "gain" in cell else ""
         ref = (reference or {}).get(f"{cell['backbone']}/{cell['n']}", {})
         alpha_eff = deelbo.get((cell["backbone"], cell["n"]), ref.get(DEELBO, {})).get("alpha_eff")
         grid = ref.get(GRID, {}).get("alpha")
-        lines.append(f"| {cell['backbone']} | {cell['n']} | {values} | {best} | "
-                     f"{_fmt_alpha(cell.get('best_nll_alpha', float('nan')))} | "
-                     f"{'' if alpha_eff is None else f'{alpha_eff:.2g}'} | {'' if grid is None else _fmt_alpha(grid)} |")
+        lines.append(
+            f"| {cell['backbone']} | {cell['n']} | {values} | {best} | "
+            f"{_fmt_alpha(cell.get('best_nll_alpha', float('nan')))} | "
+            f"{'' if alpha_eff is None else f'{alpha_eff:.2g}'} | {'' if grid is None else _fmt_alpha(grid)} |"
+        )
     return lines
 
 
 def rows_table(rows: list[dict], reference: dict | None, cells: list[dict]) -> list[str]:
-    lines = ["| backbone | N | method | seeds | test accuracy | test NLL | ECE | runs | compute (s) | "
-             "lr chosen (per seed) | α chosen or learned (per seed) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backbone | N | method | seeds | test accuracy | test NLL | ECE | runs | compute (s) | "
+        "lr chosen (per seed) | α chosen or learned (per seed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     keys = sorted({(r["backbone"], r["n"]) for r in rows} | {(c["backbone"], c["n"]) for c in cells})
     for backbone, n in keys:
         for row in (r for r in rows if (r["backbone"], r["n"]) == (backbone, n)):
-            alphas = (f"α_eff {row['alpha_eff']:.2g}" if "alpha_eff" in row else
-                      ", ".join(f"{a:.2g}" for a in row["alphas"]) if "alphas" in row else "")
+            alphas = (
+                f"α_eff {row['alpha_eff']:.2g}"
+                if "alpha_eff" in row
+                else ", ".join(f"{a:.2g}" for a in row["alphas"])
+                if "alphas" in row
+                else ""
+            )
             runs = f"{row['num_runs']:.0f}" if math.isfinite(row["num_runs"]) else ""
-            lines.append(f"| {backbone} | {n} | {row['method']} | {len(row['seeds'])} | {row['accuracy']:.3f} ± "
-                         f"{row['accuracy_std']:.3f} | {row['nll']:.3f} | {row['ece']:.3f} | {runs} | "
-                         f"{row['seconds']:.0f} | {', '.join(f'{lr:.2g}' for lr in row['learning_rates'])} | {alphas} |")
+            lines.append(
+                f"| {backbone} | {n} | {row['method']} | {len(row['seeds'])} | {row['accuracy']:.3f} ± "
+                f"{row['accuracy_std']:.3f} | {row['nll']:.3f} | {row['ece']:.3f} | {runs} | "
+                f"{row['seconds']:.0f} | {', '.join(f'{lr:.2g}' for lr in row['learning_rates'])} | {alphas} |"
+            )
         for method, entry in ((reference or {}).get(f"{backbone}/{n}", {})).items():
-            lines.append(f"| {backbone} | {n} | {method} (`{entry['source']}`) | {entry['seeds']} | "
-                         f"{entry['accuracy']:.3f} | {entry['nll']:.3f} | {entry['ece']:.3f} | | "
-                         f"{entry['seconds']:.0f} | | |")
+            lines.append(
+                f"| {backbone} | {n} | {method} (`{entry['source']}`) | {entry['seeds']} | "
+                f"{entry['accuracy']:.3f} | {entry['nll']:.3f} | {entry['ece']:.3f} | | "
+                f"{entry['seconds']:.0f} | | |"
+            )
         cell = next((c for c in cells if (c["backbone"], c["n"]) == (backbone, n) and "gain" in c), None)
         if cell is not None:
-            lines.append(f"| {backbone} | {n} | best fixed α = {_fmt_alpha(cell['best_alpha'])} (oracle) | "
-                         f"{len(next(p for p in cell['points'] if p['alpha'] == cell['best_alpha'])['seeds'])} | "
-                         f"{cell['best_accuracy']:.3f} | | | | | 0.1 | |")
+            lines.append(
+                f"| {backbone} | {n} | best fixed α > 0: {_fmt_alpha(cell['best_alpha'])} (oracle) | "
+                f"{len(next(p for p in cell['points'] if p['alpha'] == cell['best_alpha'])['seeds'])} | "
+                f"{cell['best_accuracy']:.3f} | | | | | 0.1 | |"
+            )
     return lines
 
 
@@ -696,42 +909,50 @@ def markdown(store: Store, output_dir: str, docs_path: str) -> str:
     records, data = store.records, store.data
     link = os.path.relpath(output_dir, os.path.dirname(os.path.abspath(docs_path)))
     reference = data.get("reference")
-    lines = [SECTION[0], "## Is the transfer task regularization-sensitive? α-curves and plain fine-tuning "
-             "(`benchmarks/regularization.py`)", "",
-             "The transfer task of `benchmarks/transfer.py` (digits 0–4 → 5–9, 16×16, batch 32, SGD-Nesterov 0.9, "
-             "cosine, clipping 1, one thread per process, 2 workers), same splits and seeds. "
-             f"α-curve: L2-SP at fixed α, β = {CURVE_BETA:g} (the grid search's most frequent β in transfer.json, "
-             f"9 of 24 records), lr {CURVE_LR:g}, trained on all N, tested on the held-out 30 % (an oracle, not a "
-             "method). Plain fine-tuning: α = β = 0, lr ∈ {0.1, 0.01, 0.001, 0.0001} chosen on a stratified "
-             "80/20 split and retrained on all N (5 runs), or by the lowest final training loss on all N (4 runs). "
-             f"Total time of these runs: {data.get('seconds', 0.0) / 60:.0f} min.", ""]
+    lines = [
+        SECTION[0],
+        "## Is the transfer task regularization-sensitive? α-curves and plain fine-tuning "
+        "(`benchmarks/regularization.py`)",
+        "",
+        "The transfer task of `benchmarks/transfer.py` (digits 0–4 → 5–9, 16×16, batch 32, SGD-Nesterov 0.9, "
+        "cosine, clipping 1, one thread per process, 2 workers), same splits and seeds. "
+        f"α-curve: L2-SP at fixed α, β = {CURVE_BETA:g} (the grid search's most frequent β in transfer.json, "
+        f"9 of 24 records), lr {CURVE_LR:g}, trained on all N, tested on the held-out 30 % (an oracle, not a "
+        "method). Plain fine-tuning: α = β = 0, lr ∈ {0.1, 0.01, 0.001, 0.0001} chosen on a stratified "
+        "80/20 split and retrained on all N (5 runs), or by the lowest final training loss on all N (4 runs). "
+        f"Total time of these runs: {data.get('seconds', 0.0) / 60:.0f} min.",
+        "",
+    ]
     if any(r["kind"].startswith(BO) or r["kind"] in (LAPLACE, IVON) for r in records):
-        lines += ["**The baselines a user would pick instead** (`--stage baselines`, same splits, steps and training "
-                  "settings; compute is the wall time of the whole procedure, and `runs` counts its full training runs):",
-                  "",
-                  f"- `{BO}, 12 / 36 trials`: `Trainer.hyperparameter_search(backend=\"optuna\")` on `L2SPTrainer` "
-                  "(which takes a `model_init`: a fresh model and anchor μ per trial), TPE sampler seeded with the "
-                  "seed, log-uniform α, β ∈ [1e-6, 1e-2] and lr ∈ [1e-4, 1e-1] (the paper's boxes); each trial "
-                  "trains on the stratified 80 % and is scored by its validation NLL on the other 20 % at the last "
-                  "step; the best trial is retrained on all N. TPE proposes trial k from trials 0…k−1 only, so one "
-                  "36-trial study is read as both procedures (its first 12 trials are the 12-trial study).",
-                  f"- `{LAPLACE}` (`benchmarks/_baselines.py`): online marginal-likelihood training (Immer et al. "
-                  "2021, as `laplace.marglik_training`, with the backbone prior centred at μ through "
-                  "`Laplace(..., prior_mean=...)`): L2-SP MAP training whose two prior precisions (backbone, head) "
-                  "are set every max_steps/8 steps after a burn-in by 100 Adam steps on laplace-torch's "
-                  "diagonal empirical-Fisher Laplace log marginal likelihood on all N; α = β = 1e-4 at the start; "
-                  "one run per lr of the 4-lr grid, the highest final log marginal likelihood wins (no validation "
-                  "data); predictions at the MAP weights.",
-                  f"- `{IVON}` (`benchmarks/_baselines.py`): the variational optimizer of Shen et al. 2024 "
-                  "(`ivon-opt`) as its README runs it: ess = N, one sample per step, its own prior precision "
-                  "(weight decay 1e-4, a prior centred at 0), hess_init 1, β₂ 0.99999, Trainer's cosine schedule, "
-                  "no clipping; one run per lr of the 4-lr grid, the lowest final training loss wins; predictions at "
-                  "the mean weights.",
-                  f"- `{GRID_EXTENDED}`: the paper's grid search (stratified 80/20 split, lowest validation NLL at "
-                  "the last step, the winner retrained on all N) with α's range extended past the paper's cap of "
-                  f"{PAPER_ALPHA_MAX:g}: α ∈ {{{', '.join(_fmt_alpha(a) for a in GRID_EXTENDED_ALPHAS)}}}, β = "
-                  f"{CURVE_BETA:g} (the α-curve's β), lr in the 4-lr grid: 36 runs + the retrain, in the cells whose "
-                  "α-curve peaks above the cap only.", ""]
+        lines += [
+            "**The baselines a user would pick instead** (`--stage baselines`, same splits, steps and training "
+            "settings; compute is the wall time of the whole procedure, and `runs` counts its full training runs):",
+            "",
+            f'- `{BO}, 12 / 36 trials`: `Trainer.hyperparameter_search(backend="optuna")` on `L2SPTrainer` '
+            "(which takes a `model_init`: a fresh model and anchor μ per trial), TPE sampler seeded with the "
+            "seed, log-uniform α, β ∈ [1e-6, 1e-2] and lr ∈ [1e-4, 1e-1] (the paper's boxes); each trial "
+            "trains on the stratified 80 % and is scored by its validation NLL on the other 20 % at the last "
+            "step; the best trial is retrained on all N. TPE proposes trial k from trials 0…k−1 only, so one "
+            "36-trial study is read as both procedures (its first 12 trials are the 12-trial study).",
+            f"- `{LAPLACE}` (`benchmarks/_baselines.py`): online marginal-likelihood training (Immer et al. "
+            "2021, as `laplace.marglik_training`, with the backbone prior centred at μ through "
+            "`Laplace(..., prior_mean=...)`): L2-SP MAP training whose two prior precisions (backbone, head) "
+            "are set every max_steps/8 steps after a burn-in by 100 Adam steps on laplace-torch's "
+            "diagonal empirical-Fisher Laplace log marginal likelihood on all N; α = β = 1e-4 at the start; "
+            "one run per lr of the 4-lr grid, the highest final log marginal likelihood wins (no validation "
+            "data); predictions at the MAP weights.",
+            f"- `{IVON}` (`benchmarks/_baselines.py`): the variational optimizer of Shen et al. 2024 "
+            "(`ivon-opt`) as its README runs it: ess = N, one sample per step, its own prior precision "
+            "(weight decay 1e-4, a prior centred at 0), hess_init 1, β₂ 0.99999, Trainer's cosine schedule, "
+            "no clipping; one run per lr of the 4-lr grid, the lowest final training loss wins; predictions at "
+            "the mean weights.",
+            f"- `{GRID_EXTENDED}`: the paper's grid search (stratified 80/20 split, lowest validation NLL at "
+            "the last step, the winner retrained on all N) with α's range extended past the paper's cap of "
+            f"{PAPER_ALPHA_MAX:g}: α ∈ {{{', '.join(_fmt_alpha(a) for a in GRID_EXTENDED_ALPHAS)}}}, β = "
+            f"{CURVE_BETA:g} (the α-curve's β), lr in the 4-lr grid: 36 runs + the retrain, in the cells whose "
+            "α-curve peaks above the cap only.",
+            "",
+        ]
     tasks = [EXISTING] + [c for c in CANDIDATES if any(r["task"] == c for r in records)]
     for task in tasks:
         cells = curve_cells(records, task)
@@ -740,117 +961,198 @@ def markdown(store: Store, output_dir: str, docs_path: str) -> str:
             continue
         noise, steps = TASKS[task]
         steps = data.get("settings", {}).get("steps") or steps
-        title = ("the existing task" if task == EXISTING else f"candidate `{task}`")
-        lines += [f"### α-curve, {title} ({100 * noise:.0f} % label noise, {steps} steps)", "",
-                  "Test accuracy / NLL, mean over seeds; per-seed numbers in `regularization.json`.", ""]
+        title = "the existing task" if task == EXISTING else f"candidate `{task}`"
+        lines += [
+            f"### α-curve, {title} ({100 * noise:.0f} % label noise, {steps} steps)",
+            "",
+            "Test accuracy / NLL, mean over seeds; per-seed numbers in `regularization.json`.",
+            "",
+        ]
         deelbo = {(r["backbone"], r["n"]): r for r in rows if r["method"] == DEELBO}
         lines += curve_table(cells, reference if task == EXISTING else None, deelbo) + [""]
         if (EXISTING == task and reference) or task != EXISTING:
             lines += [f"![α-curve, {task}]({link}/alpha-curve-{task}.png)", ""]
         if rows or (task == EXISTING and reference):
-            lines += [f"Procedures on {title}" + (" (DE ELBO and grid-search rows: from the transfer benchmark's "
-                      "records on the same seeds, 0–2; the best fixed α row is the α-curve's maximum, an oracle):"
-                      if task == EXISTING else " (the best fixed α row is the α-curve's maximum, an oracle):"), ""]
+            lines += [
+                f"Procedures on {title}"
+                + (
+                    " (DE ELBO and grid-search rows: from the transfer benchmark's "
+                    "records on the same seeds, 0–2; the best fixed α > 0 row is the α-curve's maximum over α > 0, an oracle; α = 0 is plain fine-tuning at lr 0.1):"
+                    if task == EXISTING
+                    else " (the best fixed α > 0 row is the α-curve's maximum over α > 0, an oracle; α = 0 is plain fine-tuning at lr 0.1):"
+                ),
+                "",
+            ]
             lines += rows_table(rows, reference if task == EXISTING else None, cells) + [""]
         if any(r["task"] == task and r["kind"] == LAYER_WISE for r in records):
             lines += [f"![layer-wise λ by depth, {task}]({link}/layer-lambda-{task}.png)", ""]
     screen = data.get("screen", [])
     if screen:
-        lines += ["### The screen and the choice", "",
-                  f"Rule (fixed before any run of a candidate): candidates in the order {', '.join(CANDIDATES)}; on "
-                  f"the screening cell ({SCREEN_CELL[0]}, N = {SCREEN_CELL[1]}, seeds 0–2) the first whose best "
-                  f"fixed α beats α = 0 by ≥ {100 * MIN_GAIN:.0f} points of test accuracy (mean of the seeds) is "
-                  "chosen; its full α-curve defines the task's cells.", "",
-                  "| candidate | α = 0 | best α | best α's accuracy | gain | passes |", "|---|---|---|---|---|---|"]
+        lines += [
+            "### The screen and the choice",
+            "",
+            f"Rule (fixed before any run of a candidate): candidates in the order {', '.join(CANDIDATES)}; on "
+            f"the screening cell ({SCREEN_CELL[0]}, N = {SCREEN_CELL[1]}, seeds 0–2) the first whose best "
+            f"fixed α beats α = 0 by ≥ {100 * MIN_GAIN:.0f} points of test accuracy (mean of the seeds) is "
+            "chosen; its full α-curve defines the task's cells.",
+            "",
+            "| candidate | α = 0 | best α | best α's accuracy | gain | passes |",
+            "|---|---|---|---|---|---|",
+        ]
         for s in screen:
-            lines.append(f"| {s['task']} | {s['zero_accuracy']:.3f} | {_fmt_alpha(s['best_alpha'])} | "
-                         f"{s['best_accuracy']:.3f} | {100 * s['gain']:+.1f} pts | {'yes' if s['passes'] else 'no'} |")
+            lines.append(
+                f"| {s['task']} | {s['zero_accuracy']:.3f} | {_fmt_alpha(s['best_alpha'])} | "
+                f"{s['best_accuracy']:.3f} | {100 * s['gain']:+.1f} pts | {'yes' if s['passes'] else 'no'} |"
+            )
         choice = data.get("choice")
-        lines += ["", f"Chosen: **{choice['task']}**." if choice and choice.get("task") else
-                  "No candidate passed the screen.", ""]
+        lines += [
+            "",
+            f"Chosen: **{choice['task']}**." if choice and choice.get("task") else "No candidate passed the screen.",
+            "",
+        ]
         if choice and choice.get("task"):
             above = [c for c in curve_cells(records, choice["task"]) if c.get("best_alpha", 0) > PAPER_ALPHA_MAX]
             if above:
-                lines += [f"In {len(above)} of its cells the curve's best α lies above {PAPER_ALPHA_MAX:g}, where "
-                          "the paper's grid stops ({}): there the procedures above include `{}`."
-                          .format(", ".join(f"{c['backbone']} N = {c['n']}: α = {_fmt_alpha(c['best_alpha'])}"
-                                            for c in above), GRID_EXTENDED), ""]
+                lines += [
+                    f"In {len(above)} of its cells the curve's best α lies above {PAPER_ALPHA_MAX:g}, where "
+                    "the paper's grid stops ({}): there the procedures above include `{}`.".format(
+                        ", ".join(f"{c['backbone']} N = {c['n']}: α = {_fmt_alpha(c['best_alpha'])}" for c in above),
+                        GRID_EXTENDED,
+                    ),
+                    "",
+                ]
     lines.append(SECTION[1])
     return "\n".join(lines)
 
 
 def rebuild(store: Store, output_dir: str, docs_path: str) -> None:
     store.data["reference"] = transfer_reference()
-    store.data["summary"] = {task: {"alpha_curve": curve_cells(store.records, task),
-                                    "procedures": method_rows(store.records, task)}
-                             for task in sorted({r["task"] for r in store.records})}
+    store.data["summary"] = {
+        task: {"alpha_curve": curve_cells(store.records, task), "procedures": method_rows(store.records, task)}
+        for task in sorted({r["task"] for r in store.records})
+    }
     store.save()
     for task in store.data["summary"]:
         if curve_cells(store.records, task):
-            figure(store.records, task, os.path.join(output_dir, f"alpha-curve-{task}.png"),
-                   store.data["reference"] if task == EXISTING else None)
+            figure(
+                store.records,
+                task,
+                os.path.join(output_dir, f"alpha-curve-{task}.png"),
+                store.data["reference"] if task == EXISTING else None,
+            )
         layer_figure(store.records, task, os.path.join(output_dir, f"layer-lambda-{task}.png"))
     update_section(docs_path, SECTION, markdown(store, output_dir, docs_path))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", nargs="+", default=["plain", "curve"],
-                        choices=["plain", "curve", "screen", "chosen", "baselines", "variants"],
-                        help="plain: plain fine-tuning rows; curve: the α-curve, both on the existing task; screen: "
-                        "the candidates' α-curves, the choice, the chosen task's full curve; chosen: DE ELBO and "
-                        "plain rows on the chosen task; baselines: L2-SP + Bayesian optimization, Laplace and IVON on "
-                        "the chosen task, then on the existing one; variants: DE ELBO's layer-wise λ, diagonal σ "
-                        "and LoRA rows, same order.")
-    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
-                        help="The baselines `--stage baselines` runs (default: all).")
-    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LORA, PLAIN_LORA],
-                        choices=[*VARIANTS, LORA, PLAIN_LORA],
-                        help="The variants `--stage variants` runs beside DE ELBO's own row (default: all).")
-    parser.add_argument("--quick", action="store_true",
-                        help="A smoke run: 1 backbone, N=50, 1 seed, 5 steps, 2 α values, 1 candidate, every stage.")
+    parser.add_argument(
+        "--stage",
+        nargs="+",
+        default=["plain", "curve"],
+        choices=["plain", "curve", "screen", "chosen", "baselines", "variants"],
+        help="plain: plain fine-tuning rows; curve: the α-curve, both on the existing task; screen: "
+        "the candidates' α-curves, the choice, the chosen task's full curve; chosen: DE ELBO and "
+        "plain rows on the chosen task; baselines: L2-SP + Bayesian optimization, Laplace and IVON on "
+        "the chosen task, then on the existing one; variants: DE ELBO's layer-wise λ, diagonal σ "
+        "and LoRA rows, same order.",
+    )
+    parser.add_argument(
+        "--baselines",
+        nargs="+",
+        default=list(BASELINES),
+        choices=list(BASELINES),
+        help="The baselines `--stage baselines` runs (default: all).",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[*VARIANTS, LORA, PLAIN_LORA],
+        choices=[*VARIANTS, LORA, PLAIN_LORA],
+        help="The variants `--stage variants` runs beside DE ELBO's own row (default: all).",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="A smoke run: 1 backbone, N=50, 1 seed, 5 steps, 2 α values, 1 candidate, every stage.",
+    )
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results", "regularization"))
-    parser.add_argument("--docs", default=None,
-                        help="Markdown file to update (default: docs/benchmarks.md; --quick: OUTPUT_DIR/benchmarks.md).")
+    parser.add_argument(
+        "--docs",
+        default=None,
+        help="Markdown file to update (default: docs/benchmarks/protocol-v1.md; --quick: OUTPUT_DIR/benchmarks.md).",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
     parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--resume", action="store_true", help="Keep finished runs (the default; kept for symmetry "
-                        "with the other benchmarks).")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Keep finished runs (the default; kept for symmetry with the other benchmarks).",
+    )
     parser.add_argument("--fresh", action="store_true", help="Forget the records in OUTPUT_DIR/regularization.json.")
-    parser.add_argument("--replot", action="store_true", help="Only rebuild the figures, the docs section and the summary.")
-    parser.add_argument("--reproduce", action="store_true",
-                        help="Only train a few committed α-curve points again, here: OUTPUT_DIR/reproduce.json.")
-    parser.add_argument("--calibrate-diagonal", action="store_true",
-                        help="Only measure diagonal_sigma_learning_rate's default (OUTPUT_DIR/diagonal-calibration.json).")
+    parser.add_argument(
+        "--replot", action="store_true", help="Only rebuild the figures, the docs section and the summary."
+    )
+    parser.add_argument(
+        "--reproduce",
+        action="store_true",
+        help="Only train a few committed α-curve points again, here: OUTPUT_DIR/reproduce.json.",
+    )
+    parser.add_argument(
+        "--calibrate-diagonal",
+        action="store_true",
+        help="Only measure diagonal_sigma_learning_rate's default (OUTPUT_DIR/diagonal-calibration.json).",
+    )
     args = parser.parse_args(argv)
     global CANDIDATES, SCREEN_CELL
     if args.quick:
-        settings = {"steps": 5, "learning_rates": [0.1, 0.01], "alphas": [0.0, 1e-2], "ns": [50], "seeds": [0],
-                    "backbones": ["timm-resnet"], "candidates": ["noise-20"], "bo_trials": [2, 3]}
+        settings = {
+            "steps": 5,
+            "learning_rates": [0.1, 0.01],
+            "alphas": [0.0, 1e-2],
+            "ns": [50],
+            "seeds": [0],
+            "backbones": ["timm-resnet"],
+            "candidates": ["noise-20"],
+            "bo_trials": [2, 3],
+        }
         CANDIDATES, SCREEN_CELL = ("noise-20",), ("timm-resnet", 50)
         args.stage = ["plain", "curve", "screen", "chosen", "baselines", "variants"]
     else:
-        settings = {"steps": None, "learning_rates": list(LEARNING_RATES), "alphas": list(ALPHAS), "ns": args.ns,
-                    "seeds": args.seeds, "backbones": args.backbones, "candidates": list(CANDIDATES),
-                    "bo_trials": list(BO_TRIALS)}
+        settings = {
+            "steps": None,
+            "learning_rates": list(LEARNING_RATES),
+            "alphas": list(ALPHAS),
+            "ns": args.ns,
+            "seeds": args.seeds,
+            "backbones": args.backbones,
+            "candidates": list(CANDIDATES),
+            "bo_trials": list(BO_TRIALS),
+        }
     os.makedirs(args.output_dir, exist_ok=True)
-    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
-                              else os.path.join(ROOT, "docs", "benchmarks.md"))
+    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick else V1_DOCS)
     store = Store(os.path.join(args.output_dir, "regularization.json"), fresh=args.fresh)
     previous = store.data.get("settings", {})
-    store.data["settings"] = {**{k: v for k, v in settings.items() if k not in ("ns", "seeds", "backbones")},
-                              "curve_beta": CURVE_BETA, "curve_learning_rate": CURVE_LR,
-                              "screen_cell": list(SCREEN_CELL), "min_gain": MIN_GAIN,
-                              "tasks": {k: {"label_noise": v[0], "steps": v[1]} for k, v in TASKS.items()}}
+    store.data["settings"] = {
+        **{k: v for k, v in settings.items() if k not in ("ns", "seeds", "backbones")},
+        "curve_beta": CURVE_BETA,
+        "curve_learning_rate": CURVE_LR,
+        "screen_cell": list(SCREEN_CELL),
+        "min_gain": MIN_GAIN,
+        "tasks": {k: {"label_noise": v[0], "steps": v[1]} for k, v in TASKS.items()},
+    }
     if args.replot:  # the backbones of the last training pass stay on record
         store.data["settings"]["pretraining"] = previous.get("pretraining")
         rebuild(store, args.output_dir, docs_path)
         return
     _setup_thread()
-    cache_dir = os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "pretrained") if not args.quick \
+    cache_dir = (
+        os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "pretrained")
+        if not args.quick
         else os.path.join(args.output_dir, "pretrained")
+    )
     paths = {b: pretrained_path(b, cache_dir) for b in settings["backbones"]}
     if args.calibrate_diagonal:
         calibrate_diagonal(settings["backbones"], paths, args.output_dir, args.workers)
@@ -863,8 +1165,9 @@ def main(argv=None) -> None:
     cells = (settings["backbones"], settings["ns"], settings["seeds"])
 
     def jobs(task, kinds, backbones=None, ns=None):
-        return make_jobs(task, kinds, backbones or cells[0], ns or cells[1], cells[2], settings["alphas"],
-                         settings, paths, work_dir)
+        return make_jobs(
+            task, kinds, backbones or cells[0], ns or cells[1], cells[2], settings["alphas"], settings, paths, work_dir
+        )
 
     existing = []
     if "plain" in args.stage:
@@ -892,14 +1195,18 @@ def main(argv=None) -> None:
                     break
         if chosen is None and args.quick:  # the smoke run takes its one candidate, to exercise every stage
             chosen = CANDIDATES[0]
-        store.data["choice"] = {"task": chosen, "rule": f"first of {list(CANDIDATES)} with best fixed α − α=0 ≥ "
-                                f"{MIN_GAIN} (mean test accuracy of the seeds) on {list(SCREEN_CELL)}"}
+        store.data["choice"] = {
+            "task": chosen,
+            "rule": f"first of {list(CANDIDATES)} with best fixed α − α=0 ≥ "
+            f"{MIN_GAIN} (mean test accuracy of the seeds) on {list(SCREEN_CELL)}",
+        }
         store.save()
         if chosen is not None:  # 3. the chosen task's full curve defines its cells
             run_jobs(store, jobs(chosen, [CURVE]), args.workers)
             store.data["choice"]["cells"] = [
                 {"backbone": c["backbone"], "n": c["n"], "best_alpha": c.get("best_alpha"), "gain": c.get("gain")}
-                for c in curve_cells(store.records, chosen)]
+                for c in curve_cells(store.records, chosen)
+            ]
         rebuild(store, args.output_dir, docs_path)
     if "chosen" in args.stage:
         chosen = (store.data.get("choice") or {}).get("task")
@@ -912,10 +1219,16 @@ def main(argv=None) -> None:
         for task in ([chosen] if chosen else []) + [EXISTING]:
             run_jobs(store, jobs(task, [k for k in args.baselines if k != GRID_EXTENDED]), args.workers)
         if chosen and GRID_EXTENDED in args.baselines:  # only where the α-curve peaks above the paper's cap
-            above = [(c["backbone"], c["n"]) for c in curve_cells(store.records, chosen)
-                     if args.quick or c.get("best_alpha", 0) > PAPER_ALPHA_MAX]
-            run_jobs(store, [job for backbone, n in above for job in jobs(chosen, [GRID_EXTENDED], [backbone], [n])],
-                     args.workers)
+            above = [
+                (c["backbone"], c["n"])
+                for c in curve_cells(store.records, chosen)
+                if args.quick or c.get("best_alpha", 0) > PAPER_ALPHA_MAX
+            ]
+            run_jobs(
+                store,
+                [job for backbone, n in above for job in jobs(chosen, [GRID_EXTENDED], [backbone], [n])],
+                args.workers,
+            )
         rebuild(store, args.output_dir, docs_path)
     if "variants" in args.stage:
         chosen = (store.data.get("choice") or {}).get("task")

@@ -18,7 +18,7 @@ The grid search is 144 tuning runs and the retrain, DE ELBO 4 runs, so from the 
 
 r = DE ELBO run / retrain compares the two training runs on the same N examples. The ratio
 depends on N: a step's cost is not proportional to its batch, and the last batch of an epoch is
-smaller in the tuning runs (80 % of N) than in the others, or larger (docs/benchmarks.md). Where
+smaller in the tuning runs (80 % of N) than in the others, or larger (docs/benchmarks/protocol-v1.md). Where
 a step costs the same whatever its batch, the grid search costs at most 145/4 = 36.25 DE ELBO
 searches (when DE ELBO's runs cost no more than L2-SP's); where the cost is proportional to the
 examples a run processes (activations dominate), at most `ceiling_per_example`, which the script
@@ -77,21 +77,31 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=transfer.IMAGE_SIZE,
-                        help="Side of the input images (default: the transfer benchmark's). Larger images give "
-                        "each example more activations and leave the weights as they are (ResNet only: the "
-                        "ViT's position embeddings are sized for the default).")
-    parser.add_argument("--output", default=None,
-                        help="Default: benchmarks/results/run_cost-BACKBONE[-SIZEpx]-nN-STEPS-steps.json.")
-    parser.add_argument("--cache-dir", default=os.path.join(ROOT, "benchmarks", "results", "pretrained"),
-                        help="Where the pretrained backbone is built once and kept.")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=transfer.IMAGE_SIZE,
+        help="Side of the input images (default: the transfer benchmark's). Larger images give "
+        "each example more activations and leave the weights as they are (ResNet only: the "
+        "ViT's position embeddings are sized for the default).",
+    )
+    parser.add_argument(
+        "--output", default=None, help="Default: benchmarks/results/run_cost-BACKBONE[-SIZEpx]-nN-STEPS-steps.json."
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=os.path.join(ROOT, "benchmarks", "results", "pretrained"),
+        help="Where the pretrained backbone is built once and kept.",
+    )
     args = parser.parse_args(argv)
     for name in ("n", "steps", "repeats", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if args.image_size != transfer.IMAGE_SIZE and args.backbone != "timm-resnet":
-        parser.error(f"--image-size {args.image_size} needs --backbone timm-resnet: the {args.backbone}'s position "
-                     f"embeddings are sized for {transfer.IMAGE_SIZE}×{transfer.IMAGE_SIZE} inputs")
+        parser.error(
+            f"--image-size {args.image_size} needs --backbone timm-resnet: the {args.backbone}'s position "
+            f"embeddings are sized for {transfer.IMAGE_SIZE}×{transfer.IMAGE_SIZE} inputs"
+        )
     size = "" if args.image_size == transfer.IMAGE_SIZE else f"-{args.image_size}px"
     output = args.output or os.path.join(
         ROOT, "benchmarks", "results", f"run_cost-{args.backbone}{size}-n{args.n}-{args.steps}-steps.json"
@@ -131,23 +141,36 @@ def main(argv=None) -> None:
         for run in (grid_runs, deelbo_run):
             for name, seconds in run().items():
                 times[name].append(seconds)
-        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in times.items()),
-              flush=True)
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in times.items()),
+            flush=True,
+        )
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["DE ELBO run"] / medians["grid retrain"]
     tuning_examples = len(stratified_split(labels, 0.2, l2sp_args.seed)[0])
     ceiling = ceiling_per_example(tuning_examples, args.n, l2sp_args.per_device_train_batch_size, args.steps)
-    result = {"backbone": args.backbone, "image_size": args.image_size, "n": args.n, "steps": args.steps,
-              "repeats": args.repeats, "seconds": times,
-              "median_seconds": medians, "run_ratio": ratio, "grid_over_deelbo": grid_over_deelbo(medians),
-              "tuning_examples": tuning_examples, "ceiling_per_example": ceiling}
+    result = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "n": args.n,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "seconds": times,
+        "median_seconds": medians,
+        "run_ratio": ratio,
+        "grid_over_deelbo": grid_over_deelbo(medians),
+        "tuning_examples": tuning_examples,
+        "ceiling_per_example": ceiling,
+    }
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{args.backbone}, {args.image_size}×{args.image_size} inputs, N = {args.n}, {args.steps} steps; medians: "
-          + ", ".join(f"{name} {value:.2f} s" for name, value in medians.items())
-          + f"; r = DE ELBO run / retrain = {ratio:.3f}; grid search / DE ELBO = (144 · tuning run + retrain) / "
-          f"(4 · DE ELBO run) = {result['grid_over_deelbo']:.1f}×; at equal cost per example processed it would be "
-          f"{ceiling:.1f}× (tuning runs on {tuning_examples} examples)")
+    print(
+        f"{args.backbone}, {args.image_size}×{args.image_size} inputs, N = {args.n}, {args.steps} steps; medians: "
+        + ", ".join(f"{name} {value:.2f} s" for name, value in medians.items())
+        + f"; r = DE ELBO run / retrain = {ratio:.3f}; grid search / DE ELBO = (144 · tuning run + retrain) / "
+        f"(4 · DE ELBO run) = {result['grid_over_deelbo']:.1f}×; at equal cost per example processed it would be "
+        f"{ceiling:.1f}× (tuning runs on {tuning_examples} examples)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How to draw w̃ = m + σε for each training step: `functional_call` versus in-place perturbation.
 
-Both mechanisms are the package's own (`IsotropicGaussianPosterior.sample_parameters` and
+Both mechanisms are the package's own (`GaussianPosterior.sample_parameters` and
 `perturb_in_place`, the two `sampling_mechanism`s) and compute the same gradients
 (tests/test_gradients.py checks both against plain autograd). This measures what they cost, side
 by side in one run, for a
@@ -41,7 +41,10 @@ def build(setting: str):
     torch.manual_seed(0)
     if setting == "mlp":
         model = torch.nn.Sequential(
-            torch.nn.Linear(2048, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096), torch.nn.ReLU(),
+            torch.nn.Linear(2048, 4096),
+            torch.nn.ReLU(),
+            torch.nn.Linear(4096, 4096),
+            torch.nn.ReLU(),
             torch.nn.Linear(4096, 10),
         )
         x, y = torch.randn(8, 2048), torch.randint(0, 10, (8,))
@@ -57,9 +60,9 @@ def build(setting: str):
 
 def make_step(mechanism: str, model, x, y, head):
     from hf_deelbo.core.groups import split_parameters
-    from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
+    from hf_deelbo.methods.deelbo.posterior import GaussianPosterior
 
-    posterior = IsotropicGaussianPosterior(model, split_parameters(model, head), sigma_init=1e-4)
+    posterior = GaussianPosterior(model, split_parameters(model, head), sigma_init=1e-4)
 
     def plain():
         model.zero_grad(set_to_none=True)
@@ -134,8 +137,10 @@ def main() -> None:
     for label, r in results.items():
         print(label)
         for m in MECHANISMS:
-            print(f"  {m:<16} time x{r['step_time_ratio_to_plain'][m]:.3f}   peak memory x{r['peak_memory_ratio_to_plain'][m]:.3f}"
-                  f"  (+{r['peak_memory_increase_mb'][m]:.0f} MB)")
+            print(
+                f"  {m:<16} time x{r['step_time_ratio_to_plain'][m]:.3f}   peak memory x{r['peak_memory_ratio_to_plain'][m]:.3f}"
+                f"  (+{r['peak_memory_increase_mb'][m]:.0f} MB)"
+            )
 
 
 if __name__ == "__main__":

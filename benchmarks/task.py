@@ -44,10 +44,12 @@ def pixel_dataset(pixel_values: torch.Tensor, labels: torch.Tensor):
     costs more than the training step itself."""
     from datasets import Array3D, Dataset, Features, Value
 
-    features = Features({"pixel_values": Array3D(shape=tuple(pixel_values.shape[1:]), dtype="float32"),
-                         "labels": Value("int64")})
-    return Dataset.from_dict({"pixel_values": pixel_values.numpy(), "labels": labels.numpy()},
-                             features=features).with_format("torch")
+    features = Features(
+        {"pixel_values": Array3D(shape=tuple(pixel_values.shape[1:]), dtype="float32"), "labels": Value("int64")}
+    )
+    return Dataset.from_dict(
+        {"pixel_values": pixel_values.numpy(), "labels": labels.numpy()}, features=features
+    ).with_format("torch")
 
 
 def noisy_labels(labels: torch.Tensor, fraction: float, seed: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -94,8 +96,15 @@ def new_model(backbone: str, num_classes: int):
     if backbone == "vit":
         from transformers import ViTConfig, ViTForImageClassification
 
-        config = ViTConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, intermediate_size=128, num_labels=num_classes)
+        config = ViTConfig(
+            image_size=IMAGE_SIZE,
+            patch_size=4,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=num_classes,
+        )
         return ViTForImageClassification(config)
     import timm
 
@@ -157,6 +166,7 @@ def pretraining(path: str) -> dict:
 
 def model_init(backbone: str, path: str, seed: int):
     """A `model_init` for Trainer: the pretrained backbone with a new head, initialised with `seed`."""
+
     def init():
         torch.manual_seed(seed)
         if backbone == "vit":
@@ -177,9 +187,19 @@ def model_init(backbone: str, path: str, seed: int):
 def training_settings(steps: int, seed: int) -> dict:
     """The `TrainingArguments` every run of every method shares (learning rate and output_dir aside)."""
     return dict(
-        max_steps=steps, per_device_train_batch_size=32, per_device_eval_batch_size=256, optim="sgd",
-        optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", max_grad_norm=1.0, report_to="none",
-        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, logging_steps=10**6,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=256,
+        optim="sgd",
+        optim_args="momentum=0.9,nesterov=True",
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+        logging_steps=10**6,
         dataloader_pin_memory=False,
     )
 

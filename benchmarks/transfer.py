@@ -20,7 +20,7 @@ Every run uses SGD with Nesterov momentum 0.9, a cosine schedule, batch 32, grad
 1.0 and the same number of steps (200 by default). Compute is the wall time of the whole
 procedure (all its runs), measured in the same process, one thread per process.
 
-    python benchmarks/transfer.py              # the full benchmark (≈ 2.5 h on 2 cores), updates docs/benchmarks.md
+    python benchmarks/transfer.py              # the full benchmark (≈ 2.5 h on 2 cores), updates docs/benchmarks/protocol-v1.md
     python benchmarks/transfer.py --steps 40 --output-dir benchmarks/results/transfer-40-steps \
         --docs benchmarks/results/transfer-40-steps/summary.md   # the short schedule (≈ 30 min)
     python benchmarks/transfer.py --seeds 0    # one seed first; then --seeds 1 2 --resume adds the others
@@ -28,7 +28,7 @@ procedure (all its runs), measured in the same process, one thread per process.
     python benchmarks/transfer.py --methods "DE ELBO" --resume --redo   # run one method again (after a code change)
     python benchmarks/transfer.py --quick --output-dir /tmp/transfer-quick   # a smoke run (CI)
 
-Results: benchmarks/results/transfer.json (every run), the table and figure in docs/benchmarks.md.
+Results: benchmarks/results/transfer.json (every run), the table and figure in docs/benchmarks/protocol-v1.md.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import update_section  # noqa: E402
+from _common import V1_DOCS, update_section  # noqa: E402
 from task import (  # noqa: E402,F401 - the task, as the earlier scripts import it from here
     IMAGE_SIZE,
+    PRETRAINING_EPOCHS,
     evaluate,
     model_init,
     new_model,
@@ -100,26 +101,51 @@ def run_combo(task) -> dict:
         seconds = time.perf_counter() - start
         learned = result.trainer.learned_hyperparameters()
         record[name] = {
-            **evaluate(result.trainer, test), "seconds": seconds, "learning_rate": result.best["learning_rate"],
-            "lambda": learned["lambda"], "tau": learned["tau"], "sigma": learned["sigma"], "kappa": learned["kappa"],
-            "alpha_eff": learned["alpha_eff"], "beta_eff": learned["beta_eff"],
-            "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score, "seconds": r.seconds,
-                      "sigma": r.learned["sigma"], "lambda": r.learned["lambda"], "tau": r.learned["tau"]}
-                     for r in result.runs],
+            **evaluate(result.trainer, test),
+            "seconds": seconds,
+            "learning_rate": result.best["learning_rate"],
+            "lambda": learned["lambda"],
+            "tau": learned["tau"],
+            "sigma": learned["sigma"],
+            "kappa": learned["kappa"],
+            "alpha_eff": learned["alpha_eff"],
+            "beta_eff": learned["beta_eff"],
+            "runs": [
+                {
+                    "learning_rate": r.settings["learning_rate"],
+                    "objective": r.score,
+                    "seconds": r.seconds,
+                    "sigma": r.learned["sigma"],
+                    "lambda": r.learned["lambda"],
+                    "tau": r.learned["tau"],
+                }
+                for r in result.runs
+            ],
         }
     for name in ("TPGM", "T1–T2"):
         if name in methods:
-            record[name] = run_validation_method(name, init, train, test, common, settings["learning_rates"],
-                                                 os.path.join(work_dir, name))
+            record[name] = run_validation_method(
+                name, init, train, test, common, settings["learning_rates"], os.path.join(work_dir, name)
+            )
     if GRID not in methods:
         return record
     args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "grid"), **common)
     start = time.perf_counter()
-    result = l2sp_grid_search(init, train, labels, args, alphas=settings["strengths"], betas=settings["strengths"],
-                              learning_rates=settings["learning_rates"])
+    result = l2sp_grid_search(
+        init,
+        train,
+        labels,
+        args,
+        alphas=settings["strengths"],
+        betas=settings["strengths"],
+        learning_rates=settings["learning_rates"],
+    )
     seconds = time.perf_counter() - start
     record[GRID] = {
-        **evaluate(result.trainer, test), "seconds": seconds, **result.best, "num_runs": len(result.runs) + 1,
+        **evaluate(result.trainer, test),
+        "seconds": seconds,
+        **result.best,
+        "num_runs": len(result.runs) + 1,
         "runs": [{**r.settings, "validation_nll": r.score, "seconds": r.seconds} for r in result.runs],
     }
     return record
@@ -144,18 +170,31 @@ def run_validation_method(name, init, train, test, common, learning_rates, work_
     from hf_deelbo import T1T2Trainer, T1T2TrainingArguments, TPGMTrainer, TPGMTrainingArguments
     from hf_deelbo.search import select_learning_rate_by_validation
 
-    args_class, trainer_class = (TPGMTrainingArguments, TPGMTrainer) if name == "TPGM" else (
-        T1T2TrainingArguments, T1T2Trainer)
+    args_class, trainer_class = (
+        (TPGMTrainingArguments, TPGMTrainer) if name == "TPGM" else (T1T2TrainingArguments, T1T2Trainer)
+    )
     start = time.perf_counter()
     args = args_class(output_dir=work_dir, validation_fraction=0.2, **common)
     result = select_learning_rate_by_validation(trainer_class, init, train, args, learning_rates)
     seconds = time.perf_counter() - start
-    runs = [{"learning_rate": run.settings["learning_rate"], "validation_nll": run.score, "seconds": run.seconds,
-             "train_seconds": run.metrics.get("train_runtime", float("nan")),
-             "hyper_seconds": run.metrics.get("hyper_seconds", float("nan"))} for run in result.runs]
+    runs = [
+        {
+            "learning_rate": run.settings["learning_rate"],
+            "validation_nll": run.score,
+            "seconds": run.seconds,
+            "train_seconds": run.metrics.get("train_runtime", float("nan")),
+            "hyper_seconds": run.metrics.get("hyper_seconds", float("nan")),
+        }
+        for run in result.runs
+    ]
     trainer = result.trainer
     entry = trainer.config_entry()
-    result = {**evaluate(trainer, test), "seconds": seconds, "learning_rate": result.best["learning_rate"], "runs": runs}
+    result = {
+        **evaluate(trainer, test),
+        "seconds": seconds,
+        "learning_rate": result.best["learning_rate"],
+        "runs": runs,
+    }
     if name == "TPGM":
         radii = list((entry["radii"] or {}).values())
         result["median_radius"] = statistics.median(radii) if radii else float("nan")
@@ -191,26 +230,41 @@ def summarize(records: list[dict]) -> list[dict]:
             def std(key, values=values):
                 return statistics.stdev([v[key] for v in values]) if len(values) > 1 else 0.0
 
-            row = {"backbone": backbone, "n": n, "method": method, "seeds": len(values),
-                   "accuracy": mean("accuracy"), "accuracy_std": std("accuracy"), "nll": mean("nll"),
-                   "ece": mean("ece"), "seconds": mean("seconds")}
+            row = {
+                "backbone": backbone,
+                "n": n,
+                "method": method,
+                "seeds": len(values),
+                "accuracy": mean("accuracy"),
+                "accuracy_std": std("accuracy"),
+                "nll": mean("nll"),
+                "ece": mean("ece"),
+                "seconds": mean("seconds"),
+            }
             if method in ("DE ELBO", "ELBO (κ=1)", SCALED_SIGMA):
                 row.update(lam=mean("lambda"), tau=mean("tau"), alpha_eff=mean("alpha_eff"))
             elif method == "TPGM":
-                row.update(median_radius=statistics.median(v["median_radius"] for v in values),
-                           hyper_share=_hyper_share(values))
+                row.update(
+                    median_radius=statistics.median(v["median_radius"] for v in values),
+                    hyper_share=_hyper_share(values),
+                )
             else:
-                row.update(alpha=statistics.median(v["alpha"] for v in values),
-                           beta=statistics.median(v["beta"] for v in values))
+                row.update(
+                    alpha=statistics.median(v["alpha"] for v in values),
+                    beta=statistics.median(v["beta"] for v in values),
+                )
                 if method == "T1–T2":
                     row["hyper_share"] = _hyper_share(values)
             # Against the grid search on the seeds both have, so that rows with fewer seeds are not
             # compared with a mean over other seeds.
             paired = [r for r in group if method in r and GRID in r]
             if method != GRID and paired:
-                row.update(paired_seeds=len(paired),
-                           accuracy_vs_grid=statistics.mean(r[method]["accuracy"] - r[GRID]["accuracy"] for r in paired),
-                           compute_vs_grid=sum(r[GRID]["seconds"] for r in paired) / sum(r[method]["seconds"] for r in paired))
+                row.update(
+                    paired_seeds=len(paired),
+                    accuracy_vs_grid=statistics.mean(r[method]["accuracy"] - r[GRID]["accuracy"] for r in paired),
+                    compute_vs_grid=sum(r[GRID]["seconds"] for r in paired)
+                    / sum(r[method]["seconds"] for r in paired),
+                )
             rows.append(row)
     return rows
 
@@ -224,7 +278,7 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
         f"Digits 0–4 → 5–9, {IMAGE_SIZE}×{IMAGE_SIZE} inputs, {settings['steps']} SGD steps per run, batch 32, "
         f"{_seeds_text(rows)}; test set: 30 % of digits 5–9. Compute is the wall time of the whole "
         f"procedure (DE ELBO and ELBO: {len(settings['learning_rates'])} learning rates; grid search: "
-        f"{len(settings['strengths'])**2 * len(settings['learning_rates'])} runs + the retrain), one thread per "
+        f"{len(settings['strengths']) ** 2 * len(settings['learning_rates'])} runs + the retrain), one thread per "
         f"process. Total benchmark time: {machine_seconds / 60:.0f} min. Mean over seeds (± std for accuracy; "
         "0 with one seed).",
         "",
@@ -255,18 +309,34 @@ def markdown(rows: list[dict], settings: dict, machine_seconds: float, figure_li
             row = by.get(method)
             if row is not None and "paired_seeds" in row:
                 seeds = f" ({row['paired_seeds']} seeds)" if mixed_seeds else ""
-                ratios.append(f"| {backbone} | {n} | {method} | {row['accuracy_vs_grid']:+.3f}{seeds} "
-                              f"| {row['compute_vs_grid']:.1f}× |")
-    lines += ["Against the grid search, on the seeds both were run with (mean accuracy difference; the grid's "
-              "total compute over the method's):", "",
-              "| backbone | N | method | accuracy − grid search's | grid search compute / method's compute |",
-              "|---|---|---|---|---|", *ratios, ""]
-    shares = [f"| {r['backbone']} | {r['n']} | {r['method']} | {100 * r['hyper_share']:.0f} % |"
-              for r in rows if "hyper_share" in r]
+                ratios.append(
+                    f"| {backbone} | {n} | {method} | {row['accuracy_vs_grid']:+.3f}{seeds} "
+                    f"| {row['compute_vs_grid']:.1f}× |"
+                )
+    lines += [
+        "Against the grid search, on the seeds both were run with (mean accuracy difference; the grid's "
+        "total compute over the method's):",
+        "",
+        "| backbone | N | method | accuracy − grid search's | grid search compute / method's compute |",
+        "|---|---|---|---|---|",
+        *ratios,
+        "",
+    ]
+    shares = [
+        f"| {r['backbone']} | {r['n']} | {r['method']} | {100 * r['hyper_share']:.0f} % |"
+        for r in rows
+        if "hyper_share" in r
+    ]
     if shares:
-        lines += ["Overhead of TPGM and T1–T2: the share of their training time spent on their own work (validation "
-                  "batches, radius or strength updates, projections), as the trainers report it (`hyper_seconds`).",
-                  "", "| backbone | N | method | share of training time |", "|---|---|---|---|", *shares, ""]
+        lines += [
+            "Overhead of TPGM and T1–T2: the share of their training time spent on their own work (validation "
+            "batches, radius or strength updates, projections), as the trainers report it (`hyper_seconds`).",
+            "",
+            "| backbone | N | method | share of training time |",
+            "|---|---|---|---|",
+            *shares,
+            "",
+        ]
     lines += [f"![accuracy versus compute]({figure_link})", "", SECTION[1]]
     return "\n".join(lines)
 
@@ -281,9 +351,15 @@ def _seeds_text(rows: list[dict]) -> str:
 def pretraining_lines(settings: dict) -> list[str]:
     if not settings.get("pretraining"):  # results from before the pretraining was recorded
         return []
-    return ["Backbones, pretrained on digits 0–4: " + "; ".join(
-        f"{b}: {p['epochs']} epochs, source test accuracy {p['source_test_accuracy']:.3f}"
-        for b, p in sorted(settings["pretraining"].items())) + ".", ""]
+    return [
+        "Backbones, pretrained on digits 0–4: "
+        + "; ".join(
+            f"{b}: {p['epochs']} epochs, source test accuracy {p['source_test_accuracy']:.3f}"
+            for b, p in sorted(settings["pretraining"].items())
+        )
+        + ".",
+        "",
+    ]
 
 
 def figure(rows: list[dict], path: str) -> None:
@@ -295,12 +371,14 @@ def figure(rows: list[dict], path: str) -> None:
 
     backbones = sorted({r["backbone"] for r in rows})
     fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
-    markers = {"DE ELBO": "o", "ELBO (κ=1)": "x", GRID: "s", "TPGM": "^", "T1–T2": "v",
-               SCALED_SIGMA: "D"}
-    for ax, backbone in zip(axes[0], backbones):
+    markers = {"DE ELBO": "o", "ELBO (κ=1)": "x", GRID: "s", "TPGM": "^", "T1–T2": "v", SCALED_SIGMA: "D"}
+    for ax, backbone in zip(axes[0], backbones, strict=False):
         for method in METHODS:
-            points = sorted((r["n"], r["seconds"], r["accuracy"]) for r in rows
-                            if r["backbone"] == backbone and r["method"] == method)
+            points = sorted(
+                (r["n"], r["seconds"], r["accuracy"])
+                for r in rows
+                if r["backbone"] == backbone and r["method"] == method
+            )
             if points:
                 ax.plot([p[1] for p in points], [p[2] for p in points], marker=markers[method], label=method)
                 for n, seconds, accuracy in points:
@@ -319,32 +397,59 @@ def figure(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="A small smoke run: 1 backbone, N=50, 1 seed, a 2×2×2 grid.")
+    parser.add_argument(
+        "--quick", action="store_true", help="A small smoke run: 1 backbone, N=50, 1 seed, a 2×2×2 grid."
+    )
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("--docs", default=None, help="Markdown file to update (default: docs/benchmarks.md; --quick: OUTPUT_DIR/benchmarks.md).")
+    parser.add_argument(
+        "--docs",
+        default=None,
+        help="Markdown file to update (default: docs/benchmarks/protocol-v1.md; --quick: OUTPUT_DIR/benchmarks.md).",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--replot", action="store_true",
-                        help="Only rebuild the figure, the docs section and the stored summary from the records in "
-                        "OUTPUT_DIR/transfer.json.")
-    parser.add_argument("--resume", action="store_true",
-                        help="Keep the records already in OUTPUT_DIR/transfer.json and run only the missing tasks.")
-    parser.add_argument("--redo", action="store_true",
-                        help="With --resume: run the methods named by --methods again, replacing their records.")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="Only rebuild the figure, the docs section and the stored summary from the records in "
+        "OUTPUT_DIR/transfer.json.",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Keep the records already in OUTPUT_DIR/transfer.json and run only the missing tasks.",
+    )
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="With --resume: run the methods named by --methods again, replacing their records.",
+    )
     args = parser.parse_args(argv)
     if args.redo and not args.resume:
         parser.error("--redo replaces records of an earlier run: use it with --resume")
     if args.quick:
-        settings = {"steps": 5, "learning_rates": [0.1, 0.01], "strengths": [1e-3, 0.0], "ns": [50], "seeds": [0],
-                    "backbones": ["timm-resnet"]}
+        settings = {
+            "steps": 5,
+            "learning_rates": [0.1, 0.01],
+            "strengths": [1e-3, 0.0],
+            "ns": [50],
+            "seeds": [0],
+            "backbones": ["timm-resnet"],
+        }
     else:
-        settings = {"steps": args.steps, "learning_rates": [0.1, 0.01, 0.001, 0.0001],
-                    "strengths": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0], "ns": args.ns, "seeds": args.seeds,
-                    "backbones": args.backbones, "methods": args.methods}
+        settings = {
+            "steps": args.steps,
+            "learning_rates": [0.1, 0.01, 0.001, 0.0001],
+            "strengths": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 0.0],
+            "ns": args.ns,
+            "seeds": args.seeds,
+            "backbones": args.backbones,
+            "methods": args.methods,
+        }
     os.makedirs(args.output_dir, exist_ok=True)
     if args.replot:
         results_path = os.path.join(args.output_dir, "transfer.json")
@@ -354,19 +459,23 @@ def main(argv=None) -> None:
         saved["summary"] = rows  # the stored summary follows the code that summarizes
         with open(results_path, "w") as f:
             json.dump(saved, f, indent=1)
-        docs_path = args.docs or os.path.join(ROOT, "docs", "benchmarks.md")
-        update_section(docs_path, SECTION, markdown(rows, saved["settings"], saved.get("seconds", 0.0),
-                                                    _figure_link(docs_path, args.output_dir)))
+        docs_path = args.docs or V1_DOCS
+        update_section(
+            docs_path,
+            SECTION,
+            markdown(rows, saved["settings"], saved.get("seconds", 0.0), _figure_link(docs_path, args.output_dir)),
+        )
         return
-    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick
-                              else os.path.join(ROOT, "docs", "benchmarks.md"))
+    docs_path = args.docs or (os.path.join(args.output_dir, "benchmarks.md") if args.quick else V1_DOCS)
     cache_dir = os.path.join(args.output_dir, "pretrained")
     _setup_thread()
     paths = {b: pretrained_path(b, cache_dir) for b in settings["backbones"]}
     settings["pretraining"] = {b: pretraining(p) for b, p in paths.items()}
     work_dir = os.path.join(args.output_dir, "runs")
-    tasks = [(b, n, s, settings, paths[b], os.path.join(work_dir, f"{b}-{n}-{s}"))
-             for b, n, s in itertools.product(settings["backbones"], settings["ns"], settings["seeds"])]
+    tasks = [
+        (b, n, s, settings, paths[b], os.path.join(work_dir, f"{b}-{n}-{s}"))
+        for b, n, s in itertools.product(settings["backbones"], settings["ns"], settings["seeds"])
+    ]
     # Largest first, so the two workers finish together.
     tasks.sort(key=lambda t: -t[1])
     results_path = os.path.join(args.output_dir, "transfer.json")
@@ -392,18 +501,25 @@ def main(argv=None) -> None:
         settings["methods"] = [m for m in METHODS if any(m in r for r in records) or m in settings.get("methods", ())]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_combo, tasks):
-            earlier = next((r for r in records if (r["backbone"], r["n"], r["seed"]) ==
-                            (record["backbone"], record["n"], record["seed"])), None)
+            earlier = next(
+                (
+                    r
+                    for r in records
+                    if (r["backbone"], r["n"], r["seed"]) == (record["backbone"], record["n"], record["seed"])
+                ),
+                None,
+            )
             if earlier is not None:
                 earlier.update(record)
                 record = earlier
             else:
                 records.append(record)
             summary = {m: round(record[m]["accuracy"], 3) for m in METHODS if m in record}
-            print(f"{record['backbone']} N={record['n']} seed={record['seed']}: {summary}",
-                  flush=True)
+            print(f"{record['backbone']} N={record['n']} seed={record['seed']}: {summary}", flush=True)
             with open(results_path, "w") as f:  # written after every task: partial results survive
-                json.dump({"settings": settings, "seconds": time.perf_counter() - start, "records": records}, f, indent=1)
+                json.dump(
+                    {"settings": settings, "seconds": time.perf_counter() - start, "records": records}, f, indent=1
+                )
     elapsed = time.perf_counter() - start
     rows = summarize(records)
     figure(rows, os.path.join(args.output_dir, "transfer.png"))

@@ -65,7 +65,9 @@ def main():
     labels = train.features[data_args.label_column_name].names
 
     model, processor, head_modules = load_classifier(
-        model_args.model_name_or_path, len(labels), dict(enumerate(labels)),
+        model_args.model_name_or_path,
+        len(labels),
+        dict(enumerate(labels)),
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
     training_args.head_modules = training_args.head_modules or head_modules

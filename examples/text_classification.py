@@ -54,8 +54,15 @@ def main():
         backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
         backend.pre_tokenizer = pre_tokenizers.Whitespace()
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-        config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=32, num_labels=2)
+        config = BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
         torch.manual_seed(args.seed)
         source_model = BertForSequenceClassification(config)
         encoded = tokenizer([t for t, _, _ in rows], padding="max_length", max_length=12, return_tensors="pt")
@@ -79,8 +86,9 @@ def main():
     data = data.remove_columns("text").with_format("torch")
     parts = data.train_test_split(test_size=0.25, seed=args.seed, stratify_by_column=None)
 
-    trainer = DEELBoTrainer(model=model, args=args, train_dataset=parts["train"], eval_dataset=parts["test"],
-                            processing_class=tokenizer)
+    trainer = DEELBoTrainer(
+        model=model, args=args, train_dataset=parts["train"], eval_dataset=parts["test"], processing_class=tokenizer
+    )
     trainer.train()
     trainer.save_model()
     print(trainer.evaluate())

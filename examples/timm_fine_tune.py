@@ -35,7 +35,9 @@ def main():
     args.remove_unused_columns = False
 
     if example.train_dir is None:
-        train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), example.num_train_examples_kept, args.seed)
+        train, test = digits.split(
+            digits.digits_dataset(digits.TARGET_CLASSES), example.num_train_examples_kept, args.seed
+        )
         train, test, num_classes = digits.with_pixel_values(train), digits.with_pixel_values(test), 5
     else:
         data = load_dataset("imagefolder", data_files={"train": f"{example.train_dir}/**"})["train"]
@@ -49,8 +51,9 @@ def main():
     if example.train_dir is not None:
         config = timm.data.resolve_data_config({}, model=model)
         transform = timm.data.create_transform(**config, is_training=True)
-        train = data.with_transform(lambda b: {"pixel_values": [transform(i.convert("RGB")) for i in b["image"]],
-                                               "labels": b["label"]})
+        train = data.with_transform(
+            lambda b: {"pixel_values": [transform(i.convert("RGB")) for i in b["image"]], "labels": b["label"]}
+        )
 
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=train)
     trainer.train()

@@ -14,7 +14,7 @@ from .hub import HubPushError, load_classifier
 from .methods.deelbo.arguments import DEELBoTrainingArguments
 from .methods.deelbo.callback import DEELBoCallback
 from .methods.deelbo.config import load_deelbo_config
-from .methods.deelbo.posterior import IsotropicGaussianPosterior
+from .methods.deelbo.posterior import GaussianPosterior
 from .methods.deelbo.prediction import posterior_from_config, predictive_log_probs
 from .methods.deelbo.trainer import DEELBoTrainer
 from .methods.l2sp import L2SPTrainer, L2SPTrainingArguments
@@ -32,7 +32,7 @@ __all__ = [
     "DEELBoTrainer",
     "DEELBoTrainingArguments",
     "HubPushError",
-    "IsotropicGaussianPosterior",
+    "GaussianPosterior",
     "L2SPTrainer",
     "L2SPTrainingArguments",
     "ParameterGroups",
@@ -54,3 +54,12 @@ __all__ = [
     "TPGMTrainingArguments",
     "TrainingPreempted",
 ]
+
+
+def __getattr__(name: str):
+    # Earlier names, kept for one release with a warning.
+    if name == "IsotropicGaussianPosterior":
+        from .methods.deelbo import posterior
+
+        return getattr(posterior, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,8 +49,14 @@ def build_model(kind: str, seed: int = 0):
 
     torch.manual_seed(seed)
     vit_like = dict(
-        image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=32, num_labels=NUM_LABELS,
+        image_size=IMAGE_SIZE,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=NUM_LABELS,
     )
     if kind == "vit":
         return tf.ViTForImageClassification(tf.ViTConfig(**vit_like)), ["classifier"]
@@ -63,12 +69,20 @@ def build_model(kind: str, seed: int = 0):
         return tf.BeitForImageClassification(tf.BeitConfig(**vit_like)), ["classifier"]
     if kind == "swin":
         config = tf.SwinConfig(
-            image_size=IMAGE_SIZE, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
-            window_size=2, num_labels=NUM_LABELS,
+            image_size=IMAGE_SIZE,
+            patch_size=2,
+            num_channels=3,
+            embed_dim=8,
+            depths=[1, 1],
+            num_heads=[1, 2],
+            window_size=2,
+            num_labels=NUM_LABELS,
         )
         return tf.SwinForImageClassification(config), ["classifier"]
     if kind == "convnext":
-        config = tf.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
+        config = tf.ConvNextConfig(
+            num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS
+        )
         return tf.ConvNextForImageClassification(config), ["classifier"]
     if kind == "resnet":
         config = tf.ResNetConfig(
@@ -77,8 +91,13 @@ def build_model(kind: str, seed: int = 0):
         return tf.ResNetForImageClassification(config), ["classifier"]
     if kind == "bert":
         config = tf.BertConfig(
-            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=NUM_LABELS,
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=NUM_LABELS,
         )
         return tf.BertForSequenceClassification(config), ["classifier"]
     if kind == "timm_wrapper":
@@ -116,7 +135,11 @@ def text_dataset(num_examples: int = 16, seed: int = 0) -> Dataset:
     input_ids = torch.randint(1, 64, (num_examples, 8), generator=generator)
     labels = torch.randint(0, NUM_LABELS, (num_examples,), generator=generator)
     return Dataset.from_dict(
-        {"input_ids": input_ids.numpy(), "attention_mask": torch.ones_like(input_ids).numpy(), "labels": labels.numpy()}
+        {
+            "input_ids": input_ids.numpy(),
+            "attention_mask": torch.ones_like(input_ids).numpy(),
+            "labels": labels.numpy(),
+        }
     ).with_format("torch")
 
 
@@ -194,8 +217,13 @@ def with_benchmark_backbone(output_dir, backbone: str) -> None:
 
 def run_benchmark(script: str, *arguments, timeout: float = 900) -> subprocess.CompletedProcess:
     """benchmarks/SCRIPT with `arguments` in a subprocess of this environment; it must succeed."""
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, arguments)],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

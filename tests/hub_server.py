@@ -110,9 +110,19 @@ class Handler(BaseHTTPRequestHandler):
     def _repo_info(self, repo: Repo) -> dict:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         return {
-            "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha, "private": False,
-            "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [], "createdAt": now,
-            "lastModified": now, "siblings": [{"rfilename": path} for path in sorted(repo.files)],
+            "_id": repo.repo_id,
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "sha": repo.sha,
+            "private": False,
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "createdAt": now,
+            "lastModified": now,
+            "siblings": [{"rfilename": path} for path in sorted(repo.files)],
         }
 
     # ---- routing ----------------------------------------------------------------------
@@ -134,15 +144,22 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/whoami-v2":
             if not self._authorized():
                 return self._error(401, None, "Invalid credentials in Authorization header")
-            return self._send(200, {"type": "user", "name": state.namespace, "orgs": [],
-                                    "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+            return self._send(
+                200,
+                {
+                    "type": "user",
+                    "name": state.namespace,
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+                },
+            )
         if path == "/api/validate-yaml" and method == "POST":
             self._body()
             return self._send(200, {"errors": [], "warnings": []})
         if path == "/api/repos/create" and method == "POST":
             return self._create_repo(json.loads(self._body() or b"{}"))
         if path.startswith("/api/models/"):
-            return self._api_models(method, path[len("/api/models/"):])
+            return self._api_models(method, path[len("/api/models/") :])
         if "/resolve/" in path:
             return self._resolve(method, path)
         return self._error(404, None, f"No route for {method} {path}")
@@ -178,8 +195,15 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if marker == "/preupload/" and method == "POST":
             files = json.loads(self._body()).get("files", [])
-            return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                               "oid": None} for f in files], "commitOid": repo.sha})
+            return self._send(
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+                    ],
+                    "commitOid": repo.sha,
+                },
+            )
         if marker == "/commit/" and method == "POST":
             if self.state.hang_commits:
                 self._body()
@@ -206,8 +230,15 @@ class Handler(BaseHTTPRequestHandler):
             with self.state.lock:
                 sha = repo.commit(message, added, deleted)
             host = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
-            return self._send(200, {"commitUrl": f"{host}/{repo.repo_id}/commit/{sha}", "commitOid": sha,
-                                    "pullRequestUrl": None, "success": True})
+            return self._send(
+                200,
+                {
+                    "commitUrl": f"{host}/{repo.repo_id}/commit/{sha}",
+                    "commitOid": sha,
+                    "pullRequestUrl": None,
+                    "success": True,
+                },
+            )
         if marker == "/tree/":
             revision, _, prefix = tail.partition("/")
             entries = [
@@ -231,8 +262,12 @@ class Handler(BaseHTTPRequestHandler):
         if content is None:
             return self._error(404, "EntryNotFound", f"{file_path} does not exist on {revision}", head=head)
         etag = f'"{_file_sha(content)}"'
-        return self._send(200, content, {"X-Repo-Commit": repo.sha, "ETag": etag,
-                                         "Content-Type": "application/octet-stream"}, head=head)
+        return self._send(
+            200,
+            content,
+            {"X-Repo-Commit": repo.sha, "ETag": etag, "Content-Type": "application/octet-stream"},
+            head=head,
+        )
 
 
 class LocalHub:

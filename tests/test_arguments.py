@@ -28,16 +28,22 @@ class _NoLength(torch.utils.data.IterableDataset):
         ({"bma_samples": -1}, "bma_samples must be >= 0 (0 predicts with the posterior mean); got -1"),
         ({"num_train_examples": 0}, "num_train_examples must be a positive int or None"),
         ({"head_modules": []}, "head_modules must be None (detect) or a non-empty list of module names"),
-        ({"prior_variance_grouping": "block"},
-         "prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per backbone tensor); "
-         "got 'block'"),
-        ({"diagonal_sigma_learning_rate": 0.0},
-         "diagonal_sigma_learning_rate must be a finite number > 0, or None to train a diagonal ρ in the weights' "
-         "optimizer; got 0.0"),
+        (
+            {"prior_variance_grouping": "block"},
+            "prior_variance_grouping must be 'backbone' (one λ for the backbone) or 'layer' (one λ_l per backbone tensor); "
+            "got 'block'",
+        ),
+        (
+            {"diagonal_sigma_learning_rate": 0.0},
+            "diagonal_sigma_learning_rate must be a finite number > 0, or None to train a diagonal ρ in the weights' "
+            "optimizer; got 0.0",
+        ),
         ({"diagonal_sigma_learning_rate": float("inf")}, "diagonal_sigma_learning_rate must be a finite number > 0"),
-        ({"posterior_covariance": "full"},
-         "posterior_covariance must be 'isotropic' (one σ for every weight) or 'diagonal' (one σ_i per weight); "
-         "got 'full'"),
+        (
+            {"posterior_covariance": "full"},
+            "posterior_covariance must be 'isotropic' (one σ for every weight) or 'diagonal' (one σ_i per weight); "
+            "got 'full'",
+        ),
     ],
 )
 def test_bad_arguments(overrides, message, tmp_path):
@@ -50,7 +56,12 @@ def test_bad_arguments(overrides, message, tmp_path):
 @pytest.mark.parametrize(
     "kind, overrides, dataset, message",
     [
-        ("vit", {"head_modules": ["decoder"]}, "ok", "head_modules=['decoder'] (given) matches no trainable parameter"),
+        (
+            "vit",
+            {"head_modules": ["decoder"]},
+            "ok",
+            "head_modules=['decoder'] (given) matches no trainable parameter",
+        ),
         ("vit", {"head_modules": ["vit", "classifier"]}, "ok", "matches every trainable parameter"),
         ("resnet", {}, "no_length", "train_dataset has no length. Set DEELBoTrainingArguments(num_train_examples=N)"),
         ("resnet", {}, "empty", "train_dataset is empty (0 examples)"),
@@ -102,10 +113,15 @@ def test_no_message_about_a_setting_the_user_did_not_make(name, tmp_path, caplog
     assert args.restore_callback_states_from_checkpoint is True
     assert not [r for r in caplog.records if "restore_callback_states_from_checkpoint" in r.getMessage()]
     with caplog.at_level(logging.DEBUG):
-        args = arguments_class(output_dir=str(tmp_path), report_to="none", restore_callback_states_from_checkpoint=False)
+        args = arguments_class(
+            output_dir=str(tmp_path), report_to="none", restore_callback_states_from_checkpoint=False
+        )
     assert args.restore_callback_states_from_checkpoint is True
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "restore_callback_states_from_checkpoint=False is overridden" in warnings[0].getMessage()
+    assert (
+        len(warnings) == 1
+        and "restore_callback_states_from_checkpoint=False is overridden" in warnings[0].getMessage()
+    )
 
 
 def test_every_field_is_documented_for_the_command_line():

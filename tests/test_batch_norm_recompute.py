@@ -25,7 +25,7 @@ def test_statistics_match_torch_update_bn():
     momenta = [layer.momentum for layer in batch_norm_layers(model)]
     layers = recompute_batch_norm_statistics(model, batches, model)
     assert layers == len(batch_norm_layers(model)) > 0
-    for ours, theirs in zip(_running_statistics(model), _running_statistics(reference)):
+    for ours, theirs in zip(_running_statistics(model), _running_statistics(reference), strict=False):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # momentum and mode are given back as they were
     assert [layer.momentum for layer in batch_norm_layers(model)] == momenta
@@ -44,8 +44,13 @@ def test_trainer_recomputes_at_the_posterior_mean(make_args, recompute):
     model, head = build_model("timm")
     train = image_dataset(24)
     # One batch holds the whole training set, so that any order of the data makes the same batch.
-    args = make_args(max_steps=6, learning_rate=0.05, per_device_train_batch_size=24, recompute_batch_norm=recompute,
-                     head_modules=head)
+    args = make_args(
+        max_steps=6,
+        learning_rate=0.05,
+        per_device_train_batch_size=24,
+        recompute_batch_norm=recompute,
+        head_modules=head,
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
     after_training = _running_statistics(trainer.model)
@@ -53,5 +58,5 @@ def test_trainer_recomputes_at_the_posterior_mean(make_args, recompute):
     reference = copy.deepcopy(trainer.model)
     update_bn([train[:]["pixel_values"]], reference)
     expected = _running_statistics(reference)
-    matches = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(after_training, expected))
+    matches = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(after_training, expected, strict=False))
     assert matches == recompute

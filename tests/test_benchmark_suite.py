@@ -38,11 +38,21 @@ def _record(method, steps, **values):
 
 
 def test_convergence_rule_takes_the_smallest_steps_both_methods_pass():
-    plain = [_record("plain", s, training_loss=v) for s, v in ((250, 1.0), (500, 0.5), (1000, 0.495), (2000, 0.494),
-                                                               (4000, 0.494))]
+    plain = [
+        _record("plain", s, training_loss=v)
+        for s, v in ((250, 1.0), (500, 0.5), (1000, 0.495), (2000, 0.494), (4000, 0.494))
+    ]
     # DE ELBO's objective settles at 500, its σ only at 1000: the cell's steps are 1000.
-    deelbo = [_record("DE ELBO", s, objective=o, sigma=g) for s, o, g in (
-        (250, 2.0, 0.01), (500, 1.0, 0.02), (1000, 1.01, 0.030), (2000, 1.01, 0.0303), (4000, 1.01, 0.0305))]
+    deelbo = [
+        _record("DE ELBO", s, objective=o, sigma=g)
+        for s, o, g in (
+            (250, 2.0, 0.01),
+            (500, 1.0, 0.02),
+            (1000, 1.01, 0.030),
+            (2000, 1.01, 0.0303),
+            (4000, 1.01, 0.0305),
+        )
+    ]
     result = convergence.cell_steps(plain + deelbo, ("digits", "vit", 50), [250, 500, 1000, 2000], 4000)
     assert result["steps"] == 1000 and result["converged"] and result["complete"]
     assert result["changes"]["DE ELBO"][500] == pytest.approx(1 / 3)  # σ moved 0.02 → 0.03
@@ -68,7 +78,16 @@ def test_store_merges_what_another_pass_wrote(tmp_path):
 @pytest.mark.slow
 def test_comparison_smoke_run_is_resumable(tmp_path):
     """The main comparison's smoke run writes records with provenance; run again, it trains nothing."""
-    command = [sys.executable, "-m", "benchmarks.comparison", "--quick", "--workers", "1", "--output-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.comparison",
+        "--quick",
+        "--workers",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -31,8 +31,24 @@ def test_accepts_run_image_classification_flags():
     assert training_args.load_best_model_at_end and training_args.save_total_limit == 3
     assert str(training_args.eval_strategy.value) == "epoch"
     _, data_args, training_args, _ = parse_train_args(
-        ["--model_name_or_path", "x/y", "--train_dir", "a", "--validation_dir", "b", "--image_column_name", "img",
-         "--max_train_samples", "10", "--ignore_mismatched_sizes", "true", "--output_dir", "o", "--kappa", "3"]
+        [
+            "--model_name_or_path",
+            "x/y",
+            "--train_dir",
+            "a",
+            "--validation_dir",
+            "b",
+            "--image_column_name",
+            "img",
+            "--max_train_samples",
+            "10",
+            "--ignore_mismatched_sizes",
+            "true",
+            "--output_dir",
+            "o",
+            "--kappa",
+            "3",
+        ]
     )
     assert (data_args.train_dir, data_args.validation_dir, data_args.image_column_name) == ("a", "b", "img")
     assert training_args.kappa == 3.0
@@ -56,15 +72,16 @@ def _image_bytes(dataset) -> set[bytes]:
 
 @pytest.mark.parametrize("seed", [7, 42])
 def test_evaluate_rebuilds_the_split_train_recorded(seed, tmp_path):
+    from hf_deelbo.cli.assembly import embedded_inputs, record_split
     from hf_deelbo.cli.common import DataTrainingArguments
     from hf_deelbo.cli.data import read_split_record
     from hf_deelbo.cli.evaluate import evaluation_data
-    from hf_deelbo.cli.train import _embedded_data_and_model, _record_split
 
     argv = ["--output_dir", str(tmp_path / "run"), "--max_train_samples", "60", "--seed", str(seed)]
     _, data_args, training_args, _ = parse_train_args(argv)
-    _, train, _, test, *_ = _embedded_data_and_model(data_args, training_args)  # what train trains and tests on
-    _record_split(True, data_args, training_args, train, test)
+    inputs = embedded_inputs(data_args, training_args)  # what train trains and tests on
+    train, test = inputs.train, inputs.evaluation
+    record_split(True, data_args, training_args, train, test)
     record = read_split_record(str(tmp_path / "run"))
     evaluated, description = evaluation_data(record, DataTrainingArguments(), None, None, None)
     assert not _image_bytes(evaluated) & _image_bytes(train)
@@ -77,18 +94,37 @@ def test_main_job_on_the_embedded_default(tmp_path, capsys):
 
     import timm
 
+    from hf_deelbo.cli.assembly import embedded_inputs
     from hf_deelbo.cli.common import DataTrainingArguments
     from hf_deelbo.cli.data import read_split_record
     from hf_deelbo.cli.evaluate import evaluation_data
-    from hf_deelbo.cli.train import _embedded_data_and_model
 
     out = tmp_path / "run"
-    argv = ["--output_dir", str(out), "--max_steps", "20", "--max_train_samples", "50", "--logging_steps", "5",
-            "--disable_tqdm", "true", "--seed", "7"]
+    argv = [
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "20",
+        "--max_train_samples",
+        "50",
+        "--logging_steps",
+        "5",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "7",
+    ]
     code = main(["train", *argv])
     assert code == 0
-    for name in ("model.safetensors", "config.json", "README.md", "deelbo_hyperparameters.png",
-                 "training_loss.png", "reliability_diagram.png", "data_split.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "deelbo_hyperparameters.png",
+        "training_loss.png",
+        "reliability_diagram.png",
+        "data_split.json",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     deelbo = config["deelbo"]
@@ -116,7 +152,8 @@ def test_main_job_on_the_embedded_default(tmp_path, capsys):
     record = read_split_record(str(out))
     assert record["seed"] == 7 and record["source"] == "embedded digits" and record["num_train_examples"] == 50
     _, data_args, training_args, _ = parse_train_args(argv)  # train's own data, rebuilt
-    _, train, _, test, *_ = _embedded_data_and_model(data_args, training_args)
+    inputs = embedded_inputs(data_args, training_args)
+    train, test = inputs.train, inputs.evaluation
     evaluated, _ = evaluation_data(record, DataTrainingArguments(), None, None, None)
     assert len(evaluated) == len(test) == record["num_eval_examples"]
     assert not _image_bytes(evaluated) & _image_bytes(train)
@@ -154,8 +191,15 @@ def tiny_vit_dir(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=2)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
     path = tmp_path / "tiny-vit"
     ViTForImageClassification(config).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
@@ -165,10 +209,29 @@ def tiny_vit_dir(tmp_path):
 def test_train_on_an_image_folder_with_a_transformers_model(tmp_path, tiny_vit_dir, capsys):
     folder = _image_folder(tmp_path / "images")
     out = tmp_path / "run"
-    code = main(["train", "--model_name_or_path", str(tiny_vit_dir), "--train_dir", str(folder),
-                 "--ignore_mismatched_sizes", "true", "--output_dir", str(out), "--max_steps", "3",
-                 "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
-                 "--remove_unused_columns", "false"])
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            str(tiny_vit_dir),
+            "--train_dir",
+            str(folder),
+            "--ignore_mismatched_sizes",
+            "true",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--remove_unused_columns",
+            "false",
+        ]
+    )
     assert code == 0
     from transformers import AutoModelForImageClassification
 
@@ -178,9 +241,18 @@ def test_train_on_an_image_folder_with_a_transformers_model(tmp_path, tiny_vit_d
 
 
 BAD_INPUTS = [
-    (["--model_name_or_path", "./no/such/model", "--train_dir", "IMAGES"], "--model_name_or_path './no/such/model' is not a directory"),
-    (["--model_name_or_path", "MODEL", "--train_dir", "IMAGES", "--image_column_name", "picture"], "--image_column_name 'picture' not found"),
-    (["--model_name_or_path", "MODEL", "--train_dir", "IMAGES", "--label_column_name", "class"], "--label_column_name 'class' not found"),
+    (
+        ["--model_name_or_path", "./no/such/model", "--train_dir", "IMAGES"],
+        "--model_name_or_path './no/such/model' is not a directory",
+    ),
+    (
+        ["--model_name_or_path", "MODEL", "--train_dir", "IMAGES", "--image_column_name", "picture"],
+        "--image_column_name 'picture' not found",
+    ),
+    (
+        ["--model_name_or_path", "MODEL", "--train_dir", "IMAGES", "--label_column_name", "class"],
+        "--label_column_name 'class' not found",
+    ),
     (["--kappa", "0"], "kappa must be > 0 or None (None means D/N); got 0.0"),
     (["--kappa", "-3"], "kappa must be > 0 or None (None means D/N); got -3.0"),
     (["--config_file", "MISSING.yaml"], "--config_file"),
@@ -195,8 +267,13 @@ BAD_INPUTS = [
 def test_bad_input_exits_with_one_line(flags, message, tmp_path, tiny_vit_dir, capsys):
     folder = _image_folder(tmp_path / "images", per_class=2)
     (tmp_path / "broken.json").write_text("{not json")
-    replace = {"IMAGES": str(folder), "MODEL": str(tiny_vit_dir), "MISSING.yaml": str(tmp_path / "missing.yaml"),
-               "BROKEN.json": str(tmp_path / "broken.json"), "NOT_A_DIR": str(tmp_path / "nothing")}
+    replace = {
+        "IMAGES": str(folder),
+        "MODEL": str(tiny_vit_dir),
+        "MISSING.yaml": str(tmp_path / "missing.yaml"),
+        "BROKEN.json": str(tmp_path / "broken.json"),
+        "NOT_A_DIR": str(tmp_path / "nothing"),
+    }
     out = tmp_path / "run"
     argv = ["train", "--output_dir", str(out), "--max_steps", "1", *[replace.get(f, f) for f in flags]]
     assert main(argv) == 2
@@ -223,13 +300,16 @@ def test_train_help_is_short_led_by_the_method_and_shows_the_defaults_that_apply
     assert "default: 5e-05; embedded digits task: 0.03" in " ".join(learning_rate.split())
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--kappa", "abc"], "argument --kappa: invalid float value: 'abc'"),
-    (["train", "--max_step", "5"], "unknown flag --max_step; did you mean --max_steps?"),
-    (["train", "--optim", "adamw_pytorch"], "argument --optim: invalid choice: 'adamw_pytorch'"),
-    (["evaluate", "--model_name_or_path", "x", "--bma_sample", "2"], "unknown flag --bma_sample; did you mean"),
-    (["show", "x", "--jso"], "unrecognized arguments: --jso"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--kappa", "abc"], "argument --kappa: invalid float value: 'abc'"),
+        (["train", "--max_step", "5"], "unknown flag --max_step; did you mean --max_steps?"),
+        (["train", "--optim", "adamw_pytorch"], "argument --optim: invalid choice: 'adamw_pytorch'"),
+        (["evaluate", "--model_name_or_path", "x", "--bma_sample", "2"], "unknown flag --bma_sample; did you mean"),
+        (["show", "x", "--jso"], "unrecognized arguments: --jso"),
+    ],
+)
 def test_bad_flags_fail_in_one_line_without_prefix_matching(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -239,12 +319,21 @@ def test_bad_flags_fail_in_one_line_without_prefix_matching(argv, message, tmp_p
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("argv, what", [
-    (["train", "--dataset_name", "tester/beans", "--model_name_or_path", "MODEL"], "--dataset_name 'tester/beans'"),
-    (["train", "--train_dir", "IMAGES", "--model_name_or_path", "tester/vit"], "--model_name_or_path 'tester/vit'"),
-    (["evaluate", "--model_name_or_path", "tester/vit"], "--model_name_or_path 'tester/vit'"),
-    (["show", "tester/vit"], "'tester/vit' is on the Hub"),
-])
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (
+            ["train", "--dataset_name", "tester/beans", "--model_name_or_path", "MODEL"],
+            "--dataset_name 'tester/beans'",
+        ),
+        (
+            ["train", "--train_dir", "IMAGES", "--model_name_or_path", "tester/vit"],
+            "--model_name_or_path 'tester/vit'",
+        ),
+        (["evaluate", "--model_name_or_path", "tester/vit"], "--model_name_or_path 'tester/vit'"),
+        (["show", "tester/vit"], "'tester/vit' is on the Hub"),
+    ],
+)
 def test_unreachable_hub_fails_fast_in_one_line(argv, what, hub, tmp_path, tiny_vit_dir, monkeypatch, capsys):
     import time
 
@@ -265,8 +354,15 @@ def test_unreachable_hub_fails_fast_in_one_line(argv, what, hub, tmp_path, tiny_
 
 def test_offline_mode_names_a_dataset_missing_from_the_cache(tmp_path, tiny_vit_dir, capsys):
     # conftest sets HF_DATASETS_OFFLINE=1: only cached datasets load
-    argv = ["train", "--dataset_name", "tester/beans", "--model_name_or_path", str(tiny_vit_dir),
-            "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "--dataset_name",
+        "tester/beans",
+        "--model_name_or_path",
+        str(tiny_vit_dir),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dataset_name 'tester/beans' is not in the local cache" in err, err
@@ -290,8 +386,22 @@ def test_unknown_command_and_help(capsys):
 @pytest.mark.slow
 def test_learning_rate_selection_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--output_dir", str(out), "--max_steps", "6", "--max_train_samples", "30",
-                 "--learning_rates", "0.05", "0.001", "--disable_tqdm", "true"])
+    code = main(
+        [
+            "train",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--max_train_samples",
+            "30",
+            "--learning_rates",
+            "0.05",
+            "0.001",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert code == 0
     selection = json.loads((out / "learning_rate_selection.json").read_text())
     scores = {run["learning_rate"]: run["training_objective"] for run in selection["runs"]}
@@ -311,8 +421,19 @@ def test_an_arguments_file_is_typed_as_the_command_line(tmp_path):
     from hf_deelbo.cli.train import parse_train_args
 
     path = tmp_path / "args.json"
-    path.write_text(json.dumps({"output_dir": 5, "learning_rates": 0.1, "max_steps": "7", "kappa": 3,
-                                "report_to": ["none"], "lr_scheduler_kwargs": {"num_cycles": 0.5}, "do_train": "true"}))
+    path.write_text(
+        json.dumps(
+            {
+                "output_dir": 5,
+                "learning_rates": 0.1,
+                "max_steps": "7",
+                "kappa": 3,
+                "report_to": ["none"],
+                "lr_scheduler_kwargs": {"num_cycles": 0.5},
+                "do_train": "true",
+            }
+        )
+    )
     _, _, training_args, run_args = parse_train_args(["--config_file", str(path)])
     assert training_args.output_dir == "5" and training_args.max_steps == 7 and training_args.kappa == 3.0
     assert run_args.learning_rates == [0.1] and training_args.report_to == []  # ["none"], normalised

@@ -41,10 +41,30 @@ def _train(tmp_path, model_dir, *flags):
     if not folder.exists():
         _image_folder(folder)
     out = tmp_path / "run"
-    code = main(["train", "--model_name_or_path", str(model_dir), "--train_dir", str(folder),
-                 "--ignore_mismatched_sizes", "true", "--output_dir", str(out), "--max_steps", "2",
-                 "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
-                 "--train_val_split", "0.25", *flags])
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            str(model_dir),
+            "--train_dir",
+            str(folder),
+            "--ignore_mismatched_sizes",
+            "true",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--train_val_split",
+            "0.25",
+            *flags,
+        ]
+    )
     assert code == 0
     return out
 

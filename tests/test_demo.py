@@ -12,8 +12,13 @@ ROOT = Path(__file__).parent.parent
 
 def make_demo_argv() -> list[str]:
     """The `hf-deelbo` arguments of `make demo`'s recipe, as make would run them."""
-    recipe = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/bin/.installed", "demo"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
+    recipe = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-o", ".venv/bin/.installed", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = [line for line in recipe.splitlines() if "hf-deelbo" in line]
     assert len(lines) == 1, recipe
     argv = shlex.split(lines[0])

@@ -12,8 +12,12 @@ CHECKS = ["gradients", "in_place_restore", "device_vs_cpu", "resume_bitwise", "f
 
 
 def test_device_check_quick_on_cpu_lists_every_check(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--output_dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((tmp_path / "device_check.json").read_text())
     assert list(record["checks"]) == CHECKS
@@ -22,7 +26,9 @@ def test_device_check_quick_on_cpu_lists_every_check(tmp_path):
     verdicts = {name: check["passed"] for name, check in record["checks"].items()}
     assert verdicts["gradients"] and verdicts["in_place_restore"] and verdicts["resume_bitwise"], verdicts
     assert verdicts["bf16"] and verdicts["device_vs_cpu"], record["checks"]
-    assert "needs a GPU" in record["checks"]["fp16"]["skipped"] and "needs a GPU" in record["checks"]["fsdp2"]["skipped"]
+    assert (
+        "needs a GPU" in record["checks"]["fp16"]["skipped"] and "needs a GPU" in record["checks"]["fsdp2"]["skipped"]
+    )
     assert record["checks"]["gradients"]["relative_error"]["in_place"]["weights"] < 1e-6
     assert {row["mechanism"] for row in record["checks"]["speed_memory"]["rows"]} == {"in_place", "functional_call"}
     assert "| gradients | pass |" in (tmp_path / "device_check.md").read_text()

@@ -15,14 +15,19 @@ from hf_deelbo import DEELBoTrainer
 from hf_deelbo.core.groups import split_parameters
 from hf_deelbo.hub.config import read_config_entry
 from hf_deelbo.methods.deelbo.config import DEELBO
-from hf_deelbo.methods.deelbo.posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior, inverse_softplus
+from hf_deelbo.methods.deelbo.posterior import POSTERIOR_RHO_NAME, GaussianPosterior, inverse_softplus
 
 GROUPINGS = ["backbone", "layer"]
 
 
 def _posterior(model, grouping, covariance="diagonal", sigma=0.03):
-    return IsotropicGaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=sigma,
-                                      prior_variance_grouping=grouping, posterior_covariance=covariance)
+    return GaussianPosterior(
+        model,
+        split_parameters(model, ["head"]),
+        sigma_init=sigma,
+        prior_variance_grouping=grouping,
+        posterior_covariance=covariance,
+    )
 
 
 def _moved(grouping, seed=0):
@@ -45,7 +50,9 @@ def _reference_kl(model, posterior, lam, tau):
     for name, m in model.named_parameters():
         s = sigma[offset : offset + m.numel()].view_as(m)
         offset += m.numel()
-        mean, var = (mu[name], lam[name] if isinstance(lam, dict) else lam) if name in mu else (torch.zeros_like(m), tau)
+        mean, var = (
+            (mu[name], lam[name] if isinstance(lam, dict) else lam) if name in mu else (torch.zeros_like(m), tau)
+        )
         var = torch.as_tensor(var, dtype=torch.float64)
         kl = kl + kl_divergence(Normal(m, s), Normal(mean, var.sqrt().expand_as(m))).sum()
     assert offset == posterior.rho.numel()
@@ -83,7 +90,11 @@ def test_diagonal_optimum_minimises_the_reference_kl(grouping):
     mu, offset, sums = posterior.prior_mean, 0, {}
     for name, p in model.named_parameters():
         centre = mu[name] if name in mu else torch.zeros_like(p)
-        sums[name] = (((p.detach() - centre) ** 2).sum().item(), s[offset : offset + p.numel()].sum().item(), p.numel())
+        sums[name] = (
+            ((p.detach() - centre) ** 2).sum().item(),
+            s[offset : offset + p.numel()].sum().item(),
+            p.numel(),
+        )
         offset += p.numel()
     head = [n for n in sums if n not in mu]
 
@@ -155,9 +166,11 @@ def test_both_draws_are_m_plus_sigma_times_eps_per_weight():
 
 def test_config_entry_logs_and_saved_rho(make_args, tmp_path):
     model, _ = build_model("vit")
-    trainer = DEELBoTrainer(model=model, args=make_args(max_steps=3, learning_rate=0.05, logging_steps=1,
-                                                        posterior_covariance="diagonal"),
-                            train_dataset=image_dataset(12))
+    trainer = DEELBoTrainer(
+        model=model,
+        args=make_args(max_steps=3, learning_rate=0.05, logging_steps=1, posterior_covariance="diagonal"),
+        train_dataset=image_dataset(12),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     entry = json.loads((tmp_path / "saved" / "config.json").read_text())["deelbo"]
@@ -168,9 +181,12 @@ def test_config_entry_logs_and_saved_rho(make_args, tmp_path):
     assert entry["sigma"] == pytest.approx(float(sigma.pow(2).mean().sqrt()), rel=1e-6)  # root mean square
     assert all(isinstance(e["sigma"], float) for e in trainer.state.log_history if "sigma" in e)
     saved = safetensors.torch.load_file(str(tmp_path / "saved" / POSTERIOR_RHO_NAME))
-    assert list(saved) == sorted(trainer.posterior.parameter_names) or set(saved) == set(trainer.posterior.parameter_names)
-    assert torch.equal(torch.cat([saved[n].reshape(-1) for n in trainer.posterior.parameter_names]),
-                       trainer.posterior.rho.detach())
+    assert list(saved) == sorted(trainer.posterior.parameter_names) or set(saved) == set(
+        trainer.posterior.parameter_names
+    )
+    assert torch.equal(
+        torch.cat([saved[n].reshape(-1) for n in trainer.posterior.parameter_names]), trainer.posterior.rho.detach()
+    )
     # the isotropic default writes its covariance too, and entries from before the key still read
     isotropic = DEELBoTrainer(model=build_model("vit")[0], args=make_args(max_steps=1), train_dataset=image_dataset(8))
     old = {k: v for k, v in isotropic.config_entry().items() if k != "posterior_covariance"}
@@ -185,17 +201,21 @@ def test_a_saved_diagonal_posterior_is_rebuilt_with_its_sigmas(make_args, tmp_pa
 
     from hf_deelbo.methods.deelbo.prediction import posterior_from_config, predictive_log_probs
 
-    trainer = DEELBoTrainer(model=build_model("vit")[0], args=make_args(max_steps=3, learning_rate=0.05,
-                                                                        posterior_covariance="diagonal"),
-                            train_dataset=image_dataset(12))
+    trainer = DEELBoTrainer(
+        model=build_model("vit")[0],
+        args=make_args(max_steps=3, learning_rate=0.05, posterior_covariance="diagonal"),
+        train_dataset=image_dataset(12),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     reloaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "saved"))
     posterior = posterior_from_config(reloaded, str(tmp_path / "saved"))
     assert posterior.diagonal and torch.equal(posterior.rho.detach(), trainer.posterior.rho.detach())
     inputs = {"pixel_values": image_dataset(4)[:]["pixel_values"]}
-    torch.testing.assert_close(predictive_log_probs(reloaded, inputs, posterior, num_samples=3, seed=1),
-                               predictive_log_probs(trainer.model, inputs, trainer.posterior, num_samples=3, seed=1))
+    torch.testing.assert_close(
+        predictive_log_probs(reloaded, inputs, posterior, num_samples=3, seed=1),
+        predictive_log_probs(trainer.model, inputs, trainer.posterior, num_samples=3, seed=1),
+    )
     with caplog.at_level(logging.WARNING):  # without the file: one σ for all, said in a warning
         fallback = posterior_from_config(reloaded)
     assert not fallback.diagonal and any("root-mean-square σ" in r.getMessage() for r in caplog.records)
@@ -209,8 +229,11 @@ def test_diagonal_with_fully_shard_is_refused():
     try:
         model = TinyNet()
         fully_shard(model)
-        with pytest.raises(NotImplementedError, match=r"posterior_covariance='diagonal' does not support .*fully_shard"
-                                                      r".*posterior_covariance='isotropic'"):
+        with pytest.raises(
+            NotImplementedError,
+            match=r"posterior_covariance='diagonal' does not support .*fully_shard"
+            r".*posterior_covariance='isotropic'",
+        ):
             _posterior(model, "backbone")
         _posterior(model, "backbone", "isotropic")  # the isotropic posterior still accepts it
     finally:
@@ -241,16 +264,27 @@ def test_a_diagonal_rho_takes_adams_steps_on_the_weights_schedule(optim, make_ar
     ref = []
     recorder = _RhoRecorder(ref)
     lr, steps = 0.02, 3
-    trainer = DEELBoTrainer(model=build_model("vit")[0], train_dataset=image_dataset(12), callbacks=[recorder],
-                            args=make_args(max_steps=steps, learning_rate=0.05, optim=optim, lr_scheduler_type="linear",
-                                           max_grad_norm=1.0, posterior_covariance="diagonal",
-                                           diagonal_sigma_learning_rate=lr))
+    trainer = DEELBoTrainer(
+        model=build_model("vit")[0],
+        train_dataset=image_dataset(12),
+        callbacks=[recorder],
+        args=make_args(
+            max_steps=steps,
+            learning_rate=0.05,
+            optim=optim,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            posterior_covariance="diagonal",
+            diagonal_sigma_learning_rate=lr,
+        ),
+    )
     ref.append(trainer)
     trainer.train()
     assert len(recorder.grads) == steps
     first, second = torch.zeros_like(recorder.grads[0]), torch.zeros_like(recorder.grads[0])
-    for k, (before, grad, after, lrs) in enumerate(zip(recorder.before, recorder.grads, recorder.after, recorder.lrs),
-                                                   start=1):
+    for k, (before, grad, after, lrs) in enumerate(
+        zip(recorder.before, recorder.grads, recorder.after, recorder.lrs, strict=False), start=1
+    ):
         scheduled = lr * (1 - (k - 1) / steps)  # linear decay, no warm-up
         assert lrs[-1] == pytest.approx(scheduled, rel=1e-12)  # ρ's group is last, on the weights' schedule
         assert lrs[0] == pytest.approx(0.05 * (1 - (k - 1) / steps), rel=1e-12)
@@ -265,10 +299,20 @@ def test_a_diagonal_rho_takes_adams_steps_on_the_weights_schedule(optim, make_ar
 def test_the_sigmas_of_a_diagonal_posterior_grow_under_sgd(make_args):
     """The failure the Adam fixes: in the weights' SGD at sigma_learning_rate, dL/dρ_i is ~1/D of the
     isotropic ρ's and the σ_i stay at sigma_init; with ρ's own Adam they move."""
+
     def rms_sigma(**overrides):
-        trainer = DEELBoTrainer(model=build_model("resnet")[0], train_dataset=image_dataset(16),
-                                args=make_args(max_steps=20, learning_rate=0.1, optim="sgd", max_grad_norm=1.0,
-                                               posterior_covariance="diagonal", **overrides))
+        trainer = DEELBoTrainer(
+            model=build_model("resnet")[0],
+            train_dataset=image_dataset(16),
+            args=make_args(
+                max_steps=20,
+                learning_rate=0.1,
+                optim="sgd",
+                max_grad_norm=1.0,
+                posterior_covariance="diagonal",
+                **overrides,
+            ),
+        )
         trainer.train()
         return trainer.learned_hyperparameters()["sigma"]
 
@@ -282,8 +326,11 @@ def test_the_combined_optimizer_round_trips_its_state_and_refuses_anothers():
     def build():
         torch.manual_seed(0)
         weights, rho = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.full((3,), -9.0))
-        return weights, rho, CombinedOptimizer([torch.optim.SGD([weights], lr=0.1, momentum=0.9),
-                                                diagonal_rho_optimizer(rho, 0.01)])
+        return (
+            weights,
+            rho,
+            CombinedOptimizer([torch.optim.SGD([weights], lr=0.1, momentum=0.9), diagonal_rho_optimizer(rho, 0.01)]),
+        )
 
     weights, rho, optimizer = build()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))

@@ -17,8 +17,13 @@ BIN = os.path.dirname(sys.executable)
 def _launch(command, tmp_path, name, *script_args):
     out = tmp_path / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command + [SCRIPT, str(out), "4" if "single" not in name else "8", *script_args],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        command + [SCRIPT, str(out), "4" if "single" not in name else "8", *script_args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2 if "single" not in name else 1)]
 
@@ -30,9 +35,21 @@ def single_process(tmp_path_factory):
 
 LAUNCHERS = {
     "torchrun": [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2"],
-    "accelerate": [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29541"],
+    "accelerate": [
+        os.path.join(BIN, "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29541",
+    ],
 }
 
 
@@ -67,7 +84,10 @@ def test_layer_wise_prior_variances_agree_across_two_processes_and_with_one(tmp_
     assert rank0["weights_sha"] == rank1["weights_sha"]
     assert rank0["learned"] == rank1["learned"] and rank0["learned"]["prior_variance_grouping"] == "layer"
     np.testing.assert_allclose(rank0["weights"], single["weights"], rtol=0, atol=1e-6)
-    per_tensor, single_per_tensor = rank0["learned"]["backbone_prior_variances"], single["learned"]["backbone_prior_variances"]
+    per_tensor, single_per_tensor = (
+        rank0["learned"]["backbone_prior_variances"],
+        single["learned"]["backbone_prior_variances"],
+    )
     assert list(per_tensor) == list(single_per_tensor) and len(per_tensor) > 1
     np.testing.assert_allclose(list(per_tensor.values()), list(single_per_tensor.values()), rtol=1e-5)
     for key in ("lambda", "tau", "sigma"):
@@ -138,8 +158,13 @@ def test_validation_methods_agree_across_ranks_and_with_one_process(method, tmp_
     records = {}
     for name, command, batch, ranks in (("two", LAUNCHERS["torchrun"], "8", 2), ("one", [sys.executable], "16", 1)):
         out = tmp_path / name
-        result = subprocess.run(command + [VALIDATION_SCRIPT, method, str(out), batch], capture_output=True, text=True,
-                                env=env, timeout=600)
+        result = subprocess.run(
+            command + [VALIDATION_SCRIPT, method, str(out), batch],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         records[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
     (rank0, rank1), (single,) = records["two"], records["one"]

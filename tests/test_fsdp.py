@@ -15,8 +15,13 @@ TORCHRUN = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standa
 
 def _launch(mode, tmp_path, grouping="backbone"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(TORCHRUN + [SCRIPT, mode, str(tmp_path / mode), "cpu", grouping], capture_output=True,
-                            text=True, env=env, timeout=600)
+    result = subprocess.run(
+        TORCHRUN + [SCRIPT, mode, str(tmp_path / mode), "cpu", grouping],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / mode / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -36,8 +41,9 @@ def test_fully_sharded_training_equals_ddp(grouping, tmp_path):
         np.testing.assert_allclose(fsdp[rank]["lambdas"], ddp[rank]["lambdas"], rtol=1e-6)
         for key in ("lambda", "tau", "sigma"):
             assert fsdp[rank][key] == pytest.approx(ddp[rank][key], rel=1e-6), key
-        np.testing.assert_allclose(fsdp[rank]["backbone_prior_variances"], ddp[rank]["backbone_prior_variances"],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            fsdp[rank]["backbone_prior_variances"], ddp[rank]["backbone_prior_variances"], rtol=1e-6
+        )
     assert len(fsdp[0]["backbone_prior_variances"]) == (4 if grouping == "layer" else 1)
     # the ranks agree with each other, and training moved σ and the weights
     assert fsdp[0]["sigma"] == fsdp[1]["sigma"] and fsdp[0]["lambda"] == fsdp[1]["lambda"]

@@ -41,7 +41,9 @@ def _reference_gradients(model, inputs, labels, prior_mean, head_names, rho, lam
     # KL part, at the unperturbed weights, via torch.distributions in float64.
     ref_rho = rho.detach().double().clone().requires_grad_()
     ref_sigma = F.softplus(ref_rho)
-    originals = {name: p.detach().double() - (s * e).double() for (name, p), e, s in zip(params, pieces, sigmas, strict=True)}
+    originals = {
+        name: p.detach().double() - (s * e).double() for (name, p), e, s in zip(params, pieces, sigmas, strict=True)
+    }
     leaves = {name: v.clone().requires_grad_() for name, v in originals.items()}
     kl, offset = 0.0, 0
     for name, m in leaves.items():
@@ -71,14 +73,20 @@ def test_loss_gradients_match_reference(kind, mechanism, grouping, covariance, m
     model = model.double()
     dataset = text_dataset(8) if kind == "bert" else image_dataset(8)
     # Only training_step is used, on float64 inputs built below: N is given instead of a dataset.
-    trainer = DEELBoTrainer(model=model, args=make_args(sigma_init=0.01, num_train_examples=8,
-                                                        sampling_mechanism=mechanism,
-                                                        prior_variance_grouping=grouping,
-                                                        posterior_covariance=covariance))
+    trainer = DEELBoTrainer(
+        model=model,
+        args=make_args(
+            sigma_init=0.01,
+            num_train_examples=8,
+            sampling_mechanism=mechanism,
+            prior_variance_grouping=grouping,
+            posterior_covariance=covariance,
+        ),
+    )
     # Move the backbone away from μ so the backbone prior pulls, spread the σ_i of a diagonal
     # posterior (so a ρ_i paired with the wrong weight would show), and refresh λ, τ.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
         if covariance == "diagonal":
             trainer.posterior.rho.add_(0.5 * torch.randn_like(trainer.posterior.rho))
@@ -139,11 +147,11 @@ def test_sampled_weights_and_their_gradients_match_plain_autograd():
     the draws agree to one rounding (the fused float32 add rounds σε once, not twice), and so do
     the gradients to m and ρ, including a weight that gets no gradient and a bfloat16 layer."""
     from hf_deelbo.core.groups import split_parameters
-    from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
+    from hf_deelbo.methods.deelbo.posterior import GaussianPosterior
 
     torch.manual_seed(0)
     model = _PartlyUsedNet()
-    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=0.05)
+    posterior = GaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=0.05)
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
     names = [name for name, _ in model.named_parameters()]
 
@@ -193,11 +201,11 @@ def test_a_tied_weight_gets_one_draw_under_all_its_names():
     tie_weights=False)` (what the trainer runs) uses the same w̃ in both places; the reference
     lets `functional_call` find the tie itself."""
     from hf_deelbo.core.groups import split_parameters
-    from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
+    from hf_deelbo.methods.deelbo.posterior import GaussianPosterior
 
     torch.manual_seed(0)
     model = _TiedNet()
-    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=0.1)
+    posterior = GaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=0.1)
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
 
     sampled = posterior.sample_parameters(model, torch.Generator().manual_seed(1))

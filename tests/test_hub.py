@@ -18,6 +18,7 @@ from hf_deelbo import (
     HubPushError,
     digits,
     load_classifier,
+    load_deelbo_config,
     posterior_from_config,
     predictive_log_probs,
 )
@@ -32,9 +33,20 @@ def _target_data():
 
 
 def _args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, learning_rate=0.01,
-                  optim="sgd", logging_steps=2, report_to="none", save_strategy="no", disable_tqdm=True,
-                  use_cpu=True, remove_unused_columns=False, seed=0)
+    values = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=0.01,
+        optim="sgd",
+        logging_steps=2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        remove_unused_columns=False,
+        seed=0,
+    )
     values.update(overrides)
     return DEELBoTrainingArguments(**values)
 
@@ -44,10 +56,20 @@ def _pretrained_vit(repo_id):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, num_labels=5)
-    model = digits.pretrain(ViTForImageClassification(config), digits.split(digits.digits_dataset(digits.SOURCE_CLASSES),
-                                                                          300, 0)[0], epochs=2)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    model = digits.pretrain(
+        ViTForImageClassification(config),
+        digits.split(digits.digits_dataset(digits.SOURCE_CLASSES), 300, 0)[0],
+        epochs=2,
+    )
     model.push_to_hub(repo_id)
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).push_to_hub(repo_id)
 
@@ -72,12 +94,19 @@ def _plain_transformers_predictions(repo_id, pixel_values_file, out_file):
 @pytest.mark.slow
 def test_transformers_round_trip(hub, tmp_path, capsys):
     _pretrained_vit("tester/vit-digits04")
-    model, processor, head = load_classifier("tester/vit-digits04", 3, {0: "5", 1: "6", 2: "7"},
-                                             ignore_mismatched_sizes=True)
+    model, processor, head = load_classifier(
+        "tester/vit-digits04", 3, {0: "5", 1: "6", 2: "7"}, ignore_mismatched_sizes=True
+    )
     assert head == ["classifier"] and processor is not None
     train, test = _target_data()
-    args = _args(tmp_path, push_to_hub=True, hub_model_id="vit-deelbo", save_strategy="steps", save_steps=3,
-                 hub_strategy="every_save")
+    args = _args(
+        tmp_path,
+        push_to_hub=True,
+        hub_model_id="vit-deelbo",
+        save_strategy="steps",
+        save_steps=3,
+        hub_strategy="every_save",
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
     assert trainer.hub_model_id == "tester/vit-deelbo"  # namespace from the logged-in user
     trainer.train()
@@ -85,8 +114,13 @@ def test_transformers_round_trip(hub, tmp_path, capsys):
     learned = trainer.learned_hyperparameters()
 
     files = set(HfApi().list_repo_files("tester/vit-deelbo"))
-    assert {"config.json", "model.safetensors", "README.md", "deelbo_hyperparameters.png",
-            "preprocessor_config.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "deelbo_hyperparameters.png",
+        "preprocessor_config.json",
+    } <= files
     batch = test[:16]
     np.save(tmp_path / "x.npy", batch["pixel_values"].numpy())
     deelbo, logits = _plain_transformers_predictions("tester/vit-deelbo", tmp_path / "x.npy", tmp_path / "y.npy")
@@ -103,6 +137,12 @@ def test_transformers_round_trip(hub, tmp_path, capsys):
     assert main(["show", "tester/vit-deelbo"]) == 0
     shown = capsys.readouterr().out
     assert f"{learned['lambda']:.6g}" in shown and f"{learned['tau']:.6g}" in shown
+    # and the Python API reads the full model's repo as `show` does
+    assert load_deelbo_config("tester/vit-deelbo") == learned
+    HfApi().create_repo("tester/notes", exist_ok=True)
+    HfApi().upload_file(path_or_fileobj=b"not a model", path_in_repo="notes.txt", repo_id="tester/notes")
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        load_deelbo_config("tester/notes")
 
 
 def _pretrained_timm(repo_id):
@@ -131,8 +171,9 @@ def test_timm_round_trip_both_directions(loader, hub, tmp_path):
         model = timm.create_model(f"hf-hub:{source}", pretrained=True)
         model.reset_classifier(3)
     train, test = _target_data()
-    trainer = DEELBoTrainer(model=model, args=_args(tmp_path, hub_model_id=f"tester/timm-deelbo-{loader}"),
-                            train_dataset=train)
+    trainer = DEELBoTrainer(
+        model=model, args=_args(tmp_path, hub_model_id=f"tester/timm-deelbo-{loader}"), train_dataset=train
+    )
     trainer.train()
     trainer.push_to_hub()
     learned = trainer.learned_hyperparameters()
@@ -154,8 +195,11 @@ def test_bma_after_reload_shrinks_with_sigma(hub, tmp_path):
     from transformers import AutoModelForImageClassification
 
     model, _ = conftest.build_model("vit")
-    trainer = DEELBoTrainer(model=model, args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
-                            train_dataset=conftest.image_dataset(8))
+    trainer = DEELBoTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=conftest.image_dataset(8),
+    )
     trainer.train()
     trainer.args.hub_model_id = "tester/vit-bma"
     trainer.push_to_hub()
@@ -170,15 +214,18 @@ def test_bma_after_reload_shrinks_with_sigma(hub, tmp_path):
     for sigma in (1e-1, 1e-2, 1e-3, 1e-4):
         posterior.rho.data.fill_(float(torch.log(torch.expm1(torch.tensor(sigma, dtype=torch.float64)))))
         gaps.append((predictive_log_probs(reloaded, inputs, posterior, num_samples=8).exp() - mean).abs().max().item())
-    assert all(a > b for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 1e-3 < gaps[0]
+    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False)) and gaps[-1] < 1e-3 < gaps[0]
 
 
 def test_card_loads_the_local_directory_until_pushed_then_the_repo(hub, tmp_path):
     import conftest
 
     model, _ = conftest.build_model("timm")
-    trainer = DEELBoTrainer(model=model, args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
-                            train_dataset=conftest.image_dataset(8))
+    trainer = DEELBoTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=conftest.image_dataset(8),
+    )
     trainer.train()
     trainer.save_model()
     out = tmp_path / "run"
@@ -201,9 +248,11 @@ def test_failed_push_is_one_clear_error_and_a_retry_succeeds(failure, hub, tmp_p
     import conftest
 
     model, _ = conftest.build_model("resnet")
-    trainer = DEELBoTrainer(model=model, args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4,
-                                                    hub_model_id=f"tester/resnet-{failure}"),
-                            train_dataset=conftest.image_dataset(8))
+    trainer = DEELBoTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4, hub_model_id=f"tester/resnet-{failure}"),
+        train_dataset=conftest.image_dataset(8),
+    )
     trainer.train()
     trainer.save_model()
     trainer.create_model_card()
@@ -231,16 +280,27 @@ def test_repo_id_without_namespace_and_no_login(hub, tmp_path, monkeypatch, caps
     monkeypatch.delenv("HF_TOKEN")
     model, _ = conftest.build_model("resnet")
     with pytest.raises(HubPushError, match=r"repo id 'lonely-model' has no namespace.*your-namespace/lonely-model"):
-        DEELBoTrainer(model=model, args=_args(tmp_path, push_to_hub=True, hub_model_id="lonely-model"),
-                      train_dataset=conftest.image_dataset(8))
+        DEELBoTrainer(
+            model=model,
+            args=_args(tmp_path, push_to_hub=True, hub_model_id="lonely-model"),
+            train_dataset=conftest.image_dataset(8),
+        )
     assert not (tmp_path / "run").exists()
 
     out = tmp_path / "done"
     out.mkdir()
     from hf_deelbo.methods.deelbo.config import deelbo_config
 
-    entry = deelbo_config(backbone_prior_variance=1.0, head_prior_variance=1.0, sigma=0.1, kappa=10.0,
-                          num_train_examples=8, num_backbone_params=100, num_head_params=10, head_modules=["fc"])
+    entry = deelbo_config(
+        backbone_prior_variance=1.0,
+        head_prior_variance=1.0,
+        sigma=0.1,
+        kappa=10.0,
+        num_train_examples=8,
+        num_backbone_params=100,
+        num_head_params=10,
+        head_modules=["fc"],
+    )
     (out / "config.json").write_text(json.dumps({"deelbo": entry}))
     assert main(["push", str(out), "--repo_id", "lonely-model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

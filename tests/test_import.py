@@ -79,8 +79,9 @@ def test_every_imported_third_party_package_is_declared():
                 imported.add(node.module.split(".")[0])
     third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "hf_deelbo"}
     declared = _declared()
-    undeclared = sorted(name for name in third_party
-                        if DISTRIBUTIONS.get(name, name).lower().replace("-", "_") not in declared)
+    undeclared = sorted(
+        name for name in third_party if DISTRIBUTIONS.get(name, name).lower().replace("-", "_") not in declared
+    )
     assert not undeclared, f"imported but not declared in setup.cfg: {undeclared}"
 
 

@@ -17,15 +17,16 @@ from hf_deelbo.hub.config import read_config_entry
 from hf_deelbo.methods.deelbo.callback import DEELBoCallback
 from hf_deelbo.methods.deelbo.config import DEELBO, deelbo_config
 from hf_deelbo.methods.deelbo.objective import gaussian_kl, mean_prior_variance, optimal_prior_variance
-from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
+from hf_deelbo.methods.deelbo.posterior import GaussianPosterior
 
 
 def _moved_posterior(grouping="layer", sigma=0.03, seed=0):
     """A float64 TinyNet whose tensors moved from μ by different amounts, so each λ_l* differs."""
     torch.manual_seed(seed)
     model = TinyNet().double()
-    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["head"]), sigma_init=sigma,
-                                           prior_variance_grouping=grouping)
+    posterior = GaussianPosterior(
+        model, split_parameters(model, ["head"]), sigma_init=sigma, prior_variance_grouping=grouping
+    )
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
             p.add_(0.01 * (i + 1) * torch.randn_like(p))
@@ -59,7 +60,8 @@ def test_layerwise_kl_matches_a_per_tensor_reference():
     ours_grads = torch.autograd.grad(posterior.kl(lam, tau), [*model.parameters(), posterior.rho])
     ref_grads = torch.autograd.grad(
         _reference_kl(model, posterior, F.softplus(posterior.rho.double()), dict(zip(names, lam, strict=True)), tau),
-        [*model.parameters(), posterior.rho])
+        [*model.parameters(), posterior.rho],
+    )
     for a, b in zip(ours_grads, ref_grads, strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-10, atol=1e-14)
 
@@ -102,13 +104,17 @@ def test_one_group_is_the_one_lambda_kl():
     sq, d, var, lam = torch.rand(1, dtype=torch.float64, generator=generator), 37, 1e-4, 2e-3
     vector = gaussian_kl(sq, torch.tensor([d], dtype=torch.float64), var, torch.tensor([lam], dtype=torch.float64))
     torch.testing.assert_close(vector.sum(), gaussian_kl(sq[0], d, var, lam), rtol=1e-15, atol=0)
-    torch.testing.assert_close(optimal_prior_variance(sq, torch.tensor([float(d)], dtype=torch.float64), var)[0],
-                               optimal_prior_variance(sq[0], d, var), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        optimal_prior_variance(sq, torch.tensor([float(d)], dtype=torch.float64), var)[0],
+        optimal_prior_variance(sq[0], d, var),
+        rtol=1e-15,
+        atol=0,
+    )
     # a backbone of one tensor: "layer" and "backbone" grouping give the same λ* and KL
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 2))
     groups = split_parameters(model, ["1"])
-    one, layer = (IsotropicGaussianPosterior(model, groups, 0.01, grouping) for grouping in ("backbone", "layer"))
+    one, layer = (GaussianPosterior(model, groups, 0.01, grouping) for grouping in ("backbone", "layer"))
     with torch.no_grad():
         model[0].weight.add_(0.1)
         model[1].weight.mul_(2)
@@ -118,8 +124,10 @@ def test_one_group_is_the_one_lambda_kl():
 
 
 def test_mean_prior_variance_is_the_d_weighted_harmonic_mean():
-    lam, sizes = torch.tensor([1e-3, 4e-3, 1e-1], dtype=torch.float64), torch.tensor([10.0, 30.0, 60.0],
-                                                                                     dtype=torch.float64)
+    lam, sizes = (
+        torch.tensor([1e-3, 4e-3, 1e-1], dtype=torch.float64),
+        torch.tensor([10.0, 30.0, 60.0], dtype=torch.float64),
+    )
     expected = 100 / (10 / 1e-3 + 30 / 4e-3 + 60 / 1e-1)
     assert float(mean_prior_variance(lam, sizes)) == pytest.approx(expected, rel=1e-14)
     # the isotropic prior with the same total precision: Σ_l D_l/λ_l = D_b/λ̄
@@ -144,9 +152,11 @@ def test_a_restored_lambda_of_the_wrong_grouping_is_recomputed():
 def test_layerwise_config_entry_survives_save_and_load(make_args, tmp_path):
     model, _ = build_model("vit")
     pretrained = {k: v.detach().clone() for k, v in model.named_parameters()}
-    trainer = DEELBoTrainer(model=model, args=make_args(max_steps=4, learning_rate=0.05,
-                                                        prior_variance_grouping="layer"),
-                            train_dataset=image_dataset(12))
+    trainer = DEELBoTrainer(
+        model=model,
+        args=make_args(max_steps=4, learning_rate=0.05, prior_variance_grouping="layer"),
+        train_dataset=image_dataset(12),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     entry = json.loads((tmp_path / "saved" / "config.json").read_text())["deelbo"]
@@ -167,8 +177,9 @@ def test_layerwise_config_entry_survives_save_and_load(make_args, tmp_path):
     d_b = sum(saved[k].numel() for k in backbone)
     harmonic = d_b / sum(saved[k].numel() / expected[k] for k in backbone)
     assert entry["lambda"] == pytest.approx(harmonic, rel=1e-6)
-    assert entry["alpha_eff"] == pytest.approx(1 / (entry["num_backbone_params"] + entry["num_head_params"])
-                                               / harmonic, rel=1e-6)
+    assert entry["alpha_eff"] == pytest.approx(
+        1 / (entry["num_backbone_params"] + entry["num_head_params"]) / harmonic, rel=1e-6
+    )
     assert max(expected.values()) > 10 * min(expected.values())  # the check sees the tensors differ
     # the model card names λ̄ as the harmonic mean, in an unbroken table
     card = (tmp_path / "saved" / "README.md").read_text().splitlines()
@@ -185,8 +196,16 @@ def test_one_lambda_entry_and_old_entries_still_read(make_args):
     assert entry["prior_variance_grouping"] == "backbone" and "backbone_prior_variances" not in entry
     old = {k: v for k, v in entry.items() if k != "prior_variance_grouping"}  # written before the grouping existed
     assert read_config_entry({"deelbo": old}, DEELBO.key) == old
-    values = dict(backbone_prior_variance=1e-3, head_prior_variance=1e-2, sigma=1e-4, kappa=2.0, num_train_examples=4,
-                  num_backbone_params=10, num_head_params=2, head_modules=["classifier"])
+    values = dict(
+        backbone_prior_variance=1e-3,
+        head_prior_variance=1e-2,
+        sigma=1e-4,
+        kappa=2.0,
+        num_train_examples=4,
+        num_backbone_params=10,
+        num_head_params=2,
+        head_modules=["classifier"],
+    )
     bad = deelbo_config(**values, prior_variance_grouping="layer", backbone_prior_variances={"a.weight": -1.0})
     with pytest.raises(ValueError, match=r"deelbo\.backbone_prior_variances must be a non-empty dict .* > 0"):
         read_config_entry({"deelbo": bad}, DEELBO.key)

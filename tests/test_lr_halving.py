@@ -17,16 +17,19 @@ from hf_deelbo.search import halving_budget, halving_cooldown_steps, halving_sch
 select_learning_rate_by_halving = functools.partial(select_learning_rate, strategy="halving")
 
 
-@pytest.mark.parametrize("num_candidates, max_steps, schedule, cooldowns, budget", [
-    (1, 8, [(8, 1)], [], 8),
-    (2, 8, [(1, 2), (8, 1)], [1], 11),  # 2·T/8 + 7T/8, cool-downs 2·1
-    (2, 80, [(10, 2), (80, 1)], [2], 94),  # 1.125T + 2·(0.2·T/8) = 1.175T
-    (3, 16, [(1, 3), (2, 2), (16, 1)], [1, 1], 24),  # 3·1 + 2·1 + 14, cool-downs 3·1 + 2·1
-    (4, 16, [(1, 4), (2, 2), (16, 1)], [1, 1], 26),
-    (4, 160, [(10, 4), (20, 2), (160, 1)], [2, 4], 216),  # 1.25T + 4·(0.2·T/16) + 2·(0.2·T/8) = 1.35T
-    (4, 200, [(12, 4), (25, 2), (200, 1)], [3, 5], 271),  # floor(T/16), floor(T/8), ceil(0.2·t_r)
-    (8, 320, [(10, 8), (20, 4), (40, 2), (320, 1)], [2, 4, 8], 488),  # 1.375T + 3·(0.2·T/4) = 1.525T
-])
+@pytest.mark.parametrize(
+    "num_candidates, max_steps, schedule, cooldowns, budget",
+    [
+        (1, 8, [(8, 1)], [], 8),
+        (2, 8, [(1, 2), (8, 1)], [1], 11),  # 2·T/8 + 7T/8, cool-downs 2·1
+        (2, 80, [(10, 2), (80, 1)], [2], 94),  # 1.125T + 2·(0.2·T/8) = 1.175T
+        (3, 16, [(1, 3), (2, 2), (16, 1)], [1, 1], 24),  # 3·1 + 2·1 + 14, cool-downs 3·1 + 2·1
+        (4, 16, [(1, 4), (2, 2), (16, 1)], [1, 1], 26),
+        (4, 160, [(10, 4), (20, 2), (160, 1)], [2, 4], 216),  # 1.25T + 4·(0.2·T/16) + 2·(0.2·T/8) = 1.35T
+        (4, 200, [(12, 4), (25, 2), (200, 1)], [3, 5], 271),  # floor(T/16), floor(T/8), ceil(0.2·t_r)
+        (8, 320, [(10, 8), (20, 4), (40, 2), (320, 1)], [2, 4, 8], 488),  # 1.375T + 3·(0.2·T/4) = 1.525T
+    ],
+)
 def test_schedule_and_budget_follow_the_closed_form(num_candidates, max_steps, schedule, cooldowns, budget):
     assert halving_schedule(num_candidates, max_steps) == schedule
     assert [halving_cooldown_steps(step) for step, _ in schedule[:-1]] == cooldowns
@@ -38,7 +41,8 @@ def test_schedule_and_budget_follow_the_closed_form(num_candidates, max_steps, s
     assert total == budget
     # without the cool-downs: the schedule's steps alone
     assert halving_budget(num_candidates, max_steps, cooldown_fraction=0) == budget - sum(
-        survivors * c for (_, survivors), c in zip(schedule, cooldowns))
+        survivors * c for (_, survivors), c in zip(schedule, cooldowns, strict=False)
+    )
 
 
 def test_schedule_needs_enough_steps_to_pause():
@@ -47,15 +51,21 @@ def test_schedule_needs_enough_steps_to_pause():
 
 
 def _args(tmp_path, **overrides):
-    values = dict(max_steps=16, learning_rate=0.05, per_device_train_batch_size=4, max_grad_norm=0.0,
-                  objective_batch_norm="running")
+    values = dict(
+        max_steps=16,
+        learning_rate=0.05,
+        per_device_train_batch_size=4,
+        max_grad_norm=0.0,
+        objective_batch_norm="running",
+    )
     return training_args(tmp_path, **{**values, **overrides})
 
 
 def test_halving_requires_max_steps(tmp_path):
     with pytest.raises(ValueError, match="max_steps must be > 0; got -1"):
-        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8),
-                                        _args(tmp_path, max_steps=-1, num_train_epochs=1))
+        select_learning_rate_by_halving(
+            lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path, max_steps=-1, num_train_epochs=1)
+        )
 
 
 class StepCounter(TrainerCallback):
@@ -71,8 +81,9 @@ class StepCounter(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # global_step is still the previous step's here: the step taken is global_step + 1
-        self.steps.append((args.learning_rate, state.global_step + 1,
-                           tuple(group["lr"] for group in optimizer.param_groups)))
+        self.steps.append(
+            (args.learning_rate, state.global_step + 1, tuple(group["lr"] for group in optimizer.param_groups))
+        )
 
 
 def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_run(tmp_path):
@@ -82,8 +93,14 @@ def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_ru
     dataset = image_dataset(16)
     learning_rates = (0.05, 0.02, 0.005, 0.001)
     counter = StepCounter(tmp_path / "halving" / "out")
-    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], dataset, _args(tmp_path / "halving"),
-                                             learning_rates=learning_rates, num_samples=2, callbacks=[counter])
+    result = select_learning_rate_by_halving(
+        lambda: build_model("resnet")[0],
+        dataset,
+        _args(tmp_path / "halving"),
+        learning_rates=learning_rates,
+        num_samples=2,
+        callbacks=[counter],
+    )
     runs = {run.settings["learning_rate"]: run for run in result.runs}
     assert len(counter.steps) == 26 == result.total_steps == halving_budget(4, 16)
     # per run: the steps of each segment; a cool-down step (the branch) is taken again by the continued run
@@ -111,8 +128,12 @@ def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_ru
 
     straight_model = build_model("resnet")[0]
     straight_counter = StepCounter(tmp_path / "straight")
-    straight = DEELBoTrainer(model=straight_model, args=_args(tmp_path / "straight", learning_rate=best),
-                             train_dataset=dataset, callbacks=[straight_counter])
+    straight = DEELBoTrainer(
+        model=straight_model,
+        args=_args(tmp_path / "straight", learning_rate=best),
+        train_dataset=dataset,
+        callbacks=[straight_counter],
+    )
     straight.train()
     chosen_state = result.trainer.model.state_dict()
     for name, value in straight_model.state_dict().items():
@@ -131,8 +152,13 @@ def test_runs_follow_the_schedule_and_the_winner_is_bitwise_the_uninterrupted_ru
 
 
 def test_a_diverging_learning_rate_is_eliminated_and_never_chosen(tmp_path):
-    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(12),
-                                             _args(tmp_path), learning_rates=(1e12, 0.05), num_samples=2)
+    result = select_learning_rate_by_halving(
+        lambda: build_model("resnet")[0],
+        image_dataset(12),
+        _args(tmp_path),
+        learning_rates=(1e12, 0.05),
+        num_samples=2,
+    )
     runs = {run.settings["learning_rate"]: run for run in result.runs}
     assert runs[1e12].round_scores == [math.inf] and runs[1e12].eliminated_at == 1 and runs[1e12].steps <= 4
     assert result.best == {"learning_rate": 0.05} and math.isfinite(runs[0.05].score)
@@ -141,8 +167,13 @@ def test_a_diverging_learning_rate_is_eliminated_and_never_chosen(tmp_path):
 
 def test_every_learning_rate_diverging_raises(tmp_path):
     with pytest.raises(FloatingPointError, match=r"every learning rate of \[1000000000000.0, 10000000000000.0\]"):
-        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(12), _args(tmp_path),
-                                        learning_rates=(1e12, 1e13), num_samples=2)
+        select_learning_rate_by_halving(
+            lambda: build_model("resnet")[0],
+            image_dataset(12),
+            _args(tmp_path),
+            learning_rates=(1e12, 1e13),
+            num_samples=2,
+        )
     assert not list((tmp_path / "out").glob("lr-*"))
 
 
@@ -150,24 +181,39 @@ def test_every_learning_rate_diverging_raises(tmp_path):
 # rounds pause at 1 and 2 and score after a 1-step cool-down, at steps 2 and 3): 0.04 leads in
 # round 1, 0.01 in round 2; 0.001 is worst in round 1 but would be best in round 2 (it never gets there).
 SCORES = {
-    (0.04, 2): 1.0, (0.01, 2): 2.0, (0.02, 2): 3.0, (0.001, 2): 4.0,
-    (0.04, 3): 2.5, (0.01, 3): 1.5, (0.02, 3): 0.5, (0.001, 3): 0.1,
-    (0.04, 16): 9.0, (0.01, 16): 9.0, (0.02, 16): 9.0, (0.001, 16): 9.0,
+    (0.04, 2): 1.0,
+    (0.01, 2): 2.0,
+    (0.02, 2): 3.0,
+    (0.001, 2): 4.0,
+    (0.04, 3): 2.5,
+    (0.01, 3): 1.5,
+    (0.02, 3): 0.5,
+    (0.001, 3): 0.1,
+    (0.04, 16): 9.0,
+    (0.01, 16): 9.0,
+    (0.02, 16): 9.0,
+    (0.001, 16): 9.0,
 }
 
 
 def _halving_with_scores(scores, tmp_path, monkeypatch, draws=None):
     """Successive halving over 4 learning rates whose objective at (lr, step) is `scores`'s; each
     call's (step, num_samples) goes to `draws`."""
+
     def known_score(trainer, dataset=None, num_samples=10):
         if draws is not None:
             draws.append((trainer.state.global_step, num_samples))
         return scores[(trainer.args.learning_rate, trainer.state.global_step)]
 
     monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
-    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                             learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=5,
-                                             halving_num_samples=2)
+    result = select_learning_rate_by_halving(
+        lambda: build_model("resnet")[0],
+        image_dataset(8),
+        _args(tmp_path),
+        learning_rates=(0.04, 0.01, 0.02, 0.001),
+        num_samples=5,
+        halving_num_samples=2,
+    )
     return result, {run.settings["learning_rate"]: run for run in result.runs}
 
 
@@ -193,12 +239,19 @@ def test_a_non_finite_score_is_eliminated_and_never_chosen(tmp_path, monkeypatch
 def test_the_last_run_diverging_raises_naming_it(tmp_path, monkeypatch):
     scores = {**SCORES, (0.01, 16): math.inf}
 
-    monkeypatch.setattr(DEELBoTrainer, "training_objective",
-                        lambda trainer, dataset=None, num_samples=10: scores[(trainer.args.learning_rate,
-                                                                              trainer.state.global_step)])
+    monkeypatch.setattr(
+        DEELBoTrainer,
+        "training_objective",
+        lambda trainer, dataset=None, num_samples=10: scores[(trainer.args.learning_rate, trainer.state.global_step)],
+    )
     with pytest.raises(FloatingPointError, match="at learning rate 0.01 between steps 2 and 16"):
-        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                        learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+        select_learning_rate_by_halving(
+            lambda: build_model("resnet")[0],
+            image_dataset(8),
+            _args(tmp_path),
+            learning_rates=(0.04, 0.01, 0.02, 0.001),
+            num_samples=2,
+        )
 
 
 def test_a_search_that_fails_midway_leaves_no_checkpoints(tmp_path, monkeypatch):
@@ -209,8 +262,13 @@ def test_a_search_that_fails_midway_leaves_no_checkpoints(tmp_path, monkeypatch)
 
     monkeypatch.setattr(DEELBoTrainer, "training_objective", failing_score)
     with pytest.raises(RuntimeError, match="interrupted"):
-        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                        learning_rates=(0.04, 0.01, 0.02, 0.001), num_samples=2)
+        select_learning_rate_by_halving(
+            lambda: build_model("resnet")[0],
+            image_dataset(8),
+            _args(tmp_path),
+            learning_rates=(0.04, 0.01, 0.02, 0.001),
+            num_samples=2,
+        )
     assert not list((tmp_path / "out").glob("lr-*"))
 
 
@@ -218,16 +276,33 @@ def test_an_output_dir_holding_a_run_directory_is_refused(tmp_path):
     (tmp_path / "out" / "lr-0.05").mkdir(parents=True)
     (tmp_path / "out" / "lr-0.05" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="lr-0.05"):
-        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                        learning_rates=(0.05, 0.01))
+        select_learning_rate_by_halving(
+            lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path), learning_rates=(0.05, 0.01)
+        )
     assert (tmp_path / "out" / "lr-0.05" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
 def test_halving_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--output_dir", str(out), "--max_steps", "8", "--max_train_samples", "30",
-                 "--learning_rates", "0.05", "0.001", "--learning_rate_selection", "halving", "--disable_tqdm", "true"])
+    code = main(
+        [
+            "train",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "8",
+            "--max_train_samples",
+            "30",
+            "--learning_rates",
+            "0.05",
+            "0.001",
+            "--learning_rate_selection",
+            "halving",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert code == 0
     selection = json.loads((out / "learning_rate_selection.json").read_text())
     assert selection["selection"] == "halving" and selection["total_steps"] == 11  # 2·T/8 + 7T/8 + 2 cool-down steps
@@ -244,17 +319,28 @@ def test_halving_from_the_command_line(tmp_path, capsys):
     assert not any(p.name.startswith("lr-") for p in out.iterdir())
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--learning_rates", "0.1", "0.01", "--learning_rate_selection", "quick"],
-     "--learning_rate_selection/--learning-rate-selection: invalid choice: 'quick' (choose from 'full', 'halving')"),
-    (["--learning_rate_selection", "halving"],
-     "--learning_rate_selection halving chooses among --learning_rates; pass them too"),
-    (["--learning_rates", "0.1", "0.01", "--learning_rate_selection", "halving", "--max_steps", "-1"],
-     "--learning_rate_selection halving pauses runs at fractions of --max_steps, so it needs --max_steps > 0; "
-     "got -1"),
-    (["--learning_rates", "0.1", "0.01", "0.001", "--learning_rate_selection", "halving", "--max_steps", "3"],
-     "needs --max_steps >= 16 for 3 learning rates; got 3"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--learning_rates", "0.1", "0.01", "--learning_rate_selection", "quick"],
+            "--learning_rate_selection/--learning-rate-selection: invalid choice: 'quick' (choose from 'full', 'halving')",
+        ),
+        (
+            ["--learning_rate_selection", "halving"],
+            "--learning_rate_selection halving chooses among --learning_rates; pass them too",
+        ),
+        (
+            ["--learning_rates", "0.1", "0.01", "--learning_rate_selection", "halving", "--max_steps", "-1"],
+            "--learning_rate_selection halving pauses runs at fractions of --max_steps, so it needs --max_steps > 0; "
+            "got -1",
+        ),
+        (
+            ["--learning_rates", "0.1", "0.01", "0.001", "--learning_rate_selection", "halving", "--max_steps", "3"],
+            "needs --max_steps >= 16 for 3 learning rates; got 3",
+        ),
+    ],
+)
 def test_bad_halving_flags_fail_in_one_line(flags, message, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--output_dir", str(out), *flags]) == 2
@@ -275,22 +361,31 @@ def test_a_bad_selection_in_an_arguments_file_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("value", [0, 1.5, None])
 def test_bad_halving_num_samples_is_refused_before_training(value, tmp_path):
     with pytest.raises(ValueError, match=f"halving_num_samples must be an int >= 1 .*; got {value!r}"):
-        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                        learning_rates=(0.05, 0.01), halving_num_samples=value)
+        select_learning_rate_by_halving(
+            lambda: build_model("resnet")[0],
+            image_dataset(8),
+            _args(tmp_path),
+            learning_rates=(0.05, 0.01),
+            halving_num_samples=value,
+        )
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, math.nan, None, True])
 def test_bad_halving_cooldown_fraction_is_refused_before_training(value, tmp_path):
     with pytest.raises(ValueError, match=rf"halving_cooldown_fraction must be a number in \[0, 1\] .*; got {value!r}"):
-        select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                        learning_rates=(0.05, 0.01), halving_cooldown_fraction=value)
+        select_learning_rate_by_halving(
+            lambda: build_model("resnet")[0],
+            image_dataset(8),
+            _args(tmp_path),
+            learning_rates=(0.05, 0.01),
+            halving_cooldown_fraction=value,
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_without_a_cool_down_each_round_is_scored_at_its_pause(tmp_path, monkeypatch):
-    scores = {(lr, step): value for (lr, scored), value in SCORES.items()
-              for step in [{2: 1, 3: 2, 16: 16}[scored]]}
+    scores = {(lr, step): value for (lr, scored), value in SCORES.items() for step in [{2: 1, 3: 2, 16: 16}[scored]]}
     draws = []
 
     def known_score(trainer, dataset=None, num_samples=10):
@@ -298,8 +393,13 @@ def test_without_a_cool_down_each_round_is_scored_at_its_pause(tmp_path, monkeyp
         return scores[(trainer.args.learning_rate, trainer.state.global_step)]
 
     monkeypatch.setattr(DEELBoTrainer, "training_objective", known_score)
-    result = select_learning_rate_by_halving(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                                             learning_rates=(0.04, 0.01, 0.02, 0.001), halving_cooldown_fraction=0)
+    result = select_learning_rate_by_halving(
+        lambda: build_model("resnet")[0],
+        image_dataset(8),
+        _args(tmp_path),
+        learning_rates=(0.04, 0.01, 0.02, 0.001),
+        halving_cooldown_fraction=0,
+    )
     assert draws == [1] * 4 + [2] * 2 + [16]
     assert result.best == {"learning_rate": 0.01} and result.total_steps == 20 == halving_budget(4, 16, 0)
 
@@ -324,7 +424,14 @@ def test_the_objects_before_a_search_are_left_out_of_its_collections(strategy, t
 
     counter = FreezeCount()
     assert gc.get_freeze_count() == 0
-    select_learning_rate(lambda: build_model("resnet")[0], image_dataset(8), _args(tmp_path),
-                         learning_rates=(0.05, 0.01), num_samples=1, strategy=strategy, callbacks=[counter])
+    select_learning_rate(
+        lambda: build_model("resnet")[0],
+        image_dataset(8),
+        _args(tmp_path),
+        learning_rates=(0.05, 0.01),
+        num_samples=1,
+        strategy=strategy,
+        callbacks=[counter],
+    )
     assert counter.counts and all(count > 0 for count in counter.counts)
     assert gc.get_freeze_count() == 0

@@ -20,13 +20,24 @@ from conftest import build_model, image_dataset
 from hf_deelbo import DEELBoTrainer
 
 SCALE = 2.0**16
-VARIANTS = [pytest.param(mechanism, covariance, id=f"{mechanism}-{covariance}")
-            for mechanism in ("in_place", "functional_call") for covariance in ("isotropic", "diagonal")]
+VARIANTS = [
+    pytest.param(mechanism, covariance, id=f"{mechanism}-{covariance}")
+    for mechanism in ("in_place", "functional_call")
+    for covariance in ("isotropic", "diagonal")
+]
 
 
 def _trainer(model, make_args, mechanism, covariance, **overrides):
-    return DEELBoTrainer(model=model, args=make_args(sigma_init=0.01, num_train_examples=8, sampling_mechanism=mechanism,
-                                                     posterior_covariance=covariance, **overrides))
+    return DEELBoTrainer(
+        model=model,
+        args=make_args(
+            sigma_init=0.01,
+            num_train_examples=8,
+            sampling_mechanism=mechanism,
+            posterior_covariance=covariance,
+            **overrides,
+        ),
+    )
 
 
 def _moved(model, trainer, seed=0):
@@ -68,12 +79,16 @@ def test_fp16_loss_scaling_reaches_every_gradient_the_trainer_forms(mechanism, c
         grads, rho = _step(trainer, model, batch)
         # before the unscale: every gradient carries the scale (a power of two scales exactly)
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, SCALE * reference[name], rtol=1e-6, atol=0, msg=lambda text, name=name: f"{name}: {text}")
+            torch.testing.assert_close(
+                grad, SCALE * reference[name], rtol=1e-6, atol=0, msg=lambda text, name=name: f"{name}: {text}"
+            )
         torch.testing.assert_close(rho, SCALE * reference_rho, rtol=1e-6, atol=0)
         # what the optimizer step sees: unscaled, the float32 step's gradients
         trainer.accelerator.scaler.unscale_(trainer.optimizer)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, reference[name], rtol=1e-6, atol=0, msg=lambda text, name=name: f"{name}: {text}")
+            torch.testing.assert_close(
+                p.grad, reference[name], rtol=1e-6, atol=0, msg=lambda text, name=name: f"{name}: {text}"
+            )
         torch.testing.assert_close(trainer.posterior.rho.grad, reference_rho, rtol=1e-6, atol=0)
     finally:
         trainer.accelerator.scaler = None
@@ -112,7 +127,7 @@ def test_the_in_place_draw_uses_every_device_with_a_generator_and_falls_back_els
     """The in-place draw replays ε from the device's default generator: cpu (and cuda, xpu, mps where
     present) have one; a device without one (`meta`) falls back to functional_call with one warning,
     decided when the trainer is built."""
-    from hf_deelbo.methods.deelbo.posterior import default_generator, in_place_supported
+    from hf_deelbo.methods.deelbo.sampling import default_generator, in_place_supported
     from hf_deelbo.methods.deelbo.trainer import resolve_sampling_mechanism
 
     assert default_generator("cpu") is torch.default_generator and in_place_supported("cpu")
@@ -135,7 +150,10 @@ def test_float32_accumulation_for_devices_without_float64(mechanism, covariance,
     reference_trainer = _trainer(model, make_args, mechanism, covariance)
     monkeypatch.setenv("HF_DEELBO_ACCUMULATION_DTYPE", "float32")
     trainer = _trainer(twin, make_args, mechanism, covariance)
-    assert trainer.posterior.accumulation_dtype == torch.float32 and reference_trainer.posterior.accumulation_dtype == torch.float64
+    assert (
+        trainer.posterior.accumulation_dtype == torch.float32
+        and reference_trainer.posterior.accumulation_dtype == torch.float64
+    )
     _moved(model, reference_trainer)
     _moved(twin, trainer)
     batch = image_dataset(8).with_format("torch")[:8]

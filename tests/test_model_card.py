@@ -13,9 +13,18 @@ from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
 
 def _trained(tmp_path):
     model, _ = build_model("resnet")
-    args = L2SPTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
-                                 report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
-    trainer = L2SPTrainer(model=model, args=args, train_dataset=image_dataset(8), eval_dataset=image_dataset(8, seed=1))
+    args = L2SPTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = L2SPTrainer(
+        model=model, args=args, train_dataset=image_dataset(8), eval_dataset=image_dataset(8, seed=1)
+    )
     trainer.train()
     trainer.evaluate()
     return trainer
@@ -39,7 +48,9 @@ def test_local_paths_and_descriptions_stay_out_of_the_metadata(tmp_path):
     trainer = _trained(tmp_path)
     trainer.create_model_card(finetuned_from=str(tmp_path), dataset="digits 5-9 (scikit-learn)")
     data = ModelCard.load(tmp_path / "out" / "README.md").data
-    assert data.base_model is None and data.datasets is None and not data.eval_results  # model-index, as plain Trainer's, without results
+    assert (
+        data.base_model is None and data.datasets is None and not data.eval_results
+    )  # model-index, as plain Trainer's, without results
 
 
 def _imagefolder(root):
@@ -54,12 +65,14 @@ def _imagefolder(root):
         (root / str(label)).mkdir(parents=True)
         for i, image in enumerate(digits.images[digits.target == label][:6]):
             Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB").resize((32, 32)).save(
-                root / str(label) / f"{i}.png")
+                root / str(label) / f"{i}.png"
+            )
     dataset = load_dataset("imagefolder", data_dir=str(root), split="train")
 
     def to_pixel_values(batch):
-        images = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255
-                              for image in batch["image"]])
+        images = torch.stack(
+            [torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255 for image in batch["image"]]
+        )
         return {"pixel_values": images, "labels": torch.tensor(batch["label"])}
 
     return dataset.with_transform(to_pixel_values)
@@ -69,8 +82,17 @@ def _vit(seed=0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=32, num_labels=3))
+    return ViTForImageClassification(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    )
 
 
 def _metadata(path) -> dict:
@@ -88,10 +110,23 @@ def test_card_has_every_key_plain_trainers_card_has_after_save_and_after_a_push(
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, compute_metrics
 
     data = _imagefolder(tmp_path / "images")
-    common = dict(max_steps=2, per_device_train_batch_size=6, report_to="none", save_strategy="no",
-                  disable_tqdm=True, use_cpu=True, remove_unused_columns=False, learning_rate=0.01)
-    plain = Trainer(model=_vit(), args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common),
-                    train_dataset=data, eval_dataset=data, compute_metrics=compute_metrics)
+    common = dict(
+        max_steps=2,
+        per_device_train_batch_size=6,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        remove_unused_columns=False,
+        learning_rate=0.01,
+    )
+    plain = Trainer(
+        model=_vit(),
+        args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common),
+        train_dataset=data,
+        eval_dataset=data,
+        compute_metrics=compute_metrics,
+    )
     plain.train()
     plain.evaluate()
     plain.save_model()
@@ -99,8 +134,13 @@ def test_card_has_every_key_plain_trainers_card_has_after_save_and_after_a_push(
     plain_metadata = _metadata(tmp_path / "plain" / "README.md")
     assert {"license", "language", "tags", "datasets", "metrics", "model-index"} <= set(plain_metadata)
 
-    ours = DEELBoTrainer(model=_vit(), args=DEELBoTrainingArguments(output_dir=str(tmp_path / "ours"), **common),
-                         train_dataset=data, eval_dataset=data, compute_metrics=compute_metrics)
+    ours = DEELBoTrainer(
+        model=_vit(),
+        args=DEELBoTrainingArguments(output_dir=str(tmp_path / "ours"), **common),
+        train_dataset=data,
+        eval_dataset=data,
+        compute_metrics=compute_metrics,
+    )
     ours.train()
     ours.evaluate()
     ours.save_model()

@@ -13,7 +13,6 @@ from transformers import TrainerCallback
 from hf_deelbo import DEELBoTrainer
 
 
-
 class _CountSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -56,20 +55,33 @@ class _CountFromStep(TrainerCallback):
             self.mode.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("mechanism, accumulation, grouping, covariance", [
-    ("in_place", 1, "backbone", "isotropic"), ("in_place", 2, "backbone", "isotropic"),
-    ("functional_call", 1, "backbone", "isotropic"), ("in_place", 1, "layer", "isotropic"),
-    ("functional_call", 1, "layer", "isotropic"),
-    ("in_place", 2, "layer", "diagonal"), ("functional_call", 1, "backbone", "diagonal"),
-])
+@pytest.mark.parametrize(
+    "mechanism, accumulation, grouping, covariance",
+    [
+        ("in_place", 1, "backbone", "isotropic"),
+        ("in_place", 2, "backbone", "isotropic"),
+        ("functional_call", 1, "backbone", "isotropic"),
+        ("in_place", 1, "layer", "isotropic"),
+        ("functional_call", 1, "layer", "isotropic"),
+        ("in_place", 2, "layer", "diagonal"),
+        ("functional_call", 1, "backbone", "diagonal"),
+    ],
+)
 def test_training_steps_that_do_not_log_never_synchronise(mechanism, accumulation, grouping, covariance, make_args):
     """Neither DE ELBO nor the divergence check every trainer of the package shares (which reads its
     on-device flags only at steps that log, evaluate or save) synchronises in between."""
     model, _ = build_model("vit")
-    args = make_args(max_steps=6, logging_steps=6, sampling_mechanism=mechanism, optim="adamw_torch",
-                     gradient_accumulation_steps=accumulation, max_grad_norm=1.0, prior_variance_grouping=grouping,
-                     posterior_covariance=covariance,
-                     logging_nan_inf_filter=False)  # plain Trainer's own per-micro-batch check of the loss syncs
+    args = make_args(
+        max_steps=6,
+        logging_steps=6,
+        sampling_mechanism=mechanism,
+        optim="adamw_torch",
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=1.0,
+        prior_variance_grouping=grouping,
+        posterior_covariance=covariance,
+        logging_nan_inf_filter=False,
+    )  # plain Trainer's own per-micro-batch check of the loss syncs
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(48))
     counter = _CountFromStep(first=2, last=6)
     trainer.add_callback(counter)  # last, so DEELBoCallback's on_step_end falls inside the window

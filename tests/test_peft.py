@@ -30,8 +30,11 @@ def _lora_vit(seed: int = 0):
 def _trainer(tmp_path, model=None, **overrides):
     values = dict(max_steps=4, learning_rate=0.05, optim="sgd")
     values.update(overrides)
-    return DEELBoTrainer(model=model if model is not None else _lora_vit(), args=training_args(tmp_path, **values),
-                         train_dataset=image_dataset())
+    return DEELBoTrainer(
+        model=model if model is not None else _lora_vit(),
+        args=training_args(tmp_path, **values),
+        train_dataset=image_dataset(),
+    )
 
 
 def _logits(model, pixel_values):
@@ -74,10 +77,13 @@ def test_adapter_weights_are_the_backbone_and_the_head_copy_the_head(tmp_path):
         assert torch.isfinite(torch.tensor(entry[key])) and entry[key] > 0, key
 
 
-@pytest.mark.parametrize("kind, targets, head", [
-    ("resnet", ["convolution"], "classifier"),  # transformers' ResNet: its head is `classifier.1` in a Sequential
-    ("timm", ["layer1.0.conv1", "layer1.0.conv2"], "fc"),  # a raw timm model: `get_classifier()`
-])
+@pytest.mark.parametrize(
+    "kind, targets, head",
+    [
+        ("resnet", ["convolution"], "classifier"),  # transformers' ResNet: its head is `classifier.1` in a Sequential
+        ("timm", ["layer1.0.conv1", "layer1.0.conv2"], "fc"),  # a raw timm model: `get_classifier()`
+    ],
+)
 def test_lora_on_convolutions_saves_the_adapter_format(tmp_path, kind, targets, head):
     model, _ = build_model(kind)
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets, modules_to_save=[head]))
@@ -166,7 +172,9 @@ def test_resume_restores_the_checkpoint_weights_in_place(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path):
     # peft's load_adapter (Trainer's way) only warns about missing keys and resumes with fresh ones.
     model, _ = build_model("vit")
-    query_only = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["classifier"]))
+    query_only = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["classifier"])
+    )
     _trainer(tmp_path / "a", query_only, save_strategy="steps", save_steps=2, max_steps=2).train()
     resumed = _trainer(tmp_path / "b", save_strategy="steps", save_steps=2, max_steps=4)
     with pytest.raises(ValueError, match=r"does not hold the adapter 'default'.*missing \[.*v_proj\.lora_A"):
@@ -186,7 +194,9 @@ def test_push_and_reload_from_the_hub(hub, tmp_path):
     pixel_values = image_dataset(8, seed=1)[:]["pixel_values"]
     base, _ = build_model("vit")
     reloaded = peft.PeftModel.from_pretrained(base, repo_id)
-    torch.testing.assert_close(_logits(reloaded, pixel_values), _logits(trainer.model, pixel_values), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        _logits(reloaded, pixel_values), _logits(trainer.model, pixel_values), atol=1e-6, rtol=0
+    )
     assert load_deelbo_config(repo_id) == trainer.learned_hyperparameters()
     card = open(hf_hub_download(repo_id, "README.md")).read()
     assert f'PeftModel.from_pretrained(base_model, "{repo_id}")' in card

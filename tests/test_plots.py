@@ -23,8 +23,10 @@ def test_reliability_diagram_shows_the_reported_ece_and_the_bin_counts(tmp_path)
 
 
 def test_every_plot_labels_both_axes(tmp_path):
-    history = [{"step": s, "loss": 1 / s, "nll": 0.5 / s, "lambda": 1e-6 * s, "tau": 1e-3, "sigma": 1e-4 * s}
-               for s in range(1, 6)]
+    history = [
+        {"step": s, "loss": 1 / s, "nll": 0.5 / s, "lambda": 1e-6 * s, "tau": 1e-3, "sigma": 1e-4 * s}
+        for s in range(1, 6)
+    ]
     for plot in (plot_hyperparameters, plot_training_loss):
         fig = plot(history, str(tmp_path / f"{plot.__name__}.png"))
         (ax,) = fig.axes

@@ -30,7 +30,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 def _same_weights(a: Path, b: Path) -> None:
     first, second = (safetensors.torch.load_file(d / "model.safetensors") for d in (a, b))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert json.loads((a / "config.json").read_text())["deelbo"] == json.loads((b / "config.json").read_text())["deelbo"]
+    assert (
+        json.loads((a / "config.json").read_text())["deelbo"] == json.loads((b / "config.json").read_text())["deelbo"]
+    )
 
 
 def _signal_when(process: subprocess.Popen, marker: Path, number: int) -> None:
@@ -54,8 +56,13 @@ def test_command_line_preempted_then_resumed_is_bitwise_exact(number, material, 
     flags = ("--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "5")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main(_train_argv(material, straight, *flags)) == 0
-    run = subprocess.Popen([os.path.join(BIN, "hf-deelbo"), *_train_argv(material, stopped, *flags)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    run = subprocess.Popen(
+        [os.path.join(BIN, "hf-deelbo"), *_train_argv(material, stopped, *flags)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     _signal_when(run, stopped / "checkpoint-2" / MANIFEST_NAME, number)
     out, err = run.communicate(timeout=240)
     assert run.returncode == 128 + number, err[-2000:]
@@ -72,8 +79,9 @@ def test_command_line_preempted_then_resumed_is_bitwise_exact(number, material, 
 
 
 def _script(out: Path, mode: str, launcher: list[str]) -> list[dict]:
-    result = subprocess.run([*launcher, str(SCRIPT), str(out), mode], capture_output=True, text=True, env=ENV,
-                            timeout=300)
+    result = subprocess.run(
+        [*launcher, str(SCRIPT), str(out), mode], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
@@ -97,7 +105,8 @@ def test_python_api_preempted_then_resumed_is_bitwise_exact(processes, tmp_path)
     resumed = _script(tmp_path / "stopped", "resume", launcher)
     assert [r["ended"] for r in resumed] == ["finished"] * processes
     assert [(r["step"], r["weights_sha"], r["sigma"]) for r in resumed] == [
-        (r["step"], r["weights_sha"], r["sigma"]) for r in straight]
+        (r["step"], r["weights_sha"], r["sigma"]) for r in straight
+    ]
 
 
 @pytest.mark.slow
@@ -106,14 +115,34 @@ def test_torchrun_command_line_preempted_then_resumed_from_the_command_line(mate
     ranks) once checkpoint-2 is complete: both ranks stop after the same step with a complete
     checkpoint (rng_state_0.pth and rng_state_1.pth); the same torchrun command with --resume ends
     as a run never stopped."""
-    flags = ("--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "5",
-             "--use_cpu", "true", "--ddp_find_unused_parameters", "false", "--per_device_train_batch_size", "2")
+    flags = (
+        "--max_steps",
+        "40",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "5",
+        "--use_cpu",
+        "true",
+        "--ddp_find_unused_parameters",
+        "false",
+        "--per_device_train_batch_size",
+        "2",
+    )
     command = [*TORCHRUN, "-m", "hf_deelbo.cli.main"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
 
     def launch(out, *extra):
-        return subprocess.Popen([*command, *_train_argv(material, out, *flags, *extra)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+        return subprocess.Popen(
+            [*command, *_train_argv(material, out, *flags, *extra)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            start_new_session=True,
+        )
 
     first = launch(straight)
     assert first.wait(timeout=400) == 0, first.stderr.read()[-3000:]

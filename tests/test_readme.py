@@ -38,7 +38,7 @@ def _beans_like(root: Path) -> Path:
     for split, start, count in (("train", 0, 6), ("validation", 6, 3)):
         images, labels = [], []
         for label, digit in enumerate((5, 6, 7)):
-            for image in digits.images[digits.target == digit][start:start + count]:
+            for image in digits.images[digits.target == digit][start : start + count]:
                 images.append(Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB"))
                 labels.append(label)
         Dataset.from_dict({"image": images, "labels": labels}, features=features).to_parquet(root / f"{split}.parquet")
@@ -54,8 +54,15 @@ def test_readme_command_line_block_runs_as_written(hub, tmp_path, monkeypatch, c
     model_id = next(c[c.index("--model_name_or_path") + 1] for c in commands if "--model_name_or_path" in c)
     torch.manual_seed(0)
     tiny = tmp_path / "tiny-vit"
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=2)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
     ViTForImageClassification(config).save_pretrained(tiny)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tiny)
     api = HfApi()

@@ -12,8 +12,13 @@ def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path, benchm
     run_benchmark("regularization.py", "--quick", "--workers", 1, "--output-dir", tmp_path)
     saved = json.loads((tmp_path / "regularization.json").read_text())
     kinds = {(r["task"], r["kind"]) for r in saved["records"]}
-    assert {("digits", "plain, lr by validation"), ("digits", "plain, lr by training loss"), ("digits", "α-curve"),
-            ("noise-20", "α-curve"), ("noise-20", "DE ELBO")} <= kinds
+    assert {
+        ("digits", "plain, lr by validation"),
+        ("digits", "plain, lr by training loss"),
+        ("digits", "α-curve"),
+        ("noise-20", "α-curve"),
+        ("noise-20", "DE ELBO"),
+    } <= kinds
     assert {r["alpha"] for r in saved["records"] if r["kind"] == "α-curve"} == {0.0, 1e-2}
     # the baselines, on both tasks: one 3-trial study read as 2 and 3 trials, Laplace, IVON
     baselines = ("L2-SP + BO, 2 trials", "L2-SP + BO, 3 trials", "Laplace LA-LML", "IVON")
@@ -40,8 +45,10 @@ def test_regularization_benchmark_quick_mode_writes_its_outputs(tmp_path, benchm
     lora = ("DE ELBO, LoRA", "plain LoRA, lr by training loss")
     assert {(task, kind) for task in ("digits", "noise-20") for kind in lora} <= kinds
     for task in ("digits", "noise-20"):
-        full, adapters = ([r for r in saved["records"] if r["task"] == task and r["kind"] == kind][0]
-                          for kind in ("DE ELBO", "DE ELBO, LoRA"))
+        full, adapters = (
+            [r for r in saved["records"] if r["task"] == task and r["kind"] == kind][0]
+            for kind in ("DE ELBO", "DE ELBO, LoRA")
+        )
         assert 0 < adapters["num_backbone_params"] < full["num_backbone_params"] / 5
     laplace = [r for r in saved["records"] if r["kind"] == "Laplace LA-LML"]
     assert all(r["alpha"] != 1e-4 and r["num_hyper_updates"] > 0 for r in laplace)

@@ -23,8 +23,17 @@ def _vector_dataset(num_examples: int = 16) -> Dataset:
 def _trainer(make_args, **overrides):
     torch.manual_seed(0)
     model = TinyNet()
-    args = make_args(**{"learning_rate": 1e-3, "max_steps": 1, "per_device_train_batch_size": 16,
-                        "lr_scheduler_type": "constant", "sigma_init": 0.05, "head_modules": ["head"], **overrides})
+    args = make_args(
+        **{
+            "learning_rate": 1e-3,
+            "max_steps": 1,
+            "per_device_train_batch_size": 16,
+            "lr_scheduler_type": "constant",
+            "sigma_init": 0.05,
+            "head_modules": ["head"],
+            **overrides,
+        }
+    )
     return DEELBoTrainer(model=model, args=args, train_dataset=_vector_dataset())
 
 

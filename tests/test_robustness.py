@@ -49,10 +49,16 @@ class _RestoredRho(TrainerCallback):
 def _run(kind, out, resume=None, stop_at=None, extra_callbacks=(), **overrides):
     model, _ = build_model(kind)
     pretrained = {k: v.detach().clone() for k, v in model.named_parameters()}
-    values = dict(max_steps=8, save_strategy="steps", save_steps=100, per_device_train_batch_size=4, learning_rate=0.05)
+    values = dict(
+        max_steps=8, save_strategy="steps", save_steps=100, per_device_train_batch_size=4, learning_rate=0.05
+    )
     args = training_args(out, **{**values, **overrides})
-    trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16),
-                            callbacks=[*([StopAt(stop_at)] if stop_at else []), *extra_callbacks] or None)
+    trainer = DEELBoTrainer(
+        model=model,
+        args=args,
+        train_dataset=image_dataset(16),
+        callbacks=[*([StopAt(stop_at)] if stop_at else []), *extra_callbacks] or None,
+    )
     for callback in extra_callbacks:
         callback.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
@@ -64,10 +70,16 @@ def _rho_optimizer_state(trainer):
     return {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
 
 
-@pytest.mark.parametrize("kind, grouping, covariance", [
-    ("vit", "backbone", "isotropic"), ("resnet", "backbone", "isotropic"), ("timm", "backbone", "isotropic"),
-    ("resnet", "layer", "isotropic"), ("resnet", "layer", "diagonal"),
-])
+@pytest.mark.parametrize(
+    "kind, grouping, covariance",
+    [
+        ("vit", "backbone", "isotropic"),
+        ("resnet", "backbone", "isotropic"),
+        ("timm", "backbone", "isotropic"),
+        ("resnet", "layer", "isotropic"),
+        ("resnet", "layer", "diagonal"),
+    ],
+)
 def test_resume_is_exact(kind, grouping, covariance, tmp_path):
     options = dict(prior_variance_grouping=grouping, posterior_covariance=covariance)
     straight, straight_model, _ = _run(kind, tmp_path / "straight", **options)
@@ -77,25 +89,29 @@ def test_resume_is_exact(kind, grouping, covariance, tmp_path):
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["DEELBoCallback"]
         assert saved["attributes"]["posterior_rho"] is None
         saved_rho = safetensors.torch.load_file(str(checkpoint / POSTERIOR_RHO_NAME))
-        assert torch.equal(torch.cat([saved_rho[n].reshape(-1) for n in interrupted.posterior.parameter_names]),
-                           interrupted.posterior.rho.detach())
+        assert torch.equal(
+            torch.cat([saved_rho[n].reshape(-1) for n in interrupted.posterior.parameter_names]),
+            interrupted.posterior.rho.detach(),
+        )
         assert interrupted.posterior.rho.unique().numel() > 1
         restored = _RestoredRho()
-        resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint),
-                                                  extra_callbacks=[restored], **options)
+        resumed, resumed_model, pretrained = _run(
+            kind, tmp_path / "interrupted", resume=str(checkpoint), extra_callbacks=[restored], **options
+        )
         assert torch.equal(restored.value, interrupted.posterior.rho.detach())
     elif grouping == "layer":  # the checkpoint holds one λ_l per backbone tensor, restored as a float64 vector
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["DEELBoCallback"]
         saved_lam = saved["attributes"]["backbone_prior_variance"]
         restored = _RestoredLambda()
-        resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint),
-                                                  extra_callbacks=[restored], **options)
+        resumed, resumed_model, pretrained = _run(
+            kind, tmp_path / "interrupted", resume=str(checkpoint), extra_callbacks=[restored], **options
+        )
         assert restored.value.dtype == torch.float64 and restored.value.tolist() == saved_lam
         assert len(saved_lam) == len(resumed.posterior.backbone_names)
     else:
         resumed, resumed_model, pretrained = _run(kind, tmp_path / "interrupted", resume=str(checkpoint), **options)
 
-    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
+    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
     assert straight.learned_hyperparameters() == resumed.learned_hyperparameters()
     assert torch.equal(straight.posterior.rho, resumed.posterior.rho)
@@ -104,8 +120,10 @@ def test_resume_is_exact(kind, grouping, covariance, tmp_path):
     # μ is still the pretrained backbone, not the checkpoint's weights
     for name, mu in resumed.posterior.prior_mean.items():
         assert torch.equal(mu, pretrained[name]), name
-    assert not torch.equal(resumed_model.state_dict()[resumed.posterior.backbone_names[0]],
-                           pretrained[resumed.posterior.backbone_names[0]])
+    assert not torch.equal(
+        resumed_model.state_dict()[resumed.posterior.backbone_names[0]],
+        pretrained[resumed.posterior.backbone_names[0]],
+    )
 
 
 def test_bf16_stays_finite_and_close_to_fp32(tmp_path):
@@ -152,7 +170,9 @@ def test_weights_that_diverge_between_checkpoints_stop_the_run_at_the_next_step(
     # step 4's loss, computed at those weights, is non-finite and stops the run before step 4's
     # checkpoint is written.
     model, _ = build_model("resnet")
-    args = make_args(max_steps=8, save_strategy="steps", save_steps=2, logging_steps=2, optim="sgd", learning_rate=0.01)
+    args = make_args(
+        max_steps=8, save_strategy="steps", save_steps=2, logging_steps=2, optim="sgd", learning_rate=0.01
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), callbacks=[Explode()])
     with pytest.raises(FloatingPointError, match=r"diverged at step 4"):
         trainer.train()
@@ -190,13 +210,28 @@ BAD_INPUTS = [
     ("resnet", {"head_modules": ["nothing_here"]}, _images, ValueError, "matches no trainable parameter"),
     ("resnet", {"head_modules": ["resnet", "classifier"]}, _images, ValueError, "matches every trainable parameter"),
     ("resnet", {}, lambda: _images().select([]), ValueError, "train_dataset is empty (0 examples)"),
-    ("resnet", {}, lambda: _images(labels=[0, 1, 2, 3, 4, 5, 0, 1]), ValueError,
-     "column 'labels' has label 5 at example 5, outside 0..4"),
-    ("resnet", {}, lambda: _images(labels=[0, -1, 2, 3, 4, 0, 0, 1]), ValueError,
-     "column 'labels' has label -1 at example 1, outside 0..4"),
+    (
+        "resnet",
+        {},
+        lambda: _images(labels=[0, 1, 2, 3, 4, 5, 0, 1]),
+        ValueError,
+        "column 'labels' has label 5 at example 5, outside 0..4",
+    ),
+    (
+        "resnet",
+        {},
+        lambda: _images(labels=[0, -1, 2, 3, 4, 0, 0, 1]),
+        ValueError,
+        "column 'labels' has label -1 at example 1, outside 0..4",
+    ),
     ("resnet", {}, lambda: _images().remove_columns("labels"), ValueError, "train_dataset has no label column"),
-    ("resnet", {}, lambda: _images().map(lambda e: {"labels": float(e["labels"]) + 0.5}), ValueError,
-     "labels must be integer class ids"),
+    (
+        "resnet",
+        {},
+        lambda: _images().map(lambda e: {"labels": float(e["labels"]) + 0.5}),
+        ValueError,
+        "labels must be integer class ids",
+    ),
     ("resnet", {}, lambda: _images(channels=1), ValueError, "pixel_values have 1 channels"),
     ("vit", {}, lambda: _images(size=16), ValueError, "The first training batch does not fit the model"),
     ("resnet", {}, lambda: _images(nan_at=0), ValueError, "has non-finite pixel_values"),
@@ -227,7 +262,9 @@ def test_a_loss_that_turns_non_finite_between_checks_is_reported_with_its_step(m
     # The flags are read only where a step logs or saves (steps 3 and 6 here): the loss of step 5,
     # computed at the weights step 4 blew up, is found at step 6, before step 6's checkpoint exists.
     model, _ = build_model("resnet")
-    args = make_args(max_steps=8, save_strategy="steps", save_steps=3, logging_steps=3, optim="sgd", learning_rate=0.01)
+    args = make_args(
+        max_steps=8, save_strategy="steps", save_steps=3, logging_steps=3, optim="sgd", learning_rate=0.01
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), callbacks=[Explode(at=3)])
     with pytest.raises(FloatingPointError, match=r"diverged at step 5, found at step 6"):
         trainer.train()

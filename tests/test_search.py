@@ -21,8 +21,16 @@ from hf_deelbo import (
 )
 from hf_deelbo.core.validation import stratified_split
 
-COMMON = dict(per_device_train_batch_size=8, max_steps=2, report_to="none", disable_tqdm=True, use_cpu=True,
-              save_strategy="no", optim="sgd", seed=0)
+COMMON = dict(
+    per_device_train_batch_size=8,
+    max_steps=2,
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    save_strategy="no",
+    optim="sgd",
+    seed=0,
+)
 
 
 def _labels(dataset):
@@ -39,9 +47,13 @@ def test_stratified_split_keeps_class_proportions():
 def test_grid_search_runs_every_config_and_retrains_the_best_on_all_data(tmp_path):
     dataset = image_dataset(20)
     result = l2sp_grid_search(
-        lambda: build_model("resnet")[0], dataset, _labels(dataset),
+        lambda: build_model("resnet")[0],
+        dataset,
+        _labels(dataset),
         L2SPTrainingArguments(output_dir=str(tmp_path), **COMMON),
-        alphas=(1e-2, 0.0), betas=(1e-3,), learning_rates=(0.5, 0.01),
+        alphas=(1e-2, 0.0),
+        betas=(1e-3,),
+        learning_rates=(0.5, 0.01),
     )
     assert len(result.runs) == 4 and all(run.seconds > 0 for run in result.runs)
     assert result.best == min(result.runs, key=lambda run: run.score).settings
@@ -64,7 +76,7 @@ def _reference_objective(trainer, dataset, num_samples, batch_statistics=False):
         offset = 0
         with torch.no_grad():
             for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-                q.copy_(p + sigma * noise[offset: offset + p.numel()].view_as(p))
+                q.copy_(p + sigma * noise[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
             logits = reference(pixel_values=dataset[:]["pixel_values"]).logits
         nlls.append(F.cross_entropy(logits, dataset[:]["labels"]).item())
@@ -80,8 +92,11 @@ def _reference_objective(trainer, dataset, num_samples, batch_statistics=False):
 def test_training_objective_against_a_reference(tmp_path):
     model, _ = build_model("vit")
     dataset = image_dataset(12)
-    trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(output_dir=str(tmp_path), sigma_init=1e-3,
-                                                                      **COMMON), train_dataset=dataset)
+    trainer = DEELBoTrainer(
+        model=model,
+        args=DEELBoTrainingArguments(output_dir=str(tmp_path), sigma_init=1e-3, **COMMON),
+        train_dataset=dataset,
+    )
     trainer.train()
     objective = trainer.training_objective(dataset, num_samples=3)
     assert objective == pytest.approx(_reference_objective(trainer, dataset, 3), rel=1e-4)
@@ -92,8 +107,9 @@ def test_training_objective_with_batch_norm_against_a_reference(tmp_path, batch_
     # 9 examples in evaluation batches of 8: with batch statistics the last batch of one joins the first.
     model, _ = build_model("resnet")
     dataset = image_dataset(9)
-    args = DEELBoTrainingArguments(output_dir=str(tmp_path), sigma_init=0.05, objective_batch_norm=batch_norm,
-                                   **{**COMMON, "max_steps": 3})
+    args = DEELBoTrainingArguments(
+        output_dir=str(tmp_path), sigma_init=0.05, objective_batch_norm=batch_norm, **{**COMMON, "max_steps": 3}
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     running = {name: b.clone() for name, b in model.named_buffers()}
@@ -109,8 +125,9 @@ def test_training_objective_with_batch_norm_against_a_reference(tmp_path, batch_
 
 def test_training_objective_with_batch_statistics_needs_two_examples(tmp_path):
     model, _ = build_model("resnet")
-    trainer = DEELBoTrainer(model=model, args=DEELBoTrainingArguments(output_dir=str(tmp_path), **COMMON),
-                            train_dataset=image_dataset(8))
+    trainer = DEELBoTrainer(
+        model=model, args=DEELBoTrainingArguments(output_dir=str(tmp_path), **COMMON), train_dataset=image_dataset(8)
+    )
     with pytest.raises(ValueError, match="objective_batch_norm='running'"):
         trainer.training_objective(image_dataset(1), num_samples=1)
     assert model.training
@@ -121,11 +138,13 @@ def test_training_objective_with_batch_statistics_needs_two_examples(tmp_path):
 def test_learning_rate_selection_picks_the_lowest_training_objective(tmp_path):
     dataset = image_dataset(12)
     result = select_learning_rate(
-        lambda: build_model("resnet")[0], dataset,
+        lambda: build_model("resnet")[0],
+        dataset,
         # Running statistics: at lr 1e6 they overflow and the objective is not finite. (With batch
         # statistics the BatchNorm layers renormalize the blown-up activations and it stays finite.)
         DEELBoTrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.0, objective_batch_norm="running", **COMMON),
-        learning_rates=(1e6, 0.05, 0.001), num_samples=2,
+        learning_rates=(1e6, 0.05, 0.001),
+        num_samples=2,
     )
     scores = {run.settings["learning_rate"]: run.score for run in result.runs}
     assert scores[1e6] == math.inf  # not finite: never chosen
@@ -148,7 +167,9 @@ def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path, benchmark_ba
     saved = json.loads((tmp_path / "transfer.json").read_text())
     summary = saved.pop("summary")
     (tmp_path / "transfer.json").write_text(json.dumps(saved))
-    run_benchmark("transfer.py", "--replot", "--output-dir", tmp_path, "--docs", tmp_path / "replotted.md", timeout=300)
+    run_benchmark(
+        "transfer.py", "--replot", "--output-dir", tmp_path, "--docs", tmp_path / "replotted.md", timeout=300
+    )
     assert json.loads((tmp_path / "transfer.json").read_text())["summary"] == summary
     assert "L2-SP grid search" in (tmp_path / "replotted.md").read_text()
 
@@ -159,7 +180,12 @@ def test_transfer_summary_names_the_seed_count_of_rows_that_differ():
 
     def record(seed, n, accuracy):
         run = {"accuracy": accuracy, "nll": 0.5, "ece": 0.1, "seconds": 1.0}
-        return {"backbone": "vit", "n": n, "seed": seed, "DE ELBO": {**run, "lambda": 1.0, "tau": 1.0, "alpha_eff": 1.0}}
+        return {
+            "backbone": "vit",
+            "n": n,
+            "seed": seed,
+            "DE ELBO": {**run, "lambda": 1.0, "tau": 1.0, "alpha_eff": 1.0},
+        }
 
     settings = {"steps": 600, "learning_rates": [0.1], "strengths": [0.0]}
     records = [record(s, 100, 0.8) for s in range(3)] + [record(s, 500, 0.9 + s / 100) for s in range(5)]
@@ -179,8 +205,14 @@ def test_transfer_compares_each_method_with_the_grid_on_the_seeds_both_have():
         grid = {"accuracy": grid_accuracy, "nll": 0.5, "ece": 0.1, "seconds": 100.0 + seed, "alpha": 0.0, "beta": 0.0}
         result = {"backbone": "timm-resnet", "n": 50, "seed": seed, "L2-SP grid search": grid}
         if tpgm_accuracy is not None:
-            result["TPGM"] = {"accuracy": tpgm_accuracy, "nll": 0.5, "ece": 0.1, "seconds": 4.0, "median_radius": 0.1,
-                              "runs": []}
+            result["TPGM"] = {
+                "accuracy": tpgm_accuracy,
+                "nll": 0.5,
+                "ece": 0.1,
+                "seconds": 4.0,
+                "median_radius": 0.1,
+                "runs": [],
+            }
         return result
 
     # TPGM has seeds 0-2 only; the grid's seeds 3 and 4 are far better and must not count against it.
@@ -197,8 +229,18 @@ def test_transfer_compares_each_method_with_the_grid_on_the_seeds_both_have():
 @pytest.mark.slow
 def test_run_cost_benchmark_writes_its_ratio(tmp_path, benchmark_backbone):
     output = tmp_path / "run_cost.json"
-    run_benchmark("run_cost.py", "--steps", 3, "--repeats", 1, "--output", output,
-                  "--cache-dir", os.path.dirname(benchmark_backbone), timeout=600)
+    run_benchmark(
+        "run_cost.py",
+        "--steps",
+        3,
+        "--repeats",
+        1,
+        "--output",
+        output,
+        "--cache-dir",
+        os.path.dirname(benchmark_backbone),
+        timeout=600,
+    )
     saved = json.loads(output.read_text())
     medians = saved["median_seconds"]
     assert set(medians) == {"grid tuning run", "grid retrain", "DE ELBO run"} and min(medians.values()) > 0
@@ -223,16 +265,31 @@ def test_run_cost_ceiling_counts_the_examples_each_run_processes():
     assert run_cost.ceiling_per_example(40, 50, 32, 200) < 30 < run_cost.ceiling_per_example(80, 100, 32, 200)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--repeats", "0"], "--repeats must be at least 1; got 0"),
-    (["--image-size", "-4"], "--image-size must be at least 1; got -4"),
-    (["--backbone", "vit", "--image-size", "32"], "--image-size 32 needs --backbone timm-resnet"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--repeats", "0"], "--repeats must be at least 1; got 0"),
+        (["--image-size", "-4"], "--image-size must be at least 1; got -4"),
+        (["--backbone", "vit", "--image-size", "32"], "--image-size 32 needs --backbone timm-resnet"),
+    ],
+)
 def test_run_cost_rejects_bad_arguments_before_any_work(tmp_path, arguments, message):
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
-    result = subprocess.run([sys.executable, script, *arguments, "--output", str(tmp_path / "out.json"),
-                             "--cache-dir", str(tmp_path / "pretrained")],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            script,
+            *arguments,
+            "--output",
+            str(tmp_path / "out.json"),
+            "--cache-dir",
+            str(tmp_path / "pretrained"),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+    )
     assert result.returncode != 0 and message in result.stderr
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "pretrained").exists()
 
@@ -261,9 +318,13 @@ def test_learning_rate_selection_keeps_only_the_best_model_so_far(tmp_path):
         models.append(weakref.ref(model))
         return model
 
-    result = select_learning_rate(model_init, image_dataset(12),
-                                  DEELBoTrainingArguments(output_dir=str(tmp_path), **COMMON),
-                                  learning_rates=(0.05, 0.01, 0.001, 0.0001), num_samples=2)
+    result = select_learning_rate(
+        model_init,
+        image_dataset(12),
+        DEELBoTrainingArguments(output_dir=str(tmp_path), **COMMON),
+        learning_rates=(0.05, 0.01, 0.001, 0.0001),
+        num_samples=2,
+    )
     assert alive_at_start == [0, 1, 1, 1]
     gc.collect()
     assert [ref() for ref in models if ref() is not None] == [result.trainer.model]

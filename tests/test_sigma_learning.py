@@ -25,9 +25,17 @@ def _one_step(make_args, optim: str, sigma_learning_rate):
     before, its gradient, the weight after)."""
     torch.manual_seed(0)
     model = TinyNet()
-    args = make_args(optim=optim, learning_rate=1e-3, sigma_learning_rate=sigma_learning_rate, max_steps=1,
-                     per_device_train_batch_size=16, max_grad_norm=0.0, lr_scheduler_type="constant",
-                     sigma_init=0.05, head_modules=["head"])
+    args = make_args(
+        optim=optim,
+        learning_rate=1e-3,
+        sigma_learning_rate=sigma_learning_rate,
+        max_steps=1,
+        per_device_train_batch_size=16,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        sigma_init=0.05,
+        head_modules=["head"],
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=_vector_dataset())
     rho = trainer.posterior.rho
     rho_before, weight_before = rho.detach().clone(), model.body[0].weight.detach().clone()
@@ -70,9 +78,18 @@ def test_rho_momentum_under_sgd_without_momentum(sigma_momentum, make_args):
     weights keep plain SGD; two steps against torch's update rules written out by hand."""
     torch.manual_seed(0)
     model = TinyNet()
-    args = make_args(optim="sgd", learning_rate=1e-3, sigma_learning_rate=0.1, sigma_momentum=sigma_momentum,
-                     max_steps=2, per_device_train_batch_size=8, max_grad_norm=0.0, lr_scheduler_type="constant",
-                     sigma_init=0.05, head_modules=["head"])
+    args = make_args(
+        optim="sgd",
+        learning_rate=1e-3,
+        sigma_learning_rate=0.1,
+        sigma_momentum=sigma_momentum,
+        max_steps=2,
+        per_device_train_batch_size=8,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        sigma_init=0.05,
+        head_modules=["head"],
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=_vector_dataset())
     rho, weight = trainer.posterior.rho, model.body[0].weight
     seen = [(rho.detach().clone(), weight.detach().clone())]
@@ -116,11 +133,14 @@ def _learning_rates_per_step(trainer) -> list[list[float]]:
 
 def test_rho_group_follows_the_schedule(make_args):
     model, _ = build_model("vit")
-    args = make_args(optim="adamw_torch", learning_rate=5e-5, sigma_learning_rate=0.2, max_steps=4,
-                     lr_scheduler_type="linear")
+    args = make_args(
+        optim="adamw_torch", learning_rate=5e-5, sigma_learning_rate=0.2, max_steps=4, lr_scheduler_type="linear"
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
     seen = _learning_rates_per_step(trainer)
-    rho_group = [i for i, g in enumerate(trainer.optimizer.param_groups) if any(p is trainer.posterior.rho for p in g["params"])]
+    rho_group = [
+        i for i, g in enumerate(trainer.optimizer.param_groups) if any(p is trainer.posterior.rho for p in g["params"])
+    ]
     assert len(rho_group) == 1 and trainer.optimizer.param_groups[rho_group[0]]["weight_decay"] == 0.0
     for step, lrs in enumerate(seen, start=1):
         factor = 1 - step / 4  # linear decay to 0 over 4 steps, no warmup
@@ -137,8 +157,11 @@ def test_rho_follows_the_schedule_with_a_user_optimizer(passed, make_args):
         kwargs = {"optimizer_cls_and_kwargs": (torch.optim.AdamW, {"lr": 5e-5, "weight_decay": 0.0})}
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
-        scheduler = (transformers.get_linear_schedule_with_warmup(optimizer, 0, 4)
-                     if passed == "optimizer and scheduler" else None)
+        scheduler = (
+            transformers.get_linear_schedule_with_warmup(optimizer, 0, 4)
+            if passed == "optimizer and scheduler"
+            else None
+        )
         kwargs = {"optimizers": (optimizer, scheduler)}
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16), **kwargs)
     seen = _learning_rates_per_step(trainer)
@@ -193,8 +216,14 @@ def transformers_records():
 
 def _train_vit(make_args, **overrides):
     model, _ = build_model("vit")
-    args = make_args(optim="adamw_torch", learning_rate=5e-5, max_steps=20, lr_scheduler_type="constant",
-                     per_device_train_batch_size=8, **overrides)
+    args = make_args(
+        optim="adamw_torch",
+        learning_rate=5e-5,
+        max_steps=20,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=8,
+        **overrides,
+    )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
     trainer.train()
     return trainer
@@ -257,11 +286,21 @@ def test_sigma_learning_rate_none_is_the_paper_recipe(make_args):
     identical, step for step, to one that names the same value explicitly."""
     runs = []
     # sigma_momentum is ignored when ρ trains at the weights' learning rate.
-    for overrides in ({"sigma_learning_rate": 0.1, "sigma_momentum": None},
-                      {"sigma_learning_rate": None, "sigma_momentum": 0.5}):
+    for overrides in (
+        {"sigma_learning_rate": 0.1, "sigma_momentum": None},
+        {"sigma_learning_rate": None, "sigma_momentum": 0.5},
+    ):
         model, _ = build_model("resnet")
-        args = make_args(optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.1,
-                         lr_scheduler_type="cosine", max_grad_norm=1.0, max_steps=6, logging_steps=1, **overrides)
+        args = make_args(
+            optim="sgd",
+            optim_args="momentum=0.9,nesterov=True",
+            learning_rate=0.1,
+            lr_scheduler_type="cosine",
+            max_grad_norm=1.0,
+            max_steps=6,
+            logging_steps=1,
+            **overrides,
+        )
         trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(16))
         trainer.train()
         runs.append(([e["sigma"] for e in trainer.state.log_history if "sigma" in e], model.state_dict()))

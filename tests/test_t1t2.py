@@ -23,7 +23,7 @@ def _look_ahead_validation_loss(model, pretrained, head_names, train, validation
     train_loss = F.cross_entropy(functional_call(model, params, (train[0],)), train[1])
     grads = torch.autograd.grad(train_loss, [params[n] for n in names], create_graph=False)
     stepped = {}
-    for i, (name, grad) in enumerate(zip(names, grads)):
+    for i, (name, grad) in enumerate(zip(names, grads, strict=False)):
         anchor = torch.zeros_like(params[name]) if name in head_names else pretrained[name]
         regularizer_grad = strengths[i] * (params[name].detach() - anchor)
         stepped[name] = params[name].detach() - lr * (grad + regularizer_grad)
@@ -73,18 +73,38 @@ def _vector_dataset(num_examples, seed, dtype=torch.float64):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_examples, 3, 2, 1, generator=generator, dtype=dtype)  # tiny images, 6 numbers
     y = torch.randint(0, 3, (num_examples,), generator=generator)
+
     def as_float64(batch):  # datasets' torch format would give float32
-        return {"pixel_values": torch.tensor(batch["pixel_values"], dtype=torch.float64),
-                "labels": torch.tensor(batch["labels"])}
+        return {
+            "pixel_values": torch.tensor(batch["pixel_values"], dtype=torch.float64),
+            "labels": torch.tensor(batch["labels"]),
+        }
 
     return Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()}).with_transform(as_float64)
 
 
 def _args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=16,
-                  max_steps=4, learning_rate=0.2, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
-                  report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1,
-                  head_modules=["head"], alpha=0.05, beta=0.02, hyper_steps=2, remove_unused_columns=False)
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        max_steps=4,
+        learning_rate=0.2,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+        head_modules=["head"],
+        alpha=0.05,
+        beta=0.02,
+        hyper_steps=2,
+        remove_unused_columns=False,
+    )
     values.update(overrides)
     return T1T2TrainingArguments(**values)
 
@@ -108,8 +128,13 @@ def test_trainer_steps_the_strengths_by_the_look_ahead_hypergradient(per_layer, 
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
     train, validation = _vector_dataset(8, 0), _vector_dataset(6, 1)
     recorder = _Recorder()
-    trainer = T1T2Trainer(model=model, args=_args(tmp_path, per_layer_strengths=per_layer), train_dataset=train,
-                          eval_dataset=validation, callbacks=[recorder])
+    trainer = T1T2Trainer(
+        model=model,
+        args=_args(tmp_path, per_layer_strengths=per_layer),
+        train_dataset=train,
+        eval_dataset=validation,
+        callbacks=[recorder],
+    )
     recorder.trainer = trainer
     trainer.train()
 
@@ -119,22 +144,33 @@ def test_trainer_steps_the_strengths_by_the_look_ahead_hypergradient(per_layer, 
     names = [n for n, _ in reference.named_parameters()]
     head_names = {"head.weight", "head.bias"}
     alpha_before, beta_before = recorder.strengths[2]  # after step 3 (the hyper-step at 2 already applied)
-    per_tensor = torch.tensor([float(beta_before[0] if n in head_names else alpha_before[0]) for n in names]
-                              if not per_layer else
-                              alpha_before.tolist() + beta_before.tolist(), dtype=torch.float64)
+    per_tensor = torch.tensor(
+        [float(beta_before[0] if n in head_names else alpha_before[0]) for n in names]
+        if not per_layer
+        else alpha_before.tolist() + beta_before.tolist(),
+        dtype=torch.float64,
+    )
     batch_train = (train[:]["pixel_values"], train[:]["labels"])
     batch_validation = (validation[:]["pixel_values"], validation[:]["labels"])
     step = 1e-6
-    groups = [[i] for i in range(len(names))] if per_layer else [
-        [i for i, n in enumerate(names) if n not in head_names], [i for i, n in enumerate(names) if n in head_names]]
+    groups = (
+        [[i] for i in range(len(names))]
+        if per_layer
+        else [
+            [i for i, n in enumerate(names) if n not in head_names],
+            [i for i, n in enumerate(names) if n in head_names],
+        ]
+    )
     numeric = []
     for group in groups:
         shift = torch.zeros_like(per_tensor)
         shift[group] = step
-        up, _ = _look_ahead_validation_loss(reference, pretrained, head_names, batch_train, batch_validation, 0.2,
-                                            per_tensor + shift)
-        down, _ = _look_ahead_validation_loss(reference, pretrained, head_names, batch_train, batch_validation, 0.2,
-                                              per_tensor - shift)
+        up, _ = _look_ahead_validation_loss(
+            reference, pretrained, head_names, batch_train, batch_validation, 0.2, per_tensor + shift
+        )
+        down, _ = _look_ahead_validation_loss(
+            reference, pretrained, head_names, batch_train, batch_validation, 0.2, per_tensor - shift
+        )
         numeric.append(float((up - down) / (2 * step)))
     backbone, head = trainer.last_hypergradient
     ours = torch.cat([backbone, head]).tolist()
@@ -150,10 +186,25 @@ def test_trainer_steps_the_strengths_by_the_look_ahead_hypergradient(per_layer, 
 def test_strengths_never_go_negative(tmp_path):
     model, _ = build_model("resnet")
     recorder = _Recorder()
-    args = _args(tmp_path, head_modules=None, hyper_steps=1, hyper_learning_rate=1e4, per_layer_strengths=True,
-                 max_steps=6, learning_rate=0.01, alpha=1e-3, beta=1e-3, remove_unused_columns=True)
-    trainer = T1T2Trainer(model=model, args=args, train_dataset=image_dataset(16), eval_dataset=image_dataset(16, seed=1),
-                          callbacks=[recorder])
+    args = _args(
+        tmp_path,
+        head_modules=None,
+        hyper_steps=1,
+        hyper_learning_rate=1e4,
+        per_layer_strengths=True,
+        max_steps=6,
+        learning_rate=0.01,
+        alpha=1e-3,
+        beta=1e-3,
+        remove_unused_columns=True,
+    )
+    trainer = T1T2Trainer(
+        model=model,
+        args=args,
+        train_dataset=image_dataset(16),
+        eval_dataset=image_dataset(16, seed=1),
+        callbacks=[recorder],
+    )
     recorder.trainer = trainer
     trainer.train()
     backbone = torch.stack([s[0] for s in recorder.strengths])
@@ -166,14 +217,23 @@ def test_strengths_never_go_negative(tmp_path):
 
 def test_strengths_in_the_config_and_callback_state(tmp_path):
     model, _ = build_model("timm")
-    args = _args(tmp_path, head_modules=None, remove_unused_columns=True, save_strategy="steps", save_steps=4,
-                 per_layer_strengths=True, validation_fraction=0.25)
+    args = _args(
+        tmp_path,
+        head_modules=None,
+        remove_unused_columns=True,
+        save_strategy="steps",
+        save_steps=4,
+        per_layer_strengths=True,
+        validation_fraction=0.25,
+    )
     trainer = T1T2Trainer(model=model, args=args, train_dataset=image_dataset(24))
     assert len(trainer.train_dataset) == 18 and len(trainer.validation_dataset) == 6
     trainer.train()
     entry = json.loads((tmp_path / "out" / "checkpoint-4" / "config.json").read_text())["t1t2"]
-    assert entry["alpha"] == dict(zip(trainer.anchor.backbone_names, trainer.backbone_strengths.tolist()))
-    assert entry["beta"] == dict(zip(trainer.anchor.head_names, trainer.head_strengths.tolist()))
+    assert entry["alpha"] == dict(
+        zip(trainer.anchor.backbone_names, trainer.backbone_strengths.tolist(), strict=False)
+    )
+    assert entry["beta"] == dict(zip(trainer.anchor.head_names, trainer.head_strengths.tolist(), strict=False))
     assert entry["head_modules"] == ["fc"] and entry["per_layer_strengths"] is True
     state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["T1T2Callback"]["attributes"]

@@ -18,10 +18,22 @@ from hf_deelbo.methods.tpgm import ProjectionBalls
 
 
 def _args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=16,
-                  max_steps=8, learning_rate=0.1, optim="sgd", report_to="none", save_strategy="no",
-                  disable_tqdm=True, use_cpu=True, seed=0, logging_steps=2, projection_steps=2,
-                  radius_learning_rate=5e-3)
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        max_steps=8,
+        learning_rate=0.1,
+        optim="sgd",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        logging_steps=2,
+        projection_steps=2,
+        radius_learning_rate=5e-3,
+    )
     values.update(overrides)
     return TPGMTrainingArguments(**values)
 
@@ -45,8 +57,13 @@ class _BallChecker(TrainerCallback):
         if balls.radii is None:
             return
         self.steps_checked += 1
-        for name, p, mu, radius in zip(balls.anchor.backbone_names, balls.anchor.backbone, balls.anchor.prior_mean,
-                                       balls.radii.tolist()):
+        for name, p, mu, radius in zip(
+            balls.anchor.backbone_names,
+            balls.anchor.backbone,
+            balls.anchor.prior_mean,
+            balls.radii.tolist(),
+            strict=False,
+        ):
             distance = _reference_distance(p.detach() - mu, self.norm)
             # θ̃ = μ + ratio·Δ is rounded to float32: each element may be off by an ulp of |θ|
             rounding = 2 * torch.finfo(p.dtype).eps * _reference_distance(p.detach(), self.norm)
@@ -59,8 +76,13 @@ def test_every_backbone_tensor_stays_in_its_ball(norm, tmp_path):
     model, head = build_model("resnet")
     before = copy.deepcopy(model.state_dict())
     checker = _BallChecker(norm)
-    trainer = TPGMTrainer(model=model, args=_args(tmp_path, norm=norm), train_dataset=image_dataset(16),
-                          eval_dataset=image_dataset(16, seed=1), callbacks=[checker])
+    trainer = TPGMTrainer(
+        model=model,
+        args=_args(tmp_path, norm=norm),
+        train_dataset=image_dataset(16),
+        eval_dataset=image_dataset(16, seed=1),
+        callbacks=[checker],
+    )
     checker.trainer = trainer
     trainer.train()
     assert checker.steps_checked == 7  # radii exist from step 2 on; the projection runs at steps 2..8
@@ -107,8 +129,12 @@ def test_radius_gradient_matches_finite_differences(norm):
 def test_radii_survive_a_checkpoint(tmp_path):
     data, validation = image_dataset(16), image_dataset(16, seed=1)
     model, _ = build_model("resnet")
-    straight = TPGMTrainer(model=copy.deepcopy(model), args=_args(tmp_path / "a", max_steps=8),
-                           train_dataset=data, eval_dataset=validation)
+    straight = TPGMTrainer(
+        model=copy.deepcopy(model),
+        args=_args(tmp_path / "a", max_steps=8),
+        train_dataset=data,
+        eval_dataset=validation,
+    )
     straight.train()
 
     args = _args(tmp_path / "b", max_steps=8, save_strategy="steps", save_steps=4)
@@ -122,7 +148,7 @@ def test_radii_survive_a_checkpoint(tmp_path):
     resumed = TPGMTrainer(model=copy.deepcopy(model), args=args, train_dataset=data, eval_dataset=validation)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.balls.radii.tolist() == straight.balls.radii.tolist()
-    for (name, p), q in zip(resumed.model.named_parameters(), straight.model.parameters()):
+    for (name, p), q in zip(resumed.model.named_parameters(), straight.model.parameters(), strict=False):
         assert torch.equal(p, q), name
 
 
@@ -131,10 +157,12 @@ def test_radii_survive_a_checkpoint(tmp_path):
 def test_radii_round_trip_save_push_load(kind, hub, tmp_path):
     model, _ = build_model(kind)
     args = _args(tmp_path, max_steps=4, norm="mars", hub_model_id=f"tester/tpgm-{kind}")
-    trainer = TPGMTrainer(model=model, args=args, train_dataset=image_dataset(16), eval_dataset=image_dataset(16, seed=1))
+    trainer = TPGMTrainer(
+        model=model, args=args, train_dataset=image_dataset(16), eval_dataset=image_dataset(16, seed=1)
+    )
     trainer.train()
     entry = trainer.config_entry()
-    radii = dict(zip(trainer.anchor.backbone_names, trainer.balls.radii.tolist()))
+    radii = dict(zip(trainer.anchor.backbone_names, trainer.balls.radii.tolist(), strict=False))
     assert entry["radii"] == radii and entry["norm"] == "mars" and len(radii) == len(trainer.anchor.backbone)
     trainer.push_to_hub()
     from huggingface_hub import snapshot_download

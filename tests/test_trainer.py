@@ -13,7 +13,17 @@ from transformers import AutoModelForImageClassification, Trainer, TrainerCallba
 from hf_deelbo import DEELBoCallback, DEELBoTrainer, detect_head_modules, split_parameters
 
 HEADS = [
-    "vit", "deit", "deit_distilled", "beit", "swin", "convnext", "resnet", "bert", "timm_wrapper", "timm", "timm_vit",
+    "vit",
+    "deit",
+    "deit_distilled",
+    "beit",
+    "swin",
+    "convnext",
+    "resnet",
+    "bert",
+    "timm_wrapper",
+    "timm",
+    "timm_vit",
 ]
 
 
@@ -122,8 +132,14 @@ def _first_update(kind, make_args, batch, accumulation):
     model, _ = build_model(kind)
     before = _state(model)
     args = make_args(
-        per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
-        learning_rate=0.1, max_grad_norm=0.0, sigma_init=1e-12, logging_steps=1,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.1,
+        max_grad_norm=0.0,
+        sigma_init=1e-12,
+        logging_steps=1,
     )
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=image_dataset(8))
     trainer.train()
@@ -151,16 +167,27 @@ def test_no_noise_and_no_prior_equals_plain_trainer(kind, make_args, tmp_path):
     model, _ = build_model(kind)
     plain_model = copy.deepcopy(model)
     dataset = image_dataset(8)
-    common = dict(per_device_train_batch_size=8, max_steps=1, learning_rate=0.1, optim="sgd", report_to="none",
-                  save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1)
-    plain = Trainer(model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common),
-                    train_dataset=dataset)
+    common = dict(
+        per_device_train_batch_size=8,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+    )
+    plain = Trainer(
+        model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common), train_dataset=dataset
+    )
     plain.train()
     # σ = 1e-12 is below float32 resolution of the weights, so w̃ = m up to rounding.
     ours = DEELBoTrainer(model=model, args=make_args(sigma_init=1e-12, kappa=1e20, **common), train_dataset=dataset)
     ours.train()
     assert ours.state.log_history[0]["loss"] == pytest.approx(plain.state.log_history[0]["loss"], rel=1e-6)
-    for (name, p), q in zip(model.named_parameters(), plain_model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), plain_model.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=name)
 
 
@@ -173,7 +200,9 @@ def test_logged_metrics_reach_callbacks_and_are_window_averages(make_args):
 
     model, _ = build_model("resnet")
     trainer = DEELBoTrainer(
-        model=model, args=make_args(max_steps=4, logging_steps=2), train_dataset=image_dataset(16),
+        model=model,
+        args=make_args(max_steps=4, logging_steps=2),
+        train_dataset=image_dataset(16),
         callbacks=[Recorder()],
     )
     recorded = []
@@ -191,7 +220,7 @@ def test_logged_metrics_reach_callbacks_and_are_window_averages(make_args):
     assert {"lambda", "tau", "sigma", "kl", "nll"} <= set(train_logs[0]) and {"lambda", "tau"} <= set(train_logs[1])
     assert {"kappa", "num_backbone_params", "num_head_params", "num_train_examples"} <= set(train_logs[0])
     assert "kappa" not in train_logs[1]
-    for entry, window in zip(train_logs, (recorded[:2], recorded[2:])):
+    for entry, window in zip(train_logs, (recorded[:2], recorded[2:]), strict=False):
         assert entry["lambda"] == pytest.approx(sum(v[0] for v in window) / 2, rel=1e-9)
         assert entry["tau"] == pytest.approx(sum(v[1] for v in window) / 2, rel=1e-9)
     # λ changes every step (closed-form update after each optimizer step)
@@ -225,8 +254,9 @@ def test_callback_state_survives_checkpoint(make_args, tmp_path):
 def test_evaluation_at_posterior_mean_and_bma(make_args):
     model, _ = build_model("resnet")
     eval_set = image_dataset(8, seed=3)
-    trainer = DEELBoTrainer(model=model, args=make_args(sigma_init=0.05), train_dataset=image_dataset(8),
-                            eval_dataset=eval_set)
+    trainer = DEELBoTrainer(
+        model=model, args=make_args(sigma_init=0.05), train_dataset=image_dataset(8), eval_dataset=eval_set
+    )
     model.eval()
     with torch.no_grad():
         logits = model(pixel_values=eval_set[:]["pixel_values"]).logits

@@ -19,10 +19,21 @@ def test_deelbo_beats_plain_elbo_which_collapses(tmp_path):
     for name, kappa, steps in (("deelbo", None, 50), ("elbo", 1.0, 30)):
         model = digits.load_backbone_with_new_head(backbone, 5, seed=0)
         args = DEELBoTrainingArguments(
-            output_dir=str(tmp_path / name), kappa=kappa, max_steps=steps, learning_rate=0.03, optim="sgd",
-            optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", per_device_train_batch_size=32,
-            logging_steps=10, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
-            remove_unused_columns=False, seed=0,
+            output_dir=str(tmp_path / name),
+            kappa=kappa,
+            max_steps=steps,
+            learning_rate=0.03,
+            optim="sgd",
+            optim_args="momentum=0.9,nesterov=True",
+            lr_scheduler_type="cosine",
+            per_device_train_batch_size=32,
+            logging_steps=10,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+            remove_unused_columns=False,
+            seed=0,
         )
         trainer = DEELBoTrainer(model=model, args=args, train_dataset=digits.with_pixel_values(train))
         trainer.train()

@@ -35,13 +35,19 @@ class ModelArguments:
     )
     model_type: str | None = field(
         default=None,
-        metadata={"help": "Accepted as in run_image_classification.py; the model is always loaded from "
-                  "--model_name_or_path (fine-tuning needs pretrained weights)."},
+        metadata={
+            "help": "Accepted as in run_image_classification.py; the model is always loaded from "
+            "--model_name_or_path (fine-tuning needs pretrained weights)."
+        },
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to store models and datasets downloaded from the Hub."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where to store models and datasets downloaded from the Hub."}
+    )
     model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor name or path, if not the model's."})
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor name or path, if not the model's."}
+    )
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the one from `hf auth login`)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom models defined on the Hub."})
     ignore_mismatched_sizes: bool = field(
@@ -53,9 +59,13 @@ class ModelArguments:
 class DataTrainingArguments:
     """Which data to fine-tune on (names as in run_image_classification.py)."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id. Default: scikit-learn's digits 5-9."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id. Default: scikit-learn's digits 5-9."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder with the training data (one sub-folder per class)."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "Image folder with the training data (one sub-folder per class)."}
+    )
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder with the validation data."})
     train_val_split: float = field(
         default=0.15, metadata={"help": "Fraction held out for evaluation when there is no validation split."}
@@ -91,9 +101,16 @@ class RunFailed(Exception):
 
 class OneLineErrors:
     """argparse reports a bad value after printing the whole usage (130 lines for `train`); here it is
-    one `UsageError` line naming the flag and the value."""
+    one `UsageError` line naming the flag and the value (and, for a `Choice` flag, what each choice
+    means)."""
+
+    choice_enums: dict = {}  # option string -> the `Choice` enum of its field
 
     def error(self, message: str):
+        match = re.match(r"argument (\S+): invalid choice", message)
+        choice = self.choice_enums.get(match.group(1).split("/")[0]) if match else None
+        if choice is not None:
+            message += f"; {match.group(1).split('/')[0].lstrip('-')} must be {choice.described()}"
         raise UsageError(f"{message}; `{self.prog} --help` lists the flags.")
 
 
@@ -109,7 +126,27 @@ def hf_argument_parser(dataclass_types, prog: str):
     class Parser(OneLineErrors, HfArgumentParser):
         pass
 
-    return Parser(dataclass_types, prog=prog, allow_abbrev=False)
+    parser = Parser(dataclass_types, prog=prog, allow_abbrev=False)
+    parser.choice_enums = _choice_enums(parser, dataclass_types)
+    return parser
+
+
+def _choice_enums(parser, dataclass_types) -> dict:
+    """Option string -> `Choice` enum, for every flag whose field is one."""
+    import dataclasses
+    import typing
+
+    from ..core.choices import Choice
+
+    enum_fields = {}
+    for dataclass_type in dataclass_types:
+        hints = typing.get_type_hints(dataclass_type)
+        for f in dataclasses.fields(dataclass_type):
+            if isinstance(hints.get(f.name), type) and issubclass(hints[f.name], Choice):
+                enum_fields[f.name] = hints[f.name]
+    return {
+        option: enum_fields[a.dest] for a in parser._actions if a.dest in enum_fields for option in a.option_strings
+    }
 
 
 def accept_negative_numbers(parser) -> None:
@@ -153,7 +190,7 @@ def require_hub(what: str, local_alternative: str) -> None:
     try:
         check_hub_reachable(what, local_alternative)
     except HubUnreachableError as error:
-        raise UsageError(str(error))
+        raise UsageError(str(error)) from None
 
 
 def check_model_source(name: str) -> None:
@@ -171,13 +208,19 @@ def load_pretrained_classifier(model_args, num_labels: int | None = None, id2lab
     check_model_source(name)
     try:
         return load_classifier(
-            name, num_labels, id2label, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            config_name=model_args.config_name, image_processor_name=model_args.image_processor_name,
-            cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+            name,
+            num_labels,
+            id2label,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            config_name=model_args.config_name,
+            image_processor_name=model_args.image_processor_name,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
             trust_remote_code=model_args.trust_remote_code,
         )
     except OSError as error:
-        raise UsageError(f"--model_name_or_path {name!r} could not be loaded: {str(error).splitlines()[0]}")
+        raise UsageError(f"--model_name_or_path {name!r} could not be loaded: {str(error).splitlines()[0]}") from None
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a pickled weights file
         raise UsageError(
             f"--model_name_or_path {name!r} holds pickled weights with more than tensors, which are never unpickled "
@@ -187,34 +230,38 @@ def load_pretrained_classifier(model_args, num_labels: int | None = None, id2lab
         if "size mismatch" in str(error) or "mismatched" in str(error):
             raise UsageError(
                 f"--model_name_or_path {name!r} has a head of another size; pass --ignore_mismatched_sizes true."
-            )
+            ) from None
         raise
 
 
 def read_deelbo(path_or_repo: str, token: str | None = None, revision: str | None = None) -> dict:
+    """The learned hyperparameters of an output directory or Hub repo (a full model or a PEFT adapter),
+    read by the package's one reader (`hub.config.load_config_entry`); bad input is one UsageError."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from ..hub.config import ADAPTER_CONFIG_ENTRIES_NAME, load_config_entry
+    from ..methods.deelbo.config import DEELBO
+
     if os.path.isdir(path_or_repo):
-        config_file = os.path.join(path_or_repo, "config.json")
-        if not os.path.isfile(config_file):
+        if not any(
+            os.path.isfile(os.path.join(path_or_repo, name)) for name in ("config.json", ADAPTER_CONFIG_ENTRIES_NAME)
+        ):
             raise UsageError(f"{path_or_repo!r} has no config.json; pass a directory written by hf-deelbo train.")
+        hub_kwargs = {}
     else:
         if looks_like_local_path(path_or_repo):
             raise UsageError(f"{path_or_repo!r} is not a directory; pass an output directory or a Hub repo id.")
         require_hub(repr(path_or_repo), "an output directory")
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            config_file = hf_hub_download(path_or_repo, "config.json", token=token, revision=revision)
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-            raise UsageError(f"Cannot read config.json of {path_or_repo!r} from the Hub: {str(error).splitlines()[0]}")
-    from ..hub.config import read_config_entry, read_json_config
-    from ..methods.deelbo.config import DEELBO
-
+        hub_kwargs = {"token": token, "revision": revision}
     try:
-        config = read_json_config(config_file)
-        if DEELBO.key not in config:
-            raise UsageError(f"{path_or_repo!r} has no `{DEELBO.key}` entry in config.json: it was not trained by "
-                             "hf-deelbo.")
-        return read_config_entry(config, DEELBO.key, f"config.json of {path_or_repo!r}")
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+        return load_config_entry(path_or_repo, DEELBO.key, **hub_kwargs)
+    except KeyError:
+        raise UsageError(
+            f"{path_or_repo!r} has no `{DEELBO.key}` entry in its config: it was not trained by hf-deelbo."
+        ) from None
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise UsageError(
+            f"Cannot read config.json of {path_or_repo!r} from the Hub: {str(error).splitlines()[0]}"
+        ) from None
+    except (ValueError, OSError) as error:  # FileNotFoundError included
+        raise UsageError(str(error).splitlines()[0]) from None

@@ -22,16 +22,27 @@ def load_image_datasets(
     if dataset_name is not None:
         return load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
     data_files = {}
-    for split, directory, flag in (("train", train_dir, "--train_dir"), ("validation", validation_dir, "--validation_dir")):
+    for split, directory, flag in (
+        ("train", train_dir, "--train_dir"),
+        ("validation", validation_dir, "--validation_dir"),
+    ):
         if directory is not None:
             if not os.path.isdir(directory):
-                raise FileNotFoundError(f"{flag} {directory!r} is not a directory; pass a folder with one sub-folder per class.")
+                raise FileNotFoundError(
+                    f"{flag} {directory!r} is not a directory; pass a folder with one sub-folder per class."
+                )
             data_files[split] = os.path.join(directory, "**")
     return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
 
 
-def held_out_split(train, evaluation, train_val_split: float, seed: int, max_train_samples: int | None = None,
-                   max_eval_samples: int | None = None):
+def held_out_split(
+    train,
+    evaluation,
+    train_val_split: float,
+    seed: int,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+):
     """`(train, evaluation)` as `hf-deelbo train` builds them, and `hf-deelbo evaluate` rebuilds
     them from the run's `data_split.json`: without an evaluation split, `train_val_split` of the
     training split is held out (seeded); then each part is cut to its maximum (shuffled, seeded)."""
@@ -100,8 +111,10 @@ def split_record_problem(record) -> str | None:
         return f"it holds {type(record).__name__}, not a JSON object"
     if record.get("source") not in SPLIT_SOURCES:
         return f"source is {record.get('source')!r}, not one of {list(SPLIT_SOURCES)}"
-    checks = {"seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "test_fraction": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1}
+    checks = {
+        "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "test_fraction": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+    }
     for name, valid in checks.items():
         if not valid(record.get(name)):
             return f"{name} is {record.get(name)!r}"
@@ -112,7 +125,9 @@ def split_record_problem(record) -> str | None:
     names = ["dataset_name", "dataset_config_name", "train_dir", "validation_dir"]
     if record["source"] != "embedded digits":
         names += ["image_column_name", "label_column_name"]
-        if not isinstance(record.get("image_column_name"), str) or not isinstance(record.get("label_column_name"), str):
+        if not isinstance(record.get("image_column_name"), str) or not isinstance(
+            record.get("label_column_name"), str
+        ):
             return "image_column_name or label_column_name is missing"
     for name in names:
         if record.get(name) is not None and not isinstance(record.get(name), str):
@@ -123,8 +138,10 @@ def split_record_problem(record) -> str | None:
 def _bad_record(path: str, problem: str) -> Exception:
     from .common import UsageError
 
-    return UsageError(f"{path} is no valid record of the run's data ({problem}); restore it, or delete it and pass the "
-                      "data to score with --dataset_name or --validation_dir.")
+    return UsageError(
+        f"{path} is no valid record of the run's data ({problem}); restore it, or delete it and pass the "
+        "data to score with --dataset_name or --validation_dir."
+    )
 
 
 def check_columns(dataset, image_column: str, label_column: str) -> None:

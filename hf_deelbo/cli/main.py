@@ -56,7 +56,10 @@ def _main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(_usage(), file=sys.stderr)
         if argv:
-            print(f"\nhf-deelbo: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+            print(
+                f"\nhf-deelbo: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.",
+                file=sys.stderr,
+            )
         return 2
     # Other libraries' INFO lines (timm's "Loading pretrained weights from ...") are noise here.
     logging.basicConfig(format="%(message)s", level=logging.WARNING)

@@ -24,7 +24,9 @@ def _point_card_at_repo(output_dir: str, repo_id: str) -> None:
 
 
 def make_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="hf-deelbo push", description="Upload an output directory to the Hub.", allow_abbrev=False)
+    parser = ArgumentParser(
+        prog="hf-deelbo push", description="Upload an output directory to the Hub.", allow_abbrev=False
+    )
     parser.add_argument("output_dir", help="Directory written by hf-deelbo train.")
     parser.add_argument("--repo_id", required=True, help="Target repo, 'namespace/name'.")
     parser.add_argument("--private", action="store_true")
@@ -51,8 +53,11 @@ def main(argv: list[str]) -> int:
             url = api.create_repo(repo_id, private=args.private, exist_ok=True, repo_type="model")
             _point_card_at_repo(args.output_dir, repo_id)
             api.upload_folder(
-                repo_id=repo_id, folder_path=args.output_dir, commit_message=args.commit_message,
-                revision=args.revision, ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message=args.commit_message,
+                revision=args.revision,
+                ignore_patterns=["checkpoint-*", "_*", "*.pt", "*.pth", "training_args.bin"],
             )
     except Exception as error:  # noqa: BLE001 - one line, the cause named
         if card is not None:  # a failed push leaves the directory as it was

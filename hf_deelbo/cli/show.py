@@ -9,7 +9,9 @@ from .common import ArgumentParser, read_deelbo
 
 
 def make_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="hf-deelbo show", description="Print the learned hyperparameters.", allow_abbrev=False)
+    parser = ArgumentParser(
+        prog="hf-deelbo show", description="Print the learned hyperparameters.", allow_abbrev=False
+    )
     parser.add_argument("path_or_repo_id", help="Output directory or Hub repo id.")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--token", default=None)

@@ -34,7 +34,7 @@ class PretrainedAnchor:
         self.head = [parameters[name] for name in self.head_names]
         self.prior_mean = [p.detach().clone() for p in self.backbone]  # sharded like the weights under FSDP2
         self.process_group, self.sharded = _shard_layout(self.trainable)
-        sharded = dict(zip(map(id, self.trainable), self.sharded))
+        sharded = dict(zip(map(id, self.trainable), self.sharded, strict=False))
         self._sharded_backbone = [sharded[id(p)] for p in self.backbone]
         self._sharded_head = [sharded[id(p)] for p in self.head]
         self.num_backbone_params = sum(p.numel() for p in self.backbone)
@@ -68,24 +68,29 @@ class PretrainedAnchor:
     def add_distance_gradients(self, grad_backbone: torch.Tensor, grad_head: torch.Tensor) -> None:
         """p.grad += d(loss)/d‖·‖² · 2(m − μ) per tensor (μ = 0 for the head): the gradients
         `_SquaredDistances.backward` would have returned, from its incoming `grad_backbone`, `grad_head`."""
-        for p, mu, g in zip(self.backbone, self.prior_mean, grad_backbone):
+        for p, mu, g in zip(self.backbone, self.prior_mean, grad_backbone, strict=False):
             _accumulate(p, torch.sub(local(p), local(mu)).mul_(_coefficient(g, p.dtype)))
-        for p, g in zip(self.head, grad_head):
+        for p, g in zip(self.head, grad_head, strict=False):
             _accumulate(p, local(p).detach() * _coefficient(g, p.dtype))
 
     @torch.no_grad()
     def _squared_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.trainable[0].device if self.trainable else None
         dtype = self.accumulation_dtype
-        backbone = [torch.sub(local(p), local(mu)).square_().sum().to(dtype) for p, mu in zip(self.backbone, self.prior_mean)]
+        backbone = [
+            torch.sub(local(p), local(mu)).square_().sum().to(dtype)
+            for p, mu in zip(self.backbone, self.prior_mean, strict=False)
+        ]
         head = [local(p).square().sum().to(dtype) for p in self.head]
         backbone, head = (
             torch.stack(backbone) if backbone else torch.zeros(0, dtype=dtype, device=device),
             torch.stack(head) if head else torch.zeros(0, dtype=dtype, device=device),
         )
         if self.process_group is not None:  # FSDP2: each rank summed its own shard of the sharded tensors
-            backbone, head = sum_over_shards(backbone, self._sharded_backbone, self.process_group), sum_over_shards(
-                head, self._sharded_head, self.process_group)
+            backbone, head = (
+                sum_over_shards(backbone, self._sharded_backbone, self.process_group),
+                sum_over_shards(head, self._sharded_head, self.process_group),
+            )
         return backbone, head
 
 
@@ -105,9 +110,9 @@ class _SquaredDistances(torch.autograd.Function):
             return (None, None, *(None for _ in range(len(anchor.backbone) + len(anchor.head))))
         grads = [
             torch.sub(p, mu).mul_(_coefficient(g, p.dtype))
-            for p, mu, g in zip(anchor.backbone, anchor.prior_mean, grad_backbone)
+            for p, mu, g in zip(anchor.backbone, anchor.prior_mean, grad_backbone, strict=False)
         ]
-        grads += [p.detach() * _coefficient(g, p.dtype) for p, g in zip(anchor.head, grad_head)]
+        grads += [p.detach() * _coefficient(g, p.dtype) for p, g in zip(anchor.head, grad_head, strict=False)]
         return (None, None, *grads)
 
 

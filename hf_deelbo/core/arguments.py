@@ -83,7 +83,9 @@ class StatefulFineTuningArguments(FineTuningArguments):
     # Overridden TrainingArguments default (see the class docstring).
     restore_callback_states_from_checkpoint: bool = field(
         default=True,
-        metadata={"help": "Restore callback states from checkpoints. Always True here: the learned values live there."},
+        metadata={
+            "help": "Restore callback states from checkpoints. Always True here: the learned values live there."
+        },
     )
 
     def __post_init__(self):
@@ -94,14 +96,6 @@ class StatefulFineTuningArguments(FineTuningArguments):
                 "callback state, and resuming without them would restart the learned values."
             )
             self.restore_callback_states_from_checkpoint = True
-
-
-def check_choice(name: str, value, choices: dict[str, str]) -> None:
-    """ValueError unless `value` is one of `choices` (value -> what it means), naming the field,
-    every choice with its meaning, and the value given."""
-    if value not in choices:
-        allowed = " or ".join(f"{choice!r} ({meaning})" for choice, meaning in choices.items())
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
 
 def _is_finite_number(value) -> bool:
@@ -127,9 +121,17 @@ def check_training_arguments(args) -> None:
     that is NaN, infinite or negative (Trainer silently skips clipping for NaN); fp16 where there
     is no accelerator (Trainer accepts it on CPU and trains in float32); a per-device batch size
     below 1."""
-    check_types(args, numbers=("learning_rate", "num_train_epochs", "max_grad_norm"),
-                ints=("max_steps", "gradient_accumulation_steps", "per_device_train_batch_size",
-                      "per_device_eval_batch_size", "seed"))
+    check_types(
+        args,
+        numbers=("learning_rate", "num_train_epochs", "max_grad_norm"),
+        ints=(
+            "max_steps",
+            "gradient_accumulation_steps",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "seed",
+        ),
+    )
     if args.gradient_accumulation_steps < 1:
         raise ValueError(
             f"gradient_accumulation_steps must be an int >= 1 (1 takes an optimizer step after every batch); "

@@ -33,7 +33,9 @@ class MethodStateCallback(TrainerCallback, ExportableState):
     def __init__(self, **saved):
         unknown = set(saved) - set(self.state_attributes)
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unknown state {sorted(unknown)}; it holds {self.state_attributes}")
+            raise TypeError(
+                f"{type(self).__name__} got unknown state {sorted(unknown)}; it holds {self.state_attributes}"
+            )
         for name in self.state_attributes:
             setattr(self, name, saved.get(name))
         self.target = None

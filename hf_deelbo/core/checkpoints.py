@@ -120,8 +120,36 @@ def _weights_problem(checkpoint: str) -> str | None:
     return _safetensors_problem(os.path.join(checkpoint, SAFE_WEIGHTS_NAME), SAFE_WEIGHTS_NAME)
 
 
+def _manifest_problem(checkpoint: str) -> tuple[dict, str | None]:
+    """(the manifest's files, why they do not match the directory's, or None); no manifest: ({}, None)."""
+    manifest = os.path.join(checkpoint, MANIFEST_NAME)
+    if not os.path.isfile(manifest):
+        return {}, None
+    try:
+        with open(manifest) as f:
+            recorded = json.load(f)["files"]
+        if not isinstance(recorded, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return {}, f"{MANIFEST_NAME} is unreadable ({error})"
+    for name, entry in recorded.items():
+        size = entry.get("size") if isinstance(entry, dict) else entry  # older manifests: sizes only
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            return recorded, f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return (
+                recorded,
+                f"{name} has {os.path.getsize(path)} bytes, {size} when it was saved (truncated or overwritten)",
+            )
+    return recorded, None
+
+
 def checkpoint_problem(
-    checkpoint: str, callback_names: tuple[str, ...] = (), num_processes: int = 1, process_index: int = 0,
+    checkpoint: str,
+    callback_names: tuple[str, ...] = (),
+    num_processes: int = 1,
+    process_index: int = 0,
     verify: bool = True,
 ) -> str | None:
     """Why `checkpoint` cannot be resumed from exactly (naming the missing or corrupt file), or
@@ -156,29 +184,15 @@ def checkpoint_problem(
             return problem + _written_by(checkpoint, num_processes)
         if problem:
             return problem
-    manifest = os.path.join(checkpoint, MANIFEST_NAME)
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                recorded = json.load(f)["files"]
-            if not isinstance(recorded, dict):
-                raise TypeError("'files' is not a mapping")
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            return f"{MANIFEST_NAME} is unreadable ({error})"
-        for name, entry in recorded.items():
-            size = entry.get("size") if isinstance(entry, dict) else entry  # older manifests: sizes only
-            path = os.path.join(checkpoint, name)
-            if not os.path.isfile(path):
-                return f"{name} is missing"
-            if os.path.getsize(path) != size:
-                return f"{name} has {os.path.getsize(path)} bytes, {size} when it was saved (truncated or overwritten)"
+    recorded, problem = _manifest_problem(checkpoint)
+    if problem:
+        return problem
     if not verify:
         return None
     key = _verification_key(checkpoint)
     if key in _verified:
         return None
-    problem = _hash_problem(checkpoint, recorded if os.path.isfile(manifest) else {}) or _nonfinite_problem(
-        checkpoint, saved_callbacks, callback_names)
+    problem = _hash_problem(checkpoint, recorded) or _nonfinite_problem(checkpoint, saved_callbacks, callback_names)
     if problem is None and key is not None:
         _verified.add(key)
     return problem
@@ -203,8 +217,10 @@ def _hash_problem(checkpoint: str, recorded: dict) -> str | None:
         if _sha256(path) != entry["sha256"]:
             return f"{name} is not what was saved (its SHA-256 differs from {MANIFEST_NAME}'s: changed or corrupted on disk)"
     if read:
-        logger.info(f"{os.path.basename(checkpoint)}: {len(recorded)} files ({read / 1e6:.1f} MB) match their recorded "
-                    f"SHA-256 (checked in {time.perf_counter() - start:.2f} s).")
+        logger.info(
+            f"{os.path.basename(checkpoint)}: {len(recorded)} files ({read / 1e6:.1f} MB) match their recorded "
+            f"SHA-256 (checked in {time.perf_counter() - start:.2f} s)."
+        )
     return None
 
 
@@ -224,8 +240,7 @@ def _nonfinite_problem(checkpoint: str, saved_callbacks: dict, callback_names: t
         attributes = (saved_callbacks.get(callback) or {}).get("attributes") or {}
         for attribute, value in attributes.items():
             if isinstance(value, str) or not _all_finite(value):
-                return (f"{TRAINER_STATE_NAME} holds {callback}.{attribute} = {str(value)[:60]!r}, not finite "
-                        "numbers")
+                return f"{TRAINER_STATE_NAME} holds {callback}.{attribute} = {str(value)[:60]!r}, not finite numbers"
     return None
 
 
@@ -254,8 +269,10 @@ def _saved_by(checkpoint: str) -> int:
 def _written_by(checkpoint: str, num_processes: int) -> str:
     saved = _saved_by(checkpoint)
     if saved and saved != max(num_processes, 1):
-        return (f" (it was written by {saved} process{'es' if saved > 1 else ''} and is resumed by "
-                f"{max(num_processes, 1)}: resume with as many, e.g. torchrun --nproc_per_node {saved})")
+        return (
+            f" (it was written by {saved} process{'es' if saved > 1 else ''} and is resumed by "
+            f"{max(num_processes, 1)}: resume with as many, e.g. torchrun --nproc_per_node {saved})"
+        )
     return ""
 
 

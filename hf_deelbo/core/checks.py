@@ -114,8 +114,10 @@ def check_distributed_launch(args) -> None:
         if not args.use_cpu and not _has_accelerator():
             fix = "On a machine without GPUs, pass use_cpu=True (--use_cpu true): the ranks then train together over gloo"
         else:
-            fix = ("Launch with torchrun or accelerate launch --multi_gpu and leave setting up the process group to "
-                   "the Trainer")
+            fix = (
+                "Launch with torchrun or accelerate launch --multi_gpu and leave setting up the process group to "
+                "the Trainer"
+            )
         raise ValueError(
             f"This process is one of {ranks} ranks (WORLD_SIZE={launched}), but the Trainer trains as "
             f"{args.world_size} process: each rank would train alone and the weights and learned hyperparameters "
@@ -130,7 +132,7 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def check_batch_norm_single_example(model: nn.Module, example_batch: dict, forward_one, dataset, args) -> None:
+def check_batch_norm_single_example(model: nn.Module, forward_one, dataset, args) -> None:
     """BatchNorm layers cannot train on a batch of one example where they normalise over a single
     value per channel. When a training batch of 1 can occur (per_device_train_batch_size=1, or an
     epoch's last batch), one training-mode forward of one example finds out, before training;
@@ -208,7 +210,9 @@ def check_first_batch(batch: dict, model: nn.Module, forward, num_labels: int | 
         described = ""
         if isinstance(pixel_values, torch.Tensor):
             weight_dtype = next(model.parameters()).dtype
-            described = f" (pixel_values {list(pixel_values.shape)} {pixel_values.dtype}, model weights {weight_dtype})"
+            described = (
+                f" (pixel_values {list(pixel_values.shape)} {pixel_values.dtype}, model weights {weight_dtype})"
+            )
         raise ValueError(
             f"The first training batch does not fit the model{described}: {str(error).splitlines()[0]}. "
             "Match the images to the model's input size, channels and dtype."
@@ -263,12 +267,14 @@ def check_training_data(model: nn.Module, dataset, data_collator=None, args=None
         was_training = model.training
         model.eval()
         try:
-            check_first_batch(batch, model, lambda: classifier_logits(model, batch, None, transformers_model), num_labels)
+            check_first_batch(
+                batch, model, lambda: classifier_logits(model, batch, None, transformers_model), num_labels
+            )
         finally:
             model.train(was_training)
         one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         check_batch_norm_single_example(
-            model, one, lambda: classifier_logits(model, one, None, transformers_model), dataset, args
+            model, lambda: classifier_logits(model, one, None, transformers_model), dataset, args
         )
 
 

@@ -102,13 +102,3 @@ def split_parameters(model: nn.Module, head_modules: list[str] | None = None) ->
             f"Name only the new classification head."
         )
     return ParameterGroups(backbone=backbone, head=head, head_modules=list(head_modules))
-
-
-def head_modules_from_loading_info(model: nn.Module, loading_info: dict) -> list[str] | None:
-    """Module names of the parameters `from_pretrained(..., output_loading_info=True)` reports as
-    newly initialised (missing or size-mismatched keys): exactly the new head. `None` when
-    nothing was newly initialised (the checkpoint already had a head of the right size)."""
-    new_keys = set(loading_info.get("missing_keys", ())) | {k[0] for k in loading_info.get("mismatched_keys", ())}
-    parameter_names = {name for name, p in model.named_parameters() if p.requires_grad}
-    modules = sorted({key.rsplit(".", 1)[0] for key in new_keys if key in parameter_names})
-    return modules or None

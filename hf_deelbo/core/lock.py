@@ -125,7 +125,9 @@ def _open_lock(path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, 0o644)
     except OSError as error:
         check_lock_path(os.path.dirname(path))  # names a link or a folder
-        raise OutputDirectoryUnusable(f"{path} cannot be created ({error.strerror}); choose another output_dir.") from None
+        raise OutputDirectoryUnusable(
+            f"{path} cannot be created ({error.strerror}); choose another output_dir."
+        ) from None
     try:
         _check_lock_stat(path, os.fstat(fd))
     except OutputDirectoryUnusable:
@@ -162,8 +164,11 @@ def acquire(output_dir: str, created: bool | None = None) -> None:
         ) from None
     if os.fstat(fd).st_size:
         logger.warning(f"Taking over the lock of {output_dir} left by a run that is gone ({_describe(fd)}).")
-    info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     _held[key] = [fd, 1, created, run_files.listing(output_dir)]

@@ -1,7 +1,7 @@
 """Named training metrics, averaged over each logging window.
 
 Every trainer records a few values per training micro-batch (`nll`, `kl`, `penalty`, ...) and logs
-their window means through its `log()` override (CONVENTIONS 7; trl's `RewardTrainer.log`). The
+their window means through its `log()` override (as trl's `RewardTrainer.log` does). The
 sums stay on the device: recording never synchronises with the host, only `means()` does, when
 Trainer logs.
 """
@@ -39,6 +39,6 @@ class MetricsRecorder:
         if accelerator is not None and accelerator.num_processes > 1:
             window = accelerator.reduce(window.clone(), reduction="sum")
         count = float(window[-1])
-        means = dict(zip(self.names, (window[:-1] / count).tolist())) if count > 0 else {}
+        means = dict(zip(self.names, (window[:-1] / count).tolist(), strict=False)) if count > 0 else {}
         self._window.zero_()
         return means

@@ -32,7 +32,7 @@ def classifier_logits(
 ) -> torch.Tensor:
     """Logits of a classifier on `inputs`, at its own weights or at `parameters` (name → tensor).
     `tie_weights=False` when `parameters` already names every alias of a tied weight
-    (`IsotropicGaussianPosterior.sample_parameters`), as in `torch.func.functional_call`.
+    (`GaussianPosterior.sample_parameters`), as in `torch.func.functional_call`.
 
     transformers models are called as `model(**features).logits`; other models (timm) as
     `model(pixel_values)`. Label columns are never passed to the model.
@@ -77,7 +77,7 @@ def recompute_batch_norm_statistics(model: nn.Module, batches, forward) -> int:
         for batch in batches:
             forward(batch)
     finally:
-        for layer, momentum in zip(layers, momenta):
+        for layer, momentum in zip(layers, momenta, strict=False):
             layer.momentum = momentum
         model.train(was_training)
     return len(layers)

@@ -24,22 +24,32 @@ class OutputDirectoryRefused(lock.OutputDirectoryError, ValueError):
 
 # How the command line and the Python API spell the same request, for the messages.
 SPELLINGS = {
-    "cli": {"newest": "--resume", "path": "--resume_from_checkpoint", "output_dir": "--output_dir",
-            "overwrite": "--overwrite_output_dir"},
-    "api": {"newest": "resume_from_checkpoint=True", "path": "resume_from_checkpoint", "output_dir": "output_dir",
-            "overwrite": "overwrite_output_dir"},
+    "cli": {
+        "newest": "--resume",
+        "path": "--resume_from_checkpoint",
+        "output_dir": "--output_dir",
+        "overwrite": "--overwrite_output_dir",
+    },
+    "api": {
+        "newest": "resume_from_checkpoint=True",
+        "path": "resume_from_checkpoint",
+        "output_dir": "output_dir",
+        "overwrite": "overwrite_output_dir",
+    },
 }
 
 
 def process_requirements() -> dict:
     """What a checkpoint must hold for this process, read from the launcher's environment (torchrun
     sets WORLD_SIZE and RANK): its own RNG state file among those of every rank."""
-    return dict(num_processes=int(os.environ.get("WORLD_SIZE", "1") or 1),
-                process_index=int(os.environ.get("RANK", "0") or 0))
+    return dict(
+        num_processes=int(os.environ.get("WORLD_SIZE", "1") or 1), process_index=int(os.environ.get("RANK", "0") or 0)
+    )
 
 
-def resume_checkpoint(output_dir: str, resume_from_checkpoint, spelling: str = "api", skipped_log=None,
-                      **requirements) -> str | None:
+def resume_checkpoint(
+    output_dir: str, resume_from_checkpoint, spelling: str = "api", skipped_log=None, **requirements
+) -> str | None:
     """The checkpoint a run resumes from: None when it does not resume; for `True`, the newest
     complete one of `output_dir` (each newer one skipped goes to `skipped_log(name, why)`); a path
     only if it is complete. `requirements` go to `checkpoint_problem`.
@@ -77,29 +87,41 @@ def resume_checkpoint(output_dir: str, resume_from_checkpoint, spelling: str = "
     return checkpoint
 
 
-def check_output_dir(output_dir: str, resume_from_checkpoint=None, overwrite: bool = False, spelling: str = "cli",
-                     main_process: bool = True) -> bool:
+def check_output_dir(
+    output_dir: str,
+    resume_from_checkpoint=None,
+    overwrite: bool = False,
+    spelling: str = "cli",
+    main_process: bool = True,
+) -> bool:
     """Before any work: refuse an output directory another live run holds, one whose lock path is
     planted (a link, a folder), one holding another run's files (unless resumed or overwritten),
     one holding anything no run of ours wrote when it would be overwritten, and a resume with
     nothing to resume from. Returns whether `output_dir` exists already."""
     words = SPELLINGS[spelling]
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
-        raise OutputDirectoryRefused(f"{words['output_dir']} {output_dir!r} is a file, not a directory; choose another "
-                                     f"{words['output_dir']}.")
+        raise OutputDirectoryRefused(
+            f"{words['output_dir']} {output_dir!r} is a file, not a directory; choose another {words['output_dir']}."
+        )
     parent = _existing_parent(output_dir)
     if parent is not None and not os.path.isdir(parent):
-        raise OutputDirectoryRefused(f"{words['output_dir']} {output_dir!r} lies under {parent!r}, which is a file; "
-                                     f"choose another {words['output_dir']}.")
+        raise OutputDirectoryRefused(
+            f"{words['output_dir']} {output_dir!r} lies under {parent!r}, which is a file; "
+            f"choose another {words['output_dir']}."
+        )
     if parent is not None and not os.access(parent, os.W_OK):
-        raise OutputDirectoryRefused(f"{words['output_dir']} {output_dir!r} cannot be written ({parent!r} is "
-                                     f"read-only for this user); choose another {words['output_dir']}.")
+        raise OutputDirectoryRefused(
+            f"{words['output_dir']} {output_dir!r} cannot be written ({parent!r} is "
+            f"read-only for this user); choose another {words['output_dir']}."
+        )
     if not os.path.isdir(output_dir):
         resume_checkpoint(output_dir, resume_from_checkpoint, spelling, **process_requirements())
         return False
     if not os.access(output_dir, os.W_OK):
-        raise OutputDirectoryRefused(f"{words['output_dir']} {output_dir!r} cannot be written (read-only for this user "
-                                     f"or on a read-only filesystem); choose another {words['output_dir']}.")
+        raise OutputDirectoryRefused(
+            f"{words['output_dir']} {output_dir!r} cannot be written (read-only for this user "
+            f"or on a read-only filesystem); choose another {words['output_dir']}."
+        )
     if main_process:
         lock.check_lock_path(output_dir)
         holder = lock.lock_holder(output_dir)
@@ -115,7 +137,11 @@ def check_output_dir(output_dir: str, resume_from_checkpoint=None, overwrite: bo
         has_checkpoints = any(name.startswith("checkpoint-") for name in os.listdir(output_dir))
         raise OutputDirectoryRefused(
             f"{words['output_dir']} {output_dir!r} already holds files from another run; "
-            + (f"pass {words['newest']} to continue it from its newest complete checkpoint, " if has_checkpoints else "")
+            + (
+                f"pass {words['newest']} to continue it from its newest complete checkpoint, "
+                if has_checkpoints
+                else ""
+            )
             + f"pass {words['overwrite']} to replace them, or choose another {words['output_dir']}."
         )
     check_overwritable(output_dir, spelling)
@@ -163,6 +189,8 @@ def kept(output_dir: str) -> str:
         return "Nothing was written."
     complete = complete_checkpoints(output_dir)
     if complete:
-        return (f"Everything written is kept in {output_dir}, with the complete checkpoints {', '.join(complete)}; "
-                "continue with the same command and --resume.")
+        return (
+            f"Everything written is kept in {output_dir}, with the complete checkpoints {', '.join(complete)}; "
+            "continue with the same command and --resume."
+        )
     return f"Everything written is kept in {output_dir} (no complete checkpoint)."

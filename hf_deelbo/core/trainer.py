@@ -5,31 +5,26 @@ hyperparameters in the model's config."""
 
 from __future__ import annotations
 
-import inspect
 import os
-import shutil
-from pathlib import Path
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerState
-from transformers.modelcard import TrainingSummary, extract_hyperparameters_from_trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils import logging as transformers_logging
 
-from ..hub import model_card as cards
-from ..hub.config import ADAPTER_CONFIG_ENTRIES_NAME, save_adapter_config_entries, set_model_config_entry
-from ..hub.push import HubPushError, check_repo_namespace, hub_call, push_error
+from ..hub.config import save_adapter_config_entries, set_model_config_entry
 from ..hub.timm import is_timm_wrapper, make_timm_wrapper_checkpoint_portable, save_timm_config
+from ..registry import MethodSpec
 from . import lock
-from .adapters import ADAPTER_SAFE_WEIGHTS_NAME, is_peft_model, peft_type, restore_adapter_weights
-from .callback import MethodStateCallback
 from . import output_dir as output_dir_policy
+from .adapters import ADAPTER_SAFE_WEIGHTS_NAME, is_peft_model, restore_adapter_weights
+from .callback import MethodStateCallback
 from .checkpoints import write_manifest
 from .checks import (
     check_batch_labels,
@@ -42,16 +37,12 @@ from .groups import split_parameters
 from .metrics import MetricsRecorder
 from .modeling import classifier_logits, is_transformers_model
 from .preemption import PREEMPTION_SIGNALS, DeferredSignals, TrainingPreempted, signal_name
-from .registry import MethodSpec
+from .publishing import PublishingMixin
 
 logger = transformers_logging.get_logger(__name__)
 
 
-def _listify(value) -> list:
-    return [value] if isinstance(value, str) else list(value)
-
-
-class FineTuningTrainer(Trainer):
+class FineTuningTrainer(PublishingMixin, Trainer):
     """Base of every method's trainer; not used directly.
 
     Subclasses set `args_class` (their arguments, a `FineTuningArguments`), `method` (their
@@ -76,30 +67,8 @@ class FineTuningTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, model: nn.Module | None = None, args=None, model_init=None, **kwargs):
+        model, args = self._model_and_args(model, args, model_init, kwargs)
         name = type(self).__name__
-        if model_init is not None and not self.supports_model_init:
-            raise ValueError(
-                f"{name} does not take model_init (its learned state is tied to one model); pass model=... instead."
-            )
-        if model is not None and model_init is not None:
-            raise ValueError(f"{name} takes a model or a model_init, not both.")
-        if model is None and model_init is None:
-            raise ValueError(f"{name} needs a model" + (" or a model_init." if self.supports_model_init else "."))
-        if args is None:
-            args = self.args_class(output_dir="trainer_output")
-        if not isinstance(args, self.args_class):
-            raise TypeError(
-                f"args must be {self.args_class.__name__}, got {type(args).__name__}; "
-                f"build it with {self.args_class.__name__}(output_dir=..., ...)."
-            )
-        if model_init is not None:
-            if kwargs.get("optimizers", (None, None)) != (None, None):
-                raise ValueError(f"{name}: model_init cannot be combined with optimizers (a new model per run).")
-            # As Trainer does: the seed is set before the model is built. The first model is
-            # checked here, before any work; train() builds a fresh one, bound by `_bind_model`.
-            set_seed(args.seed)
-            self.model_init = model_init
-            model = self.call_model_init()
         # Everything is validated before Trainer does any work (it creates output_dir and Hub repos).
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):
             raise ValueError(
@@ -142,6 +111,35 @@ class FineTuningTrainer(Trainer):
         self._callback_target = None
         self._preemption = DeferredSignals()
         self._resumed_from: str | None = None
+
+    def _model_and_args(self, model, args, model_init, kwargs) -> tuple[nn.Module, object]:
+        """The model to check and train (the first of `model_init`'s, if given) and the arguments,
+        once what was passed is checked (one source of models, arguments of the method's class)."""
+        name = type(self).__name__
+        if model_init is not None and not self.supports_model_init:
+            raise ValueError(
+                f"{name} does not take model_init (its learned state is tied to one model); pass model=... instead."
+            )
+        if model is not None and model_init is not None:
+            raise ValueError(f"{name} takes a model or a model_init, not both.")
+        if model is None and model_init is None:
+            raise ValueError(f"{name} needs a model" + (" or a model_init." if self.supports_model_init else "."))
+        if args is None:
+            args = self.args_class(output_dir="trainer_output")
+        if not isinstance(args, self.args_class):
+            raise TypeError(
+                f"args must be {self.args_class.__name__}, got {type(args).__name__}; "
+                f"build it with {self.args_class.__name__}(output_dir=..., ...)."
+            )
+        if model_init is not None:
+            if kwargs.get("optimizers", (None, None)) != (None, None):
+                raise ValueError(f"{name}: model_init cannot be combined with optimizers (a new model per run).")
+            # As Trainer does: the seed is set before the model is built. The first model is
+            # checked here, before any work; train() builds a fresh one, bound by `_bind_model`.
+            set_seed(args.seed)
+            self.model_init = model_init
+            model = self.call_model_init()
+        return model, args
 
     @property
     def config_key(self) -> str:
@@ -265,7 +263,9 @@ class FineTuningTrainer(Trainer):
         for key, value in inputs.items():  # no device sync here; checked where a step logs or saves
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 bad = ~torch.isfinite(value).all()
-                self._nonfinite_inputs[key] = self._nonfinite_inputs[key] | bad if key in self._nonfinite_inputs else bad
+                self._nonfinite_inputs[key] = (
+                    self._nonfinite_inputs[key] | bad if key in self._nonfinite_inputs else bad
+                )
         loss = super().training_step(model, inputs, num_items_in_batch)
         bad = ~torch.isfinite(loss)
         # The first optimizer step whose loss was not finite, kept on the device (no sync).
@@ -293,8 +293,11 @@ class FineTuningTrainer(Trainer):
             return super()._maybe_log_save_evaluate(*args, **kwargs)
         details = self._divergence_details()
         nonfinite_loss = bool(self._nonfinite_loss)
-        bad_inputs = sorted(key for key, flag in self._nonfinite_inputs.items() if bool(flag)) if (
-            nonfinite_loss or details) else []
+        bad_inputs = (
+            sorted(key for key, flag in self._nonfinite_inputs.items() if bool(flag))
+            if (nonfinite_loss or details)
+            else []
+        )
         step = int(self._first_nonfinite_step) if nonfinite_loss else self.state.global_step
         found = f", found at step {self.state.global_step}" if step != self.state.global_step else ""
         if bad_inputs:
@@ -332,8 +335,11 @@ class FineTuningTrainer(Trainer):
         weights_file = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
         model = self.accelerator.unwrap_model(self.model)
         adapter_file = os.path.join(checkpoint, ADAPTER_SAFE_WEIGHTS_NAME)
-        if is_peft_model(model) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and os.path.isfile(
-                adapter_file):
+        if (
+            is_peft_model(model)
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and os.path.isfile(adapter_file)
+        ):
             restore_adapter_weights(model, adapter_file)
             return True
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(weights_file):
@@ -358,8 +364,13 @@ class FineTuningTrainer(Trainer):
         (logging the newer ones skipped and why); a path only if it is complete (`checkpoints.py`)."""
         skipped = []
         checkpoint = output_dir_policy.resume_checkpoint(
-            self.args.output_dir, resume_from_checkpoint, "api", skipped_log=lambda *entry: skipped.append(entry),
-            callback_names=self._stateful_callback_names(), num_processes=self.args.world_size)
+            self.args.output_dir,
+            resume_from_checkpoint,
+            "api",
+            skipped_log=lambda *entry: skipped.append(entry),
+            callback_names=self._stateful_callback_names(),
+            num_processes=self.args.world_size,
+        )
         for name, why in skipped:
             logger.warning(f"Not resuming from {name}: {why}.")
         if skipped:
@@ -372,7 +383,9 @@ class FineTuningTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
         if self.args.should_save:
-            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             if os.path.isdir(checkpoint):
                 write_manifest(checkpoint)
             lock.record_writes(self.args.output_dir)
@@ -413,7 +426,9 @@ class FineTuningTrainer(Trainer):
             raise TrainingPreempted(
                 f"stopped by {signal_name(number)} after step {self.state.global_step}: {checkpoint} is complete; "
                 "resume with train(resume_from_checkpoint=True) (on the command line: the same command and --resume).",
-                number, checkpoint)
+                number,
+                checkpoint,
+            )
         self._write_config_entry()
         self._report_failed_pushes()
         return output
@@ -456,8 +471,9 @@ class FineTuningTrainer(Trainer):
     def _holding(self, output_dir: str | None = None) -> lock.holding:
         """Hold the lock of `output_dir` (default `args.output_dir`) while writing there outside
         `train()`, so that what is written is recorded as the run's (`run_files.py`)."""
-        return lock.holding(output_dir if output_dir is not None else self.args.output_dir,
-                            enabled=self.is_world_process_zero())
+        return lock.holding(
+            output_dir if output_dir is not None else self.args.output_dir, enabled=self.is_world_process_zero()
+        )
 
     def save_metrics(self, split, metrics, combined=True):
         """Trainer's `save_metrics` (`<split>_results.json`, `all_results.json`), recorded as the run's."""
@@ -468,145 +484,3 @@ class FineTuningTrainer(Trainer):
         """Trainer's `save_state` (`trainer_state.json`), recorded as the run's."""
         with self._holding():
             super().save_state()
-
-    # ---- the model card -----------------------------------------------------------------------
-
-    def build_model_card(self, output_dir: str | None = None, **context):
-        """Subclass hook: the `ModelCard` for this run, from the context `create_model_card` gathered;
-        figures the card shows go to `output_dir`."""
-        return cards.build_model_card(self.method, self.config_entry(), **context)
-
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-        output_dir: str | None = None,
-    ) -> None:
-        """Writes README.md (the method's model card: its hyperparameters from `config.<config_key>`,
-        the last evaluation, the training settings, the citation) into `output_dir` (default:
-        `args.output_dir`); `save_model` and `push_to_hub` write it with the model. Its "How to use"
-        loads the Hub repo (`hub_model_id`) if there is one, else the local directory. Works for raw
-        timm models too (Trainer's own card needs a config)."""
-        if not self.is_world_process_zero():
-            return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        with self._holding(output_dir):
-            self._write_model_card(output_dir, language, license, tags, model_name, finetuned_from, tasks,
-                                   dataset_tags, dataset, dataset_args)
-
-    def _write_model_card(self, output_dir, language, license, tags, model_name, finetuned_from, tasks, dataset_tags,
-                          dataset, dataset_args) -> None:
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if finetuned_from is None:
-            finetuned_from = getattr(getattr(unwrapped, "config", None), "_name_or_path", None) or None
-        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
-        eval_results = {
-            ("nll" if k == "eval_loss" else k.removeprefix("eval_")): v
-            for k, v in (evaluations[-1] if evaluations else {}).items()
-            if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(("runtime", "per_second"))
-        }
-        args = self.args
-        # Plain Trainer's card lists these (transformers.modelcard); ours adds the steps taken and the clipping.
-        hyperparameters = {name: str(value).replace("\n", " ") for name, value in
-                           extract_hyperparameters_from_trainer(self).items()}
-        hyperparameters.update(optimizer_steps=self.state.global_step, max_grad_norm=args.max_grad_norm)
-        adapter = peft_type(unwrapped)  # a PEFT adapter's card loads it with peft, onto its base model
-        if adapter:
-            library_name = "peft"
-        else:
-            library_name = "transformers" if self._is_transformers_model else "timm"
-        model_name = model_name or os.path.basename(os.path.abspath(output_dir))
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        # What plain Trainer's card holds (license, language, the generated_from_trainer tag, the
-        # training data's datasets, metrics and model-index, the task), from transformers' own summary.
-        summary = TrainingSummary.from_trainer(
-            self, language=language, license=license, tags=list(tags), model_name=model_name,
-            finetuned_from=finetuned_from or "", tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
-            dataset_args=dataset_args)
-        card = self.build_model_card(
-            output_dir=output_dir,
-            model_name=model_name,
-            library_name=library_name,
-            values_file=ADAPTER_CONFIG_ENTRIES_NAME if adapter else "config.json",
-            base_model=finetuned_from,
-            dataset=dataset if isinstance(dataset, str) else None,
-            eval_results=eval_results,
-            hyperparameters=hyperparameters,
-            repo_id=self.hub_model_id or args.hub_model_id,
-            local_path=output_dir,
-            extra_tags=tags + (["timm"] if not self._is_transformers_model or is_timm_wrapper(unwrapped) else [])
-            + (["peft", adapter] if adapter else []),
-            task=_listify(summary.tasks)[0] if summary.tasks else cards.DEFAULT_TASK,
-            trainer_metadata=summary.create_metadata(),
-        )
-        card.save(os.path.join(output_dir, "README.md"))
-
-    # ---- the Hub ------------------------------------------------------------------------------
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """Creates the Hub repo (Trainer does this when the trainer is built with push_to_hub=True),
-        with one clear error when the repo id lacks a namespace nobody can supply, or the Hub is
-        unreachable or refuses."""
-        if not self.is_world_process_zero():
-            return
-        token = token if token is not None else self.args.hub_token
-        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        self.args.hub_model_id = check_repo_namespace(name, token)
-        # `private` is an argument of Trainer.init_hf_repo from transformers 5.2x on.
-        private_argument = {"private": private} if "private" in inspect.signature(Trainer.init_hf_repo).parameters else {}
-        try:
-            with hub_call():
-                super().init_hf_repo(token=token, **private_argument)
-        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
-            output_dir = self.args.output_dir
-            wrote_output = os.path.isdir(output_dir) and bool(set(os.listdir(output_dir)) - {lock.LOCK_NAME})
-            raise push_error(error, output_dir, self.args.hub_model_id, wrote_output=wrote_output) from error
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        known = set(map(id, (job for _, job in self._checkpoint_pushes)))
-        entries = os.path.join(checkpoint_folder, ADAPTER_CONFIG_ENTRIES_NAME)
-        if self.args.should_save and os.path.isfile(entries):
-            # Trainer copies the modeling files it knows into output_dir before pushing it; a PEFT
-            # adapter's entries go with them.
-            shutil.copy(entries, os.path.join(self.args.output_dir, ADAPTER_CONFIG_ENTRIES_NAME))
-        super()._push_from_checkpoint(checkpoint_folder)
-        progress = getattr(self, "push_in_progress", None)
-        for job in progress.jobs if progress is not None else []:
-            if id(job) not in known:
-                self._checkpoint_pushes.append((self.state.global_step, job))
-
-    def _report_failed_pushes(self) -> None:
-        """Checkpoint pushes run in the background and Trainer never looks at their outcome: each
-        one that failed is added to `failed_pushes` and the whole list logged as one warning."""
-        from concurrent import futures
-
-        futures.wait([job for _, job in self._checkpoint_pushes])
-        repo_id = self.hub_model_id or self.args.hub_model_id
-        for step, job in self._checkpoint_pushes:
-            if not job.cancelled() and job.exception() is not None:
-                self.failed_pushes.append(f"step {step}: {push_error(job.exception(), self.args.output_dir, repo_id).reason}")
-        self._checkpoint_pushes = []
-        if self.failed_pushes:
-            logger.warning(
-                f"{len(self.failed_pushes)} push(es) of checkpoints to the Hub repo {repo_id} failed "
-                f"({'; '.join(self.failed_pushes)}). The local checkpoints in {self.args.output_dir} are intact; push "
-                f"them with trainer.push_to_hub() or hf-deelbo push {self.args.output_dir} --repo_id {repo_id}."
-            )
-
-    def push_to_hub(self, *args, **kwargs):
-        """Trainer's push (weights, config.json with the hyperparameters, model card); a failure
-        raises one `HubPushError` and leaves the local output directory as it was."""
-        try:
-            with hub_call(), self._holding():  # the card and files written for the push are the run's
-                return super().push_to_hub(*args, **kwargs)
-        except HubPushError:
-            raise
-        except Exception as error:  # noqa: BLE001 - reported as one HubPushError, cause attached
-            raise push_error(error, self.args.output_dir, self.hub_model_id or self.args.hub_model_id) from error

@@ -52,7 +52,9 @@ def split_validation(train_dataset, eval_dataset, validation_fraction: float | N
     return train_dataset.select(train_indices), train_dataset.select(validation_indices)
 
 
-def stratified_split(labels, validation_fraction: float, seed: int, trainer_name: str = "The split") -> tuple[list[int], list[int]]:
+def stratified_split(
+    labels, validation_fraction: float, seed: int, trainer_name: str = "The split"
+) -> tuple[list[int], list[int]]:
     """(train indices, validation indices), class proportions kept in both."""
     from sklearn.model_selection import train_test_split
 
@@ -89,7 +91,10 @@ class ValidationTrainerMixin:
 
     def _check_before_init(self, args, kwargs) -> None:
         train_dataset, self.validation_dataset = split_validation(
-            kwargs.get("train_dataset"), kwargs.get("eval_dataset"), args.validation_fraction, args.seed,
+            kwargs.get("train_dataset"),
+            kwargs.get("eval_dataset"),
+            args.validation_fraction,
+            args.seed,
             type(self).__name__,
         )
         kwargs["train_dataset"] = train_dataset

@@ -78,14 +78,26 @@ def digits_pretrained_cfg(model) -> dict:
     for key in ("test_input_size", "test_crop_pct", "min_input_size", "label_names", "label_descriptions"):
         cfg.pop(key, None)
     cfg.update(
-        input_size=(3, IMAGE_SIZE, IMAGE_SIZE), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
-        crop_pct=1.0, crop_mode="center", pool_size=None, num_classes=model.num_classes,
+        input_size=(3, IMAGE_SIZE, IMAGE_SIZE),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bilinear",
+        crop_pct=1.0,
+        crop_mode="center",
+        pool_size=None,
+        num_classes=model.num_classes,
     )
     return cfg
 
 
-def pretrain(model: torch.nn.Module, dataset: Dataset, epochs: int = 3, batch_size: int = 64, lr: float = 3e-3,
-             seed: int | None = 0):
+def pretrain(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int | None = 0,
+):
     """Plain supervised pretraining with Adam (the "upstream" model of the transfer task).
 
     `dataset`: digits images (turned into `pixel_values` by `to_pixel_values`), or a dataset that
@@ -145,7 +157,9 @@ def _build_backbone(path: str, architecture: str, epochs: int, seed: int) -> Non
     from timm.models._hub import save_for_hf
 
     source_train, _ = split(digits_dataset(SOURCE_CLASSES), None, seed)
-    model = pretrain(tiny_timm_backbone(len(SOURCE_CLASSES), seed, architecture), source_train, epochs=epochs, seed=seed)
+    model = pretrain(
+        tiny_timm_backbone(len(SOURCE_CLASSES), seed, architecture), source_train, epochs=epochs, seed=seed
+    )
     # Written to a temporary directory and renamed, so a crash never leaves a half-written cache.
     tmp = f"{path}.tmp{os.getpid()}"
     save_for_hf(model, tmp, safe_serialization=True)

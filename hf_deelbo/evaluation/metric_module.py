@@ -30,21 +30,34 @@ class ClassificationMetric(evaluate.Metric):
     accepts_class_ids = False
 
     def _info(self):
-        features = [datasets.Features({
-            "predictions": datasets.Sequence(datasets.Value("float32")),
-            "references": datasets.Value("int64"),
-        })]
+        features = [
+            datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float32")),
+                    "references": datasets.Value("int64"),
+                }
+            )
+        ]
         if self.accepts_class_ids:
-            features.append(datasets.Features({
-                "predictions": datasets.Value("int64"), "references": datasets.Value("int64"),
-            }))
+            features.append(
+                datasets.Features(
+                    {
+                        "predictions": datasets.Value("int64"),
+                        "references": datasets.Value("int64"),
+                    }
+                )
+            )
         return evaluate.MetricInfo(
             description=self.description,
             citation="",
             inputs_description=_INPUTS.format(
-                extra=self.extra_inputs, name=self.metric_name, returns=self.returns,
+                extra=self.extra_inputs,
+                name=self.metric_name,
+                returns=self.returns,
                 ids="; or (`list` of `int`) the predicted class ids, as Hugging Face's `accuracy` takes them"
-                if self.accepts_class_ids else ""),
+                if self.accepts_class_ids
+                else "",
+            ),
             features=features if len(features) > 1 else features[0],
         )
 

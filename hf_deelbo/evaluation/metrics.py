@@ -95,8 +95,9 @@ def classification_metrics(log_probs, labels, num_bins: int = 10) -> dict:
     predictions = np.asarray(torch.as_tensor(log_probs).float())
     references = np.asarray(torch.as_tensor(labels).long())
     return {
-        name: load_metric(name).compute(predictions=predictions, references=references,
-                                        **({"num_bins": num_bins} if name == "ece" else {}))[name]
+        name: load_metric(name).compute(
+            predictions=predictions, references=references, **({"num_bins": num_bins} if name == "ece" else {})
+        )[name]
         for name in METRIC_NAMES
     }
 

@@ -77,10 +77,17 @@ def plot_reliability(log_probs, labels, path: str, num_bins: int = 10):
     fig, ax = _figure(4.5, 4.5)
     ax.bar(centers, accuracies, width=1 / num_bins, edgecolor="black", alpha=0.7, label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    for center, accuracy, count in zip(centers, accuracies, counts):
+    for center, accuracy, count in zip(centers, accuracies, counts, strict=False):
         if count:
-            ax.annotate(str(count), (center, accuracy), xytext=(0, 2), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                str(count),
+                (center, accuracy),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax.set_xlabel("confidence (bins of width %g; examples per bin above each bar)" % (1 / num_bins), fontsize=8)
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)

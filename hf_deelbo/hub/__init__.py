@@ -1,6 +1,6 @@
 """What goes to and comes from the Hub: the methods' config entries (`config`), timm portability
 (`timm`), loading classifiers (`loading`), pushing (`push`) and the model card (`model_card`).
-Knows the methods only through the registry (`core.registry`)."""
+Knows the methods only through the registry (`hf_deelbo.registry`)."""
 
 from .config import load_config_entry, read_config_entry, read_json_config, set_model_config_entry
 from .loading import load_classifier

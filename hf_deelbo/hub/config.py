@@ -1,6 +1,6 @@
 """The entries the package writes into a model's config.json (`config.<key>`, one per method of
 the registry): storing them on a model, and the one reader that checks them against the
-method's typed, versioned schema (`core.registry.MethodSpec`)."""
+method's typed, versioned schema (`hf_deelbo.registry.MethodSpec`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from ..core.registry import config_keys, method_spec
+from ..registry import config_keys, method_spec
 
 logger = transformers_logging.get_logger(__name__)
 
@@ -58,8 +58,11 @@ def _value_problem(kind: str, value, entry_key: str) -> str | None:
         if not values or not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in values):
             return "must be a finite number >= 0, or a dict of them"
     elif kind == "variances":
-        if not (isinstance(value, dict) and value
-                and all(isinstance(k, str) and _is_number(v) and math.isfinite(v) and v > 0 for k, v in value.items())):
+        if not (
+            isinstance(value, dict)
+            and value
+            and all(isinstance(k, str) and _is_number(v) and math.isfinite(v) and v > 0 for k, v in value.items())
+        ):
             return "must be a non-empty dict of names to finite numbers > 0"
     elif kind == "radii":
         if value is not None and not (
@@ -85,7 +88,6 @@ def _value_problem(kind: str, value, entry_key: str) -> str | None:
         if value > supported:
             return f"is newer than this hf_deelbo reads ({supported}): upgrade hf_deelbo"
     return None
-
 
 
 def read_config_entry(config, key: str, source: str = "the model's config") -> dict:
@@ -125,50 +127,56 @@ def read_config_entry(config, key: str, source: str = "the model's config") -> d
             raise ValueError(f"{source}: {key}.{name} {problem}; got {entry[name]!r}; {fix}.")
     for (name, value), companion in method_spec(key).companions.items():
         if entry.get(name) == value and companion not in entry:
-            raise ValueError(f"{source}: {key}.{name} is {value!r}, which needs {key}.{companion}, and it is missing; "
-                             f"{fix}.")
+            raise ValueError(
+                f"{source}: {key}.{name} is {value!r}, which needs {key}.{companion}, and it is missing; {fix}."
+            )
     return entry
 
 
 def load_config_entry(path: str, key: str, **hub_kwargs) -> dict:
-    """Read the `key` entry from the config.json of a saved model directory, or from the
-    `ADAPTER_CONFIG_ENTRIES_NAME` file of a saved PEFT adapter (validated, `read_config_entry`).
-    `path` may be a Hub repo id of a PEFT adapter too (`hub_kwargs`, e.g. revision or token, go to
-    `hf_hub_download`).
+    """Read the `key` entry of a model trained by the package (validated, `read_config_entry`): from
+    the config.json of a saved model, or the `ADAPTER_CONFIG_ENTRIES_NAME` file of a saved PEFT
+    adapter; `path` is a local directory or a Hub repo id of either (`hub_kwargs`, e.g. revision or
+    token, go to `hf_hub_download`). The one reader of the entries: the CLI's `show`, `push` and
+    `evaluate` read through it too.
 
     Raises:
-        FileNotFoundError: neither file in `path`.
+        FileNotFoundError: neither file in `path` (or the repo).
         KeyError: the file has no `key` entry (the model was not trained with that method).
         ValueError: the file is not JSON, or its entry is malformed.
     """
-    config_file = os.path.join(path, "config.json")
-    adapter_file = os.path.join(path, ADAPTER_CONFIG_ENTRIES_NAME)
-    if os.path.isfile(adapter_file) and not os.path.isfile(config_file):
-        config_file = adapter_file
-    elif not os.path.isdir(path):
-        config_file = _download_adapter_config_entries(path, **hub_kwargs)
-    elif not os.path.isfile(config_file):
-        raise FileNotFoundError(
-            f"No config.json (a saved model) or {ADAPTER_CONFIG_ENTRIES_NAME} (a saved PEFT adapter) in {path}: "
-            "is it a directory saved by the trainer?"
-        )
+    config_file = _local_config_file(path) if os.path.isdir(path) else _download_config_file(path, **hub_kwargs)
     return read_config_entry(read_json_config(config_file), key, config_file)
 
 
-def _download_adapter_config_entries(repo_id: str, **hub_kwargs) -> str:
-    """The local copy of a Hub repo's `ADAPTER_CONFIG_ENTRIES_NAME` (a PEFT adapter pushed by the trainer)."""
+def _local_config_file(path: str) -> str:
+    """config.json of a saved model, else the entries file of a saved PEFT adapter, in directory `path`."""
+    for name in ("config.json", ADAPTER_CONFIG_ENTRIES_NAME):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(
+        f"No config.json (a saved model) or {ADAPTER_CONFIG_ENTRIES_NAME} (a saved PEFT adapter) in {path}: "
+        "is it a directory saved by the trainer?"
+    )
+
+
+def _download_config_file(repo_id: str, **hub_kwargs) -> str:
+    """The local copy of a Hub repo's config.json (a full model), else of its
+    `ADAPTER_CONFIG_ENTRIES_NAME` (a PEFT adapter pushed by the trainer)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-    try:
-        return hf_hub_download(repo_id, ADAPTER_CONFIG_ENTRIES_NAME, **hub_kwargs)
-    except HFValidationError:
-        raise FileNotFoundError(f"{repo_id} is neither a directory nor a Hub repo id.") from None
-    except EntryNotFoundError:
-        raise FileNotFoundError(
-            f"The Hub repo {repo_id} has no {ADAPTER_CONFIG_ENTRIES_NAME}: it is not a PEFT adapter pushed by the "
-            "trainer (a full model's values are in its config.json)."
-        ) from None
+    for name in ("config.json", ADAPTER_CONFIG_ENTRIES_NAME):
+        try:
+            return hf_hub_download(repo_id, name, **hub_kwargs)
+        except HFValidationError:
+            raise FileNotFoundError(f"{repo_id} is neither a directory nor a Hub repo id.") from None
+        except EntryNotFoundError:
+            continue
+    raise FileNotFoundError(
+        f"The Hub repo {repo_id} has neither config.json (a full model) nor {ADAPTER_CONFIG_ENTRIES_NAME} (a PEFT "
+        "adapter pushed by the trainer)."
+    )
 
 
 def read_json_config(config_file: str) -> dict:
@@ -189,4 +197,3 @@ def check_config_entries(config, source: str) -> None:
         present = key in config if isinstance(config, dict) else getattr(config, key, None) is not None
         if present:
             read_config_entry(config, key, source)
-

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-from ..core.groups import head_modules_from_loading_info
 from .config import check_config_entries, read_json_config
 from .timm import load_timm_model
 
@@ -55,7 +54,10 @@ def load_classifier(
         config.id2label = dict(id2label)
         config.label2id = {v: k for k, v in id2label.items()}
     model, info = AutoModelForImageClassification.from_pretrained(
-        name_or_path, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, output_loading_info=True,
+        name_or_path,
+        config=config,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+        output_loading_info=True,
         **hub_kwargs,
     )
     try:
@@ -63,3 +65,13 @@ def load_classifier(
     except (OSError, ValueError):
         processor = None
     return model, processor, head_modules_from_loading_info(model, info)
+
+
+def head_modules_from_loading_info(model, loading_info: dict) -> list[str] | None:
+    """Module names of the parameters `from_pretrained(..., output_loading_info=True)` reports as
+    newly initialised (missing or size-mismatched keys): exactly the new head. `None` when
+    nothing was newly initialised (the checkpoint already had a head of the right size)."""
+    new_keys = set(loading_info.get("missing_keys", ())) | {k[0] for k in loading_info.get("mismatched_keys", ())}
+    parameter_names = {name for name, p in model.named_parameters() if p.requires_grad}
+    modules = sorted({key.rsplit(".", 1)[0] for key in new_keys if key in parameter_names})
+    return modules or None

@@ -1,6 +1,6 @@
 """The model card: one builder, a template (`method_card_template.md`: the method's values as a
 table; a method may bring its own, as DE ELBO does) plus the run's data. The method's title, tags
-and citation come from its `MethodSpec` (`core.registry`)."""
+and citation come from its `MethodSpec` (`hf_deelbo.registry`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..core.registry import MethodSpec
+from ..registry import MethodSpec
 
 METHOD_TEMPLATE_PATH = Path(__file__).parent / "method_card_template.md"
 # The task of a model transformers does not map to one (a raw timm model): image classification.
@@ -25,8 +25,16 @@ AUTO_CLASSES = {
 }
 
 
-def _usage(library_name: str, repo_id: str | None, local_path: str | None, config_key: str, comment: str,
-           base_model: str | None = None, values_file: str = "config.json", task: str = DEFAULT_TASK) -> str:
+def _usage(
+    library_name: str,
+    repo_id: str | None,
+    local_path: str | None,
+    config_key: str,
+    comment: str,
+    base_model: str | None = None,
+    values_file: str = "config.json",
+    task: str = DEFAULT_TASK,
+) -> str:
     """The card's loading snippet: the Hub repo `repo_id` if there is one, else the directory the card
     is written to (`local_path`), which is not on the Hub until pushed, with the Auto class of `task`.
     A PEFT adapter (`library_name` "peft") is loaded onto its base model `base_model`."""
@@ -57,8 +65,12 @@ def set_card_repo_id(card_text: str, repo_id: str) -> str:
     directory (for a directory pushed after its card was written)."""
     head, sep, usage = card_text.partition("## How to use")
     if "PeftModel.from_pretrained(" in usage:  # the adapter's lines, not its base model's
-        usage = re.sub(r'PeftModel\.from_pretrained\((\w+), "[^"\n]*"\)', rf'PeftModel.from_pretrained(\1, "{repo_id}")',
-                       usage, count=1)
+        usage = re.sub(
+            r'PeftModel\.from_pretrained\((\w+), "[^"\n]*"\)',
+            rf'PeftModel.from_pretrained(\1, "{repo_id}")',
+            usage,
+            count=1,
+        )
         usage = re.sub(r'load_config_entry\("[^"\n]*"', f'load_config_entry("{repo_id}"', usage, count=1)
         return head + sep + usage
     usage = re.sub(r'"local-dir:[^"\n]*"', f'"hf-hub:{repo_id}"', usage, count=1)
@@ -77,8 +89,16 @@ def _hub_id(name: str | None) -> str | None:
     return name
 
 
-def _card_data(model_name: str, library_name: str, base_model: str | None, dataset: str | None,
-               tags: list[str], eval_results: dict, task: str, trainer_metadata: dict | None) -> ModelCardData:
+def _card_data(
+    model_name: str,
+    library_name: str,
+    base_model: str | None,
+    dataset: str | None,
+    tags: list[str],
+    eval_results: dict,
+    task: str,
+    trainer_metadata: dict | None,
+) -> ModelCardData:
     """The card's metadata: what plain Trainer's card holds (`trainer_metadata`, from transformers'
     `TrainingSummary.create_metadata`: license, language, tags, datasets, metrics, model-index),
     plus the library, the method's tags and the task. The evaluation results go to model-index
@@ -89,8 +109,17 @@ def _card_data(model_name: str, library_name: str, base_model: str | None, datas
     model_index = metadata.pop("model-index", None) or [{"name": model_name, "results": []}]
     if not model_index[0].get("results") and dataset_id and eval_results:
         model_index = None
-        results = [EvalResult(task_type=task, dataset_type=dataset_id, dataset_name=dataset_id, metric_type=name,
-                              metric_name=name, metric_value=value) for name, value in eval_results.items()]
+        results = [
+            EvalResult(
+                task_type=task,
+                dataset_type=dataset_id,
+                dataset_name=dataset_id,
+                metric_type=name,
+                metric_name=name,
+                metric_value=value,
+            )
+            for name, value in eval_results.items()
+        ]
     datasets = metadata.pop("datasets", None) or ([dataset_id] if dataset_id else None)
     metadata.pop("library_name", None)
     metadata.pop("base_model", None)
@@ -111,9 +140,16 @@ def framework_versions() -> dict[str, str]:
     import importlib.metadata
 
     versions = {}
-    for label, distribution in (("hf_deelbo", "hf-deelbo"), ("Transformers", "transformers"), ("Pytorch", "torch"),
-                                ("Accelerate", "accelerate"), ("Datasets", "datasets"), ("Tokenizers", "tokenizers"),
-                                ("timm", "timm"), ("PEFT", "peft")):
+    for label, distribution in (
+        ("hf_deelbo", "hf-deelbo"),
+        ("Transformers", "transformers"),
+        ("Pytorch", "torch"),
+        ("Accelerate", "accelerate"),
+        ("Datasets", "datasets"),
+        ("Tokenizers", "tokenizers"),
+        ("timm", "timm"),
+        ("PEFT", "peft"),
+    ):
         try:
             versions[label] = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
@@ -160,8 +196,16 @@ def build_model_card(
     `values_file`: the file saved with the model that holds `values` (a PEFT adapter's is not
     config.json)."""
     eval_results = eval_results or {}
-    card_data = _card_data(model_name, library_name, base_model, dataset, [task, *spec.tags, *(extra_tags or [])],
-                           eval_results, task, trainer_metadata)
+    card_data = _card_data(
+        model_name,
+        library_name,
+        base_model,
+        dataset,
+        [task, *spec.tags, *(extra_tags or [])],
+        eval_results,
+        task,
+        trainer_metadata,
+    )
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -177,8 +221,16 @@ def build_model_card(
         plot=plot,
         values_file=values_file,
         library_name=library_name,
-        usage=_usage(library_name, repo_id, local_path or model_name, spec.key,
-                     usage_comment or f"the {spec.title} hyperparameters", card_data.base_model, values_file, task),
+        usage=_usage(
+            library_name,
+            repo_id,
+            local_path or model_name,
+            spec.key,
+            usage_comment or f"the {spec.title} hyperparameters",
+            card_data.base_model,
+            values_file,
+            task,
+        ),
         citation=spec.citation.strip(),
         framework_versions=framework_versions(),
     )

@@ -62,8 +62,10 @@ def set_hub_timeout(seconds: float | None = None) -> None:
     if seconds is None:
         seconds = hub_timeout()
     if not hasattr(_http, "_GLOBAL_CLIENT_FACTORY") or not hasattr(_http, "default_client_factory"):
-        logger.warning("This huggingface_hub does not expose its HTTP client factory: HF_DEELBO_HUB_TIMEOUT is not "
-                       "applied, and Hub requests wait as huggingface_hub's defaults say.")
+        logger.warning(
+            "This huggingface_hub does not expose its HTTP client factory: HF_DEELBO_HUB_TIMEOUT is not "
+            "applied, and Hub requests wait as huggingface_hub's defaults say."
+        )
         return
     current = _http._GLOBAL_CLIENT_FACTORY
     if current is not _http.default_client_factory and not getattr(current, "hf_deelbo_timeout", None):
@@ -88,11 +90,15 @@ def _within_deadline(message) -> None:
         return
     left = _deadline - time.monotonic()
     if left <= 0:
-        raise HubCallTimedOut(f"the Hub did not answer within the timeout (HF_DEELBO_HUB_TIMEOUT={hub_timeout():g} s "
-                              "for the whole call, retries included)")
+        raise HubCallTimedOut(
+            f"the Hub did not answer within the timeout (HF_DEELBO_HUB_TIMEOUT={hub_timeout():g} s "
+            "for the whole call, retries included)"
+        )
     if hasattr(message, "extensions") and not hasattr(message, "status_code"):  # a request
-        message.extensions["timeout"] = {key: min(value, left) if value is not None else left
-                                         for key, value in message.extensions.get("timeout", {}).items()}
+        message.extensions["timeout"] = {
+            key: min(value, left) if value is not None else left
+            for key, value in message.extensions.get("timeout", {}).items()
+        }
 
 
 class HubCallTimedOut(Exception):
@@ -164,20 +170,24 @@ def push_error(error: Exception, output_dir: str, repo_id: str | None, wrote_out
     elif isinstance(cause, HubCallTimedOut):
         action = f"{cause}; push again later"
     elif isinstance(cause, httpx.TimeoutException):
-        action = (f"the Hub did not answer within the timeout ({type(cause).__name__}; HF_DEELBO_HUB_TIMEOUT sets it); "
-                  "push again later")
+        action = (
+            f"the Hub did not answer within the timeout ({type(cause).__name__}; HF_DEELBO_HUB_TIMEOUT sets it); "
+            "push again later"
+        )
     elif status is not None:
         action = f"the Hub answered {status} ({text}); push again later"
     else:
         action = f"the Hub is unreachable ({type(cause).__name__}: {text}); push again once it is reachable"
     if wrote_output:
-        then = (f"The local output in {output_dir} is intact; {action} (trainer.push_to_hub(), or "
-                f"hf-deelbo push {output_dir} --repo_id {target}).")
+        then = (
+            f"The local output in {output_dir} is intact; {action} (trainer.push_to_hub(), or "
+            f"hf-deelbo push {output_dir} --repo_id {target})."
+        )
     else:
         then = f"Nothing was trained or written yet; {action}, then start again."
-    return HubPushError(f"Could not push to {constants.ENDPOINT}/{repo_id or ''}: {then}", reason=action,
-                        status_code=status)
-
+    return HubPushError(
+        f"Could not push to {constants.ENDPOINT}/{repo_id or ''}: {then}", reason=action, status_code=status
+    )
 
 
 class HubUnreachableError(OSError):
@@ -208,4 +218,3 @@ def check_hub_reachable(what: str, local_alternative: str, timeout: float = 5.0)
             f"{what} is on the Hub, which cannot be reached ({constants.ENDPOINT}: {reason}). To work offline, set "
             f"HF_HUB_OFFLINE=1 (what is already in the cache is used) or pass {local_alternative}."
         ) from None
-

@@ -1,7 +1,7 @@
 """timm portability: checkpoints that load with timm and with transformers' `TimmWrapper` alike.
 
 timm 1.0.31 and `TimmWrapperForImageClassification` each write config.json in a way the other
-cannot read (DESIGN.md, trap 9); these functions write what both read.
+cannot read (`_timm_config` says how); these functions write what both read.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 from torch import nn
 
-from ..core.registry import config_keys
+from ..registry import config_keys
 from .config import check_config_entries, read_json_config
 
 
@@ -47,10 +47,18 @@ def _timm_config(model: nn.Module, model_config: dict | None = None) -> dict:
 
 # pretrained_cfg keys about the source of pretrained weights (timm's `PretrainedCfg` fields).
 PRETRAINED_SOURCE_KEYS = (
-    "tag", "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "origin_url", "paper_ids",
-    "paper_name", "notes",
+    "tag",
+    "url",
+    "file",
+    "state_dict",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "source",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
 )
-
 
 
 def save_timm_config(model: nn.Module, output_dir: str) -> None:
@@ -93,7 +101,6 @@ def is_timm_wrapper(model: nn.Module) -> bool:
     return type(model).__name__.startswith("TimmWrapper")
 
 
-
 def load_timm_model(path: str, **kwargs) -> nn.Module:
     """A raw timm model from a directory in timm's format, with the hyperparameters of its
     config.json (if any) as `model.<key>_config` for each registered method."""
@@ -106,4 +113,3 @@ def load_timm_model(path: str, **kwargs) -> nn.Module:
         if key in config:
             setattr(model, f"{key}_config", config[key])
     return model
-

@@ -1,4 +1,4 @@
-"""The fine-tuning methods. Each module registers its method once (`core.registry.register_method`),
+"""The fine-tuning methods. Each module registers its method once (`hf_deelbo.registry.register_method`),
 and importing this package imports them all, so that the shared layers (config entries, model
 cards) know every method. Adding one: a module or folder here, and its import below
 (docs/adding_a_method.md)."""

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..core.anchor import PretrainedAnchor
 from ..core.arguments import FineTuningArguments
-from ..core.registry import MethodSpec, register_method
 from ..core.trainer import FineTuningTrainer
+from ..registry import MethodSpec, register_method
 
 CITATION = """
 @inproceedings{li2018explicit,
@@ -31,11 +31,22 @@ CITATION = """
   year      = {2018}
 }"""
 
-L2SP = register_method(MethodSpec(key="l2sp", title="L2-SP", tags=("l2-sp",), citation=CITATION, schema={
-    "alpha": ("nonnegative", True), "beta": ("nonnegative", True), "head_modules": ("names", False),
-    "num_backbone_params": ("count", False), "num_head_params": ("count", False),
-}))
-L2SP_CONFIG_KEY = L2SP.key
+L2SP = register_method(
+    MethodSpec(
+        key="l2sp",
+        title="L2-SP",
+        tags=("l2-sp",),
+        citation=CITATION,
+        schema={
+            "alpha": ("nonnegative", True),
+            "beta": ("nonnegative", True),
+            "head_modules": ("names", False),
+            "num_backbone_params": ("count", False),
+            "num_head_params": ("count", False),
+        },
+        contract_arguments={"alpha": 1e-3, "beta": 1e-4},
+    )
+)
 
 
 def l2sp_penalty(backbone_squared_distances, head_squared_norms, alpha, beta) -> torch.Tensor:
@@ -69,7 +80,9 @@ class L2SPTrainingArguments(FineTuningArguments):
     trainer_name: ClassVar[str] = "L2SPTrainer"
     replaces_weight_decay: ClassVar[str] = "the L2-SP penalty"
 
-    alpha: float = field(default=1e-3, metadata={"help": "L2-SP strength toward the pretrained backbone, (α/2)‖w_b − μ‖²."})
+    alpha: float = field(
+        default=1e-3, metadata={"help": "L2-SP strength toward the pretrained backbone, (α/2)‖w_b − μ‖²."}
+    )
     beta: float = field(default=1e-3, metadata={"help": "L2 strength on the new head, (β/2)‖w_h‖²."})
 
     def __post_init__(self):
@@ -113,10 +126,12 @@ class L2SPTrainer(FineTuningTrainer):
         return (loss, logits) if return_outputs else loss
 
     def config_entry(self) -> dict:
-        return self.method.config_entry({
-            "alpha": float(self.args.alpha),
-            "beta": float(self.args.beta),
-            "head_modules": list(self.head_modules),
-            "num_backbone_params": self.anchor.num_backbone_params,
-            "num_head_params": self.anchor.num_head_params,
-        })
+        return self.method.config_entry(
+            {
+                "alpha": float(self.args.alpha),
+                "beta": float(self.args.beta),
+                "head_modules": list(self.head_modules),
+                "num_backbone_params": self.anchor.num_backbone_params,
+                "num_head_params": self.anchor.num_head_params,
+            }
+        )

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..core.arguments import StatefulFineTuningArguments
 from ..core.callback import MethodStateCallback
-from ..core.registry import MethodSpec, register_method
 from ..core.validation import ValidationTrainerMixin, check_validation_fraction
+from ..registry import MethodSpec, register_method
 from .l2sp import L2SPTrainer, L2SPTrainingArguments, l2sp_penalty
 
 CITATION = """
@@ -43,14 +43,26 @@ CITATION = """
   year      = {2016}
 }"""
 
-T1T2 = register_method(MethodSpec(key="t1t2", title="T1–T2", tags=("t1-t2",), citation=CITATION, format_version=1, schema={
-    "alpha": ("strengths", True), "beta": ("strengths", True), "hyper_learning_rate": ("positive", False),
-    "hyper_steps": ("count", False), "per_layer_strengths": ("flag", False), "head_modules": ("names", False),
-    "num_backbone_params": ("count", False), "num_head_params": ("count", False),
-    "format_version": ("version", False),
-}))
-T1T2_CONFIG_KEY = T1T2.key
-T1T2_FORMAT_VERSION = T1T2.format_version
+T1T2 = register_method(
+    MethodSpec(
+        key="t1t2",
+        title="T1–T2",
+        tags=("t1-t2",),
+        citation=CITATION,
+        format_version=1,
+        schema={
+            "alpha": ("strengths", True),
+            "beta": ("strengths", True),
+            "hyper_learning_rate": ("positive", False),
+            "hyper_steps": ("count", False),
+            "per_layer_strengths": ("flag", False),
+            "head_modules": ("names", False),
+            "num_backbone_params": ("count", False),
+            "num_head_params": ("count", False),
+        },
+        contract_arguments={"hyper_steps": 1, "per_layer_strengths": True},
+    )
+)
 
 
 def t1t2_hypergradient(
@@ -67,7 +79,10 @@ def t1t2_hypergradient(
         learning_rate: η of the step.
     """
     return torch.stack(
-        [-learning_rate * torch.sum(g.double() * d.double()) for g, d in zip(validation_gradients, regularizer_gradients)]
+        [
+            -learning_rate * torch.sum(g.double() * d.double())
+            for g, d in zip(validation_gradients, regularizer_gradients, strict=False)
+        ]
     )
 
 
@@ -105,7 +120,9 @@ class T1T2TrainingArguments(StatefulFineTuningArguments, L2SPTrainingArguments):
     )
     validation_fraction: float | None = field(
         default=None,
-        metadata={"help": "Hold out this stratified fraction of train_dataset for the hypergradient. Default: eval_dataset."},
+        metadata={
+            "help": "Hold out this stratified fraction of train_dataset for the hypergradient. Default: eval_dataset."
+        },
     )
 
     def __post_init__(self):
@@ -131,8 +148,10 @@ class T1T2Callback(MethodStateCallback):
         trainer.set_strengths(self.backbone_strengths, self.head_strengths)
 
     def current_state(self) -> dict:
-        return {"backbone_strengths": self.target.backbone_strengths.tolist(),
-                "head_strengths": self.target.head_strengths.tolist()}
+        return {
+            "backbone_strengths": self.target.backbone_strengths.tolist(),
+            "head_strengths": self.target.head_strengths.tolist(),
+        }
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.is_due(args, state):
@@ -161,7 +180,9 @@ class T1T2Trainer(ValidationTrainerMixin, L2SPTrainer):
         num_backbone = len(self.anchor.backbone) if self.args.per_layer_strengths else 1
         num_head = len(self.anchor.head) if self.args.per_layer_strengths else 1
         device = self.args.device
-        self.backbone_strengths = torch.full((num_backbone,), float(self.args.alpha), dtype=torch.float64, device=device)
+        self.backbone_strengths = torch.full(
+            (num_backbone,), float(self.args.alpha), dtype=torch.float64, device=device
+        )
         self.head_strengths = torch.full((num_head,), float(self.args.beta), dtype=torch.float64, device=device)
         self.last_hypergradient: tuple[torch.Tensor, torch.Tensor] | None = None
         self._before_step = None
@@ -187,7 +208,7 @@ class T1T2Trainer(ValidationTrainerMixin, L2SPTrainer):
     def prepare_hyper_step(self) -> None:
         """Keeps ∂(∇Ω)/∂s of the step about to be taken (w_b − μ, w_h) and its learning rate η."""
         anchor = self.anchor
-        regularizer_gradients = [p - mu for p, mu in zip(anchor.backbone, anchor.prior_mean)]
+        regularizer_gradients = [p - mu for p, mu in zip(anchor.backbone, anchor.prior_mean, strict=False)]
         regularizer_gradients += [p.detach().clone() for p in anchor.head]
         self._before_step = (regularizer_gradients, float(self.optimizer.param_groups[0]["lr"]))
 
@@ -198,7 +219,7 @@ class T1T2Trainer(ValidationTrainerMixin, L2SPTrainer):
         parameters = self.anchor.backbone + self.anchor.head
         loss = self.validation_loss(self.next_validation_batch())
         gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
-        gradients = [torch.zeros_like(p) if g is None else g for g, p in zip(gradients, parameters)]
+        gradients = [torch.zeros_like(p) if g is None else g for g, p in zip(gradients, parameters, strict=False)]
         per_tensor = t1t2_hypergradient(gradients, regularizer_gradients, learning_rate)
         if self.accelerator.num_processes > 1:  # every rank sees other validation batches
             per_tensor = self.accelerator.reduce(per_tensor, reduction="mean")
@@ -232,17 +253,19 @@ class T1T2Trainer(ValidationTrainerMixin, L2SPTrainer):
     def config_entry(self) -> dict:
         anchor = self.anchor
         if self.args.per_layer_strengths:
-            alpha = dict(zip(anchor.backbone_names, self.backbone_strengths.tolist()))
-            beta = dict(zip(anchor.head_names, self.head_strengths.tolist()))
+            alpha = dict(zip(anchor.backbone_names, self.backbone_strengths.tolist(), strict=False))
+            beta = dict(zip(anchor.head_names, self.head_strengths.tolist(), strict=False))
         else:
             alpha, beta = float(self.backbone_strengths[0]), float(self.head_strengths[0])
-        return self.method.config_entry({
-            "alpha": alpha,
-            "beta": beta,
-            "head_modules": list(self.head_modules),
-            "hyper_learning_rate": float(self.args.hyper_learning_rate),
-            "hyper_steps": int(self.args.hyper_steps),
-            "num_backbone_params": anchor.num_backbone_params,
-            "num_head_params": anchor.num_head_params,
-            "per_layer_strengths": bool(self.args.per_layer_strengths),
-        })
+        return self.method.config_entry(
+            {
+                "alpha": alpha,
+                "beta": beta,
+                "head_modules": list(self.head_modules),
+                "hyper_learning_rate": float(self.args.hyper_learning_rate),
+                "hyper_steps": int(self.args.hyper_steps),
+                "num_backbone_params": anchor.num_backbone_params,
+                "num_head_params": anchor.num_head_params,
+                "per_layer_strengths": bool(self.args.per_layer_strengths),
+            }
+        )

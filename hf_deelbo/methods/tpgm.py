@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,18 @@ from torch import nn
 from ..core.anchor import PretrainedAnchor
 from ..core.arguments import StatefulFineTuningArguments
 from ..core.callback import MethodStateCallback
-from ..core.registry import MethodSpec, register_method
+from ..core.choices import Choice
 from ..core.trainer import FineTuningTrainer
 from ..core.validation import ValidationTrainerMixin, check_validation_fraction
+from ..registry import MethodSpec, register_method
+
+
+class ProjectionNorm(Choice):
+    """The distance TPGM bounds per backbone tensor."""
+
+    L2 = "l2", "one Euclidean ball per backbone tensor"
+    MARS = "mars", "the maximum absolute row sum"
+
 
 CITATION = """
 @inproceedings{tian2023trainable,
@@ -43,13 +52,25 @@ CITATION = """
   year      = {2023}
 }"""
 
-TPGM = register_method(MethodSpec(key="tpgm", title="TPGM", tags=("tpgm",), citation=CITATION, format_version=1, schema={
-    "radii": ("radii", False), "norm": ("text", False), "projection_steps": ("count", False),
-    "head_modules": ("names", False), "num_backbone_params": ("count", False),
-    "num_head_params": ("count", False), "format_version": ("version", False),
-}, choices={"norm": ("l2", "mars")}))
-TPGM_CONFIG_KEY = TPGM.key
-TPGM_FORMAT_VERSION = TPGM.format_version
+TPGM = register_method(
+    MethodSpec(
+        key="tpgm",
+        title="TPGM",
+        tags=("tpgm",),
+        citation=CITATION,
+        format_version=1,
+        schema={
+            "radii": ("radii", False),
+            "norm": ("text", False),
+            "projection_steps": ("count", False),
+            "head_modules": ("names", False),
+            "num_backbone_params": ("count", False),
+            "num_head_params": ("count", False),
+        },
+        choices={"norm": ProjectionNorm.values()},
+        contract_arguments={"projection_steps": 1, "norm": "mars"},
+    )
+)
 
 
 # ---- the projection (pure tensor functions) ---------------------------------------------------
@@ -89,7 +110,10 @@ class ProjectionBalls:
     def distances(self) -> torch.Tensor:
         """Each backbone tensor's current distance to its pretrained value."""
         return torch.stack(
-            [tensor_distance((p - mu).float(), self.norm) for p, mu in zip(self.anchor.backbone, self.anchor.prior_mean)]
+            [
+                tensor_distance((p - mu).float(), self.norm)
+                for p, mu in zip(self.anchor.backbone, self.anchor.prior_mean, strict=False)
+            ]
         )
 
     def initialize(self, radii: list[float] | None = None) -> None:
@@ -101,7 +125,7 @@ class ProjectionBalls:
         """name → θ̃_l(γ) for every backbone tensor, differentiable with respect to the radii."""
         radii = self.radii if radii is None else radii
         anchor, projected = self.anchor, {}
-        for name, p, mu, radius in zip(anchor.backbone_names, anchor.backbone, anchor.prior_mean, radii):
+        for name, p, mu, radius in zip(anchor.backbone_names, anchor.backbone, anchor.prior_mean, radii, strict=False):
             delta = p.detach() - mu
             projected[name] = mu + projection_ratio(delta, radius.to(delta.dtype), self.norm) * delta
         return projected
@@ -110,7 +134,7 @@ class ProjectionBalls:
     def project(self) -> int:
         """θ_l ← θ̃_l for every backbone tensor outside its ball; returns how many were moved."""
         moved = 0
-        for p, mu, radius in zip(self.anchor.backbone, self.anchor.prior_mean, self.radii):
+        for p, mu, radius in zip(self.anchor.backbone, self.anchor.prior_mean, self.radii, strict=False):
             delta = p - mu
             ratio = projection_ratio(delta, radius.to(delta.dtype), self.norm)
             outside = ratio < 1
@@ -152,11 +176,14 @@ class TPGMTrainingArguments(StatefulFineTuningArguments):
     replaces_weight_decay: ClassVar[str] = "the projection"
     callback_state: ClassVar[str] = "the radii"
 
-    norm: Literal["l2", "mars"] = field(
-        default="l2", metadata={"help": "Distance bounded per backbone tensor: l2, or mars (max absolute row sum)."}
+    norm: ProjectionNorm = field(
+        default=ProjectionNorm.L2,
+        metadata={"help": f"Distance bounded per backbone tensor: {ProjectionNorm.described()}."},
     )
     projection_steps: int = field(default=10, metadata={"help": "Update the radii every this many optimizer steps."})
-    radius_steps: int = field(default=1, metadata={"help": "Adam steps on the radii per update (one validation batch each)."})
+    radius_steps: int = field(
+        default=1, metadata={"help": "Adam steps on the radii per update (one validation batch each)."}
+    )
     radius_learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate of the radii."})
     validation_fraction: float | None = field(
         default=None,
@@ -165,8 +192,9 @@ class TPGMTrainingArguments(StatefulFineTuningArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.norm not in ("l2", "mars"):
-            raise ValueError(f"norm must be 'l2' or 'mars'; got {self.norm!r}")
+        if self.norm not in ProjectionNorm.values():
+            raise ValueError(f"norm must be {' or '.join(map(repr, ProjectionNorm.values()))}; got {self.norm!r}")
+        self.norm = ProjectionNorm(self.norm)
         for name in ("projection_steps", "radius_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {getattr(self, name)}")
@@ -231,10 +259,6 @@ class TPGMTrainer(ValidationTrainerMixin, FineTuningTrainer):
         self._radius_optimizer = None
         self.install_method_callback(self)
 
-    @property
-    def tpgm_callback(self) -> TPGMCallback:
-        return self.method_callback
-
     # ---- radii ----------------------------------------------------------------------------------
 
     def _make_radius_optimizer(self) -> None:
@@ -244,8 +268,10 @@ class TPGMTrainer(ValidationTrainerMixin, FineTuningTrainer):
         self.balls.initialize(radii)
         self._make_radius_optimizer()
         if optimizer_state:
-            state = {key: torch.tensor(value, dtype=torch.float32, device=self.balls.radii.device)
-                     for key, value in optimizer_state.items()}
+            state = {
+                key: torch.tensor(value, dtype=torch.float32, device=self.balls.radii.device)
+                for key, value in optimizer_state.items()
+            }
             self._radius_optimizer.load_state_dict(
                 {"state": {0: state}, "param_groups": self._radius_optimizer.state_dict()["param_groups"]}
             )
@@ -289,11 +315,13 @@ class TPGMTrainer(ValidationTrainerMixin, FineTuningTrainer):
 
     def config_entry(self) -> dict:
         radii = self.balls.radii.tolist() if self.balls.radii is not None else None
-        return self.method.config_entry({
-            "head_modules": list(self.head_modules),
-            "norm": self.args.norm,
-            "num_backbone_params": self.anchor.num_backbone_params,
-            "num_head_params": self.anchor.num_head_params,
-            "projection_steps": int(self.args.projection_steps),
-            "radii": dict(zip(self.anchor.backbone_names, radii)) if radii is not None else None,
-        })
+        return self.method.config_entry(
+            {
+                "head_modules": list(self.head_modules),
+                "norm": self.args.norm,
+                "num_backbone_params": self.anchor.num_backbone_params,
+                "num_head_params": self.anchor.num_head_params,
+                "projection_steps": int(self.args.projection_steps),
+                "radii": dict(zip(self.anchor.backbone_names, radii, strict=False)) if radii is not None else None,
+            }
+        )

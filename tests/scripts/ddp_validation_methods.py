@@ -20,22 +20,42 @@ from hf_deelbo import T1T2Trainer, T1T2TrainingArguments, TPGMTrainer, TPGMTrain
 
 def _data(seed, size):
     generator = torch.Generator().manual_seed(seed)
-    return Dataset.from_dict({
-        "pixel_values": torch.randn(size, 3, 32, 32, generator=generator).numpy(),
-        "labels": torch.randint(0, 5, (size,), generator=generator).numpy(),
-    }).with_format("torch")
+    return Dataset.from_dict(
+        {
+            "pixel_values": torch.randn(size, 3, 32, 32, generator=generator).numpy(),
+            "labels": torch.randint(0, 5, (size,), generator=generator).numpy(),
+        }
+    ).with_format("torch")
 
 
 def main():
     method, output_dir, per_device_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=5)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=5,
+    )
     model = ViTForImageClassification(config)
-    common = dict(output_dir=output_dir, per_device_train_batch_size=per_device_batch,
-                  per_device_eval_batch_size=per_device_batch, max_steps=6, learning_rate=0.05, optim="sgd",
-                  report_to="none", save_strategy="no", logging_steps=2, disable_tqdm=True, use_cpu=True, seed=0,
-                  ddp_find_unused_parameters=False)
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=per_device_batch,
+        per_device_eval_batch_size=per_device_batch,
+        max_steps=6,
+        learning_rate=0.05,
+        optim="sgd",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=2,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        ddp_find_unused_parameters=False,
+    )
     if method == "tpgm":
         args = TPGMTrainingArguments(projection_steps=2, radius_learning_rate=1e-3, **common)
         trainer = TPGMTrainer(model=model, args=args, train_dataset=_data(0, 32), eval_dataset=_data(1, 16))
@@ -45,8 +65,11 @@ def main():
     trainer.train()
     trainer.save_model()
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-    learned = trainer.balls.radii.tolist() if method == "tpgm" else (
-        trainer.backbone_strengths.tolist() + trainer.head_strengths.tolist())
+    learned = (
+        trainer.balls.radii.tolist()
+        if method == "tpgm"
+        else (trainer.backbone_strengths.tolist() + trainer.head_strengths.tolist())
+    )
     record = {
         "world_size": trainer.args.world_size,
         "weights_sha": hashlib.sha256(weights.numpy().tobytes()).hexdigest(),

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hf_deelbo.core.groups import split_parameters
-from hf_deelbo.methods.deelbo.posterior import IsotropicGaussianPosterior
+from hf_deelbo.methods.deelbo.posterior import GaussianPosterior
 
 STEPS, GLOBAL_BATCH, NUM_TRAIN = 5, 8, 64
 
@@ -53,10 +53,13 @@ def main():
         fully_shard(model)
         wrapped = model
     else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     grouping = sys.argv[4] if len(sys.argv) > 4 else "backbone"
-    posterior = IsotropicGaussianPosterior(model, split_parameters(model, ["1"]), sigma_init=0.05,
-                                           prior_variance_grouping=grouping)
+    posterior = GaussianPosterior(
+        model, split_parameters(model, ["1"]), sigma_init=0.05, prior_variance_grouping=grouping
+    )
     kappa = posterior.num_params / NUM_TRAIN
     optimizer = torch.optim.SGD([*model.parameters(), posterior.rho], lr=0.2)
     generator = torch.Generator().manual_seed(1)
@@ -87,8 +90,11 @@ def main():
     mu = posterior.anchor.prior_mean[0]
     record = {
         "weights": torch.cat([p.detach().flatten() for p in full]).tolist(),
-        "lambda": float(posterior.mean_backbone_prior_variance(lam)), "tau": float(tau),
-        "backbone_prior_variances": lam.tolist() if lam.ndim else [float(lam)], "sigma": posterior.sigma().item(), "losses": losses,
+        "lambda": float(posterior.mean_backbone_prior_variance(lam)),
+        "tau": float(tau),
+        "backbone_prior_variances": lam.tolist() if lam.ndim else [float(lam)],
+        "sigma": posterior.sigma().item(),
+        "losses": losses,
         "lambdas": lambdas,
         "prior_mean_sharded": type(mu).__name__ == "DTensor" and mu.to_local().numel() < mu.numel(),
     }

@@ -36,9 +36,19 @@ def main():
     model, data = tiny_vit_and_data(48)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = DEELBoTrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=8 // world_size, max_steps=12, learning_rate=0.05,
-        optim="sgd", report_to="none", save_strategy="no", logging_steps=4, disable_tqdm=True, use_cpu=True,
-        seed=0, ddp_find_unused_parameters=False, sigma_init=1e-3,
+        output_dir=output_dir,
+        per_device_train_batch_size=8 // world_size,
+        max_steps=12,
+        learning_rate=0.05,
+        optim="sgd",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=4,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        ddp_find_unused_parameters=False,
+        sigma_init=1e-3,
     )
     callbacks = [SignalAtStep(5)] if mode == "signalled" else []
     trainer = DEELBoTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
@@ -48,8 +58,11 @@ def main():
     except TrainingPreempted as error:
         record = {"ended": "preempted", "message": str(error), "checkpoint": error.checkpoint}
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-    record.update(step=trainer.state.global_step, weights_sha=hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
-                  sigma=trainer.learned_hyperparameters()["sigma"])
+    record.update(
+        step=trainer.state.global_step,
+        weights_sha=hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
+        sigma=trainer.learned_hyperparameters()["sigma"],
+    )
     with open(os.path.join(output_dir, f"rank{trainer.args.process_index}.json"), "w") as f:
         json.dump(record, f)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from ...core.arguments import StatefulFineTuningArguments, check_choice, check_types
+from ...core.arguments import StatefulFineTuningArguments, check_types
+from .choices import ObjectiveBatchNorm, PosteriorCovariance, PriorVarianceGrouping, SamplingMechanism
 
 
 @dataclass
@@ -119,7 +120,9 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
 
     kappa: float | None = field(
         default=None,
-        metadata={"help": "Data emphasis κ; the prior term is KL/(κN). None means κ = D/N (DE ELBO); 1 is the plain ELBO."},
+        metadata={
+            "help": "Data emphasis κ; the prior term is KL/(κN). None means κ = D/N (DE ELBO); 1 is the plain ELBO."
+        },
     )
     sigma_init: float = field(
         default=1e-4,
@@ -147,42 +150,34 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
         default=0,
         metadata={"help": "0: predict with the posterior mean. S > 0: average predictions over S posterior draws."},
     )
-    objective_batch_norm: str = field(
-        default="batch",
-        metadata={
-            "help": "BatchNorm statistics in the training objective that picks the learning rate: 'batch' (each "
-            "batch's, as in training) or 'running' (the running statistics, as in prediction).",
-        },
+    objective_batch_norm: ObjectiveBatchNorm = field(
+        default=ObjectiveBatchNorm.BATCH,
+        metadata={"help": f"BatchNorm in the objective that picks the lr: {ObjectiveBatchNorm.described()}."},
     )
 
     recompute_batch_norm: bool = field(
         default=False,
-        metadata={"help": "After training, recompute the BatchNorm running statistics at the posterior mean in one "
-                  "pass over the training data."},
+        metadata={"help": "Recompute BatchNorm statistics at the posterior mean after training."},
     )
 
-    sampling_mechanism: Literal["in_place", "functional_call"] = field(
-        default="in_place",
+    sampling_mechanism: SamplingMechanism = field(
+        default=SamplingMechanism.IN_PLACE,
+        metadata={"help": f"How the model runs at its draw w̃ = m + σε: {SamplingMechanism.described()}."},
+    )
+
+    prior_variance_grouping: PriorVarianceGrouping = field(
+        default=PriorVarianceGrouping.BACKBONE,
         metadata={
-            "help": "How the model runs at its draw w̃ = m + σε: 'in_place' (σε added to the weights and "
-            "removed after backward: plain training's memory + μ) or 'functional_call' (w̃ as a separate "
-            "copy of the weights)."
+            "help": f"The backbone's prior variance: {PriorVarianceGrouping.described()}; the logged lambda is "
+            "their harmonic mean."
         },
     )
 
-    prior_variance_grouping: Literal["backbone", "layer"] = field(
-        default="backbone",
+    posterior_covariance: PosteriorCovariance = field(
+        default=PosteriorCovariance.ISOTROPIC,
         metadata={
-            "help": "The backbone's prior variance: 'backbone' (one λ, the paper's N(μ, λI)) or 'layer' (one λ_l per "
-            "backbone tensor, each in closed form; the logged lambda is their harmonic mean)."
-        },
-    )
-
-    posterior_covariance: Literal["isotropic", "diagonal"] = field(
-        default="isotropic",
-        metadata={
-            "help": "The posterior's covariance: 'isotropic' (one σ for every weight, the paper's N(m, σ²I)) or "
-            "'diagonal' (one σ_i per weight; the logged sigma is their root mean square)."
+            "help": f"The posterior's covariance: {PosteriorCovariance.described()}; the logged sigma is their root "
+            "mean square."
         },
     )
 
@@ -196,8 +191,11 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        check_types(self, numbers=("kappa", "sigma_init", "sigma_learning_rate", "sigma_momentum",
-                                   "diagonal_sigma_learning_rate"), ints=("num_train_examples", "bma_samples"))
+        check_types(
+            self,
+            numbers=("kappa", "sigma_init", "sigma_learning_rate", "sigma_momentum", "diagonal_sigma_learning_rate"),
+            ints=("num_train_examples", "bma_samples"),
+        )
         if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa > 0):
             raise ValueError(f"kappa must be > 0 or None (None means D/N); got {self.kappa}")
         if not (math.isfinite(self.sigma_init) and self.sigma_init > 0):
@@ -224,15 +222,12 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
             raise ValueError(
                 f"num_train_examples must be a positive int or None (len(train_dataset)); got {self.num_train_examples}"
             )
-        for name, choices in (
-            ("objective_batch_norm", {"batch": "each batch's statistics, as in training",
-                                      "running": "the running statistics"}),
-            ("sampling_mechanism", {"in_place": "the weights perturbed in place",
-                                    "functional_call": "w̃ as a separate copy"}),
-            ("prior_variance_grouping", {"backbone": "one λ for the backbone",
-                                         "layer": "one λ_l per backbone tensor"}),
-            ("posterior_covariance", {"isotropic": "one σ for every weight", "diagonal": "one σ_i per weight"}),
+        for name, choice in (
+            ("objective_batch_norm", ObjectiveBatchNorm),
+            ("sampling_mechanism", SamplingMechanism),
+            ("prior_variance_grouping", PriorVarianceGrouping),
+            ("posterior_covariance", PosteriorCovariance),
         ):
-            check_choice(name, getattr(self, name), choices)
+            setattr(self, name, choice.check(name, getattr(self, name)))
         if self.bma_samples < 0:
             raise ValueError(f"bma_samples must be >= 0 (0 predicts with the posterior mean); got {self.bma_samples}")

@@ -6,7 +6,7 @@ import torch
 from transformers.utils import logging
 
 from ...core.callback import MethodStateCallback
-from .posterior import IsotropicGaussianPosterior
+from .posterior import GaussianPosterior
 
 logger = logging.get_logger(__name__)
 
@@ -80,18 +80,21 @@ class DEELBoCallback(MethodStateCallback):
         posterior_rho: float | None = None,
     ):
         self._variances = [None, None]
-        super().__init__(backbone_prior_variance=backbone_prior_variance, head_prior_variance=head_prior_variance,
-                         posterior_rho=posterior_rho)
+        super().__init__(
+            backbone_prior_variance=backbone_prior_variance,
+            head_prior_variance=head_prior_variance,
+            posterior_rho=posterior_rho,
+        )
 
     @property
-    def posterior(self) -> IsotropicGaussianPosterior | None:
+    def posterior(self) -> GaussianPosterior | None:
         return self.target
 
     def saved_state(self) -> dict:
         lam, tau = self._variances
         return {"backbone_prior_variance": lam, "head_prior_variance": tau, "posterior_rho": self.posterior_rho}
 
-    def restore(self, posterior: IsotropicGaussianPosterior) -> None:
+    def restore(self, posterior: GaussianPosterior) -> None:
         if self.posterior_rho is not None:
             posterior.rho.data.fill_(self.posterior_rho)
         lam = self._variances[0]

@@ -3,8 +3,9 @@ once, and the writer of its values."""
 
 from __future__ import annotations
 
-from ...core.registry import MethodSpec, register_method
 from ...hub.config import load_config_entry
+from ...registry import MethodSpec, register_method
+from .choices import PosteriorCovariance, PriorVarianceGrouping
 from .objective import effective_l2sp_strengths
 
 CITATION = """
@@ -18,21 +19,42 @@ CITATION = """
 
 # config.deelbo's keys: name -> (kind, required). The optional ones: entries written before them
 # still read, and readers that predate them ignore them.
-_REQUIRED = (("lambda", "positive"), ("tau", "positive"), ("sigma", "positive"), ("kappa", "positive"),
-             ("num_train_examples", "count"), ("num_backbone_params", "count"), ("num_head_params", "count"))
-_OPTIONAL = (("alpha_eff", "nonnegative"), ("beta_eff", "nonnegative"), ("head_modules", "names"),
-             ("format_version", "version"),
-             ("prior_variance_grouping", "text"), ("backbone_prior_variances", "variances"),  # layer-wise λ
-             ("posterior_covariance", "text"))  # the diagonal posterior
-DEELBO = register_method(MethodSpec(
-    key="deelbo", title="DE ELBO", tags=("deelbo", "l2-sp", "variational-inference"), citation=CITATION,
-    format_version=1,
-    schema={**{name: (kind, True) for name, kind in _REQUIRED}, **{name: (kind, False) for name, kind in _OPTIONAL}},
-    choices={"prior_variance_grouping": ("backbone", "layer"), "posterior_covariance": ("isotropic", "diagonal")},
-    companions={("prior_variance_grouping", "layer"): "backbone_prior_variances"},
-))
-DEELBO_CONFIG_KEY = DEELBO.key
-DEELBO_FORMAT_VERSION = DEELBO.format_version
+_REQUIRED = (
+    ("lambda", "positive"),
+    ("tau", "positive"),
+    ("sigma", "positive"),
+    ("kappa", "positive"),
+    ("num_train_examples", "count"),
+    ("num_backbone_params", "count"),
+    ("num_head_params", "count"),
+)
+_OPTIONAL = (
+    ("alpha_eff", "nonnegative"),
+    ("beta_eff", "nonnegative"),
+    ("head_modules", "names"),
+    ("format_version", "version"),
+    ("prior_variance_grouping", "text"),
+    ("backbone_prior_variances", "variances"),  # layer-wise λ
+    ("posterior_covariance", "text"),
+)  # the diagonal posterior
+DEELBO = register_method(
+    MethodSpec(
+        key="deelbo",
+        title="DE ELBO",
+        tags=("deelbo", "l2-sp", "variational-inference"),
+        citation=CITATION,
+        format_version=1,
+        schema={
+            **{name: (kind, True) for name, kind in _REQUIRED},
+            **{name: (kind, False) for name, kind in _OPTIONAL},
+        },
+        choices={
+            "prior_variance_grouping": PriorVarianceGrouping.values(),
+            "posterior_covariance": PosteriorCovariance.values(),
+        },
+        companions={("prior_variance_grouping", "layer"): "backbone_prior_variances"},
+    )
+)
 
 
 def deelbo_config(
@@ -62,22 +84,27 @@ def deelbo_config(
     alpha_eff, beta_eff = effective_l2sp_strengths(
         backbone_prior_variance, head_prior_variance, num_backbone_params + num_head_params
     )
-    return DEELBO.config_entry({
-        "alpha_eff": float(alpha_eff),
-        "beta_eff": float(beta_eff),
-        "head_modules": list(head_modules),
-        "kappa": float(kappa),
-        "lambda": float(backbone_prior_variance),
-        "num_backbone_params": int(num_backbone_params),
-        "num_head_params": int(num_head_params),
-        "num_train_examples": int(num_train_examples),
-        "sigma": float(sigma),
-        "tau": float(head_prior_variance),
-        "prior_variance_grouping": str(prior_variance_grouping),
-        "posterior_covariance": str(posterior_covariance),
-        **({"backbone_prior_variances": {name: float(v) for name, v in backbone_prior_variances.items()}}
-           if backbone_prior_variances is not None else {}),
-    })
+    return DEELBO.config_entry(
+        {
+            "alpha_eff": float(alpha_eff),
+            "beta_eff": float(beta_eff),
+            "head_modules": list(head_modules),
+            "kappa": float(kappa),
+            "lambda": float(backbone_prior_variance),
+            "num_backbone_params": int(num_backbone_params),
+            "num_head_params": int(num_head_params),
+            "num_train_examples": int(num_train_examples),
+            "sigma": float(sigma),
+            "tau": float(head_prior_variance),
+            "prior_variance_grouping": str(prior_variance_grouping),
+            "posterior_covariance": str(posterior_covariance),
+            **(
+                {"backbone_prior_variances": {name: float(v) for name, v in backbone_prior_variances.items()}}
+                if backbone_prior_variances is not None
+                else {}
+            ),
+        }
+    )
 
 
 def load_deelbo_config(path: str, **hub_kwargs) -> dict:

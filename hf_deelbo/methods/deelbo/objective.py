@@ -70,8 +70,9 @@ def optimal_prior_variance(squared_distance, num_params, posterior_variance):
     return squared_distance / num_params + posterior_variance
 
 
-def diagonal_gaussian_kl(squared_distance, num_params, summed_posterior_variance, summed_log_posterior_variance,
-                         prior_variance):
+def diagonal_gaussian_kl(
+    squared_distance, num_params, summed_posterior_variance, summed_log_posterior_variance, prior_variance
+):
     """KL(N(m, diag(s)) ‖ N(μ, λI)) over a group of D coordinates, s_i = σ_i² (diagonal posterior):
 
         KL = ½ [ Σ_i s_i/λ + ‖m − μ‖²/λ − D + D log λ − Σ_i log s_i ]

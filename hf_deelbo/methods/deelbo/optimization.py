@@ -84,7 +84,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
                 f"ρ); the state to load holds {'none' if saved is None else len(saved)}: it was saved by another "
                 "optimizer setup (e.g. posterior_covariance or diagonal_sigma_learning_rate changed since the checkpoint)"
             )
-        for optimizer, inner in zip(self.optimizers, saved):
+        for optimizer, inner in zip(self.optimizers, saved, strict=False):
             optimizer.load_state_dict(inner)
         self._share_inner_groups()
 
@@ -101,5 +101,6 @@ def diagonal_rho_optimizer(rho: torch.nn.Parameter, learning_rate: float) -> tor
     """A diagonal posterior's ρ under Adam: `learning_rate`, β = (0.9, 0.999), no weight decay, and
     ε = 1e-12 rather than Adam's 1e-8, because dL/dρ_i is O(1/D) (about 1e-7 for 5M weights) and a
     1e-8 ε would shrink the steps of the weights with the smallest gradients."""
-    return torch.optim.Adam([{"params": [rho], "lr": learning_rate, "weight_decay": 0.0}], betas=(0.9, 0.999),
-                            eps=1e-12)
+    return torch.optim.Adam(
+        [{"params": [rho], "lr": learning_rate, "weight_decay": 0.0}], betas=(0.9, 0.999), eps=1e-12
+    )

@@ -15,7 +15,7 @@ from ...core.groups import split_parameters
 from ...core.modeling import classifier_logits
 from ...hub.config import read_config_entry
 from .config import DEELBO
-from .posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior
+from .posterior import POSTERIOR_RHO_NAME, GaussianPosterior
 
 logger = transformers_logging.get_logger(__name__)
 
@@ -24,7 +24,7 @@ logger = transformers_logging.get_logger(__name__)
 def predictive_log_probs(
     model: nn.Module,
     inputs: dict,
-    posterior: IsotropicGaussianPosterior | None = None,
+    posterior: GaussianPosterior | None = None,
     num_samples: int = 0,
     seed: int = 0,
     transformers_model: bool | None = None,
@@ -40,19 +40,21 @@ def predictive_log_probs(
     if posterior is None:
         raise ValueError("num_samples > 0 needs the posterior (see posterior_from_config) to draw weights from.")
     generator = torch.Generator(device=posterior.rho.device).manual_seed(seed)
-    draws = torch.stack([
-        F.log_softmax(
-            classifier_logits(
-                model, inputs, posterior.sample_parameters(model, generator), transformers_model, tie_weights=False
-            ).float(),
-            dim=-1,
-        )
-        for _ in range(num_samples)
-    ])
+    draws = torch.stack(
+        [
+            F.log_softmax(
+                classifier_logits(
+                    model, inputs, posterior.sample_parameters(model, generator), transformers_model, tie_weights=False
+                ).float(),
+                dim=-1,
+            )
+            for _ in range(num_samples)
+        ]
+    )
     return torch.logsumexp(draws, dim=0) - math.log(num_samples)
 
 
-def posterior_from_config(model: nn.Module, model_dir: str | None = None) -> IsotropicGaussianPosterior:
+def posterior_from_config(model: nn.Module, model_dir: str | None = None) -> GaussianPosterior:
     """Rebuild q(w) = N(m, σ²I) of a model saved by `DEELBoTrainer`: m are its weights, σ and
     the head split come from `model.config.deelbo` (or timm's `model.deelbo_config`).
 
@@ -80,8 +82,9 @@ def posterior_from_config(model: nn.Module, model_dir: str | None = None) -> Iso
     rho_file = os.path.join(model_dir, POSTERIOR_RHO_NAME) if model_dir is not None else None
     if config.get("posterior_covariance") == "diagonal":
         if rho_file is not None and os.path.isfile(rho_file):
-            posterior = IsotropicGaussianPosterior(model, groups, sigma_init=float(config["sigma"]),
-                                                   posterior_covariance="diagonal")
+            posterior = GaussianPosterior(
+                model, groups, sigma_init=float(config["sigma"]), posterior_covariance="diagonal"
+            )
             posterior.load_rho_pieces(safetensors.torch.load_file(rho_file, device=str(posterior.rho.device)))
             return posterior
         logger.warning(
@@ -89,4 +92,4 @@ def posterior_from_config(model: nn.Module, model_dir: str | None = None) -> Iso
             f"({rho_file or 'no model_dir given'}): every weight gets the root-mean-square σ = {config['sigma']:g}. "
             f"Pass posterior_from_config(model, model_dir=<the saved model's directory>) to use them."
         )
-    return IsotropicGaussianPosterior(model, groups, sigma_init=float(config["sigma"]))
+    return GaussianPosterior(model, groups, sigma_init=float(config["sigma"]))

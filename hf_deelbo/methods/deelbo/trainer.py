@@ -22,8 +22,9 @@ from .callback import DEELBoCallback
 from .config import DEELBO, deelbo_config
 from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
 from .optimization import CombinedOptimizer, diagonal_rho_optimizer
-from .posterior import POSTERIOR_RHO_NAME, IsotropicGaussianPosterior, in_place_supported
+from .posterior import POSTERIOR_RHO_NAME, GaussianPosterior
 from .prediction import predictive_log_probs
+from .sampling import in_place_supported
 
 logger = logging.get_logger(__name__)
 
@@ -62,8 +63,9 @@ class DEELBoTrainer(FineTuningTrainer):
         super().__init__(model=model, args=args, **kwargs)
         args = self.args
         args.sampling_mechanism = resolve_sampling_mechanism(args.sampling_mechanism, args.device)
-        self.posterior = IsotropicGaussianPosterior(self.model, self.groups, args.sigma_init,
-                                                    args.prior_variance_grouping, args.posterior_covariance)
+        self.posterior = GaussianPosterior(
+            self.model, self.groups, args.sigma_init, args.prior_variance_grouping, args.posterior_covariance
+        )
         self.num_train_examples = _resolve_num_train_examples(args, self.train_dataset)
         self.kappa = (
             resolve_kappa(args.kappa, self.posterior.num_params, self.num_train_examples)
@@ -74,9 +76,13 @@ class DEELBoTrainer(FineTuningTrainer):
         self._draw = None  # the pending InPlaceDraw of the current micro-batch (sampling_mechanism="in_place")
         self._logged_constants = False
         if self.kappa is not None:
-            pull = max_prior_pull(args.sigma_init, self.posterior.num_backbone_params, self.kappa, self.num_train_examples)
+            pull = max_prior_pull(
+                args.sigma_init, self.posterior.num_backbone_params, self.kappa, self.num_train_examples
+            )
             if pull > 4.0:
-                suggested = sigma_for_prior_pull(1.0, self.posterior.num_backbone_params, self.kappa, self.num_train_examples)
+                suggested = sigma_for_prior_pull(
+                    1.0, self.posterior.num_backbone_params, self.kappa, self.num_train_examples
+                )
                 logger.info(
                     f"sigma_init={args.sigma_init:g} lets the prior hold the backbone back with a gradient norm up to "
                     f"{pull:.3g} (√D_b/(2κNσ); about 1 on the paper's ResNet-50) until σ grows, so a run of only tens "
@@ -113,7 +119,8 @@ class DEELBoTrainer(FineTuningTrainer):
         if self.posterior.diagonal and self.args.diagonal_sigma_learning_rate is not None:
             if not isinstance(optimizer, CombinedOptimizer):
                 self.optimizer = CombinedOptimizer(
-                    [optimizer, diagonal_rho_optimizer(rho, self.args.diagonal_sigma_learning_rate)])
+                    [optimizer, diagonal_rho_optimizer(rho, self.args.diagonal_sigma_learning_rate)]
+                )
             return self.optimizer
         if not any(p is rho for group in optimizer.param_groups for p in group["params"]):
             group = {"params": [rho], "weight_decay": 0.0}
@@ -201,8 +208,9 @@ class DEELBoTrainer(FineTuningTrainer):
         loss = deelbo_loss(nll, kl, self.kappa, self.num_train_examples).float()
         if model.training:
             mean_lam = self.posterior.mean_backbone_prior_variance(lam)
-            self.metrics.record(nll=nll, kl=kl, sigma=self.posterior.root_mean_square_sigma(),
-                                **{"lambda": mean_lam, "tau": tau})
+            self.metrics.record(
+                nll=nll, kl=kl, sigma=self.posterior.root_mean_square_sigma(), **{"lambda": mean_lam, "tau": tau}
+            )
         return (loss, logits) if return_outputs else loss
 
     def _forward_in_place(self, model, inputs):
@@ -289,8 +297,11 @@ class DEELBoTrainer(FineTuningTrainer):
         if self.posterior.diagonal and self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
-            safetensors.torch.save_file({k: v.cpu() for k, v in self.posterior.rho_pieces().items()},
-                                        os.path.join(output_dir, POSTERIOR_RHO_NAME), metadata={"format": "pt"})
+            safetensors.torch.save_file(
+                {k: v.cpu() for k, v in self.posterior.rho_pieces().items()},
+                os.path.join(output_dir, POSTERIOR_RHO_NAME),
+                metadata={"format": "pt"},
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The checkpoint's weights, and a diagonal posterior's ρ from its `POSTERIOR_RHO_NAME` (a scalar ρ
@@ -357,7 +368,11 @@ class DEELBoTrainer(FineTuningTrainer):
         callback = self.deelbo_callback
         lam, tau = callback.backbone_prior_variance, callback.head_prior_variance
         if isinstance(lam, list):  # layer-wise λ_l: name the tensors whose λ_l is not finite
-            bad = {name: v for name, v in zip(self.posterior.backbone_group_names, lam, strict=True) if not math.isfinite(v)}
+            bad = {
+                name: v
+                for name, v in zip(self.posterior.backbone_group_names, lam, strict=True)
+                if not math.isfinite(v)
+            }
             if not bad and math.isfinite(tau):
                 return None
             return f"lambda of {bad or 'every tensor finite'}, tau={tau}"
@@ -414,11 +429,21 @@ class DEELBoTrainer(FineTuningTrainer):
     def build_model_card(self, output_dir: str | None = None, **context):
         """The DE ELBO model card (tagged `deelbo`), with the plot of λ, τ, σ over training written
         next to it (in `output_dir`); `save_model` and `push_to_hub` write both with the model."""
-        plot = HYPERPARAMETERS_PLOT if plot_hyperparameters(
-            self.state.log_history, os.path.join(output_dir or self.args.output_dir, HYPERPARAMETERS_PLOT)
-        ) else None
-        return cards.build_model_card(self.method, self.learned_hyperparameters(), template_path=MODEL_CARD_TEMPLATE,
-                                      usage_comment="learned λ, τ, σ, κ", plot=plot, **context)
+        plot = (
+            HYPERPARAMETERS_PLOT
+            if plot_hyperparameters(
+                self.state.log_history, os.path.join(output_dir or self.args.output_dir, HYPERPARAMETERS_PLOT)
+            )
+            else None
+        )
+        return cards.build_model_card(
+            self.method,
+            self.learned_hyperparameters(),
+            template_path=MODEL_CARD_TEMPLATE,
+            usage_comment="learned λ, τ, σ, κ",
+            plot=plot,
+            **context,
+        )
 
 
 def resolve_sampling_mechanism(requested: str, device: torch.device | str) -> str:
@@ -426,8 +451,10 @@ def resolve_sampling_mechanism(requested: str, device: torch.device | str) -> st
     gives no default random generator for (the draw replays ε from it), which falls back to
     "functional_call" with one warning, when the trainer is built."""
     if requested == "in_place" and not in_place_supported(device):
-        logger.warning(f"sampling_mechanism='in_place' needs a default random generator on {device}, which torch does "
-                       "not give; using sampling_mechanism='functional_call' (w̃ as a separate copy of the weights).")
+        logger.warning(
+            f"sampling_mechanism='in_place' needs a default random generator on {device}, which torch does "
+            "not give; using sampling_mechanism='functional_call' (w̃ as a separate copy of the weights)."
+        )
         return "functional_call"
     return requested
 
@@ -442,8 +469,13 @@ def _without_single_example_batch(batches: list[dict], label_name: str) -> list[
             "statistics; got 1. Set DEELBoTrainingArguments(objective_batch_norm='running')."
         )
     *rest, previous, last = batches
-    return [*rest, {key: torch.cat([value, last[key]]) if isinstance(value, torch.Tensor) else value
-                    for key, value in previous.items()}]
+    return [
+        *rest,
+        {
+            key: torch.cat([value, last[key]]) if isinstance(value, torch.Tensor) else value
+            for key, value in previous.items()
+        },
+    ]
 
 
 _MISSING_N_MESSAGE = (

@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 # (per-tensor variances); "radii" None or a dict of floats >= 0; "count" an
 # int >= 0; "names" a list of non-empty strings; "text" a string; "flag" a bool; "version" the
 # entry's format version, an int from 1 to the version this package writes.
-VALUE_KINDS = ("positive", "nonnegative", "strengths", "variances", "radii", "count", "names", "text", "flag", "version")
+VALUE_KINDS = (
+    "positive",
+    "nonnegative",
+    "strengths",
+    "variances",
+    "radii",
+    "count",
+    "names",
+    "text",
+    "flag",
+    "version",
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,11 @@ class MethodSpec:
         choices: name -> the values a "text" entry may take (checked on read).
         companions: (name, value) -> the entry that must be present when `name` holds `value`
             (e.g. a layer-wise prior's variances).
+        contract_arguments: arguments beyond the defaults with which the contract test
+            (tests/test_contract.py) trains the method, e.g. to make a hyper-step happen in 2 steps.
+
+    With a `format_version`, the schema takes `format_version` (kind "version") whether it names
+    it or not.
     """
 
     key: str
@@ -46,8 +62,11 @@ class MethodSpec:
     format_version: int | None = None
     choices: dict = field(default_factory=dict)
     companions: dict = field(default_factory=dict)
+    contract_arguments: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.format_version is not None and "format_version" not in self.schema:
+            object.__setattr__(self, "schema", {**self.schema, "format_version": ("version", False)})
         unknown = {kind for kind, _ in self.schema.values()} - set(VALUE_KINDS)
         if unknown:
             raise ValueError(f"{self.key}: unknown value kinds {sorted(unknown)} in the schema; use {VALUE_KINDS}")

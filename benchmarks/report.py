@@ -1,0 +1,138 @@
+"""docs/benchmarks.md's generated sections, from protocol v2's committed records: the main table
+(means and paired intervals), the cost table and the steps of each cell.
+
+    python -m benchmarks.report             # rewrites the sections of docs/benchmarks.md
+    python -m benchmarks.report --check     # exits 1 if the committed page differs from the records
+
+The page's text around the sections is written by hand; every number in the sections comes from
+benchmarks/results/v2/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+from benchmarks import comparison, convergence, harness
+
+DOCS = os.path.join(harness.ROOT, "docs", "benchmarks.md")
+SECTIONS = {name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->") for name in ("v2-main", "v2-cost", "v2-steps")}
+# The rows of the main table, as comparison.rows names them, and how the page names them.
+MAIN_ROWS = {
+    comparison.DEELBO_MEAN: "DE ELBO",
+    comparison.DEELBO_BMA: "DE ELBO, 16-draw average",
+    comparison.DEELBO_BN: "DE ELBO, BatchNorm recomputed",
+    comparison.HALVING: "DE ELBO, halving",
+    comparison.ORACLE: "best fixed α (oracle, α = 0 included)",
+    comparison.GRID: "L2-SP grid",
+}
+
+
+def main_table(records: list[dict]) -> str:
+    """Per cell: plain fine-tuning's mean accuracy and NLL, and each other row's paired difference
+    (points of accuracy; NLL in nats) with its 95 % interval over the replicates."""
+    accuracy = {(e["task"], e["backbone"], e["n"], e["row"]): e for e in comparison.rows(records, "accuracy")}
+    nll = {(e["task"], e["backbone"], e["n"], e["row"]): e for e in comparison.rows(records, "nll")}
+    lines = [
+        "| task | backbone | N | units | plain: accuracy, NLL | row | accuracy − plain (points) | NLL − plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in comparison.all_cells():
+        plain = accuracy.get((*cell, comparison.PLAIN))
+        if plain is None:
+            continue
+        head = (
+            f"| {cell[0]} | {cell[1]} | {cell[2]} | {plain['units']} ({plain['replicates']} replicates) "
+            f"| {plain['mean']:.3f}, {nll[(*cell, comparison.PLAIN)]['mean']:.3f} "
+        )
+        for row, name in MAIN_ROWS.items():
+            entry = accuracy.get((*cell, row))
+            if entry is None or "vs_plain" not in entry:
+                continue
+            lines.append(
+                f"{head}| {name} | {harness.format_interval(entry['vs_plain'])} "
+                f"| {harness.format_interval(nll[(*cell, row)]['vs_plain'], 1.0, 3)} |"
+            )
+            head = "| | | | | "
+    return "\n".join(lines)
+
+
+def cost_table(records: list[dict]) -> str:
+    """Mean wall seconds of each procedure per cell (one thread per process; the pass shares two
+    cores), and its ratio to DE ELBO's."""
+    by = {}
+    for r in records:
+        key = (r["task"], r["backbone"], r["n"], r["method"])
+        by.setdefault(key, []).append(r["seconds"])
+    methods = [comparison.PLAIN, comparison.DEELBO, comparison.HALVING, comparison.GRID]
+    lines = [
+        "| task | backbone | N | steps | " + " | ".join(f"{m} (s)" for m in methods) + " | grid / DE ELBO |",
+        "|---|---|---|---|" + "---|" * len(methods) + "---|",
+    ]
+    steps = {(r["task"], r["backbone"], r["n"]): r["steps"] for r in records}
+    for cell in comparison.all_cells():
+        means = {m: statistics.mean(by[(*cell, m)]) for m in methods if (*cell, m) in by}
+        if not means:
+            continue
+        ratio = (
+            f"{means[comparison.GRID] / means[comparison.DEELBO]:.1f}×"
+            if {comparison.GRID, comparison.DEELBO} <= set(means)
+            else "–"
+        )
+        lines.append(
+            f"| {cell[0]} | {cell[1]} | {cell[2]} | {steps[cell]} | "
+            + " | ".join(f"{means[m]:.0f}" if m in means else "–" for m in methods)
+            + f" | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def steps_table(records: list[dict]) -> str:
+    rule = harness.protocol()["steps"]
+    return convergence.markdown(convergence.rows(records, rule["candidates"], rule["longest"]))
+
+
+def sections(results_dir: str = harness.RESULTS) -> dict[str, str]:
+    compared = harness.RecordStore(os.path.join(results_dir, "comparison.json"), comparison.record_key).records
+    calibrated = harness.RecordStore(convergence.results_path(results_dir), convergence.record_key).records
+    bodies = {"v2-main": main_table(compared), "v2-cost": cost_table(compared), "v2-steps": steps_table(calibrated)}
+    return {name: f"{SECTIONS[name][0]}\n{body}\n{SECTIONS[name][1]}" for name, body in bodies.items()}
+
+
+def render(text: str, generated: dict[str, str]) -> str:
+    """`text` with each generated section in place of the one between its markers."""
+    for name, section in generated.items():
+        start, end = SECTIONS[name]
+        if start not in text:
+            raise ValueError(f"{DOCS} has no {start} marker: add the section's markers where it goes")
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", default=DOCS)
+    parser.add_argument("--results-dir", default=harness.RESULTS)
+    parser.add_argument("--check", action="store_true", help="Exit 1 if the page differs from what the records give.")
+    args = parser.parse_args(argv)
+    with open(args.docs) as f:
+        text = f.read()
+    rendered = render(text, sections(args.results_dir))
+    if args.check:
+        if rendered != text:
+            print(
+                f"{args.docs} differs from what benchmarks/results/v2 gives: run python -m benchmarks.report",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    with open(args.docs, "w") as f:
+        f.write(rendered)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
