@@ -26,6 +26,7 @@ import math
 import time
 
 import torch
+from task import select_by_training_loss
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import Trainer, TrainerCallback
@@ -397,15 +398,7 @@ def ivon_procedure(init, train, common: dict, learning_rates, work_dir: str) -> 
     mode, at the mean weights) wins, as regularization.py's "plain, lr by training loss".
     Predictions: at the chosen run's mean weights."""
     args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **{**common, "max_grad_norm": 0.0})
-    result = learning_rate_search(
-        IVONTrainer,
-        init,
-        train,
-        args,
-        learning_rates,
-        method_name="IVON",
-        score=lambda trainer: trainer.evaluate(train)["eval_loss"],
-    )
+    result = select_by_training_loss(IVONTrainer, init, train, args, learning_rates, "IVON")
     record = {
         "learning_rate": result.best["learning_rate"],
         "num_runs": len(result.runs),

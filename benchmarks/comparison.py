@@ -98,17 +98,10 @@ def run_one(job) -> list[dict]:
 
 def _plain(init, train, test, args) -> dict:
     from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
-    from hf_deelbo.search import learning_rate_search
 
-    result = learning_rate_search(
-        L2SPTrainer,
-        init,
-        train,
-        L2SPTrainingArguments(alpha=0.0, beta=0.0, **args),
-        harness.protocol()["learning_rates"],
-        method_name="Plain fine-tuning",
-        score=lambda trainer: trainer.evaluate(train)["eval_loss"],
-    )
+    args = L2SPTrainingArguments(alpha=0.0, beta=0.0, **args)
+    learning_rates = harness.protocol()["learning_rates"]
+    result = task.select_by_training_loss(L2SPTrainer, init, train, args, learning_rates, "Plain fine-tuning")
     return {
         **task.evaluate(result.trainer, test),
         "learning_rate": result.best["learning_rate"],

@@ -191,18 +191,11 @@ def check_in_place_restore(device: str, workdir: Path) -> dict:
     return {"passed": beyond == 0, "weights": total, "not_bitwise": changed, "beyond_one_rounding": beyond}
 
 
-def _train(
-    device: str,
-    workdir: Path,
-    name: str,
-    trainer_class=DEELBoTrainer,
-    args_class=DEELBoTrainingArguments,
-    model=None,
-    dataset=None,
-    callbacks=None,
-    resume=None,
-    **overrides,
-):
+def _train(device: str, workdir: Path, name: str, model=None, dataset=None, callbacks=None, resume=None, **overrides):
+    """A trainer (`trainer_class`, default DEELBoTrainer, with `args_class`'s arguments) trained on
+    `device`: a tiny ViT on 64 random images unless `model` and `dataset` say otherwise."""
+    trainer_class = overrides.pop("trainer_class", DEELBoTrainer)
+    args_class = overrides.pop("args_class", DEELBoTrainingArguments)
     args = arguments(args_class, workdir / name, device, **overrides)
     trainer = trainer_class(
         model=model if model is not None else tiny_vit(),
@@ -334,19 +327,10 @@ def check_speed_memory(device: str, workdir: Path, quick: bool) -> dict:
                 bf16=not quick or device != "cpu",
                 logging_steps=steps,
             )
-            if kind == "plain":
-                _train(device, workdir, f"speed-{i}", Trainer, TrainingArguments, build(), data, [timer], **common)
-            else:
-                _train(
-                    device,
-                    workdir,
-                    f"speed-{i}",
-                    model=build(),
-                    dataset=data,
-                    callbacks=[timer],
-                    sampling_mechanism=kind,
-                    **common,
-                )
+            classes = {"trainer_class": Trainer, "args_class": TrainingArguments} if kind == "plain" else {}
+            mechanism = {} if kind == "plain" else {"sampling_mechanism": kind}
+            run = dict(model=build(), dataset=data, callbacks=[timer], **classes, **mechanism, **common)
+            _train(device, workdir, f"speed-{i}", **run)
             results.setdefault(kind, []).append((statistics.median(timer.times[warmup:]), _peak_memory(device)))
         plain_time = statistics.median([t for t, _ in results["plain"]])
         plain_memory = max((m for _, m in results["plain"] if m is not None), default=None)

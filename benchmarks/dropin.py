@@ -46,8 +46,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import task  # noqa: E402
 import transfer  # noqa: E402
-from _common import V1_DOCS, update_section  # noqa: E402
+from _common import V1_DOCS, add_cell_flags, save_figure, update_section  # noqa: E402
 
 ROOT = transfer.ROOT
 SECTION = ("<!-- dropin:start -->", "<!-- dropin:end -->")
@@ -88,18 +89,13 @@ DEFAULT = "default"
 def common_arguments(steps: int, seed: int) -> dict:
     return dict(
         max_steps=steps,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=256,
+        seed=seed,
         max_grad_norm=1.0,
         weight_decay=0.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=seed,
-        logging_steps=10**6,
         dataloader_pin_memory=False,
         remove_unused_columns=False,
+        **task.BATCHES,
+        **task.QUIET_ON_CPU,
     )
 
 
@@ -164,9 +160,6 @@ def run_cell(task, candidates=None) -> dict:
     """One (backbone, N, seed, optimizer) of the matrix; a plain record given with the task is
     kept instead of training plain `Trainer` again."""
     transfer._setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import digits
 
     backbone, n, seed, optimizer, steps, path, work_dir, plain = task
@@ -288,15 +281,15 @@ def figure(rows: list[dict], path: str) -> None:
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{backbone}: DEELBoTrainer (solid) vs Trainer (dashed)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="A smoke run: ResNet, N=50, 1 seed, 2 optimizers, 5 steps."
+    add_cell_flags(
+        parser,
+        os.path.join(ROOT, "benchmarks", "results"),
+        "A smoke run: ResNet, N=50, 1 seed, 2 optimizers, 5 steps.",
     )
     parser.add_argument(
         "--calibrate",
@@ -319,14 +312,6 @@ def main(argv=None) -> None:
         "record of OUTPUT_DIR/dropin.json, and its plain Trainer runs: they do not depend on "
         "DEELBoTrainer's defaults.",
     )
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument(
-        "--docs", default=None, help="Markdown file to update (default: docs/benchmarks/protocol-v1.md)."
-    )
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)

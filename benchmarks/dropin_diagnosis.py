@@ -94,9 +94,6 @@ def noise_run(task) -> dict:
 
     backbone, n, seed, factor, num_params, path, work_dir = task
     transfer._setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, L2SPTrainer, L2SPTrainingArguments
 
     train, test = regularization.task_data("noise-40", n, seed)

@@ -9,6 +9,7 @@ pass loses only its unfinished jobs and the same command continues it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -53,8 +54,10 @@ def code_commit() -> str:
     return commit + ("+changes" if dirty else "")
 
 
+@functools.lru_cache(maxsize=1)
 def provenance() -> dict:
-    """What every record carries besides its backbone's SHA-256: the protocol and the code."""
+    """What every record carries besides its backbone's SHA-256: the protocol and the code (read
+    once per process, when it first records: a worker keeps the code it imported)."""
     return {"protocol": protocol()["id"], "protocol_sha256": file_sha256(PROTOCOL_PATH), "code_commit": code_commit()}
 
 

@@ -35,9 +35,6 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", default=V1_DOCS)
     args = parser.parse_args(argv)
     transfer._setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, digits
 
     path = transfer.pretrained_path("timm-resnet", os.path.join(args.output_dir, "pretrained"))
@@ -50,23 +47,12 @@ def main(argv=None) -> None:
         train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), args.n, seed=seed)
         train, test = transfer.tensor_dataset(train), transfer.tensor_dataset(test)
         for kappa in kappas:
+            # TrainingArguments' max_grad_norm default is the recipe's 1.0
             training_args = DEELBoTrainingArguments(
                 output_dir="/tmp/hf_deelbo_kappa",
                 kappa=kappa,
-                max_steps=args.steps,
                 learning_rate=args.learning_rate,
-                per_device_train_batch_size=32,
-                per_device_eval_batch_size=256,
-                optim="sgd",
-                optim_args="momentum=0.9,nesterov=True",
-                lr_scheduler_type="cosine",
-                report_to="none",
-                save_strategy="no",
-                disable_tqdm=True,
-                use_cpu=True,
-                seed=seed,
-                logging_steps=10**6,
-                dataloader_pin_memory=False,
+                **transfer.training_settings(args.steps, seed),
             )
             trainer = DEELBoTrainer(
                 model=transfer.model_init("timm-resnet", path, seed)(), args=training_args, train_dataset=train

@@ -51,7 +51,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import V1_DOCS, update_section  # noqa: E402
+from _common import V1_DOCS, add_cell_flags, update_section  # noqa: E402
 from regularization import DEELBO, EXISTING, LEARNING_RATES, TASKS, task_data  # noqa: E402
 from run_cost import GRID_RUNS  # noqa: E402
 from transfer import ROOT, _setup_thread, evaluate, model_init, pretrained_path, training_settings  # noqa: E402
@@ -65,9 +65,6 @@ def run_pair(job) -> dict:
     """One (task, backbone, N, seed): successive halving, one DE ELBO run and the grid's two units,
     in an order that alternates with the seed."""
     _setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import DEELBoTrainingArguments, L2SPTrainingArguments, l2sp_grid_search, select_learning_rate
 
     task, backbone, n, seed, steps, learning_rates, path, work_dir = job
@@ -133,9 +130,6 @@ CROSSOVER_LEARNING_RATES = (0.1, 0.01)
 def crossover_run(job) -> dict:
     """One (task, backbone, N, seed, lr): its cooled-down objective at each pause and at T."""
     _setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments
     from hf_deelbo.search import PauseAtStep, halving_cooldown_steps
 
@@ -364,25 +358,17 @@ def rebuild(data: dict, full_path: str, docs_path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=list(TASK_NAMES))
-    parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
-    parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="A smoke run: one pair, 16 steps, 2 learning rates, and its own full selection.",
+    add_cell_flags(
+        parser,
+        os.path.join(ROOT, "benchmarks", "results"),
+        "A smoke run: one pair, 16 steps, 2 learning rates, and its own full selection.",
     )
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=list(TASK_NAMES))
     parser.add_argument(
         "--full-selection",
         default=None,
         help="The regularization benchmark's records holding the full selections (default: "
         "OUTPUT_DIR/regularization/regularization.json).",
-    )
-    parser.add_argument(
-        "--docs", default=None, help="Default: docs/benchmarks/protocol-v1.md (OUTPUT_DIR/benchmarks.md with --quick)."
     )
     parser.add_argument("--summarize", action="store_true", help="Only rebuild the summary and the docs section.")
     parser.add_argument(

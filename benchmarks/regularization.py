@@ -65,8 +65,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import V1_DOCS, update_section  # noqa: E402
-from task import with_label_noise  # noqa: E402
+from _common import V1_DOCS, add_cell_flags, add_switches, save_figure, update_section  # noqa: E402
+from task import select_by_training_loss, with_label_noise  # noqa: E402
 from transfer import (  # noqa: E402
     GRID,
     ROOT,
@@ -250,9 +250,6 @@ def run_one(job) -> list[dict]:
     """One job: a plain fine-tuning procedure, a DE ELBO procedure, one point of an α-curve, or a
     Bayesian-optimization study (two procedures). Returns its records."""
     _setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import (
         DEELBoTrainingArguments,
         L2SPTrainer,
@@ -260,7 +257,6 @@ def run_one(job) -> list[dict]:
         l2sp_grid_search,
         select_learning_rate,
     )
-    from hf_deelbo.search import learning_rate_search
 
     task, kind, backbone, n, seed, alpha, steps, learning_rates, path, work_dir, trial_counts = job
     train, test = task_data(task, n, seed)
@@ -293,15 +289,8 @@ def run_one(job) -> list[dict]:
     elif kind == GRID_EXTENDED:
         labels = [int(v) for v in train.with_format(None)["labels"]]
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **common)
-        result = l2sp_grid_search(
-            init,
-            train,
-            labels,
-            args,
-            alphas=list(GRID_EXTENDED_ALPHAS),
-            betas=[CURVE_BETA],
-            learning_rates=learning_rates,
-        )
+        grid = dict(alphas=list(GRID_EXTENDED_ALPHAS), betas=[CURVE_BETA], learning_rates=learning_rates)
+        result = l2sp_grid_search(init, train, labels, args, **grid)
         # The chosen α stays out of the record's top level, where `alpha` names an α-curve point.
         record.update(
             **evaluate(result.trainer, test),
@@ -325,15 +314,7 @@ def run_one(job) -> list[dict]:
         )
     elif kind in (PLAIN_TRAIN, PLAIN_LORA):
         args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **common)
-        result = learning_rate_search(
-            L2SPTrainer,
-            init,
-            train,
-            args,
-            learning_rates,
-            method_name="Plain fine-tuning",
-            score=lambda trainer: trainer.evaluate(train)["eval_loss"],
-        )
+        result = select_by_training_loss(L2SPTrainer, init, train, args, learning_rates, "Plain fine-tuning")
         record.update(
             **evaluate(result.trainer, test),
             learning_rate=result.best["learning_rate"],
@@ -394,9 +375,6 @@ DIAGONAL_CALIBRATION = {
 
 def run_diagonal_calibration(job) -> dict:
     _setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import DEELBoTrainingArguments, select_learning_rate
 
     backbone, candidate, path, work_dir = job
@@ -803,9 +781,7 @@ def figure(records: list[dict], task: str, path: str, reference: dict | None) ->
             title="dashed: DE ELBO α_eff\n▲: grid's α (median)" if reference else "dashed: DE ELBO α_eff",
             title_fontsize=7,
         )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def layer_figure(records: list[dict], task: str, path: str) -> bool:
@@ -834,9 +810,7 @@ def layer_figure(records: list[dict], task: str, path: str) -> bool:
         ax.set_ylabel("log10 λ_l (mean over seeds)")
         ax.set_title(f"{backbone}, task {task}: layer-wise λ by depth")
         ax.legend(fontsize=8, title="dotted: λ̄ (harmonic mean)", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -1044,8 +1018,22 @@ def rebuild(store: Store, output_dir: str, docs_path: str) -> None:
     update_section(docs_path, SECTION, markdown(store, output_dir, docs_path))
 
 
+SWITCHES = {
+    "--resume": "Keep finished runs (the default; kept for symmetry with the other benchmarks).",
+    "--fresh": "Forget the records in OUTPUT_DIR/regularization.json.",
+    "--replot": "Only rebuild the figures, the docs section and the summary.",
+    "--reproduce": "Only train a few committed α-curve points again, here: OUTPUT_DIR/reproduce.json.",
+    "--calibrate-diagonal": "Only measure diagonal_sigma_learning_rate's default (OUTPUT_DIR/diagonal-calibration.json).",
+}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_cell_flags(
+        parser,
+        os.path.join(ROOT, "benchmarks", "results", "regularization"),
+        "A smoke run: 1 backbone, N=50, 1 seed, 5 steps, 2 α values, 1 candidate, every stage.",
+    )
     parser.add_argument(
         "--stage",
         nargs="+",
@@ -1071,40 +1059,7 @@ def main(argv=None) -> None:
         choices=[*VARIANTS, LORA, PLAIN_LORA],
         help="The variants `--stage variants` runs beside DE ELBO's own row (default: all).",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="A smoke run: 1 backbone, N=50, 1 seed, 5 steps, 2 α values, 1 candidate, every stage.",
-    )
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results", "regularization"))
-    parser.add_argument(
-        "--docs",
-        default=None,
-        help="Markdown file to update (default: docs/benchmarks/protocol-v1.md; --quick: OUTPUT_DIR/benchmarks.md).",
-    )
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
-    parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="Keep finished runs (the default; kept for symmetry with the other benchmarks).",
-    )
-    parser.add_argument("--fresh", action="store_true", help="Forget the records in OUTPUT_DIR/regularization.json.")
-    parser.add_argument(
-        "--replot", action="store_true", help="Only rebuild the figures, the docs section and the summary."
-    )
-    parser.add_argument(
-        "--reproduce",
-        action="store_true",
-        help="Only train a few committed α-curve points again, here: OUTPUT_DIR/reproduce.json.",
-    )
-    parser.add_argument(
-        "--calibrate-diagonal",
-        action="store_true",
-        help="Only measure diagonal_sigma_learning_rate's default (OUTPUT_DIR/diagonal-calibration.json).",
-    )
+    add_switches(parser, SWITCHES)
     args = parser.parse_args(argv)
     global CANDIDATES, SCREEN_CELL
     if args.quick:

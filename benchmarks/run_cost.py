@@ -107,9 +107,6 @@ def main(argv=None) -> None:
         ROOT, "benchmarks", "results", f"run_cost-{args.backbone}{size}-n{args.n}-{args.steps}-steps.json"
     )
     transfer._setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import (
         DEELBoTrainingArguments,
         L2SPTrainingArguments,

@@ -92,20 +92,15 @@ def training_data(task: str, n: int, seed: int):
     return with_label_noise(tensor_dataset(pool), LABEL_NOISE[task], seed), tensor_dataset(test)
 
 
+# The benchmarks' ViT: patches of 4×4 pixels, 4 layers of width 64 (0.14M parameters).
+VIT_SIZE = dict(patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
+
+
 def new_model(backbone: str, num_classes: int):
     if backbone == "vit":
         from transformers import ViTConfig, ViTForImageClassification
 
-        config = ViTConfig(
-            image_size=IMAGE_SIZE,
-            patch_size=4,
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=128,
-            num_labels=num_classes,
-        )
-        return ViTForImageClassification(config)
+        return ViTForImageClassification(ViTConfig(image_size=IMAGE_SIZE, num_labels=num_classes, **VIT_SIZE))
     import timm
 
     return timm.create_model("test_resnet", num_classes=num_classes)
@@ -184,23 +179,28 @@ def model_init(backbone: str, path: str, seed: int):
     return init
 
 
+# What every benchmark run sets, whatever its optimizer: one batch size, no output on the way, CPU.
+BATCHES = dict(per_device_train_batch_size=32, per_device_eval_batch_size=256)
+QUIET_ON_CPU = dict(report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10**6, use_cpu=True)
+# The paper's optimizer recipe.
+RECIPE = dict(optim="sgd", optim_args="momentum=0.9,nesterov=True", lr_scheduler_type="cosine", max_grad_norm=1.0)
+
+
 def training_settings(steps: int, seed: int) -> dict:
     """The `TrainingArguments` every run of every method shares (learning rate and output_dir aside)."""
-    return dict(
-        max_steps=steps,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=256,
-        optim="sgd",
-        optim_args="momentum=0.9,nesterov=True",
-        lr_scheduler_type="cosine",
-        max_grad_norm=1.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=seed,
-        logging_steps=10**6,
-        dataloader_pin_memory=False,
+    return dict(max_steps=steps, seed=seed, dataloader_pin_memory=False, **BATCHES, **RECIPE, **QUIET_ON_CPU)
+
+
+def select_by_training_loss(trainer_class, init, train, args, learning_rates, method_name: str):
+    """One `trainer_class` run per learning rate on all N; the lowest final training loss (mean
+    cross-entropy on all N, eval mode) wins: a user's choice of lr without validation data."""
+    from hf_deelbo.search import learning_rate_search
+
+    def training_loss(trainer) -> float:
+        return trainer.evaluate(train)["eval_loss"]
+
+    return learning_rate_search(
+        trainer_class, init, train, args, learning_rates, training_loss, method_name=method_name
     )
 
 

@@ -46,7 +46,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import V1_DOCS, update_section  # noqa: E402
+from _common import V1_DOCS, add_cell_flags, add_switches, save_figure, update_section  # noqa: E402
 from task import (  # noqa: E402,F401 - the task, as the earlier scripts import it from here
     IMAGE_SIZE,
     PRETRAINING_EPOCHS,
@@ -65,16 +65,17 @@ SECTION = ("<!-- transfer:start -->", "<!-- transfer:end -->")
 
 
 def _setup_thread():
+    """One thread per process, no Hub traffic, no transformers chatter."""
+    import transformers
+
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.logging.set_verbosity_error()
 
 
 def run_combo(task) -> dict:
     """One (backbone, N, seed): the three methods, each timed as a whole."""
     _setup_thread()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from hf_deelbo import (
         DEELBoTrainingArguments,
         L2SPTrainingArguments,
@@ -390,44 +391,30 @@ def figure(rows: list[dict], path: str) -> None:
         ax.set_ylabel("test accuracy")
         ax.set_title(backbone)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def _figure_link(docs_path: str, output_dir: str) -> str:
+    return os.path.relpath(os.path.join(output_dir, "transfer.png"), os.path.dirname(os.path.abspath(docs_path)))
+
+
+SWITCHES = {
+    "--replot": "Only rebuild the figure, the docs section and the stored summary from OUTPUT_DIR/transfer.json.",
+    "--resume": "Keep the records already in OUTPUT_DIR/transfer.json and run only the missing tasks.",
+    "--redo": "With --resume: run the methods named by --methods again, replacing their records.",
+}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="A small smoke run: 1 backbone, N=50, 1 seed, a 2×2×2 grid."
+    add_cell_flags(
+        parser,
+        os.path.join(ROOT, "benchmarks", "results"),
+        "A small smoke run: 1 backbone, N=50, 1 seed, a 2×2×2 grid.",
     )
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument(
-        "--docs",
-        default=None,
-        help="Markdown file to update (default: docs/benchmarks/protocol-v1.md; --quick: OUTPUT_DIR/benchmarks.md).",
-    )
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--backbones", nargs="+", default=["timm-resnet", "vit"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ns", nargs="+", type=int, default=[50, 100, 500])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument(
-        "--replot",
-        action="store_true",
-        help="Only rebuild the figure, the docs section and the stored summary from the records in "
-        "OUTPUT_DIR/transfer.json.",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="Keep the records already in OUTPUT_DIR/transfer.json and run only the missing tasks.",
-    )
-    parser.add_argument(
-        "--redo",
-        action="store_true",
-        help="With --resume: run the methods named by --methods again, replacing their records.",
-    )
+    add_switches(parser, SWITCHES)
     args = parser.parse_args(argv)
     if args.redo and not args.resume:
         parser.error("--redo replaces records of an earlier run: use it with --resume")
@@ -528,10 +515,6 @@ def main(argv=None) -> None:
     section = markdown(rows, settings, elapsed, _figure_link(docs_path, args.output_dir))
     update_section(docs_path, SECTION, section)
     print(section)
-
-
-def _figure_link(docs_path: str, output_dir: str) -> str:
-    return os.path.relpath(os.path.join(output_dir, "transfer.png"), os.path.dirname(os.path.abspath(docs_path)))
 
 
 if __name__ == "__main__":

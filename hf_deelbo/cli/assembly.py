@@ -8,13 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .common import (
-    EMBEDDED_TEST_FRACTION,
-    UsageError,
-    check_model_source,
-    load_pretrained_classifier,
-    require_hub,
-)
+from .common import EMBEDDED_TEST_FRACTION, UsageError, check_model_source, load_pretrained_classifier, require_hub
 from .train_arguments import EMBEDDED_MAX_TRAIN_SAMPLES
 
 
@@ -157,14 +151,10 @@ def record_split(embedded: bool, data_args, training_args, train, evaluation) ->
     if embedded:
         source = dict(source="embedded digits", evaluation="held out", test_fraction=EMBEDDED_TEST_FRACTION)
     else:
-        source = dict(
+        names = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name")
+        source = {name: getattr(data_args, name) for name in (*names, "label_column_name")}
+        source.update(
             source="dataset" if data_args.dataset_name else "image folder",
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            train_dir=data_args.train_dir,
-            validation_dir=data_args.validation_dir,
-            image_column_name=data_args.image_column_name,
-            label_column_name=data_args.label_column_name,
             # as `data.held_out_split` makes it: the validation split, else held out of train
             evaluation=None if evaluation is None else "validation or held out",
             test_fraction=data_args.train_val_split,

@@ -202,9 +202,6 @@ def with_pixel_values(dataset, transform, image_column: str, label_column: str):
     """`dataset.with_transform` producing `pixel_values` and `labels`."""
 
     def apply(batch):
-        return {
-            "pixel_values": [transform(image) for image in batch[image_column]],
-            "labels": batch[label_column],
-        }
+        return {"pixel_values": [transform(image) for image in batch[image_column]], "labels": batch[label_column]}
 
     return dataset.with_transform(apply)

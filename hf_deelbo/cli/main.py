@@ -64,31 +64,38 @@ def _main(argv: list[str]) -> int:
     # Other libraries' INFO lines (timm's "Loading pretrained weights from ...") are noise here.
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)  # hf_deelbo's logger follows transformers' verbosity (warnings) otherwise
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except BaseException as error:  # noqa: BLE001 - what `_reported` does not know is raised again
+        reported = _reported(error)
+        if reported is None:
+            raise
+        message, status = reported
+        print(f"hf-deelbo {argv[0]}: error: {message}", file=sys.stderr)
+        return status
+
+
+def _reported(error: BaseException) -> tuple[str, int] | None:
+    """The one line and the exit status a command's error is reported with; None for an error
+    that keeps its traceback."""
     from ..core.lock import OutputDirectoryError
     from ..core.preemption import TrainingPreempted
     from ..hub.push import HubPushError
 
-    try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (UsageError, OutputDirectoryError) as error:
-        print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
-        return 2
-    except RunFailed as error:
-        print(f"hf-deelbo {argv[0]}: error: {error}", file=sys.stderr)
-        return error.status
-    except (HubPushError, FloatingPointError) as error:
-        print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except TrainingPreempted as error:
-        print(f"hf-deelbo {argv[0]}: error: {error}. Nothing was written.", file=sys.stderr)
-        return error.exit_status
-    except KeyboardInterrupt:
-        print(f"hf-deelbo {argv[0]}: error: interrupted.", file=sys.stderr)
-        return 130
-    except ValueError as error:
-        # Argument and data validation (DEELBoTrainingArguments, DEELBoTrainer, datasets).
-        print(f"hf-deelbo {argv[0]}: error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, (UsageError, OutputDirectoryError)):
+        return str(error), 2
+    if isinstance(error, RunFailed):
+        return str(error), error.status
+    if isinstance(error, (HubPushError, FloatingPointError)):
+        return first_line, 1
+    if isinstance(error, TrainingPreempted):
+        return f"{error}. Nothing was written.", error.exit_status
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted.", 130
+    if isinstance(error, ValueError):  # argument and data validation (arguments, trainer, datasets)
+        return first_line, 2
+    return None
 
 
 if __name__ == "__main__":

@@ -58,33 +58,13 @@ class PublishingMixin:
         if not self.is_world_process_zero():
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        summary_args = dict(
+            language=language, license=license, tasks=tasks, dataset_tags=dataset_tags, dataset_args=dataset_args
+        )
         with self._holding(output_dir):
-            self._write_model_card(
-                output_dir,
-                language,
-                license,
-                tags,
-                model_name,
-                finetuned_from,
-                tasks,
-                dataset_tags,
-                dataset,
-                dataset_args,
-            )
+            self._write_model_card(output_dir, tags, model_name, finetuned_from, dataset, summary_args)
 
-    def _write_model_card(
-        self,
-        output_dir,
-        language,
-        license,
-        tags,
-        model_name,
-        finetuned_from,
-        tasks,
-        dataset_tags,
-        dataset,
-        dataset_args,
-    ) -> None:
+    def _write_model_card(self, output_dir, tags, model_name, finetuned_from, dataset, summary_args: dict) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
         if finetuned_from is None:
             finetuned_from = getattr(getattr(unwrapped, "config", None), "_name_or_path", None) or None
@@ -111,15 +91,11 @@ class PublishingMixin:
         # training data's datasets, metrics and model-index, the task), from transformers' own summary.
         summary = TrainingSummary.from_trainer(
             self,
-            language=language,
-            license=license,
             tags=list(tags),
             model_name=model_name,
             finetuned_from=finetuned_from or "",
-            tasks=tasks,
-            dataset_tags=dataset_tags,
             dataset=dataset,
-            dataset_args=dataset_args,
+            **summary_args,
         )
         card = self.build_model_card(
             output_dir=output_dir,

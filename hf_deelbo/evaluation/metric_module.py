@@ -32,20 +32,12 @@ class ClassificationMetric(evaluate.Metric):
     def _info(self):
         features = [
             datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float32")),
-                    "references": datasets.Value("int64"),
-                }
+                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
             )
         ]
         if self.accepts_class_ids:
             features.append(
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("int64"),
-                        "references": datasets.Value("int64"),
-                    }
-                )
+                datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
             )
         return evaluate.MetricInfo(
             description=self.description,

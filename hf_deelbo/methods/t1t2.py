@@ -66,9 +66,7 @@ T1T2 = register_method(
 
 
 def t1t2_hypergradient(
-    validation_gradients: list[torch.Tensor],
-    regularizer_gradients: list[torch.Tensor],
-    learning_rate: float,
+    validation_gradients: list[torch.Tensor], regularizer_gradients: list[torch.Tensor], learning_rate: float
 ) -> torch.Tensor:
     """∂C_val(θ')/∂s_l = −η ⟨∇_l C_val(θ'), ∂(∇_l Ω)/∂s_l⟩ for each tensor l (float64 vector).
 

@@ -125,8 +125,7 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
         },
     )
     sigma_init: float = field(
-        default=1e-4,
-        metadata={"help": "Initial posterior standard deviation σ = softplus(ρ), shared by all weights."},
+        default=1e-4, metadata={"help": "Initial posterior standard deviation σ = softplus(ρ), shared by all weights."}
     )
     sigma_learning_rate: float | None = field(
         default=1.0,
@@ -143,8 +142,7 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
         },
     )
     num_train_examples: int | None = field(
-        default=None,
-        metadata={"help": "N, the training-set size in the loss. Default: len(train_dataset)."},
+        default=None, metadata={"help": "N, the training-set size in the loss. Default: len(train_dataset)."}
     )
     bma_samples: int = field(
         default=0,
@@ -156,8 +154,7 @@ class DEELBoTrainingArguments(StatefulFineTuningArguments):
     )
 
     recompute_batch_norm: bool = field(
-        default=False,
-        metadata={"help": "Recompute BatchNorm statistics at the posterior mean after training."},
+        default=False, metadata={"help": "Recompute BatchNorm statistics at the posterior mean after training."}
     )
 
     sampling_mechanism: SamplingMechanism = field(

@@ -6,7 +6,8 @@ from ...core.choices import Choice
 
 
 class ObjectiveBatchNorm(Choice):
-    """How BatchNorm layers normalize while `training_objective` scores a run."""
+    """How BatchNorm layers normalize while `DEELBoTrainer.training_objective` scores a run (the
+    learning-rate selection); no effect on models without BatchNorm."""
 
     BATCH = "batch", "each batch's statistics, as in training"
     RUNNING = "running", "the running statistics, as in prediction"
@@ -20,14 +21,15 @@ class SamplingMechanism(Choice):
 
 
 class PriorVarianceGrouping(Choice):
-    """How the backbone's prior variance is shared."""
+    """How the backbone's prior variance is shared: the paper's one λ, or one per tensor, each in
+    closed form (docs/method.md, "Layer-wise prior variances")."""
 
     BACKBONE = "backbone", "one λ for the backbone"
     LAYER = "layer", "one λ_l per backbone tensor"
 
 
 class PosteriorCovariance(Choice):
-    """The posterior's covariance."""
+    """The posterior's covariance: the paper's σ²I, or diag(σ_i²)."""
 
     ISOTROPIC = "isotropic", "one σ for every weight"
     DIAGONAL = "diagonal", "one σ_i per weight"
