@@ -101,3 +101,23 @@ def test_comparison_smoke_run_is_resumable(tmp_path):
     assert "| noise-40 | timm-resnet | 50 | DE ELBO (16-draw average) |" in first.stdout
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and "0 of 6 jobs to run" in again.stdout
+
+
+def test_the_committed_report_is_what_the_committed_records_give():
+    """docs/benchmarks.md's tables are regenerated from benchmarks/results/v2 byte for byte."""
+    from benchmarks import report
+
+    text = Path(report.DOCS).read_text()
+    assert report.render(text, report.sections()) == text
+
+
+def test_report_sections_fill_only_their_markers(tmp_path):
+    from benchmarks import report
+
+    page = "intro\n" + "\n".join(f"{start}\nold\n{end}" for start, end in report.SECTIONS.values()) + "\noutro\n"
+    rendered = report.render(
+        page, {name: f"{start}\nnew {name}\n{end}" for name, (start, end) in report.SECTIONS.items()}
+    )
+    assert rendered.startswith("intro\n") and rendered.endswith("\noutro\n") and "old" not in rendered
+    with pytest.raises(ValueError, match="marker"):
+        report.render("no markers", report.sections())
