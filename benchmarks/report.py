@@ -1,8 +1,9 @@
-"""docs/benchmarks.md's generated sections, from protocol v2's committed records: the main table
-(means and paired intervals), the cost table and the steps of each cell.
+"""The generated sections of docs/benchmarks.md (the main table: means and paired intervals; the
+cost table) and of docs/benchmarks/protocol-v2.md (the steps of each cell, every unit's numbers),
+from protocol v2's committed records.
 
-    python -m benchmarks.report             # rewrites the sections of docs/benchmarks.md
-    python -m benchmarks.report --check     # exits 1 if the committed page differs from the records
+    python -m benchmarks.report             # rewrites the sections
+    python -m benchmarks.report --check     # exits 1 if a committed page differs from the records
 
 The page's text around the sections is written by hand; every number in the sections comes from
 benchmarks/results/v2/*.json.
@@ -18,7 +19,10 @@ import sys
 from benchmarks import comparison, convergence, harness
 
 DOCS = os.path.join(harness.ROOT, "docs", "benchmarks.md")
-SECTIONS = {name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->") for name in ("v2-main", "v2-cost", "v2-steps")}
+APPENDIX = os.path.join(harness.ROOT, "docs", "benchmarks", "protocol-v2.md")
+# Each generated section and the page it is on: the front page, or protocol v2's appendix.
+PAGES = {"v2-main": DOCS, "v2-cost": DOCS, "v2-steps": APPENDIX, "v2-units": APPENDIX}
+SECTIONS = {name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->") for name in PAGES}
 # The rows of the main table, as comparison.rows names them, and how the page names them.
 MAIN_ROWS = {
     comparison.DEELBO_MEAN: "DE ELBO",
@@ -89,6 +93,26 @@ def cost_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def units_table(records: list[dict]) -> str:
+    """Every unit's test accuracy (and NLL) per procedure: the numbers behind the intervals."""
+    values = comparison.predictions(records)
+    rows = [row for row in comparison.ROWS if row != comparison.ORACLE]
+    lines = [
+        "| task | backbone | N | replicate | seed | " + " | ".join(rows) + " |",
+        "|---|---|---|---|---|" + "---|" * len(rows),
+    ]
+    units = sorted({key[1:] for key in values}, key=lambda u: (comparison.all_cells().index(u[:3]), u[3:]))
+    for unit in units:
+        cells = [
+            f"{values[(row, *unit)]['accuracy']:.3f} ({values[(row, *unit)]['nll']:.2f})"
+            if (row, *unit) in values
+            else "–"
+            for row in rows
+        ]
+        lines.append(f"| {unit[0]} | {unit[1]} | {unit[2]} | {unit[3]} | {unit[4]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def steps_table(records: list[dict]) -> str:
     rule = harness.protocol()["steps"]
     return convergence.markdown(convergence.rows(records, rule["candidates"], rule["longest"]))
@@ -97,7 +121,12 @@ def steps_table(records: list[dict]) -> str:
 def sections(results_dir: str = harness.RESULTS) -> dict[str, str]:
     compared = harness.RecordStore(os.path.join(results_dir, "comparison.json"), comparison.record_key).records
     calibrated = harness.RecordStore(convergence.results_path(results_dir), convergence.record_key).records
-    bodies = {"v2-main": main_table(compared), "v2-cost": cost_table(compared), "v2-steps": steps_table(calibrated)}
+    bodies = {
+        "v2-main": main_table(compared),
+        "v2-cost": cost_table(compared),
+        "v2-steps": steps_table(calibrated),
+        "v2-units": units_table(compared),
+    }
     return {name: f"{SECTIONS[name][0]}\n{body}\n{SECTIONS[name][1]}" for name, body in bodies.items()}
 
 
@@ -106,31 +135,38 @@ def render(text: str, generated: dict[str, str]) -> str:
     for name, section in generated.items():
         start, end = SECTIONS[name]
         if start not in text:
-            raise ValueError(f"{DOCS} has no {start} marker: add the section's markers where it goes")
+            raise ValueError(f"no {start} marker on {PAGES[name]}: add the section's markers where it goes")
         before, rest = text.split(start, 1)
         text = before + section + rest.split(end, 1)[1]
     return text
 
 
+def rendered_pages(results_dir: str = harness.RESULTS) -> dict[str, tuple[str, str]]:
+    """Each page: (its text now, its text with the sections the records give)."""
+    generated = sections(results_dir)
+    pages = {}
+    for page in sorted(set(PAGES.values())):
+        with open(page) as f:
+            text = f.read()
+        pages[page] = (text, render(text, {n: body for n, body in generated.items() if PAGES[n] == page}))
+    return pages
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docs", default=DOCS)
     parser.add_argument("--results-dir", default=harness.RESULTS)
-    parser.add_argument("--check", action="store_true", help="Exit 1 if the page differs from what the records give.")
+    parser.add_argument("--check", action="store_true", help="Exit 1 if a page differs from what the records give.")
     args = parser.parse_args(argv)
-    with open(args.docs) as f:
-        text = f.read()
-    rendered = render(text, sections(args.results_dir))
-    if args.check:
-        if rendered != text:
+    for page, (text, rendered) in rendered_pages(args.results_dir).items():
+        if args.check and rendered != text:
             print(
-                f"{args.docs} differs from what benchmarks/results/v2 gives: run python -m benchmarks.report",
+                f"{page} differs from what benchmarks/results/v2 gives: run python -m benchmarks.report",
                 file=sys.stderr,
             )
             return 1
-        return 0
-    with open(args.docs, "w") as f:
-        f.write(rendered)
+        if not args.check:
+            with open(page, "w") as f:
+                f.write(rendered)
     return 0
 
 
