@@ -71,7 +71,7 @@ def jobs(tier: int, cells, replicates, seeds, step_counts: dict, output_dir: str
 
 
 def run_one(job) -> list[dict]:
-    harness.setup_worker()
+    task.setup_worker()
     method, task_name, backbone, n, replicate, seed, steps, output_dir = job
     path = task.backbone_path(backbone, replicate, os.path.join(output_dir, "pretrained"))
     train, test = task.training_data(task_name, n, seed)

@@ -40,7 +40,7 @@ def jobs(cells, step_counts, output_dir: str) -> list[tuple]:
 
 
 def run_one(job) -> list[dict]:
-    harness.setup_worker()
+    task.setup_worker()
     from hf_deelbo import DEELBoTrainer, DEELBoTrainingArguments, L2SPTrainer, L2SPTrainingArguments
 
     task_name, backbone, n, method, steps, output_dir = job

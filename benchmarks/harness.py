@@ -20,6 +20,8 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from scipy import stats  # installed with scikit-learn, which the package requires
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL_PATH = os.path.join(ROOT, "benchmarks", "protocol_v2.json")
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "v2")
@@ -59,16 +61,6 @@ def provenance() -> dict:
     """What every record carries besides its backbone's SHA-256: the protocol and the code (read
     once per process, when it first records: a worker keeps the code it imported)."""
     return {"protocol": protocol()["id"], "protocol_sha256": file_sha256(PROTOCOL_PATH), "code_commit": code_commit()}
-
-
-def setup_worker() -> None:
-    """One thread per process, no Hub traffic, no transformers chatter."""
-    import torch
-    import transformers
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.logging.set_verbosity_error()
 
 
 class RecordStore:
@@ -131,18 +123,6 @@ def run(
 
 # ---- statistics ---------------------------------------------------------------------------------
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def t_quantile(df: int) -> float:
-    """Student's t 0.975 quantile (scipy's when installed; the table above otherwise)."""
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, df))
-    except ImportError:
-        return T_975.get(df, 1.96)
-
 
 def paired_interval(pairs: Sequence[tuple[object, float]]) -> dict:
     """Mean and 95 % interval of paired differences with the replicate as the random factor.
@@ -157,7 +137,11 @@ def paired_interval(pairs: Sequence[tuple[object, float]]) -> dict:
     if not means:
         return {"mean": math.nan, "low": math.nan, "high": math.nan, "replicates": 0, "pairs": 0}
     mean = statistics.mean(means)
-    half = t_quantile(len(means) - 1) * statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else math.nan
+    half = (
+        stats.t.ppf(0.975, len(means) - 1) * statistics.stdev(means) / math.sqrt(len(means))
+        if len(means) > 1
+        else math.nan
+    )
     return {"mean": mean, "low": mean - half, "high": mean + half, "replicates": len(means), "pairs": len(pairs)}
 
 

@@ -27,6 +27,15 @@ TRAINING_POOL = 500
 LABEL_NOISE = {"digits": 0.0, "noise-40": 0.4}
 
 
+def setup_worker() -> None:
+    """One thread per process, no Hub traffic, no transformers chatter."""
+    import transformers
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.logging.set_verbosity_error()
+
+
 def tensor_dataset(dataset, size: int = IMAGE_SIZE):
     """Digits as pixel tensors, decoded once (`size`×`size`, 3 channels, normalised)."""
     import torch.nn.functional as F

@@ -43,8 +43,6 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import V1_DOCS, add_cell_flags, add_switches, save_figure, update_section  # noqa: E402
 from task import (  # noqa: E402,F401 - the task, as the earlier scripts import it from here
@@ -56,6 +54,7 @@ from task import (  # noqa: E402,F401 - the task, as the earlier scripts import 
     pixel_dataset,
     pretrained_path,
     pretraining,
+    setup_worker,
     tensor_dataset,
     training_settings,
 )
@@ -64,13 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = ("<!-- transfer:start -->", "<!-- transfer:end -->")
 
 
-def _setup_thread():
-    """One thread per process, no Hub traffic, no transformers chatter."""
-    import transformers
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.logging.set_verbosity_error()
+_setup_thread = setup_worker  # the name the v1 scripts call it by
 
 
 def run_combo(task) -> dict:
