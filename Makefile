@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
 	# torch first, pinned: the wheels timm and torchvision need (see docs/installation.md)
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet --no-cache-dir -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -39,8 +39,8 @@ test-fast: $(BIN)/.installed
 OLDEST_VENV ?= .venv-oldest
 $(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml .ci/oldest.txt
 	$(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
-	$(OLDEST_VENV)/bin/pip install --quiet -c .ci/oldest.txt -e ".[test]"
+	$(OLDEST_VENV)/bin/pip install --quiet --no-cache-dir --upgrade pip
+	$(OLDEST_VENV)/bin/pip install --quiet --no-cache-dir -c .ci/oldest.txt -e ".[test]"
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/bin/.installed

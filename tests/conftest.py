@@ -1,6 +1,8 @@
 """Offline, tiny, isolated: every model is built from a config, nothing reaches the network."""
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +20,9 @@ def _free_port() -> int:
 # imported (it reads HF_ENDPOINT once). With no server running, a Hub request is refused at once.
 HUB_PORT = _free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+# Each process (the xdist controller and every worker) has its own, removed when it exits.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_deelbo_tests_hf_home_")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ["HF_TOKEN"] = "hf_local_test_token"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "0"
