@@ -1,6 +1,6 @@
 """The generated sections of docs/benchmarks.md (the main table: means and paired intervals; the
-cost table) and of docs/benchmarks/protocol-v2.md (the steps of each cell, every unit's numbers),
-from protocol v2's committed records.
+cost table) and of docs/benchmarks/protocol-v2.md (the steps of each cell, every unit's numbers,
+the κ and learning-rate checks), from protocol v2's committed records.
 
     python -m benchmarks.report             # rewrites the sections
     python -m benchmarks.report --check     # exits 1 if a committed page differs from the records
@@ -16,12 +16,19 @@ import os
 import statistics
 import sys
 
-from benchmarks import comparison, convergence, harness
+from benchmarks import comparison, convergence, harness, kappa_sweep, lr_check
 
 DOCS = os.path.join(harness.ROOT, "docs", "benchmarks.md")
 APPENDIX = os.path.join(harness.ROOT, "docs", "benchmarks", "protocol-v2.md")
 # Each generated section and the page it is on: the front page, or protocol v2's appendix.
-PAGES = {"v2-main": DOCS, "v2-cost": DOCS, "v2-steps": APPENDIX, "v2-units": APPENDIX}
+PAGES = {
+    "v2-main": DOCS,
+    "v2-cost": DOCS,
+    "v2-steps": APPENDIX,
+    "v2-units": APPENDIX,
+    "v2-kappa": APPENDIX,
+    "v2-lr": APPENDIX,
+}
 SECTIONS = {name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->") for name in PAGES}
 # The rows of the main table, as comparison.rows names them, and how the page names them.
 MAIN_ROWS = {
@@ -121,11 +128,15 @@ def steps_table(records: list[dict]) -> str:
 def sections(results_dir: str = harness.RESULTS) -> dict[str, str]:
     compared = harness.RecordStore(os.path.join(results_dir, "comparison.json"), comparison.record_key).records
     calibrated = harness.RecordStore(convergence.results_path(results_dir), convergence.record_key).records
+    kappas = harness.RecordStore(kappa_sweep.results_path(results_dir), kappa_sweep.record_key).records
+    learning_rates = harness.RecordStore(lr_check.results_path(results_dir), lr_check.record_key).records
     bodies = {
         "v2-main": main_table(compared),
         "v2-cost": cost_table(compared),
         "v2-steps": steps_table(calibrated),
         "v2-units": units_table(compared),
+        "v2-kappa": kappa_sweep.markdown(kappa_sweep.rows(kappas)),
+        "v2-lr": lr_check.markdown(lr_check.rows(learning_rates)),
     }
     return {name: f"{SECTIONS[name][0]}\n{body}\n{SECTIONS[name][1]}" for name, body in bodies.items()}
 

@@ -13,7 +13,7 @@ from .evaluation.metrics import compute_metrics
 from .hub import HubPushError, load_classifier
 from .methods.deelbo.arguments import DEELBoTrainingArguments
 from .methods.deelbo.callback import DEELBoCallback
-from .methods.deelbo.config import load_deelbo_config
+from .methods.deelbo.config import DEELBoConfig, load_deelbo_config
 from .methods.deelbo.posterior import GaussianPosterior
 from .methods.deelbo.prediction import posterior_from_config, predictive_log_probs
 from .methods.deelbo.trainer import DEELBoTrainer
@@ -29,6 +29,7 @@ _logging.getLogger(__name__).parent = _transformers_logging.get_logger("transfor
 
 __all__ = [
     "DEELBoCallback",
+    "DEELBoConfig",
     "DEELBoTrainer",
     "DEELBoTrainingArguments",
     "HubPushError",

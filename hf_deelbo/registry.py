@@ -9,7 +9,7 @@ read these specs (peft's `register_peft_method` plays the same part).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 # Kinds of value an entry's schema names (checked by `hub.config.read_config_entry`):
 # "positive" a finite float > 0; "nonnegative" a finite float >= 0; "strengths" a nonnegative
@@ -31,6 +31,29 @@ VALUE_KINDS = (
 )
 
 
+def entry_field(kind: str, *, default=MISSING, name: str | None = None, choices: tuple[str, ...] | None = None):
+    """A field of a method's typed config entry (a `hub.config.MethodConfig` dataclass): its value
+    `kind` (`VALUE_KINDS`), its name in config.json when the Python name differs (`lambda` is a
+    keyword), the values a "text" field may take, and its default (none: the key is required)."""
+    if kind not in VALUE_KINDS:
+        raise ValueError(f"entry_field(kind={kind!r}): use one of {VALUE_KINDS}")
+    metadata = {"kind": kind, "name": name, "choices": choices}
+    if default is None or isinstance(default, (int, float, str, bool)) or default is MISSING:
+        return field(default=default, metadata=metadata)
+    raise ValueError(f"entry_field(default={default!r}): give a number, a string, a bool or None")
+
+
+def entry_schema(config_class: type) -> tuple[dict, dict]:
+    """The schema (JSON name -> (kind, required)) and choices of a typed config entry's dataclass."""
+    schema, choices = {}, {}
+    for item in fields(config_class):
+        name = item.metadata.get("name") or item.name
+        schema[name] = (item.metadata["kind"], item.default is MISSING)
+        if item.metadata.get("choices") is not None:
+            choices[name] = tuple(item.metadata["choices"])
+    return schema, choices
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One fine-tuning method.
@@ -49,6 +72,9 @@ class MethodSpec:
             (e.g. a layer-wise prior's variances).
         contract_arguments: arguments beyond the defaults with which the contract test
             (tests/test_contract.py) trains the method, e.g. to make a hyper-step happen in 2 steps.
+        config_class: the typed entry (a `hub.config.MethodConfig` dataclass of `entry_field`s);
+            when given, the schema and choices are read off its fields. Registering the spec sets
+            the class's `method` to it.
 
     With a `format_version`, the schema takes `format_version` (kind "version") whether it names
     it or not.
@@ -63,8 +89,15 @@ class MethodSpec:
     choices: dict = field(default_factory=dict)
     companions: dict = field(default_factory=dict)
     contract_arguments: dict = field(default_factory=dict)
+    config_class: type | None = None
 
     def __post_init__(self):
+        if self.config_class is not None:
+            if self.schema or self.choices:
+                raise ValueError(f"{self.key}: give a config_class or a schema and choices, not both")
+            schema, choices = entry_schema(self.config_class)
+            object.__setattr__(self, "schema", schema)
+            object.__setattr__(self, "choices", choices)
         if self.format_version is not None and "format_version" not in self.schema:
             object.__setattr__(self, "schema", {**self.schema, "format_version": ("version", False)})
         unknown = {kind for kind, _ in self.schema.values()} - set(VALUE_KINDS)
@@ -86,6 +119,8 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     if spec.key in _METHODS and _METHODS[spec.key] != spec:
         raise ValueError(f"a method with config key {spec.key!r} is already registered: {_METHODS[spec.key].title}")
     _METHODS[spec.key] = spec
+    if spec.config_class is not None:
+        spec.config_class.method = spec
     return spec
 
 

@@ -1,10 +1,13 @@
 """The benchmark suite's harness (benchmarks/harness.py) and protocol v2's modules: the paired
 interval against scipy's t interval, the convergence rule on hand-made records, the resumable
-store, and both modules end to end on a smoke run."""
+store, the κ and learning-rate checks' tables on hand-made records, and every module end to end on
+a smoke run."""
 
 import json
 import math
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +127,96 @@ def test_report_sections_fill_only_their_markers(tmp_path):
     assert rendered.startswith("intro\n") and rendered.endswith("\noutro\n") and "old" not in rendered
     with pytest.raises(ValueError, match="marker"):
         report.render("no markers", report.sections())
+
+
+def _kappa_record(backbone, n, factor, seed, accuracy):
+    return {
+        "task": "noise-40",
+        "backbone": backbone,
+        "n": n,
+        "factor": factor,
+        "seed": seed,
+        "accuracy": accuracy,
+        "nll": 1.0,
+        "sigma": 0.01,
+    }
+
+
+def test_kappa_rows_pair_each_factor_with_the_default_by_seed():
+    from benchmarks import kappa_sweep
+
+    records = [
+        _kappa_record("vit", 100, factor, seed, accuracy)
+        for factor, accuracies in ((1.0, (0.60, 0.70, 0.80)), (10.0, (0.50, 0.65, 0.60)))
+        for seed, accuracy in enumerate(accuracies)
+    ]
+    table = {e["factor"]: e for e in kappa_sweep.rows(records)}
+    assert set(table) == {1.0, 10.0} and "vs_default" not in table[1.0]
+    differences = [-0.10, -0.05, -0.20]  # 10× κ minus κ = D/N, seed by seed
+    interval = table[10.0]["vs_default"]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(differences) / math.sqrt(3)
+    assert interval["mean"] == pytest.approx(statistics.mean(differences))
+    assert interval["high"] == pytest.approx(statistics.mean(differences) + half)
+    assert table[10.0]["accuracy"] == pytest.approx((0.50 + 0.65 + 0.60) / 3)
+    assert "| vit | 100 | 10 | 3 | 0.583 | -11.7 [" in kappa_sweep.markdown(kappa_sweep.rows(records))
+
+
+def test_lr_check_scores_each_selection_against_the_oracle_lr():
+    from benchmarks import lr_check
+
+    # accuracy, selection score per (lr, seed): plain's score prefers 1e-2, where accuracy is worst.
+    accuracy = {1e-2: (0.50, 0.40), 1e-3: (0.90, 0.80), 1e-4: (0.70, 0.70), 1e-5: (0.30, 0.30)}
+    score = {1e-2: (0.1, 0.1), 1e-3: (0.5, 0.05), 1e-4: (0.9, 0.9), 1e-5: (2.0, 2.0)}
+    records = [
+        {
+            "method": "plain",
+            "learning_rate": lr,
+            "seed": seed,
+            "accuracy": accuracy[lr][seed],
+            "selection_score": score[lr][seed],
+        }
+        for lr in lr_check.LEARNING_RATES
+        for seed in (0, 1)
+    ]
+    (entry,) = lr_check.rows(records)
+    assert entry["oracle"] == 1e-3 and entry["chosen"] == {0: 1e-2, 1: 1e-3}
+    assert entry["regret"] == pytest.approx([0.90 - 0.50, 0.0])
+    assert entry["regret_interval"]["mean"] == pytest.approx(0.20)
+    (short,) = lr_check.rows(records[:-1])  # seed 1 lacks its lr 1e-5 run: it is left out
+    assert short["seeds"] == 1 and short["chosen"] == {0: 1e-2} and short["regret"] == pytest.approx([0.40])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, backbone, runs", [("kappa_sweep", "timm-resnet", 4), ("lr_check", "vit", 8)])
+def test_claims_checks_smoke_run_is_resumable(module, backbone, runs, tmp_path):
+    """Each check's smoke run (the committed replicate 0, copied: nothing is pretrained) writes
+    records with provenance and its table; run again, it trains nothing."""
+    shutil.copytree(
+        ROOT / "benchmarks" / "results" / "v2" / "pretrained" / f"{backbone}-r0",
+        tmp_path / "pretrained" / f"{backbone}-r0",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        f"benchmarks.{module}",
+        "--quick",
+        "--workers",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = json.load(open(tmp_path / ("kappa.json" if module == "kappa_sweep" else "lr_check.json")))["records"]
+    assert len(records) == runs
+    for r in records:
+        assert r["protocol"] == "v2" and len(r["backbone_sha256"]) == 64 and r["code_commit"]
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert (
+        "| timm-resnet | 100 | 0.1 | 1 |" in first.stdout
+        if module == "kappa_sweep"
+        else "| DE ELBO | 1 |" in first.stdout
+    )
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0 and f"0 of {runs} jobs to run" in again.stdout

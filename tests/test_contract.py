@@ -61,6 +61,9 @@ def test_config_entry_survives_save_and_load(key, kind, tmp_path, caplog):
     trainer.save_model()
     entry = trainer.config_entry()
     assert entry and all(v is not None for v in entry.values()), entry  # learned values exist after training
+    typed = trainer.method_config()  # the typed entry: the registered class, the same JSON
+    assert type(typed) is trainer_class.method.config_class and typed.to_dict() == entry
+    assert trainer_class.method.config_class.from_pretrained(str(tmp_path / "out")) == typed  # the one reader
     if kind == "vit":
         reloaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "out"))
         assert getattr(reloaded.config, key) == entry

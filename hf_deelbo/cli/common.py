@@ -234,13 +234,14 @@ def load_pretrained_classifier(model_args, num_labels: int | None = None, id2lab
         raise
 
 
-def read_deelbo(path_or_repo: str, token: str | None = None, revision: str | None = None) -> dict:
-    """The learned hyperparameters of an output directory or Hub repo (a full model or a PEFT adapter),
-    read by the package's one reader (`hub.config.load_config_entry`); bad input is one UsageError."""
+def read_deelbo(path_or_repo: str, token: str | None = None, revision: str | None = None):
+    """The learned hyperparameters (a `DEELBoConfig`) of an output directory or Hub repo (a full model
+    or a PEFT adapter), read by the package's one reader (`DEELBoConfig.from_pretrained`); bad input
+    is one UsageError."""
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from ..hub.config import ADAPTER_CONFIG_ENTRIES_NAME, load_config_entry
-    from ..methods.deelbo.config import DEELBO
+    from ..hub.config import ADAPTER_CONFIG_ENTRIES_NAME
+    from ..methods.deelbo.config import DEELBO, DEELBoConfig
 
     if os.path.isdir(path_or_repo):
         if not any(
@@ -254,7 +255,7 @@ def read_deelbo(path_or_repo: str, token: str | None = None, revision: str | Non
         require_hub(repr(path_or_repo), "an output directory")
         hub_kwargs = {"token": token, "revision": revision}
     try:
-        return load_config_entry(path_or_repo, DEELBO.key, **hub_kwargs)
+        return DEELBoConfig.from_pretrained(path_or_repo, **hub_kwargs)
     except KeyError:
         raise UsageError(
             f"{path_or_repo!r} has no `{DEELBO.key}` entry in its config: it was not trained by hf-deelbo."

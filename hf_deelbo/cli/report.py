@@ -7,6 +7,8 @@ import math
 import os
 import sys
 
+from ..methods.deelbo.config import DEELBoConfig
+
 
 def selection_record(result, selection: str) -> dict:
     """learning_rate_selection.json: the chosen settings and every run's score, time and learned
@@ -30,18 +32,19 @@ def num_labels(trainer) -> int | None:
 
 
 def print_summary(
-    deelbo: dict, metrics: dict, output_dir: str, log_history: list | None = None, num_labels: int | None = None
+    deelbo: DEELBoConfig,
+    metrics: dict,
+    output_dir: str,
+    log_history: list | None = None,
+    num_labels: int | None = None,
 ) -> None:
     print("\nDE ELBO learned hyperparameters")
+    lam, tau, num_params = deelbo.backbone_prior_variance, deelbo.head_prior_variance, deelbo.num_params
+    print(f"  lambda (backbone prior variance) {lam:.4g}   alpha_eff = 1/(D lambda) = {deelbo.alpha_eff:.4g}")
+    print(f"  tau    (head prior variance)     {tau:.4g}   beta_eff  = 1/(D tau)    = {deelbo.beta_eff:.4g}")
+    print(f"  sigma  (posterior std)           {deelbo.sigma:.4g}")
     print(
-        f"  lambda (backbone prior variance) {deelbo['lambda']:.4g}   alpha_eff = 1/(D lambda) = {deelbo['alpha_eff']:.4g}"
-    )
-    print(
-        f"  tau    (head prior variance)     {deelbo['tau']:.4g}   beta_eff  = 1/(D tau)    = {deelbo['beta_eff']:.4g}"
-    )
-    print(f"  sigma  (posterior std)           {deelbo['sigma']:.4g}")
-    print(
-        f"  kappa  (data emphasis)           {deelbo['kappa']:.4g}   (D = {deelbo['num_backbone_params'] + deelbo['num_head_params']:,}, N = {deelbo['num_train_examples']})"
+        f"  kappa  (data emphasis)           {deelbo.kappa:.4g}   (D = {num_params:,}, N = {deelbo.num_train_examples})"
     )
     if metrics:
         print(f"Test accuracy {metrics['accuracy']:.4f}   NLL {metrics['nll']:.4f}   ECE {metrics['ece']:.4f}")
@@ -89,9 +92,7 @@ def finish(trainer, metrics: dict, training_args) -> int:
                 f"(not trained: --do_eval without --do_train); written to {os.path.abspath(output_dir)}"
             )
         return 0
-    print_summary(
-        trainer.learned_hyperparameters(), metrics, output_dir, trainer.state.log_history, num_labels(trainer)
-    )
+    print_summary(trainer.method_config(), metrics, output_dir, trainer.state.log_history, num_labels(trainer))
     if trainer.failed_pushes:
         print(
             f"hf-deelbo train: error: {len(trainer.failed_pushes)} checkpoint push(es) to the Hub failed "

@@ -21,7 +21,7 @@ def make_parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = make_parser().parse_args(argv)
-    deelbo = read_deelbo(args.path_or_repo_id, args.token, args.revision)
+    deelbo = read_deelbo(args.path_or_repo_id, args.token, args.revision).to_dict()
     if args.json:
         print(json.dumps(deelbo, indent=2, sort_keys=True))
         return 0

@@ -47,7 +47,8 @@ class FineTuningTrainer(PublishingMixin, Trainer):
 
     Subclasses set `args_class` (their arguments, a `FineTuningArguments`), `method` (their
     registered `MethodSpec`: the config.json entry their hyperparameters go to, the model card's
-    title, tags and citation) and implement `config_entry()`. They record the metrics named in
+    title, tags and citation, with its typed entry `method.config_class`) and implement
+    `method_config()`, the entry's values for the current state. They record the metrics named in
     `logged_metrics` once per training micro-batch (`self.metrics.record(...)`), which `log` adds
     as window means; `logged_values` adds others. A method whose learned state lives in a callback
     sets `callback_class` and calls `install_method_callback` at the end of its `__init__`.
@@ -222,9 +223,13 @@ class FineTuningTrainer(PublishingMixin, Trainer):
     def _check_model_before_init(self, model: nn.Module, groups, args) -> None:
         """Subclass hook: validation of the arguments against the model (its parameter `groups`)."""
 
-    def config_entry(self) -> dict:
-        """The JSON dict stored as `config.<config_key>`."""
+    def method_config(self):
+        """The method's typed config entry (a `hub.config.MethodConfig`) for the current state."""
         raise NotImplementedError
+
+    def config_entry(self) -> dict:
+        """The JSON dict stored as `config.<config_key>`: `method_config().to_dict()`."""
+        return self.method_config().to_dict()
 
     # ---- model calls --------------------------------------------------------------------------
 

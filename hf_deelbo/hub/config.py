@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
+from dataclasses import fields
+from typing import ClassVar
 
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from ..registry import config_keys, method_spec
+from ..registry import MethodSpec, config_keys, method_spec
 
 logger = transformers_logging.get_logger(__name__)
 
@@ -37,11 +40,8 @@ def set_model_config_entry(model: nn.Module, key: str, values: dict) -> None:
 def save_adapter_config_entries(output_dir: str, entries: dict) -> str:
     """Write `entries` (`{<key>: <entry>}`) to `output_dir/ADAPTER_CONFIG_ENTRIES_NAME` as sorted JSON,
     next to a PEFT adapter's adapter_config.json; returns the file's path."""
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, ADAPTER_CONFIG_ENTRIES_NAME)
-    with open(path, "w") as f:
-        json.dump(entries, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(path, entries)
     return path
 
 
@@ -133,6 +133,112 @@ def read_config_entry(config, key: str, source: str = "the model's config") -> d
     return entry
 
 
+class MethodConfig:
+    """A registered method's entry of config.json as a typed, versioned object (peft's
+    `PeftConfigMixin` is the model). Subclasses are dataclasses of `registry.entry_field`s, registered
+    with `MethodSpec(config_class=...)`, which sets `method` (the key, schema and format version).
+
+    `to_dict()` is the JSON entry (the format version added, keys sorted); `from_dict`,
+    `from_model_config` and `from_pretrained` read one through `read_config_entry` (validated, keys
+    this version does not know warned once and ignored, a newer format version refused);
+    `save_pretrained` writes it into a saved model's config.json or a PEFT adapter's entries file.
+    """
+
+    method: ClassVar[MethodSpec]
+
+    def to_dict(self) -> dict:
+        """The JSON dict stored as `config.<key>`: every value set (None only where its kind takes it)."""
+        values = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is not None or item.metadata["kind"] == "radii":
+                values[item.metadata.get("name") or item.name] = _json_value(value)
+        return self.method.config_entry(values)
+
+    @classmethod
+    def from_dict(cls, entry: dict, source: str = "the config entry"):
+        """The typed entry of `entry` (a dict as stored in config.json), validated.
+
+        Raises:
+            ValueError: the entry is malformed; the message names the key, the value and `source`.
+        """
+        return cls.from_model_config({cls.method.key: entry}, source)
+
+    @classmethod
+    def from_model_config(cls, config, source: str = "the model's config"):
+        """The typed entry of a model's config: `model.config`, or config.json as a dict.
+
+        Raises:
+            KeyError: the config has no entry of this method.
+            ValueError: the entry is malformed.
+        """
+        entry = read_config_entry(config, cls.method.key, source)
+        values = {}
+        for item in fields(cls):
+            name = item.metadata.get("name") or item.name
+            if name in entry:
+                values[item.name] = entry[name]
+        return cls(**values)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **hub_kwargs):
+        """The entry of a saved model (its config.json) or of a saved PEFT adapter (its
+        `ADAPTER_CONFIG_ENTRIES_NAME`): a local directory or a Hub repo id (`hub_kwargs`, e.g.
+        revision or token, go to `hf_hub_download`).
+
+        Raises:
+            FileNotFoundError: neither file in the directory (or the repo).
+            KeyError: the file has no entry of this method.
+            ValueError: the file is not JSON, or the entry is malformed.
+        """
+        config_file = config_file_of(pretrained_model_name_or_path, **hub_kwargs)
+        return cls.from_model_config(read_json_config(config_file), config_file)
+
+    def save_pretrained(self, save_directory: str) -> str:
+        """Write the entry into `save_directory`'s config.json (a saved model: its other keys kept),
+        else into its `ADAPTER_CONFIG_ENTRIES_NAME` (a PEFT adapter: other methods' entries kept);
+        the file is replaced whole, never left half written. Returns the file's path."""
+        model_config = os.path.join(save_directory, "config.json")
+        if os.path.isfile(model_config):
+            path = model_config
+        else:
+            path = os.path.join(save_directory, ADAPTER_CONFIG_ENTRIES_NAME)
+        config = read_json_config(path) if os.path.isfile(path) else {}
+        config[self.method.key] = self.to_dict()
+        _write_json(path, config)
+        return path
+
+
+def _json_value(value):
+    """A field's value as JSON holds it (tuples as lists; dicts and lists copied)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+def _write_json(path: str, content: dict) -> None:
+    """`content` as indented, sorted JSON at `path`, through a temporary file and an atomic rename."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(temporary, 0o644)  # as open() would make it, not mkstemp's owner-only mode
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def config_file_of(path: str, **hub_kwargs) -> str:
+    """The local copy of the file holding a trained model's entries: config.json (a saved model),
+    else `ADAPTER_CONFIG_ENTRIES_NAME` (a saved PEFT adapter), in a directory or a Hub repo."""
+    return _local_config_file(path) if os.path.isdir(path) else _download_config_file(path, **hub_kwargs)
+
+
 def load_config_entry(path: str, key: str, **hub_kwargs) -> dict:
     """Read the `key` entry of a model trained by the package (validated, `read_config_entry`): from
     the config.json of a saved model, or the `ADAPTER_CONFIG_ENTRIES_NAME` file of a saved PEFT
@@ -145,7 +251,7 @@ def load_config_entry(path: str, key: str, **hub_kwargs) -> dict:
         KeyError: the file has no `key` entry (the model was not trained with that method).
         ValueError: the file is not JSON, or its entry is malformed.
     """
-    config_file = _local_config_file(path) if os.path.isdir(path) else _download_config_file(path, **hub_kwargs)
+    config_file = config_file_of(path, **hub_kwargs)
     return read_config_entry(read_json_config(config_file), key, config_file)
 
 

@@ -21,7 +21,8 @@ from torch import nn
 from ..core.anchor import PretrainedAnchor
 from ..core.arguments import FineTuningArguments
 from ..core.trainer import FineTuningTrainer
-from ..registry import MethodSpec, register_method
+from ..hub.config import MethodConfig
+from ..registry import MethodSpec, entry_field, register_method
 
 CITATION = """
 @inproceedings{li2018explicit,
@@ -31,19 +32,26 @@ CITATION = """
   year      = {2018}
 }"""
 
+
+@dataclass
+class L2SPConfig(MethodConfig):
+    """L2-SP's entry of config.json (`config.l2sp`): the strengths α (backbone, toward μ) and β
+    (head, toward 0) a model was fine-tuned with, its head's module names and the group sizes."""
+
+    alpha: float = entry_field("nonnegative")
+    beta: float = entry_field("nonnegative")
+    head_modules: list[str] | None = entry_field("names", default=None)
+    num_backbone_params: int | None = entry_field("count", default=None)
+    num_head_params: int | None = entry_field("count", default=None)
+
+
 L2SP = register_method(
     MethodSpec(
         key="l2sp",
         title="L2-SP",
         tags=("l2-sp",),
         citation=CITATION,
-        schema={
-            "alpha": ("nonnegative", True),
-            "beta": ("nonnegative", True),
-            "head_modules": ("names", False),
-            "num_backbone_params": ("count", False),
-            "num_head_params": ("count", False),
-        },
+        config_class=L2SPConfig,
         contract_arguments={"alpha": 1e-3, "beta": 1e-4},
     )
 )
@@ -125,13 +133,11 @@ class L2SPTrainer(FineTuningTrainer):
             self.metrics.record(nll=nll, penalty=penalty)
         return (loss, logits) if return_outputs else loss
 
-    def config_entry(self) -> dict:
-        return self.method.config_entry(
-            {
-                "alpha": float(self.args.alpha),
-                "beta": float(self.args.beta),
-                "head_modules": list(self.head_modules),
-                "num_backbone_params": self.anchor.num_backbone_params,
-                "num_head_params": self.anchor.num_head_params,
-            }
+    def method_config(self) -> L2SPConfig:
+        return L2SPConfig(
+            alpha=float(self.args.alpha),
+            beta=float(self.args.beta),
+            head_modules=list(self.head_modules),
+            num_backbone_params=self.anchor.num_backbone_params,
+            num_head_params=self.anchor.num_head_params,
         )

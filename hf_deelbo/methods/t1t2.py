@@ -32,7 +32,8 @@ from torch import nn
 from ..core.arguments import StatefulFineTuningArguments
 from ..core.callback import MethodStateCallback
 from ..core.validation import ValidationTrainerMixin, check_validation_fraction
-from ..registry import MethodSpec, register_method
+from ..hub.config import MethodConfig
+from ..registry import MethodSpec, entry_field, register_method
 from .l2sp import L2SPTrainer, L2SPTrainingArguments, l2sp_penalty
 
 CITATION = """
@@ -43,6 +44,22 @@ CITATION = """
   year      = {2016}
 }"""
 
+
+@dataclass
+class T1T2Config(MethodConfig):
+    """T1–T2's entry of config.json (`config.t1t2`): the learned strengths α, β (one number, or one
+    per tensor by name with `per_layer_strengths`), the hyper-step's settings and the group sizes."""
+
+    alpha: float | dict[str, float] = entry_field("strengths")
+    beta: float | dict[str, float] = entry_field("strengths")
+    hyper_learning_rate: float | None = entry_field("positive", default=None)
+    hyper_steps: int | None = entry_field("count", default=None)
+    per_layer_strengths: bool | None = entry_field("flag", default=None)
+    head_modules: list[str] | None = entry_field("names", default=None)
+    num_backbone_params: int | None = entry_field("count", default=None)
+    num_head_params: int | None = entry_field("count", default=None)
+
+
 T1T2 = register_method(
     MethodSpec(
         key="t1t2",
@@ -50,16 +67,7 @@ T1T2 = register_method(
         tags=("t1-t2",),
         citation=CITATION,
         format_version=1,
-        schema={
-            "alpha": ("strengths", True),
-            "beta": ("strengths", True),
-            "hyper_learning_rate": ("positive", False),
-            "hyper_steps": ("count", False),
-            "per_layer_strengths": ("flag", False),
-            "head_modules": ("names", False),
-            "num_backbone_params": ("count", False),
-            "num_head_params": ("count", False),
-        },
+        config_class=T1T2Config,
         contract_arguments={"hyper_steps": 1, "per_layer_strengths": True},
     )
 )
@@ -248,22 +256,20 @@ class T1T2Trainer(ValidationTrainerMixin, L2SPTrainer):
             values.update(alpha=float(self.backbone_strengths.mean()), beta=float(self.head_strengths.mean()))
         return values
 
-    def config_entry(self) -> dict:
+    def method_config(self) -> T1T2Config:
         anchor = self.anchor
         if self.args.per_layer_strengths:
             alpha = dict(zip(anchor.backbone_names, self.backbone_strengths.tolist(), strict=False))
             beta = dict(zip(anchor.head_names, self.head_strengths.tolist(), strict=False))
         else:
             alpha, beta = float(self.backbone_strengths[0]), float(self.head_strengths[0])
-        return self.method.config_entry(
-            {
-                "alpha": alpha,
-                "beta": beta,
-                "head_modules": list(self.head_modules),
-                "hyper_learning_rate": float(self.args.hyper_learning_rate),
-                "hyper_steps": int(self.args.hyper_steps),
-                "num_backbone_params": anchor.num_backbone_params,
-                "num_head_params": anchor.num_head_params,
-                "per_layer_strengths": bool(self.args.per_layer_strengths),
-            }
+        return T1T2Config(
+            alpha=alpha,
+            beta=beta,
+            head_modules=list(self.head_modules),
+            hyper_learning_rate=float(self.args.hyper_learning_rate),
+            hyper_steps=int(self.args.hyper_steps),
+            num_backbone_params=anchor.num_backbone_params,
+            num_head_params=anchor.num_head_params,
+            per_layer_strengths=bool(self.args.per_layer_strengths),
         )

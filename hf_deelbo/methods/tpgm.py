@@ -34,7 +34,8 @@ from ..core.callback import MethodStateCallback
 from ..core.choices import Choice
 from ..core.trainer import FineTuningTrainer
 from ..core.validation import ValidationTrainerMixin, check_validation_fraction
-from ..registry import MethodSpec, register_method
+from ..hub.config import MethodConfig
+from ..registry import MethodSpec, entry_field, register_method
 
 
 class ProjectionNorm(Choice):
@@ -52,6 +53,21 @@ CITATION = """
   year      = {2023}
 }"""
 
+
+@dataclass
+class TPGMConfig(MethodConfig):
+    """TPGM's entry of config.json (`config.tpgm`): the learned projection radius of each backbone
+    tensor by name (null before the first projection), the norm, the projection's settings and the
+    group sizes."""
+
+    radii: dict[str, float] | None = entry_field("radii", default=None)
+    norm: str | None = entry_field("text", default=None, choices=ProjectionNorm.values())
+    projection_steps: int | None = entry_field("count", default=None)
+    head_modules: list[str] | None = entry_field("names", default=None)
+    num_backbone_params: int | None = entry_field("count", default=None)
+    num_head_params: int | None = entry_field("count", default=None)
+
+
 TPGM = register_method(
     MethodSpec(
         key="tpgm",
@@ -59,15 +75,7 @@ TPGM = register_method(
         tags=("tpgm",),
         citation=CITATION,
         format_version=1,
-        schema={
-            "radii": ("radii", False),
-            "norm": ("text", False),
-            "projection_steps": ("count", False),
-            "head_modules": ("names", False),
-            "num_backbone_params": ("count", False),
-            "num_head_params": ("count", False),
-        },
-        choices={"norm": ProjectionNorm.values()},
+        config_class=TPGMConfig,
         contract_arguments={"projection_steps": 1, "norm": "mars"},
     )
 )
@@ -313,15 +321,13 @@ class TPGMTrainer(ValidationTrainerMixin, FineTuningTrainer):
             self.metrics.record(nll=loss)
         return (loss, logits) if return_outputs else loss
 
-    def config_entry(self) -> dict:
+    def method_config(self) -> TPGMConfig:
         radii = self.balls.radii.tolist() if self.balls.radii is not None else None
-        return self.method.config_entry(
-            {
-                "head_modules": list(self.head_modules),
-                "norm": self.args.norm,
-                "num_backbone_params": self.anchor.num_backbone_params,
-                "num_head_params": self.anchor.num_head_params,
-                "projection_steps": int(self.args.projection_steps),
-                "radii": dict(zip(self.anchor.backbone_names, radii, strict=False)) if radii is not None else None,
-            }
+        return TPGMConfig(
+            head_modules=list(self.head_modules),
+            norm=self.args.norm,
+            num_backbone_params=self.anchor.num_backbone_params,
+            num_head_params=self.anchor.num_head_params,
+            projection_steps=int(self.args.projection_steps),
+            radii=dict(zip(self.anchor.backbone_names, radii, strict=False)) if radii is not None else None,
         )

@@ -13,8 +13,7 @@ from transformers.utils import logging as transformers_logging
 
 from ...core.groups import split_parameters
 from ...core.modeling import classifier_logits
-from ...hub.config import read_config_entry
-from .config import DEELBO
+from .config import DEELBO, DEELBoConfig
 from .posterior import POSTERIOR_RHO_NAME, GaussianPosterior
 
 logger = transformers_logging.get_logger(__name__)
@@ -73,23 +72,23 @@ def posterior_from_config(model: nn.Module, model_dir: str | None = None) -> Gau
     if getattr(source, DEELBO.key, None) is None:
         source = {DEELBO.key: getattr(model, f"{DEELBO.key}_config", None)}
     try:
-        config = read_config_entry(source, DEELBO.key, f"{type(model).__name__}'s config")
+        config = DEELBoConfig.from_model_config(source, f"{type(model).__name__}'s config")
     except KeyError:
         raise ValueError(
             f"{type(model).__name__} carries no DE ELBO hyperparameters (config.deelbo): it was not saved by DEELBoTrainer."
         ) from None
-    groups = split_parameters(model, config.get("head_modules"))
+    groups = split_parameters(model, config.head_modules)
     rho_file = os.path.join(model_dir, POSTERIOR_RHO_NAME) if model_dir is not None else None
-    if config.get("posterior_covariance") == "diagonal":
+    if config.posterior_covariance == "diagonal":
         if rho_file is not None and os.path.isfile(rho_file):
             posterior = GaussianPosterior(
-                model, groups, sigma_init=float(config["sigma"]), posterior_covariance="diagonal"
+                model, groups, sigma_init=float(config.sigma), posterior_covariance="diagonal"
             )
             posterior.load_rho_pieces(safetensors.torch.load_file(rho_file, device=str(posterior.rho.device)))
             return posterior
         logger.warning(
             f"The model was trained with a diagonal posterior, but its σ_i are not at hand "
-            f"({rho_file or 'no model_dir given'}): every weight gets the root-mean-square σ = {config['sigma']:g}. "
+            f"({rho_file or 'no model_dir given'}): every weight gets the root-mean-square σ = {config.sigma:g}. "
             f"Pass posterior_from_config(model, model_dir=<the saved model's directory>) to use them."
         )
-    return GaussianPosterior(model, groups, sigma_init=float(config["sigma"]))
+    return GaussianPosterior(model, groups, sigma_init=float(config.sigma))

@@ -19,7 +19,7 @@ from ...evaluation.plots import HYPERPARAMETERS_PLOT, plot_hyperparameters
 from ...hub import model_card as cards
 from .arguments import DEELBoTrainingArguments
 from .callback import DEELBoCallback
-from .config import DEELBO, deelbo_config
+from .config import DEELBO, DEELBoConfig
 from .objective import deelbo_loss, max_prior_pull, resolve_kappa, sigma_for_prior_pull
 from .optimization import CombinedOptimizer, diagonal_rho_optimizer
 from .posterior import POSTERIOR_RHO_NAME, GaussianPosterior
@@ -263,16 +263,20 @@ class DEELBoTrainer(FineTuningTrainer):
         )
 
     def learned_hyperparameters(self) -> dict:
-        """The `config.deelbo` dict for the current state: λ, τ, σ, κ, N, D_b, K, α_eff, β_eff, the
-        grouping of λ and, with "layer" grouping, every λ_l by tensor name (`lambda` is then their
-        harmonic mean λ̄), and the posterior's covariance (with "diagonal", `sigma` is the root
-        mean square of the σ_i)."""
+        """The `config.deelbo` dict for the current state (`method_config().to_dict()`): λ, τ, σ, κ,
+        N, D_b, K, α_eff, β_eff, the grouping of λ and, with "layer" grouping, every λ_l by tensor
+        name (`lambda` is then their harmonic mean λ̄), and the posterior's covariance (with
+        "diagonal", `sigma` is the root mean square of the σ_i)."""
+        return self.method_config().to_dict()
+
+    def method_config(self) -> DEELBoConfig:
+        """The typed `config.deelbo` entry for the current state."""
         callback = self.deelbo_callback
         lam, per_tensor = callback.backbone_prior_variance, None
         if self.posterior.layer_wise:
             per_tensor = dict(zip(self.posterior.backbone_group_names, lam, strict=True))
             lam = float(self.posterior.mean_backbone_prior_variance(lam))
-        return deelbo_config(
+        return DEELBoConfig.from_learned(
             backbone_prior_variance=lam,
             head_prior_variance=callback.head_prior_variance,
             prior_variance_grouping=self.posterior.prior_variance_grouping,
@@ -285,9 +289,6 @@ class DEELBoTrainer(FineTuningTrainer):
             num_head_params=self.posterior.num_head_params,
             head_modules=self.head_modules,
         )
-
-    def config_entry(self) -> dict:
-        return self.learned_hyperparameters()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The model as `FineTuningTrainer` saves it, plus, for a diagonal posterior, its ρ by parameter
