@@ -1,14 +1,16 @@
 """The benchmark suite's harness: the protocol, a resumable record store with provenance, a
 process pool, paired intervals and the docs-section writer.
 
-A question module (`benchmarks.convergence`, `benchmarks.comparison`) gives `jobs()`, a
-module-level `run_one(job)` that returns records, and `rows()`/`markdown()` that read records;
+A question module (`benchmarks.convergence`, `benchmarks.comparison`, `benchmarks.kappa_sweep`,
+`benchmarks.lr_check`) gives `jobs()`, a module-level `run_one(job)` that returns records, and
+`rows()`/`markdown()` that read records; `command_line` gives it the shared flags;
 `run(store, jobs, run_one, workers)` runs what the store lacks, saving after every job, so a killed
 pass loses only its unfinished jobs and the same command continues it.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -97,6 +99,17 @@ class RecordStore:
             with open(self.path + ".tmp", "w") as f:
                 json.dump({"records": self.records}, f, indent=1)
             os.replace(self.path + ".tmp", self.path)
+
+
+def command_line(module_doc: str, quick: str, argv=None) -> argparse.Namespace:
+    """A question module's flags: --output-dir, --workers, --report (the table only) and --quick
+    (a smoke run, `quick` says what it runs)."""
+    parser = argparse.ArgumentParser(description=module_doc.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=RESULTS)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="Only print the table from the records.")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    return parser.parse_args(argv)
 
 
 def run(

@@ -16,7 +16,6 @@ docs/benchmarks/protocol-v2.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -126,12 +125,7 @@ def results_path(output_dir: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=harness.RESULTS)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--report", action="store_true", help="Only print the table from the records.")
-    parser.add_argument("--quick", action="store_true", help="One cell, 1 seed, 16 steps per run.")
-    args = parser.parse_args(argv)
+    args = harness.command_line(__doc__, "One cell, 1 seed, 16 steps per run.", argv)
     store = harness.RecordStore(results_path(args.output_dir), record_key)
     if not args.report:
         cells, seeds = (CELLS[:1], [0]) if args.quick else (CELLS, harness.protocol()["seeds"])

@@ -18,7 +18,6 @@ docs/benchmarks/protocol-v2.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -110,12 +109,9 @@ def rows(records: list[dict]) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = [
-        "| method | seeds | "
-        + " | ".join(f"accuracy at lr {lr:g}" for lr in LEARNING_RATES)
-        + " | oracle lr | lr chosen per seed | points lost to the oracle lr (per seed; mean, 95 % interval) |",
-        "|---|---|" + "---|" * len(LEARNING_RATES) + "---|---|---|",
-    ]
+    columns = ["method", "seeds", *(f"accuracy at lr {lr:g}" for lr in LEARNING_RATES), "oracle lr"]
+    columns += ["lr chosen per seed", "points lost to the oracle lr (per seed; mean, 95 % interval)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for e in table:
         lost = ", ".join(f"{100 * v:.1f}" for v in e["regret"])
         lines.append(
@@ -132,12 +128,7 @@ def results_path(output_dir: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=harness.RESULTS)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--report", action="store_true", help="Only print the table from the records.")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 16 steps per run.")
-    args = parser.parse_args(argv)
+    args = harness.command_line(__doc__, "1 seed, 16 steps per run.", argv)
     store = harness.RecordStore(results_path(args.output_dir), record_key)
     if not args.report:
         seeds = [0] if args.quick else harness.protocol()["seeds"]

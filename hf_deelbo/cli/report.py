@@ -31,13 +31,7 @@ def num_labels(trainer) -> int | None:
     return num_model_labels(trainer.accelerator.unwrap_model(trainer.model))
 
 
-def print_summary(
-    deelbo: DEELBoConfig,
-    metrics: dict,
-    output_dir: str,
-    log_history: list | None = None,
-    num_labels: int | None = None,
-) -> None:
+def print_summary(deelbo: DEELBoConfig, metrics: dict, output_dir: str, log_history=None, num_labels=None) -> None:
     print("\nDE ELBO learned hyperparameters")
     lam, tau, num_params = deelbo.backbone_prior_variance, deelbo.head_prior_variance, deelbo.num_params
     print(f"  lambda (backbone prior variance) {lam:.4g}   alpha_eff = 1/(D lambda) = {deelbo.alpha_eff:.4g}")
