@@ -1,4 +1,6 @@
-"""Two Bayesian baselines for `benchmarks/regularization.py`, run as their authors' users run them.
+"""The baselines of `benchmarks/regularization.py` and `benchmarks/comparison.py`, run as their
+authors' users run them: L2-SP with Bayesian optimization (`bayesian_optimization`, through
+`Trainer.hyperparameter_search`), and two Bayesian methods:
 
 - `laplace_procedure`: **Laplace LA-LML**, the online marginal-likelihood method of Immer et al.,
   "Scalable Marginal Likelihood Estimation for Model Selection in Deep Learning" (ICML 2021,
@@ -23,14 +25,15 @@ mean weights) and the fields of the benchmark record.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
-from task import select_by_training_loss
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import Trainer, TrainerCallback
 
+from benchmarks.task import select_by_training_loss
 from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
 from hf_deelbo.core.modeling import classifier_logits, is_transformers_model
 from hf_deelbo.search import learning_rate_search
@@ -392,22 +395,102 @@ class IVONTrainer(L2SPTrainer):
         return {"ess": len(self.train_dataset), **self.ivon_settings}
 
 
-def ivon_procedure(init, train, common: dict, learning_rates, work_dir: str) -> tuple[Trainer, dict]:
-    """IVON: one `IVONTrainer` run per learning rate on all N examples (`IVON_SETTINGS`, ess = N,
-    Trainer's clipping off); the lowest final training loss (mean cross-entropy on all N, eval
-    mode, at the mean weights) wins, as regularization.py's "plain, lr by training loss".
-    Predictions: at the chosen run's mean weights."""
-    args = L2SPTrainingArguments(output_dir=work_dir, alpha=0.0, beta=0.0, **{**common, "max_grad_norm": 0.0})
-    result = select_by_training_loss(IVONTrainer, init, train, args, learning_rates, "IVON")
+def ivon_procedure(
+    init, train, common: dict, learning_rates, work_dir: str, hess_inits=(IVON_SETTINGS["hess_init"],)
+) -> tuple[Trainer, dict]:
+    """IVON: one `IVONTrainer` run per learning rate and `hess_init` on all N examples
+    (`IVON_SETTINGS` otherwise, ess = N, Trainer's clipping off); the lowest final training loss
+    (mean cross-entropy on all N, eval mode, at the mean weights) wins, as regularization.py's
+    "plain, lr by training loss". Predictions: at the chosen run's mean weights. With several
+    `hess_inits` each gets its own directory under `work_dir` (`hess_init-<value>`)."""
+    searches = []
+    for hess_init in hess_inits:
+        run_dir = work_dir if len(hess_inits) == 1 else os.path.join(work_dir, f"hess_init-{hess_init:g}")
+        args = L2SPTrainingArguments(output_dir=run_dir, alpha=0.0, beta=0.0, **{**common, "max_grad_norm": 0.0})
+        if hess_init == IVON_SETTINGS["hess_init"]:
+            result = select_by_training_loss(IVONTrainer, init, train, args, learning_rates, "IVON")
+        else:
+            result = learning_rate_search(
+                IVONTrainer,
+                init,
+                train,
+                args,
+                learning_rates,
+                lambda trainer: trainer.evaluate(train)["eval_loss"],
+                "IVON",
+                ivon_settings={"hess_init": hess_init},
+            )
+        searches.append((hess_init, result))
+    hess_init, result = min(searches, key=lambda s: min(r.score for r in s[1].runs))
     record = {
         "learning_rate": result.best["learning_rate"],
-        "num_runs": len(result.runs),
+        "num_runs": sum(len(r.runs) for _, r in searches),
         "runs": [
-            {"learning_rate": r.settings["learning_rate"], "training_loss": r.score, "seconds": r.seconds}
-            for r in result.runs
+            {
+                "learning_rate": r.settings["learning_rate"],
+                "training_loss": r.score,
+                "seconds": r.seconds,
+                **({"hess_init": h} if len(hess_inits) > 1 else {}),
+            }
+            for h, s in searches
+            for r in s.runs
         ],
         # an infinite clip_radius (no clipping) is stored as None: JSON has no inf
         **{f"ivon_{k}": (None if v == float("inf") else v) for k, v in result.trainer.ivon_record().items()},
         "max_grad_norm": 0.0,
     }
     return result.trainer, record
+
+
+# ---------------------------------------------------------------- L2-SP + Bayesian optimization
+
+BO_BOX = {"alpha": (1e-6, 1e-2), "beta": (1e-6, 1e-2), "learning_rate": (1e-4, 1e-1)}
+
+
+def bayesian_optimization(init, train, common: dict, work_dir: str, n_trials: int, seed: int, quick: bool = False):
+    """L2-SP + Bayesian optimization as a transformers user runs it: `Trainer.hyperparameter_search`
+    (optuna's TPE sampler, seeded) over log-uniform α, β, lr in `BO_BOX`, each trial trained on a
+    stratified 80 % of N and scored by its validation NLL on the other 20 % at the last step (the
+    grid search's split and score). Returns every trial (settings, validation NLL, seconds) in order.
+
+    TPE proposes trial k from trials 0..k−1 only, so the first 12 trials of a 36-trial study are
+    the 12-trial study: one study gives both procedures."""
+    import optuna
+    from transformers.trainer_callback import PrinterCallback
+
+    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
+    from hf_deelbo.core.validation import stratified_split
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    labels = [int(v) for v in train.with_format(None)["labels"]]
+    train_idx, val_idx = stratified_split(labels, 0.2, seed)
+    args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "search"), alpha=0.0, beta=0.0, **common)
+    trainer = L2SPTrainer(
+        model_init=init, args=args, train_dataset=train.select(train_idx), eval_dataset=train.select(val_idx)
+    )
+    trainer.remove_callback(PrinterCallback)  # 36 trials' metrics on stdout otherwise
+
+    def space(trial):
+        return {name: trial.suggest_float(name, low, high, log=True) for name, (low, high) in BO_BOX.items()}
+
+    storage = optuna.storages.InMemoryStorage()
+    trainer.hyperparameter_search(
+        hp_space=space,
+        backend="optuna",
+        n_trials=n_trials,
+        direction="minimize",
+        storage=storage,
+        study_name="l2sp",
+        compute_objective=lambda metrics: metrics["eval_loss"],
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=2 if quick else 10),
+        catch=(FloatingPointError,),
+    )
+    trials = optuna.load_study(study_name="l2sp", storage=storage).trials
+    return [
+        {
+            **t.params,
+            "validation_nll": t.value if t.value is not None and math.isfinite(t.value) else float("inf"),
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
+        }
+        for t in trials
+    ]

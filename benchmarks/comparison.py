@@ -4,6 +4,8 @@ pretraining replicates × 3 seeds, with paired 95 % intervals (benchmarks/protoc
 Tier 1: plain fine-tuning (lr by training loss), DE ELBO (4-lr selection; scored at the
 posterior mean, as a 16-draw model average and, on the ResNet, after `recompute_batch_norm`) and
 DE ELBO with successive halving. Tier 2: the fixed-α oracle (α = 0 included) and the L2-SP grid.
+Tier 3: L2-SP with Bayesian optimization (36 trials), Laplace LA-LML and IVON. The procedures are
+`benchmarks.procedures`.
 Tiers run in order; within a tier, noise-40 before digits, each cell complete before the next.
 
     python -m benchmarks.comparison --tier 1            # resumable: run again to continue
@@ -23,13 +25,20 @@ import statistics
 import time
 
 from benchmarks import convergence, harness, task
+from benchmarks.procedures import (
+    BO,
+    DEELBO,
+    GRID,
+    HALVING,
+    IVON,
+    LAPLACE,
+    ORACLE,
+    ORACLE_ALPHAS,
+    PLAIN,
+    PROCEDURES,
+)
 
-PLAIN, DEELBO, HALVING = "plain, lr by training loss", "DE ELBO", "DE ELBO, halving"
-ORACLE, GRID = "fixed-alpha oracle", "L2-SP grid"
-TIERS = {1: (PLAIN, DEELBO, HALVING), 2: (ORACLE, GRID)}
-ORACLE_ALPHAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-GRID_STRENGTHS = (1e-2, 1e-4, 1e-6, 0.0)
-BMA_SAMPLES = 16
+TIERS = {1: (PLAIN, DEELBO, HALVING), 2: (ORACLE, GRID), 3: (BO, LAPLACE, IVON)}
 # The rows of a cell, as records name them: DE ELBO's record gives three predictions.
 DEELBO_MEAN, DEELBO_BMA, DEELBO_BN = (
     "DE ELBO (mean)",
@@ -96,93 +105,6 @@ def run_one(job) -> list[dict]:
     return [{**base, **fields, "seconds": time.perf_counter() - start}]
 
 
-def _plain(init, train, test, args) -> dict:
-    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
-
-    args = L2SPTrainingArguments(alpha=0.0, beta=0.0, **args)
-    learning_rates = harness.protocol()["learning_rates"]
-    result = task.select_by_training_loss(L2SPTrainer, init, train, args, learning_rates, "Plain fine-tuning")
-    return {
-        **task.evaluate(result.trainer, test),
-        "learning_rate": result.best["learning_rate"],
-        "runs": [{"learning_rate": r.settings["learning_rate"], "training_loss": r.score} for r in result.runs],
-    }
-
-
-def _deelbo(init, train, test, args, strategy: str = "full") -> dict:
-    from hf_deelbo import DEELBoTrainingArguments, select_learning_rate
-    from hf_deelbo.core.modeling import batch_norm_layers
-
-    result = select_learning_rate(
-        init,
-        train,
-        DEELBoTrainingArguments(**args),
-        learning_rates=harness.protocol()["learning_rates"],
-        strategy=strategy,
-    )
-    trainer = result.trainer
-    learned = trainer.learned_hyperparameters()
-    fields = {
-        **task.evaluate(trainer, test),
-        "learning_rate": result.best["learning_rate"],
-        **{k: learned[k] for k in ("lambda", "tau", "sigma", "kappa", "alpha_eff")},
-        "runs": [{"learning_rate": r.settings["learning_rate"], "objective": r.score} for r in result.runs],
-    }
-    if strategy != "full":
-        return fields
-    trainer.args.bma_samples = BMA_SAMPLES
-    fields["model_average"] = task.evaluate(trainer, test)
-    trainer.args.bma_samples = 0
-    if batch_norm_layers(trainer.model):
-        trainer.recompute_batch_norm(train)
-        fields["batch_norm_recomputed"] = task.evaluate(trainer, test)
-    return fields
-
-
-def _halving(init, train, test, args) -> dict:
-    return _deelbo(init, train, test, args, strategy="halving")
-
-
-def _oracle(init, train, test, args) -> list[dict]:
-    """L2-SP at each fixed α (β = 0, lr 0.1) on all N: one record per α."""
-    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
-
-    records = []
-    for alpha in ORACLE_ALPHAS:
-        start = time.perf_counter()
-        trainer = L2SPTrainer(
-            model=init(),
-            train_dataset=train,
-            args=L2SPTrainingArguments(alpha=alpha, beta=0.0, **{**args, "learning_rate": 0.1}),
-        )
-        try:
-            trainer.train()
-            metrics = task.evaluate(trainer, test)
-        except FloatingPointError:
-            metrics = {"accuracy": float("nan"), "nll": float("nan"), "ece": float("nan")}
-        records.append({**metrics, "alpha": alpha, "seconds": time.perf_counter() - start})
-    return records
-
-
-def _grid(init, train, test, args) -> dict:
-    from hf_deelbo import L2SPTrainingArguments, l2sp_grid_search
-
-    labels = [int(v) for v in train.with_format(None)["labels"]]
-    result = l2sp_grid_search(
-        init,
-        train,
-        labels,
-        L2SPTrainingArguments(alpha=0.0, beta=0.0, **args),
-        alphas=list(GRID_STRENGTHS),
-        betas=list(GRID_STRENGTHS),
-        learning_rates=harness.protocol()["learning_rates"],
-    )
-    return {**task.evaluate(result.trainer, test), "chosen": result.best, "num_runs": len(result.runs) + 1}
-
-
-PROCEDURES = {PLAIN: _plain, DEELBO: _deelbo, HALVING: _halving, ORACLE: _oracle, GRID: _grid}
-
-
 # ---- reading the records --------------------------------------------------------------------------
 
 
@@ -220,7 +142,7 @@ def oracle_best(records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-ROWS = (PLAIN, DEELBO_MEAN, DEELBO_BMA, DEELBO_BN, HALVING, ORACLE, GRID)
+ROWS = (PLAIN, DEELBO_MEAN, DEELBO_BMA, DEELBO_BN, HALVING, ORACLE, GRID, BO, LAPLACE, IVON)
 
 
 def rows(records: list[dict], metric: str = "accuracy") -> list[dict]:

@@ -1,7 +1,7 @@
 """One prepared check of the accelerator path: correctness, mixed precision, speed and memory.
 
-    python benchmarks/device_check.py --device cuda            # one H100/H200: about 6 minutes
-    python benchmarks/device_check.py --device cpu --quick     # every check on tiny models (CI)
+    python -m benchmarks.device_check --device cuda            # one H100/H200: about 6 minutes
+    python -m benchmarks.device_check --device cpu --quick     # every check on tiny models (CI)
 
 It prints each check as it runs and writes `device_check.json` and `device_check.md` (the table)
 to --output_dir (default benchmarks/results/device_check/<device>). A check that the device cannot

@@ -24,11 +24,11 @@ fine-tuning over backbones and optimizers. `--calibrate sigma_momentum` is the s
 made the same way and with the same rule over all five optimizers: ρ's own Nesterov momentum under
 SGD (`sigma_momentum`) with ρ learning rates 1, 3 and 10, against the defaults of the first.
 
-    python benchmarks/dropin.py --calibrate     # ≈ 15 min on 2 cores: benchmarks/results/dropin-calibration.json
-    python benchmarks/dropin.py --calibrate sigma_momentum   # ≈ 20 min: dropin-calibration-sigma_momentum.json
-    python benchmarks/dropin.py                 # the matrix (≈ 40 min on 2 cores): results/dropin.json, docs
-    python benchmarks/dropin.py --summarize     # the figure, summary and docs from the records so far
-    python benchmarks/dropin.py --quick --output-dir /tmp/dropin-quick   # a smoke run (CI)
+    python -m benchmarks.dropin --calibrate     # ≈ 15 min on 2 cores: benchmarks/results/dropin-calibration.json
+    python -m benchmarks.dropin --calibrate sigma_momentum   # ≈ 20 min: dropin-calibration-sigma_momentum.json
+    python -m benchmarks.dropin                 # the matrix (≈ 40 min on 2 cores): results/dropin.json, docs
+    python -m benchmarks.dropin --summarize     # the figure, summary and docs from the records so far
+    python -m benchmarks.dropin --quick --output-dir /tmp/dropin-quick   # a smoke run (CI)
 """
 
 from __future__ import annotations
@@ -45,10 +45,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import task  # noqa: E402
-import transfer  # noqa: E402
-from _common import V1_DOCS, add_cell_flags, save_figure, update_section  # noqa: E402
+from benchmarks import task, transfer
+from benchmarks._common import V1_DOCS, add_cell_flags, save_figure, update_section
 
 ROOT = transfer.ROOT
 SECTION = ("<!-- dropin:start -->", "<!-- dropin:end -->")

@@ -26,8 +26,8 @@ and what the one lever that does, κ, costs where regularization matters. Two pa
    procedure there chose (0.1): κ = 1, 10, 100 × D/N, against plain fine-tuning (α = β = 0) at the
    same lr, trained here too.
 
-    python benchmarks/dropin_diagnosis.py    # ≈ 5 min on 2 cores: benchmarks/results/dropin-diagnosis.json
-    python benchmarks/dropin_diagnosis.py --bound   # ≈ 35 min on 1 core: benchmarks/results/dropin-bound.json
+    python -m benchmarks.dropin_diagnosis    # ≈ 5 min on 2 cores: benchmarks/results/dropin-diagnosis.json
+    python -m benchmarks.dropin_diagnosis --bound   # ≈ 35 min on 1 core: benchmarks/results/dropin-bound.json
 """
 
 from __future__ import annotations
@@ -37,13 +37,10 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dropin  # noqa: E402
-import transfer  # noqa: E402
-from _common import V1_DOCS, update_section  # noqa: E402
+from benchmarks import dropin, transfer
+from benchmarks._common import V1_DOCS, update_section
 
 BOUND_SECTION = ("<!-- dropin-bound:start -->", "<!-- dropin-bound:end -->")
 
@@ -90,7 +87,7 @@ def bound_cell(task) -> dict:
 def noise_run(task) -> dict:
     """DE ELBO on the label-noise task at κ = factor × D/N (regularization.py's data and arguments), or
     plain fine-tuning (α = β = 0) for factor None."""
-    import regularization
+    from benchmarks import regularization
 
     backbone, n, seed, factor, num_params, path, work_dir = task
     transfer._setup_thread()

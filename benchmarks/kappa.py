@@ -6,7 +6,7 @@ larger κ, which is why κ = D/N needs no tuning. Here: the timm ResNet of bench
 (pretrained on digits 0–4), N = 100 images of digits 5–9, seeds 0–2, the transfer benchmark's
 200 steps and the learning rate its DE ELBO runs choose there (0.1).
 
-    python benchmarks/kappa.py       # ≈ 2 min on 2 cores; writes benchmarks/results/kappa.json, kappa.png, updates docs/benchmarks/protocol-v1.md
+    python -m benchmarks.kappa       # ≈ 2 min on 2 cores; writes benchmarks/results/kappa.json, kappa.png, updates docs/benchmarks/protocol-v1.md
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import json
 import math
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import transfer  # noqa: E402 - the shared task definition
-from _common import V1_DOCS, update_section  # noqa: E402
+from benchmarks import transfer
+from benchmarks._common import V1_DOCS, update_section
 
 SECTION = ("<!-- kappa:start -->", "<!-- kappa:end -->")
 

@@ -31,10 +31,10 @@ Tasks: `digits` (the transfer task of `benchmarks/transfer.py`: a backbone pretr
 of the N training labels replaced), both backbones (timm ResNet, ViT), seeds 0–2; learning rates
 {0.1, 0.01, 0.001, 0.0001}; one thread per process. Nothing here is tuned.
 
-    python benchmarks/lr_selection.py                 # ≈ 40 min on 2 cores: benchmarks/results/lr_selection.json, docs
-    python benchmarks/lr_selection.py --summarize     # the table and docs from the records so far
-    python benchmarks/lr_selection.py --crossover     # ≈ 6 min: when lr 0.1 overtakes 0.01 (lr_crossover.json)
-    python benchmarks/lr_selection.py --quick --output-dir /tmp/lr-quick   # a smoke run (CI)
+    python -m benchmarks.lr_selection                 # ≈ 40 min on 2 cores: benchmarks/results/lr_selection.json, docs
+    python -m benchmarks.lr_selection --summarize     # the table and docs from the records so far
+    python -m benchmarks.lr_selection --crossover     # ≈ 6 min: when lr 0.1 overtakes 0.01 (lr_crossover.json)
+    python -m benchmarks.lr_selection --quick --output-dir /tmp/lr-quick   # a smoke run (CI)
 
 Records are saved after every pair and a rerun skips the pairs already done.
 """
@@ -50,11 +50,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import V1_DOCS, add_cell_flags, update_section  # noqa: E402
-from regularization import DEELBO, EXISTING, LEARNING_RATES, TASKS, task_data  # noqa: E402
-from run_cost import GRID_RUNS  # noqa: E402
-from transfer import ROOT, _setup_thread, evaluate, model_init, pretrained_path, training_settings  # noqa: E402
+from benchmarks._common import V1_DOCS, add_cell_flags, update_section
+from benchmarks.regularization import DEELBO, EXISTING, LEARNING_RATES, TASKS, task_data
+from benchmarks.run_cost import GRID_RUNS
+from benchmarks.transfer import ROOT, _setup_thread, evaluate, model_init, pretrained_path, training_settings
 
 SECTION = ("<!-- lr_selection:start -->", "<!-- lr_selection:end -->")
 TASK_NAMES = (EXISTING, "noise-40")
@@ -403,7 +402,7 @@ def main(argv=None) -> None:
         cache_dir = os.path.join(args.output_dir, "pretrained")
         paths = {b: pretrained_path(b, cache_dir) for b in args.backbones}
         if args.quick:  # the smoke run's full selection: the regularization benchmark's own DE ELBO row
-            from regularization import Store, make_jobs, run_jobs
+            from benchmarks.regularization import Store, make_jobs, run_jobs
 
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
             store = Store(full_path, fresh=True)

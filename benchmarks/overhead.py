@@ -17,8 +17,8 @@ Trainer's mean. Peak memory is the process's peak RSS minus its RSS before the m
 Ratios are trainer / Trainer. DEELBoTrainer runs with each `sampling_mechanism`; the time of one
 `torch.randn(D)` in the same process gives the share of the step spent drawing ε.
 
-    python benchmarks/overhead.py        # ≈ 10 min on 2 idle cores; writes benchmarks/results/overhead.json, updates docs/benchmarks/protocol-v1.md
-    python benchmarks/overhead.py --settings parameter-dominated --trainers DEELBoTrainer --repeats 1   # one setting, fewer trainers
+    python -m benchmarks.overhead        # ≈ 10 min on 2 idle cores; writes benchmarks/results/overhead.json, updates docs/benchmarks/protocol-v1.md
+    python -m benchmarks.overhead --settings parameter-dominated --trainers DEELBoTrainer --repeats 1   # one setting, fewer trainers
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import V1_DOCS, reset_peak_rss, status_mb, update_section  # noqa: E402
+from benchmarks._common import V1_DOCS, reset_peak_rss, status_mb, update_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = ("<!-- overhead:start -->", "<!-- overhead:end -->")
@@ -47,9 +46,9 @@ def child(setting: str, kind: str, steps: int) -> dict:
 
     torch.set_num_threads(1)
     import transformers
-    from transfer import pixel_dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from benchmarks.transfer import pixel_dataset
     from hf_deelbo import (
         DEELBoTrainer,
         DEELBoTrainingArguments,
@@ -202,7 +201,8 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             for kind in runs:  # alternating, so drift in machine load hits every trainer alike
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", setting, kind, str(args.steps)],
+                    [sys.executable, "-m", "benchmarks.overhead", "--child", setting, kind, str(args.steps)],
+                    cwd=ROOT,
                     capture_output=True,
                     text=True,
                     check=True,

@@ -39,12 +39,12 @@ training settings and evaluation. Three things are measured, per backbone, N and
 4. On the chosen task: DE ELBO at today's defaults (transfer.py's 4-lr selection by the lowest
    final training objective, nothing tuned) and the two plain fine-tuning rows, 3 seeds.
 
-    python benchmarks/regularization.py --stage plain curve   # items 1–2 on the existing task (≈ 15 min on 2 cores)
-    python benchmarks/regularization.py --stage screen        # item 3: screen, choose, full curve of the chosen task
-    python benchmarks/regularization.py --stage chosen        # item 4: DE ELBO and plain rows on the chosen task
-    python benchmarks/regularization.py --replot              # rebuild figures, docs section, summary
-    python benchmarks/regularization.py --calibrate-diagonal  # diagonal_sigma_learning_rate's default (≈ 3 min)
-    python benchmarks/regularization.py --quick --output-dir /tmp/reg-quick   # a smoke run (CI)
+    python -m benchmarks.regularization --stage plain curve   # items 1–2 on the existing task (≈ 15 min on 2 cores)
+    python -m benchmarks.regularization --stage screen        # item 3: screen, choose, full curve of the chosen task
+    python -m benchmarks.regularization --stage chosen        # item 4: DE ELBO and plain rows on the chosen task
+    python -m benchmarks.regularization --replot              # rebuild figures, docs section, summary
+    python -m benchmarks.regularization --calibrate-diagonal  # diagonal_sigma_learning_rate's default (≈ 3 min)
+    python -m benchmarks.regularization --quick --output-dir /tmp/reg-quick   # a smoke run (CI)
 
 Every stage keeps the records already in OUTPUT_DIR/regularization.json and runs only the missing
 ones (a killed run loses only its unfinished runs; `--resume` is accepted and is the default
@@ -64,10 +64,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import V1_DOCS, add_cell_flags, add_switches, save_figure, update_section  # noqa: E402
-from task import select_by_training_loss, with_label_noise  # noqa: E402
-from transfer import (  # noqa: E402
+from benchmarks._baselines import BO_BOX, bayesian_optimization
+from benchmarks._common import V1_DOCS, add_cell_flags, add_switches, save_figure, update_section
+from benchmarks.task import select_by_training_loss, with_label_noise
+from benchmarks.transfer import (
     GRID,
     ROOT,
     _setup_thread,
@@ -104,7 +104,6 @@ CURVE = "α-curve"
 BO = "L2-SP + BO"  # one job: a 36-trial study, read as two procedures (its first 12 trials, all 36)
 BO_TRIALS = (12, 36)
 # The paper's boxes for MAP + Bayesian optimization (Harvey et al. 2024, Sec. 5), log-uniform.
-BO_BOX = {"alpha": (1e-6, 1e-2), "beta": (1e-6, 1e-2), "learning_rate": (1e-4, 1e-1)}
 LAPLACE = "Laplace LA-LML"  # benchmarks/_baselines.py: online marglik, diagonal EF, prior centred at μ
 IVON = "IVON"  # benchmarks/_baselines.py: ivon-opt, its own fixed prior precision
 # The paper's grid search with α's range extended past its cap (α ∈ {0, 1e-6, …, 1e-2, 1e-1, 1, 10}),
@@ -159,55 +158,6 @@ def task_data(task: str, n: int, seed: int):
 
     train, test = digits.split(digits.digits_dataset(digits.TARGET_CLASSES), n, seed=seed)
     return with_label_noise(tensor_dataset(train), TASKS[task][0], seed), tensor_dataset(test)
-
-
-def bayesian_optimization(init, train, common: dict, work_dir: str, n_trials: int, seed: int, quick: bool = False):
-    """L2-SP + Bayesian optimization as a transformers user runs it: `Trainer.hyperparameter_search`
-    (optuna's TPE sampler, seeded) over log-uniform α, β, lr in `BO_BOX`, each trial trained on a
-    stratified 80 % of N and scored by its validation NLL on the other 20 % at the last step (the
-    grid search's split and score). Returns every trial (settings, validation NLL, seconds) in order.
-
-    TPE proposes trial k from trials 0..k−1 only, so the first 12 trials of a 36-trial study are
-    the 12-trial study: one study gives both procedures."""
-    import optuna
-    from transformers.trainer_callback import PrinterCallback
-
-    from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
-    from hf_deelbo.core.validation import stratified_split
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    labels = [int(v) for v in train.with_format(None)["labels"]]
-    train_idx, val_idx = stratified_split(labels, 0.2, seed)
-    args = L2SPTrainingArguments(output_dir=os.path.join(work_dir, "search"), alpha=0.0, beta=0.0, **common)
-    trainer = L2SPTrainer(
-        model_init=init, args=args, train_dataset=train.select(train_idx), eval_dataset=train.select(val_idx)
-    )
-    trainer.remove_callback(PrinterCallback)  # 36 trials' metrics on stdout otherwise
-
-    def space(trial):
-        return {name: trial.suggest_float(name, low, high, log=True) for name, (low, high) in BO_BOX.items()}
-
-    storage = optuna.storages.InMemoryStorage()
-    trainer.hyperparameter_search(
-        hp_space=space,
-        backend="optuna",
-        n_trials=n_trials,
-        direction="minimize",
-        storage=storage,
-        study_name="l2sp",
-        compute_objective=lambda metrics: metrics["eval_loss"],
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=2 if quick else 10),
-        catch=(FloatingPointError,),
-    )
-    trials = optuna.load_study(study_name="l2sp", storage=storage).trials
-    return [
-        {
-            **t.params,
-            "validation_nll": t.value if t.value is not None and math.isfinite(t.value) else float("inf"),
-            "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
-        }
-        for t in trials
-    ]
 
 
 def bo_records(init, train, test, common: dict, work_dir: str, seed: int, base: dict, trial_counts) -> list[dict]:
@@ -269,7 +219,7 @@ def run_one(job) -> list[dict]:
     if kind == BO:
         return bo_records(init, train, test, common, work_dir, seed, record, trial_counts)
     if kind in (LAPLACE, IVON):
-        from _baselines import ivon_procedure, laplace_procedure
+        from benchmarks._baselines import ivon_procedure, laplace_procedure
 
         procedure = laplace_procedure if kind == LAPLACE else ivon_procedure
         trainer, fields = procedure(init, train, common, learning_rates, work_dir)

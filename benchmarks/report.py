@@ -38,6 +38,9 @@ MAIN_ROWS = {
     comparison.HALVING: "DE ELBO, halving",
     comparison.ORACLE: "best fixed α (oracle, α = 0 included)",
     comparison.GRID: "L2-SP grid",
+    comparison.BO: "L2-SP + BO-36",
+    comparison.LAPLACE: "Laplace LA-LML",
+    comparison.IVON: "IVON (hess_init by training loss)",
 }
 
 
@@ -77,7 +80,7 @@ def cost_table(records: list[dict]) -> str:
     for r in records:
         key = (r["task"], r["backbone"], r["n"], r["method"])
         by.setdefault(key, []).append(r["seconds"])
-    methods = [comparison.PLAIN, comparison.DEELBO, comparison.HALVING, comparison.GRID]
+    methods = [comparison.PLAIN, comparison.DEELBO, comparison.HALVING, comparison.GRID, comparison.BO]
     lines = [
         "| task | backbone | N | steps | " + " | ".join(f"{m} (s)" for m in methods) + " | grid / DE ELBO |",
         "|---|---|---|---|" + "---|" * len(methods) + "---|",

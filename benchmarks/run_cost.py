@@ -25,10 +25,10 @@ examples a run processes (activations dominate), at most `ceiling_per_example`, 
 also reports: 29.05× at N = 50 with batches of 32, whose tuning runs process 4000 examples in 200
 steps against 5000.
 
-    python benchmarks/run_cost.py --repeats 9           # the transfer ResNet, N = 100, 200 steps (≈ 4 min on 2 cores)
-    python benchmarks/run_cost.py --n 50 --repeats 9    # N = 50
-    python benchmarks/run_cost.py --backbone vit --steps 600 --repeats 5   # the ViT, 600 steps (≈ 6 min)
-    python benchmarks/run_cost.py --n 50 --image-size 32 --repeats 9      # 4× the activations per example
+    python -m benchmarks.run_cost --repeats 9           # the transfer ResNet, N = 100, 200 steps (≈ 4 min on 2 cores)
+    python -m benchmarks.run_cost --n 50 --repeats 9    # N = 50
+    python -m benchmarks.run_cost --backbone vit --steps 600 --repeats 5   # the ViT, 600 steps (≈ 6 min)
+    python -m benchmarks.run_cost --n 50 --image-size 32 --repeats 9      # 4× the activations per example
 
 Writes benchmarks/results/run_cost-BACKBONE[-SIZEpx]-nN-STEPS-steps.json (SIZE when not the default).
 """
@@ -42,8 +42,7 @@ import statistics
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import transfer  # noqa: E402
+from benchmarks import transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID_RUNS, DEELBO_RUNS = 144, 4

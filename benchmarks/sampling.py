@@ -11,7 +11,7 @@ on 64×64 images, batch 64), as ratios to a plain step without any sampling:
 - peak memory: in a fresh subprocess per (setting, mechanism), the peak RSS during three steps
   (VmHWM, reset after the model is built) minus the RSS before the first step
 
-Run:  python benchmarks/sampling.py            (writes benchmarks/results/sampling.json)
+Run:  python -m benchmarks.sampling            (writes benchmarks/results/sampling.json)
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import reset_peak_rss, status_mb  # noqa: E402
+from benchmarks._common import reset_peak_rss, status_mb
+from benchmarks.harness import ROOT
 
 MECHANISMS = ("plain", "functional_call", "in_place")
 SETTINGS = {
@@ -120,7 +120,11 @@ def main() -> None:
         memory = {}
         for m in MECHANISMS:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", setting, m], capture_output=True, text=True, check=True
+                [sys.executable, "-m", "benchmarks.sampling", "--child", setting, m],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             memory[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_increase_mb"]
         median = {m: statistics.median(times[m]) for m in MECHANISMS}

@@ -20,13 +20,13 @@ Every run uses SGD with Nesterov momentum 0.9, a cosine schedule, batch 32, grad
 1.0 and the same number of steps (200 by default). Compute is the wall time of the whole
 procedure (all its runs), measured in the same process, one thread per process.
 
-    python benchmarks/transfer.py              # the full benchmark (≈ 2.5 h on 2 cores), updates docs/benchmarks/protocol-v1.md
-    python benchmarks/transfer.py --steps 40 --output-dir benchmarks/results/transfer-40-steps \
+    python -m benchmarks.transfer              # the full benchmark (≈ 2.5 h on 2 cores), updates docs/benchmarks/protocol-v1.md
+    python -m benchmarks.transfer --steps 40 --output-dir benchmarks/results/transfer-40-steps \
         --docs benchmarks/results/transfer-40-steps/summary.md   # the short schedule (≈ 30 min)
-    python benchmarks/transfer.py --seeds 0    # one seed first; then --seeds 1 2 --resume adds the others
-    python benchmarks/transfer.py --methods TPGM T1–T2 --resume   # add methods to the records already there
-    python benchmarks/transfer.py --methods "DE ELBO" --resume --redo   # run one method again (after a code change)
-    python benchmarks/transfer.py --quick --output-dir /tmp/transfer-quick   # a smoke run (CI)
+    python -m benchmarks.transfer --seeds 0    # one seed first; then --seeds 1 2 --resume adds the others
+    python -m benchmarks.transfer --methods TPGM T1–T2 --resume   # add methods to the records already there
+    python -m benchmarks.transfer --methods "DE ELBO" --resume --redo   # run one method again (after a code change)
+    python -m benchmarks.transfer --quick --output-dir /tmp/transfer-quick   # a smoke run (CI)
 
 Results: benchmarks/results/transfer.json (every run), the table and figure in docs/benchmarks/protocol-v1.md.
 """
@@ -43,9 +43,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import V1_DOCS, add_cell_flags, add_switches, save_figure, update_section  # noqa: E402
-from task import (  # noqa: E402,F401 - the task, as the earlier scripts import it from here
+from benchmarks._common import V1_DOCS, add_cell_flags, add_switches, save_figure, update_section
+from benchmarks.task import (  # noqa: F401 - the task, as the earlier scripts import it from here
     IMAGE_SIZE,
     PRETRAINING_EPOCHS,
     evaluate,

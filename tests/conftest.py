@@ -196,7 +196,10 @@ def shared_dir(tmp_path_factory, name: str):
     return path
 
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+ROOT = Path(__file__).parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+if str(ROOT) not in sys.path:  # the benchmarks package, as `python -m benchmarks.<name>` runs it
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -205,8 +208,7 @@ def benchmark_backbone(tmp_path_factory):
     once per test run and shared by the benchmark tests, which would each build it again."""
     from huggingface_hub.utils import WeakFileLock
 
-    sys.path.insert(0, str(BENCHMARKS))
-    import transfer
+    from benchmarks import transfer
 
     cache = shared_dir(tmp_path_factory, "benchmark_pretrained")
     with WeakFileLock(cache / "build.lock"):
@@ -220,9 +222,11 @@ def with_benchmark_backbone(output_dir, backbone: str) -> None:
 
 
 def run_benchmark(script: str, *arguments, timeout: float = 900) -> subprocess.CompletedProcess:
-    """benchmarks/SCRIPT with `arguments` in a subprocess of this environment; it must succeed."""
+    """`python -m benchmarks.<script's name>` with `arguments`, from the repository's root, in a
+    subprocess of this environment; it must succeed."""
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *map(str, arguments)],
+        [sys.executable, "-m", f"benchmarks.{Path(script).stem}", *map(str, arguments)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         env=dict(os.environ),

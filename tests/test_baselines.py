@@ -2,20 +2,17 @@
 likelihood against its closed form, its online hyper-updates, IVON through Trainer, both procedures."""
 
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BENCHMARKS, NUM_LABELS, TinyNet, build_model
+from conftest import NUM_LABELS, TinyNet, build_model
 from datasets import Dataset
 
+from benchmarks import _baselines
 from hf_deelbo import L2SPTrainer, L2SPTrainingArguments
 from hf_deelbo.core.anchor import PretrainedAnchor
 from hf_deelbo.core.groups import split_parameters
-
-sys.path.insert(0, str(BENCHMARKS))
-import _baselines  # noqa: E402
 
 
 def _vector_dataset(num_examples: int = 12, seed: int = 0, num_classes: int = 3) -> Dataset:

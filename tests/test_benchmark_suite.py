@@ -220,3 +220,25 @@ def test_claims_checks_smoke_run_is_resumable(module, backbone, runs, tmp_path):
     )
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and f"0 of {runs} jobs to run" in again.stdout
+
+
+@pytest.mark.slow
+def test_tier_3_procedures_choose_without_the_test_set_and_score_on_it(tmp_path, monkeypatch):
+    """BO (3 trials here, 36 in the protocol), Laplace LA-LML and IVON (both hess_init values) run
+    end to end on the committed replicate 0, 4 steps per run, through `benchmarks.procedures`."""
+    from benchmarks import procedures, task
+
+    monkeypatch.setattr(procedures, "BO_TRIALS", 3)
+    path = str(ROOT / "benchmarks" / "results" / "v2" / "pretrained" / "timm-resnet-r0")
+    train, test = task.training_data("noise-40", 50, 0)
+    init = task.model_init("timm-resnet", path, 0)
+    args = {**task.training_settings(4, 0), "output_dir": str(tmp_path / "runs")}
+    bo = procedures._bayesian_optimization(init, train, test, args)
+    assert bo["num_runs"] == 4 and len(bo["trials"]) == 3 and set(bo["chosen"]) == {"alpha", "beta", "learning_rate"}
+    laplace = procedures._laplace(init, train, test, {**args, "output_dir": str(tmp_path / "laplace")})
+    assert laplace["num_runs"] == 4 and laplace["alpha"] > 0
+    ivon = procedures._ivon(init, train, test, {**args, "output_dir": str(tmp_path / "ivon")})
+    assert ivon["num_runs"] == 8 and {r["hess_init"] for r in ivon["runs"]} == {0.1, 1.0}
+    assert ivon["ivon_hess_init"] in (0.1, 1.0) and ivon["ivon_ess"] == 50
+    for fields in (bo, laplace, ivon):
+        assert 0.0 <= fields["accuracy"] <= 1.0 and fields["nll"] > 0

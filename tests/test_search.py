@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_model, image_dataset, run_benchmark, with_benchmark_backbone
+from conftest import ROOT, build_model, image_dataset, run_benchmark, with_benchmark_backbone
 from torch.distributions import Normal, kl_divergence
 
 from hf_deelbo import (
@@ -175,8 +175,7 @@ def test_transfer_benchmark_quick_mode_writes_its_outputs(tmp_path, benchmark_ba
 
 
 def test_transfer_summary_names_the_seed_count_of_rows_that_differ():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    import transfer
+    from benchmarks import transfer
 
     def record(seed, n, accuracy):
         run = {"accuracy": accuracy, "nll": 0.5, "ece": 0.1, "seconds": 1.0}
@@ -198,8 +197,7 @@ def test_transfer_summary_names_the_seed_count_of_rows_that_differ():
 
 
 def test_transfer_compares_each_method_with_the_grid_on_the_seeds_both_have():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    import transfer
+    from benchmarks import transfer
 
     def record(seed, grid_accuracy, tpgm_accuracy=None):
         grid = {"accuracy": grid_accuracy, "nll": 0.5, "ece": 0.1, "seconds": 100.0 + seed, "alpha": 0.0, "beta": 0.0}
@@ -252,8 +250,7 @@ def test_run_cost_benchmark_writes_its_ratio(tmp_path, benchmark_backbone):
 
 
 def test_run_cost_ceiling_counts_the_examples_each_run_processes():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    import run_cost
+    from benchmarks import run_cost
 
     # Batches of 32 with no dropped last batch: 40 examples are epochs of (32, 8), 50 of (32, 18),
     # 80 of (32, 32, 16): 66 epochs in 198 steps, then two batches of 32.
@@ -274,17 +271,18 @@ def test_run_cost_ceiling_counts_the_examples_each_run_processes():
     ],
 )
 def test_run_cost_rejects_bad_arguments_before_any_work(tmp_path, arguments, message):
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "run_cost.py")
     result = subprocess.run(
         [
             sys.executable,
-            script,
+            "-m",
+            "benchmarks.run_cost",
             *arguments,
             "--output",
             str(tmp_path / "out.json"),
             "--cache-dir",
             str(tmp_path / "pretrained"),
         ],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         env=dict(os.environ),
