@@ -34,6 +34,7 @@ def setup_worker() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars, one per model built
 
 
 def tensor_dataset(dataset, size: int = IMAGE_SIZE):
