@@ -5,14 +5,13 @@ a smoke run."""
 
 import json
 import math
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_benchmark
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,19 +80,8 @@ def test_store_merges_what_another_pass_wrote(tmp_path):
 @pytest.mark.slow
 def test_comparison_smoke_run_is_resumable(tmp_path):
     """The main comparison's smoke run writes records with provenance; run again, it trains nothing."""
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.comparison",
-        "--quick",
-        "--workers",
-        "1",
-        "--output-dir",
-        str(tmp_path),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    arguments = ("--quick", "--workers", 1, "--output-dir", tmp_path)
+    first = run_benchmark("comparison", *arguments)
     records = json.load(open(tmp_path / "comparison.json"))["records"]
     assert {r["method"] for r in records} == {"plain, lr by training loss", "DE ELBO", "DE ELBO, halving"}
     assert len(records) == 6
@@ -102,8 +90,8 @@ def test_comparison_smoke_run_is_resumable(tmp_path):
     deelbo = next(r for r in records if r["method"] == "DE ELBO")
     assert {"model_average", "batch_norm_recomputed"} <= set(deelbo)
     assert "| noise-40 | timm-resnet | 50 | DE ELBO (16-draw average) |" in first.stdout
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    assert again.returncode == 0 and "0 of 6 jobs to run" in again.stdout
+    again = run_benchmark("comparison", *arguments)
+    assert "0 of 6 jobs to run" in again.stdout
 
 
 def test_the_committed_report_is_what_the_committed_records_give():
@@ -195,19 +183,8 @@ def test_claims_checks_smoke_run_is_resumable(module, backbone, runs, tmp_path):
         ROOT / "benchmarks" / "results" / "v2" / "pretrained" / f"{backbone}-r0",
         tmp_path / "pretrained" / f"{backbone}-r0",
     )
-    command = [
-        sys.executable,
-        "-m",
-        f"benchmarks.{module}",
-        "--quick",
-        "--workers",
-        "1",
-        "--output-dir",
-        str(tmp_path),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    arguments = ("--quick", "--workers", 1, "--output-dir", tmp_path)
+    first = run_benchmark(module, *arguments)
     records = json.load(open(tmp_path / ("kappa.json" if module == "kappa_sweep" else "lr_check.json")))["records"]
     assert len(records) == runs
     for r in records:
@@ -218,8 +195,8 @@ def test_claims_checks_smoke_run_is_resumable(module, backbone, runs, tmp_path):
         if module == "kappa_sweep"
         else "| DE ELBO | 1 |" in first.stdout
     )
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    assert again.returncode == 0 and f"0 of {runs} jobs to run" in again.stdout
+    again = run_benchmark(module, *arguments)
+    assert f"0 of {runs} jobs to run" in again.stdout
 
 
 @pytest.mark.slow
